@@ -1,0 +1,3 @@
+from zion.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The listener group: N SO_REUSEPORT sockets on one address, one per worker.
+
+The master creates them and keeps every one open for the life of the group,
+so a worker that dies is replaced on the same socket and the connections the
+kernel already queued on it are served by the replacement, not reset.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from zion.errors import BindError
+
+
+@dataclass(frozen=True)
+class ListenerGroup:
+    sockets: tuple[socket.socket, ...]
+    host: str
+    port: int
+    family: socket.AddressFamily
+
+    @property
+    def display(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else (
+            f"{self.host}:{self.port}"
+        )
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        if not infos:
+            raise BindError(f"cannot resolve {host!r}") from None
+        return infos[0][0]
+    return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+
+def _bind_one(host: str, port: int, family: socket.AddressFamily, backlog: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Every socket of the group must set SO_REUSEPORT before bind(2), and
+        # the kernel admits only sockets of the same effective uid to a group.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another process holds it without SO_REUSEPORT, or under another uid)"
+        elif exc.errno == errno.EACCES:
+            hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        raise BindError(f"cannot bind {host}:{port}: {exc.strerror}{hint}") from None
+    return sock
+
+
+def bind_group(host: str, port: int, count: int, backlog: int) -> ListenerGroup:
+    """Bind `count` listeners; port 0 picks a free port once for all of them."""
+    family = _family(host)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = _bind_one(host, port, family, backlog)
+            port = sock.getsockname()[1]
+            socks.append(sock)
+    except BindError:
+        for sock in socks:
+            sock.close()
+        raise
+    return ListenerGroup(tuple(socks), host, port, family)

@@ -1,0 +1,191 @@
+"""Static files under a root: content types, ETag/Last-Modified with 304,
+single byte ranges, and no way out of the root (symlinks included)."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import os
+import stat
+from email.utils import formatdate, parsedate_to_datetime
+from typing import TYPE_CHECKING
+
+from zion.http import response
+
+if TYPE_CHECKING:
+    from zion.http.cycle import RequestCycle
+    from zion.http.protocol import HttpProtocol
+
+_CHUNK = 256 * 1024
+
+
+class StaticFiles:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+
+    def resolve(self, url_path: str) -> str | None:
+        """The file a URL path names, or None if it is outside root or missing."""
+        if "\x00" in url_path:
+            return None
+        candidate = os.path.realpath(os.path.join(self.root, url_path.lstrip("/")))
+        if candidate != self.root and not candidate.startswith(self.root + os.sep):
+            return None
+        if os.path.isdir(candidate):
+            candidate = os.path.join(candidate, "index.html")
+        return candidate if os.path.isfile(candidate) else None
+
+    def wants(self, cycle: RequestCycle, has_app: bool) -> bool:
+        # With an app, only paths that exist are ours; without one, all are.
+        if not has_app:
+            return True
+        method = cycle.scope["method"]
+        return method in ("GET", "HEAD") and self.resolve(cycle.scope["path"]) is not None
+
+    def serve(self, proto: HttpProtocol, cycle: RequestCycle) -> None:
+        if cycle.scope["method"] not in ("GET", "HEAD"):
+            proto.respond(cycle, 405, b"405 Method Not Allowed\n", extra=b"allow: GET, HEAD\r\n")
+            return
+        path = self.resolve(cycle.scope["path"])
+        if path is None:
+            proto.respond(cycle, 404, b"404 Not Found\n")
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            proto.respond(cycle, 404, b"404 Not Found\n")
+            return
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            proto.respond(cycle, 404, b"404 Not Found\n")
+            return
+        task = proto.loop.create_task(_send_file(proto, cycle, fd, path, st))
+        proto.state.background.add(task)
+        task.add_done_callback(proto.state.background.discard)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _not_modified(headers: list[tuple[bytes, bytes]], etag: bytes, mtime: int) -> bool:
+    inm = _header(headers, b"if-none-match")
+    if inm is not None:
+        tags = [t.strip() for t in inm.split(b",")]
+        return etag in tags or b"*" in tags or b"W/" + etag in tags
+    ims = _header(headers, b"if-modified-since")
+    if ims is not None:
+        try:
+            return int(parsedate_to_datetime(ims.decode("latin-1")).timestamp()) >= mtime
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def parse_range(value: bytes, size: int) -> tuple[int, int] | None | bool:
+    """One `bytes=a-b` range -> (start, end inclusive); None = ignore the
+    header (serve all); False = unsatisfiable (416)."""
+    text = value.decode("latin-1").strip()
+    if not text.startswith("bytes=") or "," in text:
+        return None  # multiple ranges: serve the whole file, as allowed
+    spec = text[6:].strip()
+    first, sep, last = spec.partition("-")
+    if not sep:
+        return None
+    try:
+        if first == "":
+            length = int(last)
+            if length <= 0:
+                return False
+            return (max(0, size - length), size - 1) if size else False
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0 or start >= size or end < start:
+        return False
+    return start, min(end, size - 1)
+
+
+async def _send_file(proto: HttpProtocol, cycle: RequestCycle, fd: int, path: str,
+                     st: os.stat_result) -> None:
+    try:
+        await _send_file_inner(proto, cycle, fd, path, st)
+    finally:
+        os.close(fd)
+
+
+async def _send_file_inner(proto: HttpProtocol, cycle: RequestCycle, fd: int, path: str,
+                           st: os.stat_result) -> None:
+    mtime = int(st.st_mtime)
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
+    ctype, encoding = mimetypes.guess_type(path)
+    ctype = ctype or "application/octet-stream"
+    if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+        ctype += "; charset=utf-8"
+    common = b"".join((
+        b"etag: ", etag, b"\r\n",
+        b"last-modified: ", formatdate(mtime, usegmt=True).encode(), b"\r\n",
+        b"accept-ranges: bytes\r\n",
+    ))
+    headers = cycle.scope["headers"]
+    if _not_modified(headers, etag, mtime):
+        cycle.status = 304
+        cycle.response_started = cycle.response_complete = True
+        proto.write(response.status_line(304) + proto.state.date.prefix + common + b"\r\n")
+        proto.response_done(cycle)
+        return
+    size = st.st_size
+    start, end, status, extra = 0, size - 1, 200, b""
+    rng = _header(headers, b"range")
+    if rng is not None and _header(headers, b"if-range") in (None, etag):
+        parsed = parse_range(rng, size)
+        if parsed is False:
+            proto.respond(cycle, 416, b"416 Range Not Satisfiable\n",
+                          extra=b"content-range: bytes */%d\r\n" % size)
+            return
+        if parsed:
+            start, end = parsed
+            status = 206
+            extra = b"content-range: bytes %d-%d/%d\r\n" % (start, end, size)
+    length = end - start + 1 if size else 0
+    keep_alive = cycle.keep_alive and not proto.state.draining
+    cycle.keep_alive = keep_alive
+    head = b"".join((
+        response.status_line(status), proto.state.date.prefix, common, extra,
+        b"content-type: ", ctype.encode(), b"\r\n",
+        b"content-length: %d\r\n" % length,
+        b"" if keep_alive else b"connection: close\r\n",
+        b"\r\n",
+    ))
+    cycle.status = status
+    cycle.response_started = True
+    proto.write(head)
+    if not cycle.head:
+        await _copy(proto, cycle, fd, start, length)
+    cycle.response_complete = True
+    if not cycle.disconnected:
+        proto.response_done(cycle)
+
+
+async def _copy(proto: HttpProtocol, cycle: RequestCycle, fd: int, offset: int,
+                remaining: int) -> None:
+    # TLS rules out sendfile(2) (no kTLS here), so read in chunks and let the
+    # transport's back-pressure pace us: a slow reader never grows memory.
+    loop = asyncio.get_running_loop()
+    while remaining > 0 and not cycle.disconnected:
+        size = min(_CHUNK, remaining)
+        chunk = os.pread(fd, size, offset) if size <= 65536 else await loop.run_in_executor(
+            None, os.pread, fd, size, offset)
+        if not chunk:
+            break
+        proto.write(chunk)
+        cycle.written += len(chunk)
+        offset += len(chunk)
+        remaining -= len(chunk)
+        await proto.flow.drain()
+    if remaining > 0:
+        proto.close()  # file shrank under us: the length we promised is wrong

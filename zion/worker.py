@@ -1,0 +1,168 @@
+"""A worker process: uvloop, one listener, the HTTP protocol, the app.
+
+Entered in the child right after fork, with the frozen Settings and the
+SSLContext the master built (so the session-ticket keys are shared). It never
+returns: the caller turns the result into an exit code with os._exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+
+from zion import caps, log
+from zion.asgi import Lifespan, load_app
+from zion.config import Settings
+from zion.errors import WorkerBootError
+from zion.http.protocol import HttpProtocol
+from zion.http.state import ServerState
+from zion.static import StaticFiles
+from zion.status_board import StatusBoard
+
+# Exit codes a worker uses to tell the master why it stopped.
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # can never start: the master must not respawn it forever
+EXIT_CRASH = 1
+
+_TICK = 0.5  # seconds between Date refreshes and timeout sweeps
+
+logger = log.get_logger("zion.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    generation: int
+    sock: socket.socket
+    ready_fd: int
+    close_fds: tuple[int, ...]  # master-only descriptors inherited through fork
+
+
+def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: StatusBoard,
+         demux_info: dict[str, Any]) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    log.configure(settings.log.format, settings.log.level, worker=spec.index)
+    for fd in spec.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # Only the master loads eBPF: a compromised worker gets no BPF privilege.
+    try:
+        caps.drop({caps.CAP_BPF, caps.CAP_SYS_ADMIN, caps.CAP_PERFMON, caps.CAP_NET_ADMIN})
+    except OSError as exc:
+        logger.warning("cap_drop_failed", error=str(exc))
+    if demux_info.get("mode") == "cpu" and demux_info.get("state") == "attached":
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[spec.index % len(cpus)]})
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info))
+    except WorkerBootError as exc:
+        logger.error("worker_boot_failed", error=str(exc))
+        return EXIT_BOOT_ERROR
+    finally:
+        loop.close()
+
+
+async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
+                 board: StatusBoard, demux_info: dict[str, Any]) -> int:
+    loop = asyncio.get_running_loop()
+    slot = board.slots[spec.index]
+    app = load_app(settings.server.app) if settings.server.app else None
+    static = StaticFiles(settings.server.root) if settings.server.root else None
+    started = time.time()
+
+    def status() -> dict[str, Any]:
+        return {
+            "worker": spec.index,
+            "pid": os.getpid(),
+            "generation": spec.generation,
+            "uptime_s": round(time.time() - started, 1),
+            "connections": len(state.connections),
+            "requests_total": state.requests_total,
+            "demux": {**demux_info,
+                      "workers": board.snapshot(settings.demux.stall_threshold_ms)},
+        }
+
+    state = ServerState(settings, spec.index, loop, app, static, slot, status)
+    lifespan = Lifespan(app, state.lifespan_state) if app is not None else None
+    if lifespan is not None:
+        await lifespan.startup(settings.supervisor.boot_timeout)
+    server = await loop.create_server(
+        lambda: HttpProtocol(state), sock=spec.sock, ssl=ssl_ctx,
+        ssl_handshake_timeout=settings.limits.handshake_timeout,
+        backlog=settings.server.backlog,
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
+    beat = _Heartbeat(loop, slot, settings.demux.heartbeat_interval_ms / 1000)
+    ticker = _Ticker(loop, state)
+    slot.pid = os.getpid()
+    os.write(spec.ready_fd, b"R")
+    os.close(spec.ready_fd)
+    logger.debug("worker_serving", generation=spec.generation)
+    await stop.wait()
+    # Drain: no new connections from this worker; the master keeps the socket,
+    # so what the kernel queues on it waits for the next worker.
+    beat.stop()
+    server.close()
+    state.draining = True
+    for conn in list(state.connections):
+        conn.shutdown()
+    deadline = loop.time() + settings.supervisor.drain_timeout
+    while state.connections and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    left = len(state.connections)
+    for conn in list(state.connections):
+        conn.close()
+    ticker.stop()
+    if lifespan is not None:
+        await lifespan.shutdown(settings.supervisor.drain_timeout)
+    logger.info("worker_stopped", requests_total=state.requests_total, forced_closed=left)
+    return EXIT_OK
+
+
+class _Heartbeat:
+    """Publishes CLOCK_MONOTONIC ns to the slot: a plain store, no syscall."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, slot: Any, interval: float) -> None:
+        self.loop, self.slot, self.interval = loop, slot, interval
+        self.handle: asyncio.TimerHandle | None = None
+        self._beat()
+
+    def _beat(self) -> None:
+        self.slot.heartbeat_ns = time.monotonic_ns()
+        self.handle = self.loop.call_later(self.interval, self._beat)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+class _Ticker:
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
+        self.loop, self.state = loop, state
+        self.handle: asyncio.TimerHandle | None = None
+        self._tick()
+
+    def _tick(self) -> None:
+        self.state.tick()
+        self.handle = self.loop.call_later(_TICK, self._tick)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
