@@ -68,7 +68,8 @@ def import_bcc() -> ModuleType:
     if not hasattr(bcc, "BPF"):
         raise DemuxError("no_bcc", "the 'bcc' module found is not iovisor bcc "
                          "(PyPI's bcc is an unrelated package)")
-    return bcc
+    module: ModuleType = bcc
+    return module
 
 
 def _import_debian_bcc() -> ModuleType:
@@ -159,6 +160,7 @@ class SkReuseport:
         self.workers = workers
         self._lib = lib
         self._bpf: Any = None
+        self._fn: Any = None
         self.sockarray_fd = -1
         lib.bcc_create_map.restype = ctypes.c_int
         lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
@@ -185,9 +187,11 @@ class SkReuseport:
         except DemuxError:
             self.close()
             raise
-        self.fd: int = self._fn.fd
+        fn: Any = self._fn
+        loaded: Any = self._bpf
+        self.fd: int = fn.fd
         self.prog_id = _prog_id(self.fd)
-        self.slots_fd: int = self._bpf["zion_slots"].map_fd
+        self.slots_fd: int = loaded["zion_slots"].map_fd
 
     def _compile_and_load(self, bcc: ModuleType, kernel_source: str | None) -> None:
         previous = os.environ.get("BCC_KERNEL_SOURCE")
@@ -195,12 +199,11 @@ class SkReuseport:
             os.environ["BCC_KERNEL_SOURCE"] = kernel_source
         try:
             with _captured_stderr() as err:
+                compile_error: Exception | None = None
                 try:
                     self._bpf = bcc.BPF(text=self.text.encode())
                 except Exception as exc:
                     compile_error = exc
-                else:
-                    compile_error = None
             if compile_error is not None:
                 log = err[0]
                 reason = "no_kernel_headers" if "file not found" in log else "compile_failed"

@@ -59,6 +59,7 @@ _PAGE = """<!doctype html>
 <h1>zion is running</h1>
 <p>Worker {worker} (pid {pid}) answered this request for <code>{path}</code>.</p>
 <p>Serve an ASGI app with <code>zion serve module:app</code> or files with
-<code>zion serve --root DIR</code>. Worker and demux state: <a href="/_zion/status">/_zion/status</a>.</p>
+<code>zion serve --root DIR</code>.
+Worker and demux state: <a href="/_zion/status">/_zion/status</a>.</p>
 </body></html>
 """

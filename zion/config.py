@@ -160,7 +160,10 @@ def default_config_text() -> str:
 
 def _field_types(section: str) -> dict[str, type]:
     hints = {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}
-    return {k: {"str": str, "int": int, "float": float, "bool": bool}[str(t)] for k, t in hints.items()}
+    return {k: _TYPES[str(t)] for k, t in hints.items()}
+
+
+_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 def _coerce(key: str, value: Any, want: type, origin: str) -> Any:
@@ -222,19 +225,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """ZION_<SECTION>_<KEY>=value. Section names have no underscore; keys may."""
+    """ZION_<SECTION>_<KEY>=value. Section names have no underscore; keys may.
+
+    A variable whose section is not one of ours (ZION_ENV, an app's own
+    ZION_SOMETHING) is not ours and is left alone; an unknown key inside a
+    known section is a typo and an error (raised by _merge_table)."""
     out: dict[str, dict[str, str]] = {}
     for name, value in environ.items():
         if not name.startswith("ZION_"):
             continue
-        rest = name[len("ZION_"):].lower()
-        section, _, key = rest.partition("_")
-        if section not in _SECTIONS or not key:
-            raise ConfigError(
-                f"{name}: not a zion setting (expected ZION_<SECTION>_<KEY>, "
-                f"sections: {', '.join(_SECTIONS)})"
-            )
-        out.setdefault(section, {})[key] = value
+        section, _, key = name[len("ZION_"):].lower().partition("_")
+        if section in _SECTIONS and key:
+            out.setdefault(section, {})[key] = value
     return out
 
 
@@ -252,7 +254,9 @@ def load_settings(
         _merge_table(merged, origins, _read_toml(path), str(path))
     env = _env_overrides(os.environ if environ is None else environ)
     for section, values in env.items():
-        _merge_table(merged, origins, {section: values}, f"ZION_{section.upper()}_*")
+        for key, value in values.items():
+            _merge_table(merged, origins, {section: {key: value}},
+                         f"ZION_{section.upper()}_{key.upper()}")
     if cli:
         _merge_table(merged, origins, cli, "command line")
     for section, cls in _SECTIONS.items():

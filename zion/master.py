@@ -11,6 +11,7 @@ with one error line instead of respawning forever.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import select
 import signal
@@ -166,8 +167,8 @@ class Master:
             self.announced_ready = True
             logger.info("workers_ready", workers=self.count, generation=self.generation,
                         pids=sorted(h.pid for h in self._current()))
-            systemd.notify("READY=1", f"STATUS=serving on {self.group.display if self.group else ''}"
-                           f" with {self.count} workers")
+            where = self.group.display if self.group else ""
+            systemd.notify("READY=1", f"STATUS=serving on {where} with {self.count} workers")
 
     def _close_ready_fd(self, handle: WorkerHandle) -> None:
         if handle.ready_fd >= 0:
@@ -284,10 +285,9 @@ class Master:
             new = self.reload_settings()
             if worker_count(new) != self.count:
                 raise ZionError("changing the number of workers needs a restart")
-            if (new.server.host, new.server.port) != (self.settings.server.host,
-                                                        self.settings.server.port):
-                if new.server.port != 0 or new.server.host != self.settings.server.host:
-                    raise ZionError("changing host or port needs a restart")
+            old = self.settings.server
+            if (new.server.host, new.server.port) != (old.host, old.port):
+                raise ZionError("changing host or port needs a restart")
             ssl_ctx = self.ssl_ctx
             # Same certificate settings: keep the context, and with it the
             # session-ticket keys, so clients keep resuming across the reload.
@@ -377,10 +377,8 @@ class Master:
             pass
 
     def _kill(self, pid: int, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _cleanup(self) -> None:
         if self.group is not None:

@@ -85,7 +85,7 @@ def _not_modified(headers: list[tuple[bytes, bytes]], etag: bytes, mtime: int) -
     return False
 
 
-def parse_range(value: bytes, size: int) -> tuple[int, int] | None | bool:
+def parse_range(value: bytes, size: int) -> tuple[int, int] | bool | None:
     """One `bytes=a-b` range -> (start, end inclusive); None = ignore the
     header (serve all); False = unsatisfiable (416)."""
     text = value.decode("latin-1").strip()
@@ -122,7 +122,7 @@ async def _send_file_inner(proto: HttpProtocol, cycle: RequestCycle, fd: int, pa
                            st: os.stat_result) -> None:
     mtime = int(st.st_mtime)
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
-    ctype, encoding = mimetypes.guess_type(path)
+    ctype, _encoding = mimetypes.guess_type(path)
     ctype = ctype or "application/octet-stream"
     if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
         ctype += "; charset=utf-8"
@@ -147,7 +147,7 @@ async def _send_file_inner(proto: HttpProtocol, cycle: RequestCycle, fd: int, pa
             proto.respond(cycle, 416, b"416 Range Not Satisfiable\n",
                           extra=b"content-range: bytes */%d\r\n" % size)
             return
-        if parsed:
+        if isinstance(parsed, tuple):
             start, end = parsed
             status = 206
             extra = b"content-range: bytes %d-%d/%d\r\n" % (start, end, size)

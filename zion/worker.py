@@ -8,6 +8,7 @@ returns: the caller turns the result into an exit code with os._exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -53,10 +54,8 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: S
     signal.set_wakeup_fd(-1)
     log.configure(settings.log.format, settings.log.level, worker=spec.index)
     for fd in spec.close_fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     # Only the master loads eBPF: a compromised worker gets no BPF privilege.
     try:
         caps.drop({caps.CAP_BPF, caps.CAP_SYS_ADMIN, caps.CAP_PERFMON, caps.CAP_NET_ADMIN})

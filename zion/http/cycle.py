@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 _NO_BODY_STATUS = frozenset({204, 304})
+_RESPONSE_MESSAGES = frozenset({"http.response.start", "http.response.body"})
 # Body chunks buffered for an app that has not read them; past this the
 # connection stops reading from the socket until the app catches up.
 _BODY_HIGH_WATER = 65536
@@ -32,10 +33,25 @@ class ProtocolError(Exception):
 
 class RequestCycle:
     __slots__ = (
-        "protocol", "scope", "keep_alive", "head", "expect_100",
-        "body", "body_size", "body_complete", "body_delivered", "waiter",
-        "response_started", "response_complete", "status", "chunked",
-        "content_length", "written", "headers", "started_at", "disconnected",
+        "body",
+        "body_complete",
+        "body_delivered",
+        "body_size",
+        "chunked",
+        "content_length",
+        "disconnected",
+        "expect_100",
+        "head",
+        "headers",
+        "keep_alive",
+        "protocol",
+        "response_complete",
+        "response_started",
+        "scope",
+        "started_at",
+        "status",
+        "waiter",
+        "written",
     )
 
     def __init__(self, protocol: HttpProtocol, scope: dict[str, Any], keep_alive: bool,
@@ -119,9 +135,8 @@ class RequestCycle:
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if self.disconnected or self.response_complete:
-            if kind == "http.response.body" or kind == "http.response.start":
-                return
+        if (self.disconnected or self.response_complete) and kind in _RESPONSE_MESSAGES:
+            return  # the client is gone: nothing to write to
         if kind == "http.response.start":
             if self.response_started:
                 raise ProtocolError("http.response.start sent twice")

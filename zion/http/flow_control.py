@@ -11,7 +11,7 @@ import asyncio
 
 
 class FlowControl:
-    __slots__ = ("_waiter", "_loop", "write_paused")
+    __slots__ = ("_loop", "_waiter", "write_paused")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -44,13 +44,33 @@ class _Reject(Exception):
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
+        "began_in_chunk",
+        "client",
+        "closing",
+        "content_length",
+        "cycle",
+        "deadline",
+        "deadline_kind",
+        "expect_100",
+        "flow",
+        "header_bytes",
+        "header_raw",
+        "headers",
+        "in_headers",
+        "limits",
+        "loop",
+        "overloaded",
+        "parser",
+        "parsing",
+        "pipeline",
+        "read_paused",
+        "server",
         # connection
-        "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
-        "read_paused", "closing", "deadline", "deadline_kind", "cycle", "pipeline",
-        "overloaded", "upgrade_seen",
+        "state",
+        "transport",
+        "upgrade_seen",
         # request being parsed
-        "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
-        "parsing", "expect_100", "content_length",
+        "url",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -86,8 +106,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's SSL transport is not an asyncio.Transport subclass.
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
+        tr: Any = transport
+        self.transport = tr
+        tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         self.client = (peer[0], peer[1]) if peer else None

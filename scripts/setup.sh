@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set up zion on a Debian machine, idempotently:
+#   - as root with apt: Debian's bcc (python3-bpfcc), bpftool, capsh, kernel headers
+#     for bcc (the running kernel's if packaged, else linux-headers-amd64), curl;
+#   - .venv/ with zion and its test tools (EXTRAS=test, the default);
+#   - Debian's bcc linked into .venv, alone: not the rest of dist-packages.
+# Without root or apt it says what to install and carries on: zion then serves on
+# the kernel's reuseport hash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${EXTRAS:-test}
+python=${PYTHON:-python3}
+
+want=(python3-bpfcc bpftool libcap2-bin curl)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  release=$(uname -r)
+  if [ ! -d "/lib/modules/$release/build/include" ] && ! ls -d /usr/src/linux-headers-*-common >/dev/null 2>&1; then
+    missing+=("__headers__")
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "zion setup: installing ${missing[*]}" >&2
+    apt-get update -qq
+    pkgs=()
+    for p in "${missing[@]}"; do
+      if [ "$p" = "__headers__" ]; then
+        # bcc compiles against kernel headers; the SK_REUSEPORT program needs only
+        # uapi definitions, so Debian's generic headers serve a kernel with none.
+        if apt-cache show "linux-headers-$release" >/dev/null 2>&1; then
+          pkgs+=("linux-headers-$release")
+        else
+          pkgs+=(linux-headers-amd64)
+        fi
+      else
+        pkgs+=("$p")
+      fi
+    done
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  fi
+else
+  echo "zion setup: not root with apt-get; for the eBPF demux install: python3-bpfcc bpftool" \
+       "linux-headers-\$(uname -r) (or linux-headers-amd64). zion serves without them." >&2
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+
+# Debian's bcc is pure Python over libbcc.so; link just that package into .venv.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/bcc ]; then
+  ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+echo "zion setup: ready ($(.venv/bin/zion --version))" >&2

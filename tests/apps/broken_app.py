@@ -1,0 +1,1 @@
+raise ImportError("this app cannot be imported, on purpose")

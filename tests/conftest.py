@@ -1,0 +1,241 @@
+"""Fixtures: real `zion serve` processes on ephemeral ports, real TLS clients.
+
+Nothing here sleeps for a fixed time: every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class ZionProcess:
+    """A running `zion serve`, its JSON log lines, and its port."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path,
+                 wrapper: list[str] | None = None) -> None:
+        cmd = [*(wrapper or []), sys.executable, "-m", "zion", "serve", "--log-format", "json",
+               *args]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = 0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            text = raw.decode(errors="replace").rstrip("\n")
+            with self._lock:
+                self.raw.append(text)
+                try:
+                    self.lines.append(json.loads(text))
+                except ValueError:
+                    pass
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [ln for ln in self.lines if ln.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        def seen() -> dict[str, Any] | None:
+            found = self.events(name)
+            if not found and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"zion exited ({self.proc.returncode}) before {name}:\n" + self.log_text())
+            return found[-1] if found else None
+
+        return wait_for(seen, timeout, f"log event {name}")  # type: ignore[no-any-return]
+
+    def wait_ready(self, timeout: float = 30.0) -> ZionProcess:
+        self.port = int(self.wait_event("listening", timeout)["port"])
+        self.wait_event("workers_ready", timeout)
+        return self
+
+    def log_text(self) -> str:
+        with self._lock:
+            return "\n".join(self.raw)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            raise AssertionError("zion did not exit within the drain timeout\n" + self.log_text())
+        finally:
+            self._reader.join(5)
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One self-signed certificate and one merged header tree for the session.
+    return tmp_path_factory.mktemp("zion-state")
+
+
+@pytest.fixture
+def zion_env(state_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZION_")}
+    env["ZION_TLS_STATE_DIR"] = str(state_dir)
+    env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(REPO)])
+    env.pop("NOTIFY_SOCKET", None)
+    return env
+
+
+@pytest.fixture
+def start_zion(zion_env: dict[str, str]) -> Iterator[Callable[..., ZionProcess]]:
+    started: list[ZionProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+              workers: int = 2, wrapper: list[str] | None = None,
+              cwd: Path | None = None) -> ZionProcess:
+        full_env = {**zion_env, **(env or {})}
+        argv = ["--port", "0", "--workers", str(workers), *args]
+        proc = ZionProcess(argv, full_env, cwd or APPS, wrapper)
+        started.append(proc)
+        if ready:
+            proc.wait_ready()
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            try:
+                proc.stop(timeout=15)
+            except AssertionError:
+                pass
+
+
+def client_context(alpn: bool = True) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes, raw_head: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.raw_head = raw_head
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, head_request: bool = False) -> Response:
+    """Read one HTTP/1.1 response: Content-Length, chunked, or until close."""
+    raw_head = await reader.readuntil(b"\r\n\r\n")
+    lines = raw_head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if status == 100:
+        return Response(status, headers, b"", raw_head)
+    if head_request or status in (204, 304):
+        return Response(status, headers, b"", raw_head)
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(parts)
+    else:
+        body = await reader.read()
+    return Response(status, headers, body, raw_head)
+
+
+async def connect(port: int, host: str = "127.0.0.1", ctx: ssl.SSLContext | None = None,
+                  session: ssl.SSLSession | None = None
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(host, port, ssl=ctx or client_context(),
+                                         server_hostname="localhost", ssl_handshake_timeout=10,
+                                         **({"session": session} if session else {}))
+
+
+async def get(port: int, path: str = "/", headers: dict[str, str] | None = None,
+              method: str = "GET", body: bytes = b"", host: str = "127.0.0.1") -> Response:
+    reader, writer = await connect(port, host)
+    try:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        if body:
+            extra += f"content-length: {len(body)}\r\n"
+        writer.write(f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n{extra}"
+                     f"connection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+        return await asyncio.wait_for(read_response(reader, method == "HEAD"), 10)
+    finally:
+        writer.close()
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    chunks = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
+        pass
+    return b"".join(chunks)

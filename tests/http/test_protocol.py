@@ -1,0 +1,237 @@
+"""HTTP/1.1 semantics and hostile input, against a real server over real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from tests.conftest import (
+    client_context,
+    connect,
+    get,
+    read_response,
+    read_until_closed,
+    wait_for,
+)
+
+
+def _app_running(srv) -> bool:
+    # The status endpoint counts requests in flight across workers.
+    import json
+    import urllib.request
+    ctx = client_context()
+    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/_zion/status",
+                                context=ctx, timeout=5) as resp:
+        status = json.load(resp)
+    return any(w["inflight"] for w in status["demux"]["workers"])
+
+
+@pytest.fixture
+def server(start_zion):
+    return start_zion("raw_app:app", env={"ZION_LIMITS_HEADER_TIMEOUT": "1",
+                                          "ZION_LIMITS_MAX_BODY_SIZE": "100000"})
+
+
+async def still_serving(port: int) -> None:
+    resp = await get(port, "/")
+    assert resp.status == 200, "the server must keep answering the next client"
+
+
+async def test_keep_alive_and_standard_headers(server):
+    reader, writer = await connect(server.port)
+    pids = set()
+    for _ in range(3):
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        resp = await read_response(reader)
+        assert resp.status == 200 and resp.body == b"got 0 bytes"
+        assert resp.headers["server"] == "zion"
+        assert parsedate_to_datetime(resp.headers["date"]).tzinfo is not None
+        assert "connection" not in resp.headers  # keep-alive is the 1.1 default
+        pids.add(resp.headers["x-pid"])
+    assert len(pids) == 1  # same connection, same worker
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    resp = await read_response(reader)
+    assert resp.headers["connection"] == "close"
+    assert await read_until_closed(reader) == b""
+    writer.close()
+
+
+async def test_http10_closes_by_default(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"GET / HTTP/1.0\r\n\r\n")
+    resp = await read_response(reader)
+    assert resp.status == 200 and resp.headers["connection"] == "close"
+    writer.close()
+
+
+async def test_pipelined_requests_answered_in_order(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"".join(
+        b"POST /p%d HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (i, i, b"a" * i)
+        for i in range(1, 6)))
+    for i in range(1, 6):
+        resp = await read_response(reader)
+        assert resp.body == b"got %d bytes" % i
+    writer.close()
+
+
+async def test_chunked_request_body(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    resp = await read_response(reader)
+    assert resp.body == b"got 11 bytes"
+    writer.close()
+
+
+async def test_streamed_response_is_chunked(start_zion):
+    srv = start_zion("starlette_app:app")
+    resp = await get(srv.port, "/stream")
+    assert resp.headers["transfer-encoding"] == "chunked"
+    assert resp.body == b"".join(b"chunk %d\n" % i for i in range(5))
+
+
+async def test_large_response_with_backpressure(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"GET /big?4000000 HTTP/1.1\r\nhost: x\r\n\r\n")
+    resp = await read_response(reader)
+    assert len(resp.body) == 4_000_000
+    writer.close()
+
+
+async def test_expect_100_continue(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
+    interim = await asyncio.wait_for(read_response(reader), 5)
+    assert interim.status == 100
+    writer.write(b"data")
+    resp = await read_response(reader)
+    assert resp.status == 200 and resp.body == b"got 4 bytes"
+    writer.close()
+
+
+async def test_head_has_headers_but_no_body(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    head = await read_response(reader, head_request=True)
+    assert head.status == 200 and head.headers["content-length"] == "11"
+    after = await read_response(reader)  # the next response starts right after the head
+    assert after.body == b"got 0 bytes"
+    writer.close()
+
+
+async def test_app_without_response_gets_500(server):
+    resp = await get(server.port, "/no-response")
+    assert resp.status == 500
+
+
+# -- bad input: a 4xx, a closed connection, and the worker lives on --------------
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nbad header line\r\n\r\n", 400),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(150)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nx-big: " + b"v" * 20000 + b"\r\n\r\n", 431),
+    (b"POST / HTTP/1.1\r\ncontent-length: 999999999\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\ncontent-length: 12abc\r\n\r\n", 400),
+])
+async def test_bad_requests_get_4xx_and_close(server, raw, status):
+    reader, writer = await connect(server.port)
+    writer.write(raw)
+    data = await read_until_closed(reader)
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+    assert b"connection: close" in data
+    writer.close()
+    await still_serving(server.port)
+
+
+async def test_header_bomb_without_end_is_cut_off(server):
+    # A header line that never ends: httptools would buffer it forever.
+    reader, writer = await connect(server.port)
+    writer.write(b"GET / HTTP/1.1\r\nx-bomb: ")
+    try:
+        for _ in range(40):
+            writer.write(b"v" * 4096)
+            await writer.drain()
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        pass
+    data = await read_until_closed(reader)
+    assert data.startswith(b"HTTP/1.1 431 "), data[:80]
+    writer.close()
+    await still_serving(server.port)
+
+
+async def test_chunked_body_over_limit_gets_413(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+    try:
+        for _ in range(30):
+            writer.write(b"1000\r\n" + b"z" * 4096 + b"\r\n")
+            await writer.drain()
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        pass
+    data = await read_until_closed(reader)
+    assert b"413" in data.split(b"\r\n", 1)[0]
+    writer.close()
+    await still_serving(server.port)
+
+
+async def test_slowloris_gets_408(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n")  # never finishes the header section
+    await writer.drain()
+    data = await read_until_closed(reader, timeout=10)  # header_timeout is 1 s here
+    assert data.startswith(b"HTTP/1.1 408 "), data[:80]
+    writer.close()
+    await still_serving(server.port)
+
+
+async def test_idle_keepalive_closed(start_zion):
+    srv = start_zion("raw_app:app", env={"ZION_LIMITS_KEEPALIVE_TIMEOUT": "0.5"})
+    reader, writer = await connect(srv.port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await read_response(reader)
+    assert await read_until_closed(reader, timeout=10) == b""
+    writer.close()
+
+
+async def test_bytes_that_are_not_tls(server):
+    for payload in (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", b"\x00" * 512, b"\x16\x03\x01\xff\xff"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                while sock.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+    await still_serving(server.port)
+
+
+async def test_client_gone_mid_body(start_zion, tmp_path):
+    events = tmp_path / "events"
+    srv = start_zion("raw_app:app", env={"ZION_TEST_EVENTS": str(events)})
+
+    def send_half_and_reset() -> None:
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        tls = client_context().wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"POST /disconnect HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
+        tls.sendall(b"x" * 1000)
+        wait_for(lambda: events.exists() or _app_running(srv), 5, "the request to arrive")
+        # SO_LINGER 0: close with a reset, as a client that crashed would.
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
+
+    await asyncio.to_thread(send_half_and_reset)
+    seen = wait_for(lambda: events.exists() and events.read_text(), 10, "the app's receive log")
+    assert seen.split()[-1] == "http.disconnect"
+    await still_serving(srv.port)
+    assert not srv.events("worker_died")
