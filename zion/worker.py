@@ -34,6 +34,7 @@ EXIT_BOOT_ERROR = 3  # can never start: the master must not respawn it forever
 EXIT_CRASH = 1
 
 _TICK = 0.5  # seconds between Date refreshes and timeout sweeps
+_DRAIN_QUIET = 0.1  # seconds without connections before a draining worker exits
 
 logger = log.get_logger("zion.worker")
 
@@ -123,8 +124,17 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     for conn in list(state.connections):
         conn.shutdown()
     deadline = loop.time() + settings.supervisor.drain_timeout
-    while state.connections and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    quiet_since = None
+    # Connections still in their TLS handshake are invisible until it ends, so
+    # the worker is drained only once it has had no connection for a moment.
+    while loop.time() < deadline:
+        if state.connections:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= _DRAIN_QUIET:
+            break
+        await asyncio.sleep(0.02)
     left = len(state.connections)
     for conn in list(state.connections):
         conn.close()

@@ -253,8 +253,10 @@ class RequestCycle:
                 self.status = 500
                 proto.send_error(500, "")
                 proto.response_done(self)
-            else:
-                proto.close()
+            elif not self.response_complete:
+                proto.close()  # half a response: only closing tells the client
+            # else: the app answered (Starlette sends its own 500) and then
+            # re-raised; the connection is in a clean state and stays open.
         else:
             if not self.response_complete and not self.disconnected:
                 if not self.response_started:

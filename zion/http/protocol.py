@@ -69,6 +69,7 @@ class HttpProtocol(asyncio.Protocol):
         "state",
         "transport",
         "upgrade_seen",
+        "served",
         # request being parsed
         "url",
     )
@@ -91,6 +92,7 @@ class HttpProtocol(asyncio.Protocol):
         self.pipeline: deque[RequestCycle] = deque()  # parsed, waiting their turn
         self.overloaded = False
         self.upgrade_seen = False
+        self.served = 0
         # request being parsed
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -317,6 +319,7 @@ class HttpProtocol(asyncio.Protocol):
     def response_done(self, cycle: RequestCycle) -> None:
         state = self.state
         state.requests_total += 1
+        self.served += 1
         if state.access_log:
             self._access_log(cycle)
         if self.cycle is cycle:
@@ -360,8 +363,12 @@ class HttpProtocol(asyncio.Protocol):
             self.close()  # idle keep-alive, or a connection that never spoke
 
     def shutdown(self) -> None:
-        """Drain: finish what is in flight, then close."""
-        if self.cycle is None and not self.pipeline and self.parsing is None:
+        """Drain: finish what is in flight, then close.
+
+        An idle keep-alive connection is closed now (clients retry those). A
+        new one that has not sent its first request yet is not idle: its
+        request is on the way, so it is answered, with `connection: close`."""
+        if self.cycle is None and not self.pipeline and self.parsing is None and self.served:
             self.close()
 
     def write(self, data: bytes) -> None:

@@ -1,0 +1,36 @@
+"""Built-in endpoints and the default page."""
+
+from __future__ import annotations
+
+from tests.conftest import get
+from zion.builtin import _is_loopback
+
+
+async def test_healthz(start_zion):
+    srv = start_zion("starlette_app:app")
+    resp = await get(srv.port, "/healthz")
+    assert resp.status == 200 and resp.body == b"ok\n"
+    assert (await get(srv.port, "/healthz", method="POST")).status == 405
+
+
+async def test_status_json(start_zion):
+    srv = start_zion(workers=2)
+    status = (await get(srv.port, "/_zion/status")).json()
+    assert status["worker"] in (0, 1) and status["pid"] in srv.worker_pids()
+    assert status["demux"]["state"] in ("attached", "fallback")
+    assert [w["worker"] for w in status["demux"]["workers"]] == [0, 1]
+
+
+async def test_default_page_names_the_worker(start_zion):
+    srv = start_zion(workers=2)
+    resp = await get(srv.port, "/")
+    assert resp.status == 200 and b"zion is running" in resp.body
+    index = resp.headers["x-zion-worker"]
+    assert f"Worker {index} (pid ".encode() in resp.body
+
+
+def test_loopback_detection():
+    assert _is_loopback(("127.0.0.1", 1)) and _is_loopback(("127.9.9.9", 1))
+    assert _is_loopback(("::1", 1)) and _is_loopback(("::ffff:127.0.0.1", 1))
+    assert not _is_loopback(("10.0.0.1", 1)) and not _is_loopback(("2001:db8::1", 1))
+    assert not _is_loopback(None)

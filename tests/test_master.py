@@ -1,0 +1,129 @@
+"""The master: one listener per worker, supervision, drain, reload, privileges."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.conftest import get, wait_for
+from zion import caps
+
+
+def listening_sockets(port: int) -> int:
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout
+    return len([ln for ln in out.splitlines() if ln.strip()])
+
+
+def cap_eff(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapEff")
+
+
+async def test_one_listener_per_worker_and_children(start_zion):
+    srv = start_zion(workers=3)
+    assert listening_sockets(srv.port) == 3
+    assert len(srv.worker_pids()) == 3
+    assert (await get(srv.port, "/")).status == 200
+
+
+async def test_ipv6(start_zion):
+    srv = start_zion("--host", "::1")
+    resp = await get(srv.port, "/healthz", host="::1")
+    assert resp.status == 200
+
+
+async def test_sigkilled_worker_is_replaced_on_same_socket(start_zion):
+    srv = start_zion(workers=2)
+    before = srv.worker_pids()
+    os.kill(before[0], signal.SIGKILL)
+    # Answers continue while the replacement starts...
+    for _ in range(20):
+        assert (await get(srv.port, "/")).status == 200
+    after = wait_for(lambda: (p := srv.worker_pids()) and len(p) == 2 and before[0] not in p
+                     and p, 10, "a replacement worker")
+    assert before[1] in after
+    assert listening_sockets(srv.port) == 2  # still the same group, no new sockets
+    died = srv.wait_event("worker_died")
+    assert died["status"] == "signal SIGKILL"
+
+
+async def test_sigterm_lets_inflight_requests_finish(start_zion):
+    srv = start_zion("starlette_app:app")
+    slow = [asyncio.create_task(get(srv.port, "/slow?s=1.5")) for _ in range(4)]
+    await asyncio.to_thread(wait_for, lambda: _inflight(srv) >= 4, 10, "requests in flight")
+    srv.signal(signal.SIGTERM)
+    results = await asyncio.gather(*slow)
+    assert [r.status for r in results] == [200] * 4
+    assert all(r.body == b"slept 1.5" for r in results)
+    assert await asyncio.to_thread(srv.proc.wait, 20) == 0
+
+
+def _inflight(srv) -> int:
+    import json
+    import urllib.request
+
+    from tests.conftest import client_context
+    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/_zion/status",
+                                context=client_context(), timeout=5) as resp:
+        return sum(w["inflight"] for w in json.load(resp)["demux"]["workers"])
+
+
+async def test_sigint_exits_zero(start_zion):
+    srv = start_zion()
+    srv.signal(signal.SIGINT)
+    assert await asyncio.to_thread(srv.proc.wait, 20) == 0
+
+
+async def test_workers_run_without_bpf_capabilities(start_zion):
+    srv = start_zion()
+    bpf_bits = (1 << caps.CAP_BPF) | (1 << caps.CAP_SYS_ADMIN)
+    for pid in srv.worker_pids():
+        assert cap_eff(pid) & bpf_bits == 0, f"worker {pid} kept CAP_BPF/CAP_SYS_ADMIN"
+    if os.geteuid() == 0:
+        assert cap_eff(srv.pid) & (1 << caps.CAP_BPF), "the master keeps CAP_BPF"
+
+
+async def test_sighup_reload_replaces_workers_without_downtime(start_zion):
+    srv = start_zion("starlette_app:app", workers=2)
+    old = set(srv.worker_pids())
+    stop = asyncio.Event()
+    statuses: list[int] = []
+
+    async def load() -> None:
+        while not stop.is_set():
+            statuses.append((await get(srv.port, "/")).status)
+
+    runners = [asyncio.create_task(load()) for _ in range(4)]
+    await asyncio.sleep(0.3)
+    srv.signal(signal.SIGHUP)
+    await asyncio.to_thread(srv.wait_event, "reload_complete", 30)
+    await asyncio.to_thread(
+        wait_for, lambda: not (set(srv.worker_pids()) & old), 20, "old workers to exit")
+    stop.set()
+    await asyncio.gather(*runners)
+    assert statuses and set(statuses) == {200}
+    new = {int(p) for p in srv.events("reload_complete")[-1]["pids"]}
+    assert new.isdisjoint(old)
+    resp = await get(srv.port, "/")
+    assert int(resp.headers["x-pid"]) in new
+
+
+def test_port_in_use_is_one_clear_error(start_zion):
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        srv = start_zion("--port", str(port), ready=False)
+        assert srv.proc.wait(20) == 1
+        fatal = srv.events("fatal")
+        assert len(fatal) == 1 and "cannot bind" in fatal[0]["error"]
+    finally:
+        holder.close()

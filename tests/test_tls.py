@@ -1,0 +1,115 @@
+"""TLS: the self-signed default, protocol floor, ALPN, key errors, shared tickets."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import APPS, REPO
+from zion.config import TLSSettings
+from zion.errors import TLSConfigError
+from zion.tls import build_context, ensure_self_signed
+
+
+def handshake(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+              ) -> tuple[ssl.SSLSocket, bytes]:
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                           server_hostname="localhost", session=session)
+    sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return sock, data
+
+
+def test_self_signed_made_once_and_verifies(start_zion, state_dir):
+    srv = start_zion()
+    pem = state_dir / "selfsigned.pem"
+    assert pem.exists()
+    first = pem.read_bytes()
+    ctx = ssl.create_default_context(cafile=str(pem))  # verify for real, incl. hostname
+    ctx.set_alpn_protocols(["http/1.1"])
+    for host in ("localhost",):
+        sock, data = handshake(srv.port, ctx)
+        assert data.startswith(b"HTTP/1.1 200")
+        assert sock.selected_alpn_protocol() == "http/1.1"
+        assert sock.version() in ("TLSv1.3", "TLSv1.2")
+        sock.close()
+        assert host
+    ensure_self_signed(state_dir)
+    assert pem.read_bytes() == first  # reused, not regenerated
+
+
+def test_tls_below_1_2_refused(start_zion):
+    srv = start_zion()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    except ValueError:
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    with pytest.raises(ssl.SSLError):
+        handshake(srv.port, ctx)
+    ok = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ok.check_hostname, ok.verify_mode = False, ssl.CERT_NONE
+    ok.maximum_version = ssl.TLSVersion.TLSv1_2
+    sock, data = handshake(srv.port, ok)
+    assert sock.version() == "TLSv1.2" and data.startswith(b"HTTP/1.1 200")
+
+
+def test_session_tickets_resume_across_workers(start_zion):
+    """Workers share ticket keys: resumption works whichever worker answers."""
+    srv = start_zion(workers=4)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    sock, _ = handshake(srv.port, ctx)
+    session = sock.session
+    sock.close()
+    resumed, workers = 0, set()
+    total = 80
+    for _ in range(total):
+        sock, data = handshake(srv.port, ctx, session)
+        resumed += sock.session_reused
+        for line in data.split(b"\r\n"):
+            if line.startswith(b"x-zion-worker:"):
+                workers.add(line.split(b":")[1].strip())
+        session = sock.session
+        sock.close()
+    assert len(workers) >= 3, f"connections should spread over workers, saw {workers}"
+    assert resumed / total >= 0.95, f"only {resumed}/{total} handshakes resumed"
+
+
+def _run_serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zion", "serve", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30, cwd=APPS,
+                          env={**env, "PYTHONPATH": str(REPO)})
+
+
+def test_mismatched_key_is_one_line_exit_2(tmp_path, zion_env):
+    a = ensure_self_signed(tmp_path / "a")
+    b = ensure_self_signed(tmp_path / "b")
+    result = _run_serve("--ssl-certfile", str(a), "--ssl-keyfile", str(b), env=zion_env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "do not match" in lines[0]
+
+
+def test_unreadable_cert_is_one_line_exit_2(tmp_path, zion_env):
+    result = _run_serve("--ssl-certfile", str(tmp_path / "nope.pem"),
+                        "--ssl-keyfile", str(tmp_path / "nope.key"), env=zion_env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no such file" in lines[0]
+
+
+def test_build_context_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(TLSConfigError):
+        build_context(TLSSettings(str(bad), str(bad), str(tmp_path), "1.2"))
