@@ -93,6 +93,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
             "connections": len(state.connections),
             "requests_total": state.requests_total,
             "demux": {**demux_info,
+                      # connections the program left to the kernel's hash
+                      "fallbacks": board.fallbacks,
                       "workers": board.snapshot(settings.demux.stall_threshold_ms)},
         }
 
