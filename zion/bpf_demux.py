@@ -191,7 +191,7 @@ class SkReuseport:
         loaded: Any = self._bpf
         self.fd: int = fn.fd
         self.prog_id = _prog_id(self.fd)
-        self.slots_fd: int = loaded["zion_slots"].map_fd
+        self.slots_fd: int = loaded[b"zion_slots"].map_fd
 
     def _compile_and_load(self, bcc: ModuleType, kernel_source: str | None) -> None:
         previous = os.environ.get("BCC_KERNEL_SOURCE")

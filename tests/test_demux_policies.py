@@ -1,0 +1,107 @@
+"""Load-aware steering: a stalled worker gets no new connections under
+least-loaded, and does under hash (the kernel-hash weakness the demux fixes).
+Deterministic: the stall is a real SIGSTOP, and we wait for the program's view
+of it (heartbeat age) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from tests.conftest import get, wait_for
+from tests.test_bpf_demux import _can_load_bpf
+
+pytestmark = pytest.mark.skipif(_can_load_bpf() is not None, reason=str(_can_load_bpf()))
+
+
+async def slot_view(port: int) -> list[dict]:
+    return (await get(port, "/_zion/status")).json()["demux"]["workers"]
+
+
+async def view_avoiding_stall(port: int) -> list[dict]:
+    """The slot view, retried: a poll that lands on a frozen worker waits."""
+    for _ in range(100):
+        try:
+            return await asyncio.wait_for(slot_view(port), 0.5)
+        except (TimeoutError, ConnectionError):
+            continue
+    raise AssertionError("no worker answered the status poll")
+
+
+async def wait_stalled(port: int, index: int) -> None:
+    # Until the heartbeat is older than the threshold (100 ms), the program
+    # still counts the frozen worker healthy, so a poll may land on it and
+    # wait: poll with a short timeout and try again.
+    for _ in range(100):
+        try:
+            view = await asyncio.wait_for(slot_view(port), 0.5)
+        except (TimeoutError, ConnectionError):
+            continue
+        if view[index]["state"] == "stalled":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"worker {index} never looked stalled")
+
+
+async def test_least_loaded_steers_around_a_stopped_worker(start_zion):
+    srv = start_zion("starlette_app:app", workers=4)
+    slots = await slot_view(srv.port)
+    victim = slots[1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        await wait_stalled(srv.port, 1)
+        before = (await slot_view(srv.port))[1]["dispatches"]
+        results = await asyncio.gather(*(asyncio.wait_for(get(srv.port, "/"), 5)
+                                         for _ in range(100)))
+        assert all(r.status == 200 for r in results), "every new connection is answered"
+        assert str(victim) not in {r.headers["x-pid"] for r in results}
+        assert (await view_avoiding_stall(srv.port))[1]["dispatches"] == before
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    # Once it beats again it gets connections again.
+    for _ in range(100):
+        if (await slot_view(srv.port))[1]["state"] == "ready":
+            break
+        await asyncio.sleep(0.02)
+    pids = {(await get(srv.port, "/")).headers["x-pid"] for _ in range(60)}
+    assert str(victim) in pids
+
+
+async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion):
+    srv = start_zion("starlette_app:app", "--demux", "hash", workers=4)
+    slots = await slot_view(srv.port)
+    victim = slots[2]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(0)  # no wait needed: hash mode ignores heartbeats
+        before = (await view_avoiding_stall(srv.port))[2]["dispatches"]
+        tasks = [asyncio.create_task(asyncio.wait_for(get(srv.port, "/"), 2))
+                 for _ in range(40)]
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        stuck = [d for d in done if isinstance(d, (TimeoutError, asyncio.TimeoutError))]
+        after = (await view_avoiding_stall(srv.port))[2]["dispatches"]
+        assert after > before, "the kernel-style hash still picks the stopped worker"
+        assert stuck, "connections sent to a stopped worker wait"
+    finally:
+        os.kill(victim, signal.SIGCONT)
+
+
+async def test_killed_worker_slot_is_steered_around_and_queue_served(start_zion):
+    srv = start_zion("starlette_app:app", workers=2,
+                     env={"ZION_SUPERVISOR_RESPAWN_BACKOFF": "1.0"})
+    slots = await slot_view(srv.port)
+    victim = slots[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.to_thread(srv.wait_event, "worker_died")
+    # While slot 0 is empty (1 s backoff), every new connection is answered.
+    results = await asyncio.gather(*(asyncio.wait_for(get(srv.port, "/"), 5)
+                                     for _ in range(40)))
+    assert all(r.status == 200 for r in results)
+    assert str(victim) not in {r.headers["x-pid"] for r in results}
+    view = await slot_view(srv.port)
+    assert view[0]["state"] in ("empty", "starting")
+    await asyncio.to_thread(wait_for, lambda: len(srv.worker_pids()) == 2, 10, "replacement")
