@@ -6,6 +6,7 @@ Nothing here sleeps for a fixed time: every wait polls with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -58,10 +59,8 @@ class ZionProcess:
             text = raw.decode(errors="replace").rstrip("\n")
             with self._lock:
                 self.raw.append(text)
-                try:
+                with contextlib.suppress(ValueError):
                     self.lines.append(json.loads(text))
-                except ValueError:
-                    pass
 
     def events(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -108,7 +107,8 @@ class ZionProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-            raise AssertionError("zion did not exit within the drain timeout\n" + self.log_text())
+            message = "zion did not exit within the drain timeout\n" + self.log_text()
+            raise AssertionError(message) from None
         finally:
             self._reader.join(5)
 
@@ -146,10 +146,8 @@ def start_zion(zion_env: dict[str, str]) -> Iterator[Callable[..., ZionProcess]]
     yield start
     for proc in started:
         if proc.proc.poll() is None:
-            try:
+            with contextlib.suppress(AssertionError):
                 proc.stop(timeout=15)
-            except AssertionError:
-                pass
 
 
 def client_context(alpn: bool = True) -> ssl.SSLContext:

@@ -1,6 +1,5 @@
 """Bare ASGI callables exercising the protocol edges."""
 
-import asyncio
 import os
 
 
@@ -44,8 +43,8 @@ async def app(scope, receive, send):
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"x-pid", str(os.getpid()).encode())]})
+    headers = [(b"content-type", b"text/plain"), (b"x-pid", str(os.getpid()).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"got %d bytes" % len(body)})
 
 

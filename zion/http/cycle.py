@@ -33,25 +33,12 @@ class ProtocolError(Exception):
 
 class RequestCycle:
     __slots__ = (
-        "body",
-        "body_complete",
-        "body_delivered",
-        "body_size",
-        "chunked",
-        "content_length",
-        "disconnected",
-        "expect_100",
-        "head",
-        "headers",
-        "keep_alive",
-        "protocol",
-        "response_complete",
-        "response_started",
-        "scope",
-        "started_at",
-        "status",
-        "waiter",
-        "written",
+        "protocol", "scope", "keep_alive", "head", "expect_100", "started_at",
+        # request body, fed by the parser
+        "body", "body_size", "body_complete", "body_delivered", "waiter", "disconnected",
+        # response
+        "response_started", "response_complete", "status", "headers", "chunked",
+        "content_length", "written",
     )
 
     def __init__(self, protocol: HttpProtocol, scope: dict[str, Any], keep_alive: bool,

@@ -44,34 +44,13 @@ class _Reject(Exception):
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
-        "began_in_chunk",
-        "client",
-        "closing",
-        "content_length",
-        "cycle",
-        "deadline",
-        "deadline_kind",
-        "expect_100",
-        "flow",
-        "header_bytes",
-        "header_raw",
-        "headers",
-        "in_headers",
-        "limits",
-        "loop",
-        "overloaded",
-        "parser",
-        "parsing",
-        "pipeline",
-        "read_paused",
-        "server",
         # connection
-        "state",
-        "transport",
-        "upgrade_seen",
-        "served",
+        "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
+        "read_paused", "closing", "deadline", "deadline_kind", "cycle", "pipeline",
+        "overloaded", "upgrade_seen", "served",
         # request being parsed
-        "url",
+        "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
+        "parsing", "expect_100", "content_length",
     )
 
     def __init__(self, state: ServerState) -> None:
