@@ -235,3 +235,12 @@ async def test_client_gone_mid_body(start_zion, tmp_path):
     assert seen.split()[-1] == "http.disconnect"
     await still_serving(srv.port)
     assert not srv.events("worker_died")
+
+
+async def test_app_content_length_written_once(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"GET /big?10 HTTP/1.1\r\nhost: x\r\n\r\n")
+    resp = await read_response(reader)
+    assert resp.raw_head.lower().count(b"content-length:") == 1
+    assert resp.body == b"x" * 10
+    writer.close()

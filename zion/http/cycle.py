@@ -158,7 +158,11 @@ class RequestCycle:
                 raise ProtocolError(f"invalid response header {name!r}")
             lname = name.lower()
             if lname == b"content-length":
-                content_length = int(value)
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    raise ProtocolError(f"invalid content-length {value!r}") from None
+                continue  # written once below, normalised
             elif lname == b"connection":
                 if value.lower() == b"close":
                     self.keep_alive = False

@@ -1,0 +1,47 @@
+"""The benchmark app, identical for every server: a raw ASGI callable (no
+framework), GET / -> 200 "Hello, world!" with content-type and content-length,
+lifespan handled. `app_pid` adds an x-pid header for the distribution runs;
+`app_mixed` holds its worker for 200 ms on /heavy (a blocking handler)."""
+
+import os
+import time
+
+BODY = b"Hello, world!"
+HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"13")]
+
+
+async def _lifespan(receive, send):
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await _lifespan(receive, send)
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+PID_HEADERS = [*HEADERS, (b"x-pid", str(os.getpid()).encode())]
+
+
+async def app_pid(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await _lifespan(receive, send)
+    headers = [*HEADERS, (b"x-pid", str(os.getpid()).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def app_mixed(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await _lifespan(receive, send)
+    if scope["path"] == "/heavy":
+        time.sleep(0.2)  # a handler that holds its worker, as CPU-bound code does
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
