@@ -7,8 +7,9 @@
  *   md->hash        the kernel's flow hash of the connection (4-tuple)
  *   zion_slots[i]   one struct zion_slot per worker i (an mmapable array the
  *                   workers write with plain stores: heartbeat in
- *                   CLOCK_MONOTONIC ns, open connections, requests in
- *                   flight; the master writes the state)
+ *                   CLOCK_MONOTONIC ns, connections taken up, open
+ *                   connections, requests in flight; the master writes the
+ *                   state; the program counts dispatches)
  *   the sockarray   BPF_MAP_TYPE_REUSEPORT_SOCKARRAY created by userspace,
  *                   slot i = worker i's listener. bcc cannot declare this map
  *                   type nor pass a table to bpf_sk_select_reuseport, so it
@@ -29,7 +30,8 @@
  * older than ZION_STALL_NS. Modes:
  *   ZION_MODE_HASH          slot hash % N if live, else the next live slot
  *   ZION_MODE_LEAST_LOADED  two hashed choices; of the healthy ones, the one
- *                           with fewer open connections + requests in flight;
+ *                           with less load (open connections + requests in
+ *                           flight + connections queued but not taken up);
  *                           if neither is healthy, the next healthy slot
  *   ZION_MODE_CPU           the worker pinned to the CPU that handled the SYN
  *                           (slot cpu % N) when healthy, else the hashed
@@ -66,6 +68,7 @@
 struct zion_slot {
     u64 heartbeat_ns;
     u64 dispatches;
+    u64 accepted;  /* connections the slot's workers have taken up */
     u32 state;
     u32 conns;
     u32 inflight;
@@ -87,9 +90,17 @@ static __always_inline int zion_healthy(struct zion_slot *s, u64 now)
     return 1;
 }
 
-static __always_inline u32 zion_load(struct zion_slot *s)
+/* Open connections + requests in flight + the kernel backlog: connections
+ * sent to this slot that no worker has taken up yet. A blocked or frozen
+ * worker's backlog grows with every connection sent to it, so it loses the
+ * two-choice comparison long before its heartbeat goes stale. */
+static __always_inline u64 zion_load(struct zion_slot *s)
 {
-    return s->conns + s->inflight;
+    s64 backlog = (s64)(s->dispatches - s->accepted);
+
+    if (backlog < 0) /* connections the kernel hash gave it, uncounted here */
+        backlog = 0;
+    return (u64)s->conns + s->inflight + (u64)backlog;
 }
 
 static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
@@ -110,15 +121,19 @@ int zion_demux(struct sk_reuseport_md *md)
 {
     u64 now = bpf_ktime_get_ns();
     u32 hash = md->hash;
-    /* Two independent choices from one hash (Knuth's multiplicative mix). */
-    u32 a = hash % ZION_WORKERS;
-    u32 b = ((hash * 2654435761u) >> 7) % ZION_WORKERS;
+    u32 a = hash % ZION_WORKERS, b = a;
     struct zion_slot *sa, *sb, *s;
     int ha, hb;
     u32 i, j;
 
 #if ZION_MODE == ZION_MODE_CPU
     a = bpf_get_smp_processor_id() % ZION_WORKERS;
+#endif
+#if ZION_WORKERS > 1
+    /* The second choice: another slot, never a itself, picked by a second
+     * mix of the same hash (Knuth's multiplier), so a busy slot always has a
+     * different one to lose against. */
+    b = (a + 1 + ((hash * 2654435761u) >> 7) % (ZION_WORKERS - 1)) % ZION_WORKERS;
 #endif
     sa = zion_slots.lookup(&a);
     sb = zion_slots.lookup(&b);

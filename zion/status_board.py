@@ -21,10 +21,11 @@ STATE_NAMES = {EMPTY: "empty", STARTING: "starting", READY: "ready", DRAINING: "
 
 
 class Slot(ctypes.Structure):
-    # Layout mirrors `struct zion_slot` in bpf/zion_demux.c: 32 bytes, no padding.
+    # Layout mirrors `struct zion_slot` in bpf/zion_demux.c: 40 bytes, no padding.
     _fields_ = [
         ("heartbeat_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
         ("dispatches", ctypes.c_uint64),    # incremented by the program
+        ("accepted", ctypes.c_uint64),      # taken up by the slot's workers, ever
         ("state", ctypes.c_uint32),         # written by the master
         ("conns", ctypes.c_uint32),         # open connections, written by the worker
         ("inflight", ctypes.c_uint32),      # requests being handled
@@ -33,7 +34,7 @@ class Slot(ctypes.Structure):
 
 
 SLOT_SIZE = ctypes.sizeof(Slot)
-assert SLOT_SIZE == 32
+assert SLOT_SIZE == 40
 
 
 def mapping_size(count: int) -> int:
@@ -89,6 +90,8 @@ class StatusBoard:
                 "state": state,
                 "heartbeat_age_ms": None if age_ms is None else round(age_ms, 1),
                 "connections": slot.conns,
+                # dispatched by the program but not yet taken up: the kernel backlog
+                "backlog": max(0, slot.dispatches - slot.accepted),
                 "inflight": slot.inflight,
                 "dispatches": slot.dispatches,
             })

@@ -56,7 +56,9 @@ class ServerState:
 
     def connection_opened(self, conn: HttpProtocol) -> None:
         self.connections.add(conn)
-        self.slot.conns = len(self.connections)
+        slot = self.slot
+        slot.conns = len(self.connections)
+        slot.accepted += 1
 
     def connection_closed(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)

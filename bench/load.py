@@ -1,0 +1,160 @@
+"""Load generators: wrk for throughput, a Python asyncio client for the
+scenarios that need per-connection records (stall, mixed, reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import resource
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(port: int, conns: int, seconds: float, close: bool = False) -> dict:
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"https://127.0.0.1:{port}/")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = {
+        "argv": argv,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "socket_errors": 0,
+        "non_2xx": 0,
+        "client_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "seconds": max(1, round(seconds)),
+        "raw": out,
+    }
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                      out):
+        result["socket_errors"] = sum(int(x) for x in m.groups())
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        result["non_2xx"] = int(m.group(1))
+    return result
+
+
+def resumption(port: int, n: int = 200) -> dict:
+    """Sequential fresh connections offering the last session ticket, as wrk does."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    session = None
+    resumed = 0
+    version = None
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                while tls.recv(65536):
+                    pass
+                resumed += tls.session_reused
+                version = tls.version()
+                session = tls.session
+    return {"tls_version": version, "resumed_share": resumed / n, "connections": n}
+
+
+@dataclass
+class Record:
+    start: float  # seconds since the scenario began
+    latency_ms: float
+    ok: bool
+    kind: str
+
+
+def _client_ctx() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _one(port: int, path: str, ctx: ssl.SSLContext, timeout: float) -> bool:
+    async def go() -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                       server_hostname="localhost")
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                         .encode())
+            data = await reader.read()
+            return data.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(go(), timeout)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError):
+        return False
+
+
+def fresh_connections(port: int, seconds: float, rate: float,
+                      choose: Callable[[random.Random], tuple[str, str]] | None = None,
+                      timeline: list[tuple[float, Callable[[], None]]] | None = None,
+                      timeout: float = 5.0, max_outstanding: int = 2000) -> list[Record]:
+    """Open loop: a new TLS connection every 1/`rate` s, whether or not earlier
+    ones were answered, so a stuck worker cannot slow the arrivals down and
+    hide itself (a closed loop would: coordinated omission). `timeline`
+    actions (SIGSTOP, SIGHUP...) fire at their offsets."""
+    choose = choose or (lambda rng: ("/", "light"))
+
+    async def main() -> list[Record]:
+        ctx = _client_ctx()
+        records: list[Record] = []
+        rng = random.Random(7)
+        t0 = time.monotonic()
+        pending: set[asyncio.Task[None]] = set()
+        skipped = 0
+
+        async def one(path: str, kind: str) -> None:
+            start = time.monotonic()
+            ok = await _one(port, path, ctx, timeout)
+            records.append(Record(start - t0, (time.monotonic() - start) * 1000, ok, kind))
+
+        async def actions() -> None:
+            for at, action in timeline or []:
+                await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+                action()
+
+        acting = asyncio.create_task(actions())
+        n = 0
+        while (due := t0 + n / rate) < t0 + seconds:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            n += 1
+            if len(pending) >= max_outstanding:
+                skipped += 1
+                continue
+            task = asyncio.create_task(one(*choose(rng)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(acting, *pending)
+        if skipped:
+            records.extend(Record(seconds, float("nan"), False, "not-sent")
+                           for _ in range(skipped))
+        return records
+
+    return asyncio.run(main())
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]

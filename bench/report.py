@@ -1,0 +1,195 @@
+"""Markdown tables, goal checks and PNG plots from one bench run."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _med(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def _fmt(triple: tuple[float, float, float], digits: int = 0) -> str:
+    med, lo, hi = triple
+    if lo == hi:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} [{lo:,.{digits}f}–{hi:,.{digits}f}]"
+
+
+def summarise(results: dict) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, runs in results["throughput"].items():
+        if not runs:
+            continue
+        a = [r["A"] for r in runs]
+        b = [r["B"] for r in runs]
+        out[name] = {
+            "a_rps": _med([x["rps"] for x in a]),
+            "a_p50": _med([x["p50_ms"] for x in a]),
+            "a_p99": _med([x["p99_ms"] for x in a]),
+            "a_cpu_us": _med([x["server_cpu_per_req_us"] for x in a]),
+            "a_cores": _med([x["server_cpu_s"] / x["seconds"] for x in a]),
+            "a_wrk_cores": _med([x["client_cpu_s"] / x["seconds"] for x in a]),
+            "b_cores": _med([x["server_cpu_s"] / x["seconds"] for x in b]),
+            "b_wrk_cores": _med([x["client_cpu_s"] / x["seconds"] for x in b]),
+            "b_rps": _med([x["rps"] for x in b]),
+            "b_p99": _med([x["p99_ms"] for x in b]),
+            "b_cpu_us": _med([x["server_cpu_per_conn_us"] for x in b]),
+            "resumed": _med([x["resumed_share"] * 100 for x in b]),
+            "tls": b[0]["tls_version"],
+            "errors": sum(x["socket_errors"] + x["non_2xx"] for x in a + b),
+            "rss": _med([x["rss_worker_mib"] for x in a]),
+            "pss": _med([x["pss_worker_mib"] for x in a]),
+            "pss_total": _med([x["pss_total_mib"] for x in a]),
+        }
+    return out
+
+
+def goals(s: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    if "zion" in s and "uvicorn" in s:
+        z, u = s["zion"], s["uvicorn"]
+        ka = z["a_rps"][0] / u["a_rps"][0]
+        nc = z["b_rps"][0] / u["b_rps"][0]
+        lines.append(f"- keep-alive vs uvicorn: **{ka:.2f}×** (goal ≥ 1.3×) — "
+                     f"{'met' if ka >= 1.3 else 'NOT met'}")
+        lines.append(f"- new connections vs uvicorn: **{nc:.2f}×** (goal ≥ 1.4×) — "
+                     f"{'met' if nc >= 1.4 else 'NOT met'}")
+    if "zion" in s:
+        z = s["zion"]
+        lines.append(f"- server CPU per new connection: **{z['b_cpu_us'][0]:.0f} µs** "
+                     f"(goal ≤ 200 µs) — {'met' if z['b_cpu_us'][0] <= 200 else 'NOT met'}")
+        lines.append(f"- resumed handshakes across workers: **{z['resumed'][0]:.0f} %** "
+                     f"(goal ≥ 95 %) — {'met' if z['resumed'][0] >= 95 else 'NOT met'}")
+    if "zion" in s and "zion-nodemux" in s:
+        over = 1 - s["zion"]["a_rps"][0] / s["zion-nodemux"]["a_rps"][0]
+        lines.append(f"- demux overhead, keep-alive req/s vs no demux: **{over * 100:+.1f} %** "
+                     f"(goal ≤ 1 %; negative = faster; run-to-run noise here is ±5–15 %)")
+    return lines
+
+
+def write(results: dict, outdir: Path, stamp: str) -> Path:
+    s = summarise(results)
+    meta = results["meta"]
+    base = s.get("uvicorn")
+    lines = [
+        f"# zion bench — {meta['date']} ({meta['mode']}, {meta['rounds']} round(s), "
+        f"{meta['seconds_per_run']:.0f} s per run)",
+        "",
+        f"Machine: {meta['machine']['cpus']} vCPU {meta['machine']['cpu']}, kernel "
+        f"{meta['machine']['kernel']}, Python {meta['machine']['python']}, commit "
+        f"{meta['commit']}. wrk -t1 runs on the same cores as the server.",
+        "",
+        "## Throughput (2 workers, HTTPS, ECDSA P-256)",
+        "",
+        "A = `wrk -t1 -c64` keep-alive; B = `wrk -t1 -c32 -H 'Connection: close'` (a new "
+        "TCP+TLS connection per request, wrk offering its last session ticket). Median "
+        "[min–max]. CPU is the server's whole process tree, from /proc.",
+        "",
+        "| server | A req/s | A ×uvicorn | A p50 ms | A p99 ms | CPU µs/req | A server/wrk "
+        "cores | B conn/s | B ×uvicorn | B p99 ms | CPU µs/conn | B server/wrk cores | "
+        "resumed % | TLS | errors | worker RSS / PSS MiB | all processes PSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in s.items():
+        ra = f"{v['a_rps'][0] / base['a_rps'][0]:.2f}" if base else "–"
+        rb = f"{v['b_rps'][0] / base['b_rps'][0]:.2f}" if base else "–"
+        lines.append(
+            f"| {name} | {_fmt(v['a_rps'])} | {ra} | {_fmt(v['a_p50'], 2)} | "
+            f"{_fmt(v['a_p99'], 2)} | {_fmt(v['a_cpu_us'], 1)} | "
+            f"{v['a_cores'][0]:.2f} / {v['a_wrk_cores'][0]:.2f} | {_fmt(v['b_rps'])} | {rb} | "
+            f"{_fmt(v['b_p99'], 2)} | {_fmt(v['b_cpu_us'])} | "
+            f"{v['b_cores'][0]:.2f} / {v['b_wrk_cores'][0]:.2f} | {_fmt(v['resumed'])} | "
+            f"{v['tls']} | {v['errors']} | {v['rss'][0]:.1f} / {v['pss'][0]:.1f} | "
+            f"{v['pss_total'][0]:.1f} |")
+    lines += ["", "### Goals", "", *goals(s), ""]
+    if results.get("stalled"):
+        lines += ["## One of 4 workers stopped (SIGSTOP) for 2 s under load", "",
+                  "Open loop: 400 new TLS connections/s, each one request, 5 s client timeout; "
+                  "a connection queued behind the stopped worker waits until it resumes.", "",
+                  "| server | connections | failed | slow > 1 s | p99 ms | max ms |",
+                  "|---|---|---|---|---|---|"]
+        for name, v in results["stalled"].items():
+            lines.append(f"| {name} | {v['connections']} | {v['failed']} | "
+                         f"{v['slow_over_1s']} | {v['p99_ms']:.1f} | {v['max_ms']:.0f} |")
+        lines.append("")
+    if results.get("mixed"):
+        lines += ["## Mixed load: 5 % of requests hold their worker for 200 ms (4 workers)", "",
+                  "Open loop: 150 new TLS connections/s, one request each.", "",
+                  "| server | light requests | light p50 ms | light p99 ms | failed |",
+                  "|---|---|---|---|---|"]
+        for name, v in results["mixed"].items():
+            lines.append(f"| {name} | {v['light_requests']} | {v['light_p50_ms']:.1f} | "
+                         f"{v['light_p99_ms']:.1f} | {v['failed']} |")
+        lines.append("")
+    if results.get("reload"):
+        lines += ["## Reloads under load (reload signal, new connection per request)", "",
+                  "Open loop: 300 new TLS connections/s; reloads evenly spaced.", "",
+                  "| server | reloads | requests | failed | server alive after |",
+                  "|---|---|---|---|---|"]
+        for name, v in results["reload"].items():
+            lines.append(f"| {name} | {v['reloads']} | {v['requests']} | {v['failed']} | "
+                         f"{'yes' if v['server_survived'] else 'NO'} |")
+        lines.append("")
+    lines += ["## Non-default settings", ""]
+    lines += [f"- {k}: {v}" for k, v in meta["non_defaults"].items()]
+    lines += ["", "## Exact commands", ""]
+    for name, runs in results["throughput"].items():
+        if runs:
+            lines.append(f"- {name}: `{' '.join(runs[0]['argv'])}`")
+    lines += ["- load: `" + " ".join(next(iter(results["throughput"].values()))[0]["A"]["argv"])
+              + "` and the same with `-c32 -H 'Connection: close'`", ""]
+    plots = _plots(results, s, outdir, stamp)
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    md = outdir / f"{stamp}-{meta['mode']}.md"
+    md.write_text("\n".join(lines) + "\n")
+    (outdir / "latest.md").write_text("\n".join(lines).replace(
+        f"]({stamp}", f"](bench/results/{stamp}") + "\n")
+    return md
+
+
+def _plots(results: dict, s: dict, outdir: Path, stamp: str) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    names = list(s)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, title in ((axes[0], "a_rps", "keep-alive req/s"),
+                           (axes[1], "b_rps", "new connections/s"),
+                           (axes[2], "a_p99", "keep-alive p99 ms")):
+        meds = [s[n][key][0] for n in names]
+        errs = [[s[n][key][0] - s[n][key][1] for n in names],
+                [s[n][key][2] - s[n][key][0] for n in names]]
+        colors = ["#2a7" if n.startswith("zion") else "#888" for n in names]
+        ax.bar(names, meds, yerr=errs, color=colors, capsize=3)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    path = outdir / f"{stamp}-throughput.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    made.append(path)
+    if results.get("stalled"):
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for name, v in results["stalled"].items():
+            pts = v["timeline"]
+            ax.scatter([p[0] for p in pts], [p[1] if p[2] else 5000 for p in pts], s=4,
+                       label=name, alpha=0.6)
+        ax.axvspan(1.0, 3.0, color="#f55", alpha=0.1, label="worker stopped")
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("connection latency ms (failed = 5000)")
+        ax.set_title("one of 4 workers stopped for 2 s: every new connection")
+        ax.legend(markerscale=3, fontsize=8)
+        fig.tight_layout()
+        path = outdir / f"{stamp}-stalled.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        made.append(path)
+    return made

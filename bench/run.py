@@ -1,0 +1,210 @@
+"""zion side by side with uvicorn, gunicorn, granian, hypercorn and nginx.
+
+    bench/run.sh --quick     one round, short runs (about 2-3 minutes)
+    bench/run.sh             three interleaved rounds and every scenario
+
+Method: rounds interleave the servers (A B C ... A B C ...), each server starts
+fresh with a warm-up; medians with min-max; server CPU from /proc over the
+whole process tree and the client's CPU from rusage, because wrk shares the
+2 cores and can be the bottleneck. Results: bench/results/<stamp>.{json,md}
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import load  # noqa: E402
+import report  # noqa: E402
+from servers import NON_DEFAULTS, REPO, SERVERS, WORK, Ctx, Running, ServerDef  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_cert() -> tuple[Path, Path]:
+    certs = WORK / "certs"
+    cert, key = certs / "cert.pem", certs / "key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    certs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-out", str(key)], check=True,
+                   capture_output=True)
+    subprocess.run(["openssl", "req", "-new", "-x509", "-key", str(key), "-out", str(cert),
+                    "-days", "365", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    return cert, key
+
+
+def throughput(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        load.wrk(run.port, 64, max(1, secs / 2))                 # warm-up, keep-alive
+        load.wrk(run.port, 32, max(1, secs / 3), close=True)     # warm-up, new connections
+        cpu0 = run.cpu_seconds()
+        a = load.wrk(run.port, 64, secs)
+        a["server_cpu_s"] = run.cpu_seconds() - cpu0
+        a["server_cpu_per_req_us"] = a["server_cpu_s"] / max(a["requests"], 1) * 1e6
+        mem = run.memory_mib()
+        workers = [str(p) for p in run.workers()]
+        a["rss_worker_mib"] = statistics.mean(mem[p][0] for p in workers if p in mem)
+        a["pss_worker_mib"] = statistics.mean(mem[p][1] for p in workers if p in mem)
+        a["pss_total_mib"] = sum(v[1] for v in mem.values())
+        time.sleep(1)
+        cpu0 = run.cpu_seconds()
+        b = load.wrk(run.port, 32, secs, close=True)
+        b["server_cpu_s"] = run.cpu_seconds() - cpu0
+        b["server_cpu_per_conn_us"] = b["server_cpu_s"] / max(b["requests"], 1) * 1e6
+        b.update(load.resumption(run.port, 100))
+        return {"A": a, "B": b, "argv": run.argv}
+    finally:
+        run.stop()
+
+
+def stalled(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """4 workers; one SIGSTOPped for 2 s from t=1 s; fresh connections throughout."""
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        victim = run.workers()[1]
+        timeline = [(1.0, lambda: os.kill(victim, signal.SIGSTOP)),
+                    (3.0, lambda: os.kill(victim, signal.SIGCONT))]
+        records = load.fresh_connections(run.port, secs, 400, timeline=timeline, timeout=5.0)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+        run.stop()
+    lat = [r.latency_ms for r in records if r.ok]
+    return {"connections": len(records), "failed": sum(not r.ok for r in records),
+            "slow_over_1s": sum(r.ok and r.latency_ms > 1000 for r in records),
+            "p99_ms": load.percentile(lat, 99), "max_ms": max(lat, default=float("nan")),
+            "timeline": [(round(r.start, 4), round(r.latency_ms, 2), r.ok) for r in records]}
+
+
+def mixed(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """5 % of requests hold their worker for 200 ms; p99 of the others."""
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        records = load.fresh_connections(
+            run.port, secs, 150, choose=lambda rng: ("/heavy", "heavy") if rng.random() < 0.05
+            else ("/", "light"))
+    finally:
+        run.stop()
+    light = [r.latency_ms for r in records if r.kind == "light" and r.ok]
+    return {"light_requests": len(light), "heavy_requests": sum(r.kind == "heavy"
+                                                                for r in records),
+            "failed": sum(not r.ok for r in records),
+            "light_p50_ms": load.percentile(light, 50), "light_p99_ms": load.percentile(light, 99)}
+
+
+def reloads(sdef: ServerDef, ctx: Ctx, secs: float, count: int) -> dict:
+    run = Running(sdef, ctx, WORK / "logs")
+    sig = sdef.reload_signal
+    assert sig is not None
+    try:
+        step = secs / (count + 1)
+        timeline = [(step * (i + 1), lambda: run.proc.send_signal(sig)) for i in range(count)]
+        records = load.fresh_connections(run.port, secs, 300, timeline=timeline)
+        alive = run.proc.poll() is None
+    finally:
+        run.stop()
+    return {"requests": len(records), "failed": sum(not r.ok for r in records),
+            "reloads": count, "server_survived": alive}
+
+
+def versions() -> dict:
+    from servers import VENV
+    out = subprocess.run([str(VENV / "bin/pip"), "freeze"], capture_output=True,
+                         text=True).stdout.split()
+    ours = subprocess.run([str(REPO / ".venv/bin/pip"), "freeze"], capture_output=True,
+                          text=True).stdout.split()
+    tools = {}
+    for tool, argv in {"wrk": ["wrk", "-v"], "nginx": ["/usr/sbin/nginx", "-v"],
+                       "openssl": ["openssl", "version"]}.items():
+        res = subprocess.run(argv, capture_output=True, text=True)
+        tools[tool] = (res.stdout + res.stderr).strip().splitlines()[0] if (
+            res.stdout + res.stderr).strip() else "?"
+    return {"peers": out, "zion_env": ours, "tools": tools}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 round, short runs")
+    parser.add_argument("--servers", help="comma-separated subset, e.g. zion,uvicorn")
+    args = parser.parse_args()
+    quick = args.quick
+    rounds = 1 if quick else 3
+    secs = 3.0 if quick else 10.0
+    chosen = [s for s in SERVERS if not args.servers or s.name in args.servers.split(",")]
+    cert, key = make_cert()
+    ctx2 = Ctx(cert, key, workers=2)
+    started = time.time()
+    results: dict = {"throughput": {s.name: [] for s in chosen}}
+    for r in range(rounds):
+        for sdef in chosen:
+            print(f"round {r + 1}/{rounds}: {sdef.name}", file=sys.stderr, flush=True)
+            results["throughput"][sdef.name].append(throughput(sdef, ctx2, secs))
+    scenario_servers = [s for s in chosen if not quick or s.name in (
+        "zion", "zion-nodemux", "uvicorn", "nginx")]
+    ctx4 = Ctx(cert, key, workers=4)
+    results["stalled"] = {}
+    for sdef in scenario_servers:
+        print(f"stalled worker: {sdef.name}", file=sys.stderr, flush=True)
+        results["stalled"][sdef.name] = stalled(sdef, ctx4, 4.0 if quick else 6.0)
+    ctx_mixed = Ctx(cert, key, workers=4, app="app:app_mixed")
+    results["mixed"] = {}
+    for sdef in scenario_servers:
+        if sdef.family == "nginx":
+            continue  # nginx does not run the Python app
+        print(f"mixed load: {sdef.name}", file=sys.stderr, flush=True)
+        results["mixed"][sdef.name] = mixed(sdef, ctx_mixed, 4.0 if quick else 10.0)
+    results["reload"] = {}
+    for sdef in scenario_servers:
+        if sdef.reload_signal is None:
+            continue
+        print(f"reload under load: {sdef.name}", file=sys.stderr, flush=True)
+        results["reload"][sdef.name] = reloads(sdef, ctx2, 6.0 if quick else 15.0,
+                                               3 if quick else 10)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    results["meta"] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "mode": "quick" if quick else "full", "rounds": rounds, "seconds_per_run": secs,
+        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                    "cpu": _cpu_model(), "python": platform.python_version()},
+        "commit": commit, "versions": versions(), "non_defaults": NON_DEFAULTS,
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"{stamp}-{results['meta']['mode']}.json"
+    out.write_text(json.dumps(results, indent=1))
+    md = report.write(results, RESULTS, stamp)
+    print(f"wrote {out} and {md}", file=sys.stderr)
+    return 0
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One command for the bench: installs what it needs, then runs it.
+#   bench/run.sh --quick    (about 2-3 minutes)    bench/run.sh    (full, ~20 minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in wrk nginx-light nghttp2-client openssl; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # Debian starts nginx as a service on install; the bench runs its own.
+  systemctl stop nginx >/dev/null 2>&1 || pkill -x nginx || true
+fi
+work=bench/.work
+if [ ! -x "$work/venv/bin/granian" ]; then
+  python3 -m venv "$work/venv"
+  "$work/venv/bin/pip" install -q --disable-pip-version-check \
+    'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian hypercorn matplotlib
+fi
+exec "$work/venv/bin/python" bench/run.py "$@"

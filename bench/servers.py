@@ -1,0 +1,229 @@
+"""The servers under test, started the same way: same app, same certificate,
+2 workers (4 for the stall scenario), HTTPS on loopback, access logs off.
+Every non-default setting is listed in NON_DEFAULTS and lands in the report."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+WORK = BENCH / ".work"
+VENV = WORK / "venv"
+
+NON_DEFAULTS = {
+    "uvicorn": "--no-access-log (uvicorn logs every request by default); --loop uvloop "
+               "--http httptools (explicit, same as auto here)",
+    "nginx": "keepalive_requests 100000000 (default 1000 would re-handshake every 1000 "
+             "requests); ssl_protocols TLSv1.2 TLSv1.3 (1.22 defaults to TLS 1.2 only); "
+             "access_log off",
+    "zion": "--log-level warning (as every Python server here)",
+}
+
+
+@dataclass
+class Ctx:
+    cert: Path
+    key: Path
+    workers: int = 2
+    app: str = "app:app"
+
+
+@dataclass
+class ServerDef:
+    name: str
+    family: str  # zion | uvicorn | gunicorn | granian | hypercorn | nginx
+    extra: list[str] = field(default_factory=list)
+    reload_signal: int | None = None
+
+    def argv(self, ctx: Ctx, port: int) -> list[str]:
+        w, c, k, app = str(ctx.workers), str(ctx.cert), str(ctx.key), ctx.app
+        bin_ = VENV / "bin"
+        if self.family == "zion":
+            return [str(REPO / ".venv/bin/zion"), "serve", app, "--host", "127.0.0.1", "--port",
+                    str(port), "--workers", w, "--ssl-certfile", c, "--ssl-keyfile", k,
+                    "--log-level", "warning", *self.extra]
+        if self.family == "uvicorn":
+            return [str(bin_ / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", w, "--loop", "uvloop", "--http", "httptools",
+                    "--ssl-keyfile", k, "--ssl-certfile", c, "--no-access-log",
+                    "--log-level", "warning"]
+        if self.family == "gunicorn":
+            return [str(bin_ / "gunicorn"), app, "-k", "uvicorn_worker.UvicornWorker", "-w", w,
+                    "-b", f"127.0.0.1:{port}", "--keyfile", k, "--certfile", c,
+                    "--log-level", "warning", *self.extra]
+        if self.family == "granian":
+            return [str(bin_ / "granian"), "--interface", "asgi", "--host", "127.0.0.1",
+                    "--port", str(port), "--workers", w, "--ssl-keyfile", k,
+                    "--ssl-certificate", c, "--log-level", "warning", app]
+        if self.family == "hypercorn":
+            return [str(bin_ / "hypercorn"), app, "-b", f"127.0.0.1:{port}", "-w", w,
+                    "-k", "uvloop", "--keyfile", k, "--certfile", c, "--log-level", "warning"]
+        if self.family == "nginx":
+            conf = nginx_conf(ctx, port)
+            return ["/usr/sbin/nginx", "-p", str(conf.parent), "-c", str(conf)]
+        raise ValueError(self.family)
+
+
+SERVERS = [
+    ServerDef("zion", "zion", reload_signal=signal.SIGHUP),
+    ServerDef("zion-hash", "zion", ["--demux", "hash"], reload_signal=signal.SIGHUP),
+    ServerDef("zion-nodemux", "zion", ["--no-bpf-demux"], reload_signal=signal.SIGHUP),
+    ServerDef("uvicorn", "uvicorn", reload_signal=signal.SIGHUP),
+    ServerDef("gunicorn-uvicorn", "gunicorn", reload_signal=signal.SIGHUP),
+    ServerDef("granian", "granian"),
+    ServerDef("hypercorn", "hypercorn"),
+    ServerDef("nginx", "nginx", reload_signal=signal.SIGHUP),
+]
+
+
+def nginx_conf(ctx: Ctx, port: int) -> Path:
+    base = WORK / "nginx" / str(port)
+    (base / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = base / "nginx.conf"
+    conf.write_text(f"""
+worker_processes {ctx.workers};
+daemon off;
+master_process on;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 100000000;
+    client_body_temp_path {base}/tmp;
+    proxy_temp_path {base}/tmp;
+    fastcgi_temp_path {base}/tmp;
+    uwsgi_temp_path {base}/tmp;
+    scgi_temp_path {base}/tmp;
+    server {{
+        listen 127.0.0.1:{port} ssl reuseport;
+        ssl_certificate {ctx.cert};
+        ssl_certificate_key {ctx.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{ return 200 "Hello, world!"; }}
+    }}
+}}
+""")
+    return conf
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _client_ctx() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+            with _client_ctx().wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                return tls.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+class Running:
+    def __init__(self, sdef: ServerDef, ctx: Ctx, logdir: Path) -> None:
+        self.sdef = sdef
+        self.ctx = ctx
+        self.port = free_port()
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.log = open(logdir / f"{sdef.name}-{self.port}.log", "wb")  # noqa: SIM115
+        self.argv = sdef.argv(ctx, self.port)
+        self.proc = subprocess.Popen(self.argv, cwd=BENCH, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not answers(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{sdef.name} did not start; see {self.log.name}")
+            time.sleep(0.05)
+        # Ready means every worker is up, not just the first one to answer.
+        while len(self.workers()) < ctx.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the last worker finish its own start-up
+
+    def tree(self) -> list[int]:
+        """Every process in the server's session (master, workers, helpers)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if int(fields[3]) == self.proc.pid:  # session id
+                pids.append(int(entry))
+        return pids
+
+    def workers(self) -> list[int]:
+        return [p for p in self.tree() if p != self.proc.pid and _ppid(p) == self.proc.pid]
+
+    def cpu_seconds(self) -> float:
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.tree():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / tick
+
+    def memory_mib(self) -> dict[str, tuple[float, float]]:
+        """(RSS, PSS) per process. PSS splits pages shared after fork (the
+        interpreter, libbcc in zion's case) among the processes sharing them."""
+        out = {}
+        for pid in self.tree():
+            fields = {}
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    parts = line.split()
+                    if parts and parts[0] in ("Rss:", "Pss:"):
+                        fields[parts[0]] = int(parts[1]) / 1024
+            except OSError:
+                continue
+            out[str(pid)] = (fields.get("Rss:", 0.0), fields.get("Pss:", 0.0))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the session
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat[stat.rfind(")") + 2:].split()[1])
