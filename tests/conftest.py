@@ -133,10 +133,11 @@ def start_zion(zion_env: dict[str, str]) -> Iterator[Callable[..., ZionProcess]]
     started: list[ZionProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
-              workers: int = 2, wrapper: list[str] | None = None,
+              workers: int | None = 2, wrapper: list[str] | None = None,
               cwd: Path | None = None) -> ZionProcess:
         full_env = {**zion_env, **(env or {})}
-        argv = ["--port", "0", "--workers", str(workers), *args]
+        # workers=None leaves the count to --config (a reload re-reads it).
+        argv = ["--port", "0", *(["--workers", str(workers)] if workers else []), *args]
         proc = ZionProcess(argv, full_env, cwd or APPS, wrapper)
         started.append(proc)
         if ready:

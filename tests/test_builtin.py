@@ -34,3 +34,31 @@ def test_loopback_detection():
     assert _is_loopback(("::1", 1)) and _is_loopback(("::ffff:127.0.0.1", 1))
     assert not _is_loopback(("10.0.0.1", 1)) and not _is_loopback(("2001:db8::1", 1))
     assert not _is_loopback(None)
+
+
+async def test_access_log_off_by_default_and_on_with_flag(start_zion):
+    quiet = start_zion()
+    await get(quiet.port, "/healthz")
+    assert not quiet.events("access")
+    loud = start_zion("--access-log")
+    await get(loud.port, "/healthz?x=1")
+    from tests.conftest import wait_for
+    line = wait_for(lambda: loud.events("access"), 10, "an access line")[0]
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/healthz", 200)
+
+
+def test_doctor_shows_running_workers(start_zion, state_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import APPS, REPO
+    srv = start_zion(workers=2)
+    out = subprocess.run([sys.executable, "-m", "zion", "doctor", "--url",
+                          f"https://127.0.0.1:{srv.port}"], capture_output=True, text=True,
+                         timeout=120, cwd=APPS,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                              "ZION_TLS_STATE_DIR": str(state_dir)})
+    assert f"running server https://127.0.0.1:{srv.port}: demux" in out.stdout, out.stderr
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert {int(r[1]) for r in rows} == set(srv.worker_pids())

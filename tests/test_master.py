@@ -127,3 +127,55 @@ def test_port_in_use_is_one_clear_error(start_zion):
         assert len(fatal) == 1 and "cannot bind" in fatal[0]["error"]
     finally:
         holder.close()
+
+
+async def _under_load(port: int, stop: asyncio.Event, failures: list, statuses: list) -> None:
+    while not stop.is_set():
+        try:
+            statuses.append((await asyncio.wait_for(get(port, "/"), 10)).status)
+        except Exception as exc:  # a reset or refused connection is what we look for
+            failures.append(repr(exc))
+
+
+async def test_reload_changes_worker_count_without_losing_connections(start_zion, tmp_path):
+    from tests.test_bpf_demux import _can_load_bpf
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[server]\nworkers = 4\n")
+    srv = start_zion("starlette_app:app", "--config", str(cfg), workers=None)
+    assert listening_sockets(srv.port) == 4
+    stop, failures, statuses = asyncio.Event(), [], []
+    runners = [asyncio.create_task(_under_load(srv.port, stop, failures, statuses))
+               for _ in range(6)]
+    try:
+        await asyncio.sleep(0.3)
+        cfg.write_text("[server]\nworkers = 2\n")
+        srv.signal(signal.SIGHUP)
+        done = await asyncio.to_thread(srv.wait_event, "reload_complete", 30)
+        assert len(done["pids"]) == 2
+        if _can_load_bpf() is None:
+            # Retired listeners close only once their queue is empty.
+            await asyncio.to_thread(wait_for, lambda: len(srv.events("listener_retired")) == 2,
+                                    20, "two retired listeners")
+        await asyncio.to_thread(wait_for, lambda: listening_sockets(srv.port) == 2, 20,
+                                "two listeners")
+        await asyncio.sleep(0.3)
+        cfg.write_text("[server]\nworkers = 3\n")
+        srv.signal(signal.SIGHUP)
+        await asyncio.to_thread(
+            wait_for, lambda: len(srv.events("reload_complete")) == 2, 30, "second reload")
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.gather(*runners)
+    assert not failures, failures[:5]
+    assert statuses and set(statuses) == {200}
+    assert listening_sockets(srv.port) == 3
+    await asyncio.to_thread(wait_for, lambda: len(srv.worker_pids()) == 3, 20, "3 workers")
+    pids = {(await get(srv.port, "/")).headers["x-pid"] for _ in range(60)}
+    assert len(pids) == 3
+    if _can_load_bpf() is None:
+        from tests.test_bpf_demux import prog_fds, zion_prog_ids
+        assert prog_fds(srv.pid) == 1, "replaced programs must be released"
+        attached = srv.events("demux_attached")
+        assert [a["workers"] for a in attached] == [4, 2, 3]
+        assert attached[-1]["prog_id"] in zion_prog_ids()

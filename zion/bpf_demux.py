@@ -42,6 +42,7 @@ logger = get_logger("zion.demux")
 BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 SO_ATTACH_REUSEPORT_EBPF = 52
+SO_DETACH_REUSEPORT_BPF = 68
 MODES = {"hash": 0, "least-loaded": 1, "cpu": 2}
 MAX_WORKERS = 256
 # Debian's python3-bpfcc; loaded by path so the rest of dist-packages stays out.
@@ -151,7 +152,8 @@ class SkReuseport:
     """
 
     def __init__(self, workers: int, mode: str = "least-loaded", stall_ns: int = 100_000_000,
-                 kernel_source: str | None = None, source_path: Path | None = None) -> None:
+                 kernel_source: str | None = None, source_path: Path | None = None,
+                 sockarray_fd: int | None = None) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise DemuxError("probe_failed", f"the demux supports 1..{MAX_WORKERS} workers")
         bcc = import_bcc()
@@ -162,18 +164,11 @@ class SkReuseport:
         self._bpf: Any = None
         self._fn: Any = None
         self.sockarray_fd = -1
-        lib.bcc_create_map.restype = ctypes.c_int
-        lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
-                                       ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        # key u32 slot index, value u64 socket fd (the kernel stores the socket).
-        fd = lib.bcc_create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, b"zion_socks", 4, 8,
-                                workers, 0)
-        if fd < 0:
-            err = ctypes.get_errno()
-            reason = "no_capability" if err == errno_mod.EPERM else (
-                "kernel_unsupported" if err == errno_mod.EINVAL else "probe_failed")
-            raise DemuxError(reason, f"creating the reuseport sockarray: {os.strerror(err)}",
-                             err)
+        self.owns_sockarray = sockarray_fd is None
+        # A socket can be in one sockarray only (the kernel keeps the array in
+        # sk_user_data; a second insert is EBUSY), so a program replacing
+        # another on the same group must use the same array.
+        fd = self._create_sockarray(lib) if sockarray_fd is None else sockarray_fd
         self.sockarray_fd = fd
         path = source_path or object_path()
         try:
@@ -192,6 +187,23 @@ class SkReuseport:
         self.fd: int = fn.fd
         self.prog_id = _prog_id(self.fd)
         self.slots_fd: int = loaded[b"zion_slots"].map_fd
+
+    @staticmethod
+    def _create_sockarray(lib: Any) -> int:
+        lib.bcc_create_map.restype = ctypes.c_int
+        lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        # key u32 slot index, value u64 socket fd (the kernel stores the socket).
+        # Sized for the most workers ever (2 KiB), so a reload can grow the group.
+        fd = int(lib.bcc_create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, b"zion_socks", 4, 8,
+                                    MAX_WORKERS, 0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            reason = "no_capability" if err == errno_mod.EPERM else (
+                "kernel_unsupported" if err == errno_mod.EINVAL else "probe_failed")
+            raise DemuxError(reason, f"creating the reuseport sockarray: {os.strerror(err)}",
+                             err)
+        return fd
 
     def _compile_and_load(self, bcc: ModuleType, kernel_source: str | None) -> None:
         previous = os.environ.get("BCC_KERNEL_SOURCE")
@@ -228,9 +240,12 @@ class SkReuseport:
                 else:
                     os.environ["BCC_KERNEL_SOURCE"] = previous
 
-    def fill(self, sockets: Sequence[socket.socket]) -> None:
-        """sockarray[i] = sockets[i]. Each must be bound, listening, SO_REUSEPORT."""
+    def fill(self, sockets: Sequence[socket.socket], start: int = 0) -> None:
+        """sockarray[i] = sockets[i] for i >= start (earlier slots are already
+        there). Each must be a bound, listening SO_REUSEPORT socket."""
         for index, sock in enumerate(sockets):
+            if index < start:
+                continue
             key = ctypes.c_uint32(index)
             value = ctypes.c_uint64(sock.fileno())
             if self._lib.bpf_update_elem(self.sockarray_fd, ctypes.byref(key),
@@ -263,16 +278,16 @@ class SkReuseport:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
-        if self.sockarray_fd >= 0:
+        if self.sockarray_fd >= 0 and self.owns_sockarray:
             os.close(self.sockarray_fd)
-            self.sockarray_fd = -1
+        self.sockarray_fd = -1
 
 
 @dataclass
 class DemuxOutcome:
     """What the master logs, shows in /_zion/status and hands to workers."""
 
-    state: str  # attached | fallback | disabled
+    state: str  # attached | prepared (loaded, not yet attached) | fallback | disabled
     mode: str
     reason: str | None = None
     error: str | None = None
@@ -316,15 +331,23 @@ def preflight(settings: Settings) -> str | None:
     return source
 
 
-def load(settings: Settings, workers: int) -> SkReuseport:
+def load(settings: Settings, workers: int, sockarray_fd: int | None = None) -> SkReuseport:
     kernel_source = preflight(settings)
     program = Path(settings.demux.program) if settings.demux.program else None
     return SkReuseport(workers, settings.demux.mode,
-                       settings.demux.stall_threshold_ms * 1_000_000, kernel_source, program)
+                       settings.demux.stall_threshold_ms * 1_000_000, kernel_source, program,
+                       sockarray_fd)
 
 
-def setup_demux(settings: Settings, group: ListenerGroup) -> DemuxOutcome:
-    """Load and attach, or explain why not. Never raises: boot goes on."""
+def setup_demux(settings: Settings, group: ListenerGroup, attach: bool = True,
+                previous: DemuxOutcome | None = None) -> DemuxOutcome:
+    """Load and attach, or explain why not. Never raises: boot goes on.
+
+    With attach=False (a reload that changes the group) the program is loaded
+    and its sockarray filled, but the running program keeps routing until
+    `attach_prepared` swaps it in, once the new workers are ready. A
+    `previous` attached program lends its sockarray: slots it already holds
+    keep their socket, only the new ones are inserted."""
     mode = settings.demux.mode
     count = len(group.sockets)
     if not settings.demux.enabled:
@@ -333,9 +356,15 @@ def setup_demux(settings: Settings, group: ListenerGroup) -> DemuxOutcome:
         return DemuxOutcome("disabled", mode, reason="flag")
     shim: SkReuseport | None = None
     try:
-        shim = load(settings, count)
-        shim.fill(group.sockets)
-        shim.attach(group.sockets[0])
+        lender = previous.shim if previous is not None and previous.state == "attached" else None
+        if lender is not None:
+            shim = load(settings, count, lender.sockarray_fd)
+            shim.fill(group.sockets, start=min(lender.workers, count))
+        else:
+            shim = load(settings, count)
+            shim.fill(group.sockets)
+        if attach:
+            shim.attach(group.sockets[0])
         board = StatusBoard.from_map_fd(shim.slots_fd, count)
     except DemuxError as exc:
         if shim is not None:
@@ -349,7 +378,46 @@ def setup_demux(settings: Settings, group: ListenerGroup) -> DemuxOutcome:
         logger.warning("demux_fallback", bpf_demux="fallback", reason="probe_failed",
                        error=repr(exc), using="kernel reuseport hash")
         return DemuxOutcome("fallback", mode, reason="probe_failed", error=repr(exc))
-    logger.info("demux_attached", bpf_demux="attached", fd=shim.fd, prog_id=shim.prog_id,
-                mode=mode, workers=count, stall_threshold_ms=settings.demux.stall_threshold_ms)
-    return DemuxOutcome("attached", mode, fd=shim.fd, prog_id=shim.prog_id, board=board,
-                        shim=shim, master_fds=shim.master_fds)
+    outcome = DemuxOutcome("attached" if attach else "prepared", mode, fd=shim.fd,
+                           prog_id=shim.prog_id, board=board, shim=shim,
+                           master_fds=shim.master_fds)
+    if attach:
+        _log_attached(outcome, count, settings)
+    return outcome
+
+
+def _log_attached(outcome: DemuxOutcome, count: int, settings: Settings) -> None:
+    logger.info("demux_attached", bpf_demux="attached", fd=outcome.fd, prog_id=outcome.prog_id,
+                mode=outcome.mode, workers=count,
+                stall_threshold_ms=settings.demux.stall_threshold_ms)
+
+
+def attach_prepared(outcome: DemuxOutcome, sock: socket.socket, count: int,
+                    settings: Settings) -> None:
+    """Swap a prepared program in for the group's current one (one setsockopt:
+    the kernel replaces the group's program atomically). Never raises."""
+    assert outcome.shim is not None and outcome.state == "prepared"
+    try:
+        outcome.shim.attach(sock)
+    except DemuxError as exc:
+        logger.warning("demux_fallback", bpf_demux="fallback", reason=exc.reason,
+                       error=exc.detail, errno=exc.errno, using="kernel reuseport hash")
+        outcome.state, outcome.reason, outcome.error = "fallback", exc.reason, exc.detail
+        return
+    outcome.state = "attached"
+    _log_attached(outcome, count, settings)
+
+
+def hand_over(old: DemuxOutcome, new: DemuxOutcome) -> None:
+    """The sockarray the old program lent now belongs to the new one."""
+    if old.shim is not None and new.shim is not None and (
+            old.shim.sockarray_fd == new.shim.sockarray_fd):
+        old.shim.owns_sockarray, new.shim.owns_sockarray = False, True
+
+
+def detach(sock: socket.socket) -> None:
+    """Remove the group's program: back to the kernel's hash (Linux 5.8+)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as exc:
+        logger.warning("demux_detach_failed", error=exc.strerror)

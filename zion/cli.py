@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--ebpf", action="store_true",
                         help="print the exact program text that was compiled")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--url", metavar="URL",
+                        help="also show a running server's per-worker state, e.g. "
+                        "https://127.0.0.1:8443 (its /_zion/status, loopback only)")
     return parser
 
 
@@ -128,6 +131,39 @@ def _serve(args: argparse.Namespace) -> int:
         return 130
 
 
+def _print_running(url: str, as_json: bool) -> int:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # our own server on loopback, often self-signed
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/_zion/status", context=ctx,
+                                    timeout=5) as resp:
+            status = json.load(resp)
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        print(f"zion: cannot read {url}/_zion/status: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status))
+        return 0
+    demux = status["demux"]
+    print(f"running server {url}: demux {demux['state']}"
+          + (f" ({demux['mode']})" if demux.get("mode") else "")
+          + (f", reason {demux['reason']}" if demux.get("reason") else "")
+          + f", fallbacks to the kernel hash: {demux.get('fallbacks', 0)}")
+    print(f"  {'worker':>6} {'pid':>8} {'state':<9} {'heartbeat ms':>12} {'conns':>6} "
+          f"{'inflight':>8} {'backlog':>7} {'dispatches':>10}")
+    for w in demux["workers"]:
+        age = "-" if w["heartbeat_age_ms"] is None else f"{w['heartbeat_age_ms']:.1f}"
+        print(f"  {w['worker']:>6} {w['pid']:>8} {w['state']:<9} {age:>12} "
+              f"{w['connections']:>6} {w['inflight']:>8} {w['backlog']:>7} "
+              f"{w['dispatches']:>10}")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from zion import readiness
 
@@ -160,6 +196,10 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"  mode/workers:  {settings.demux.mode} / {workers}")
         if report.fix:
             print(f"  fix:           {report.fix}")
+    if args.url:
+        code = _print_running(args.url, args.json)
+        if code:
+            return code
     if args.ebpf:
         if report.program_text:
             print(report.program_text, end="" if report.program_text.endswith("\n") else "\n")

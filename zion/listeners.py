@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
 
 from zion.errors import BindError
@@ -44,7 +45,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
 
 
-def _bind_one(host: str, port: int, family: socket.AddressFamily, backlog: int) -> socket.socket:
+def bind_one(host: str, port: int, family: socket.AddressFamily, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,13 +69,22 @@ def _bind_one(host: str, port: int, family: socket.AddressFamily, backlog: int) 
     return sock
 
 
+def accept_queue_len(sock: socket.socket) -> int:
+    """Connections the kernel queued on a listener that no one accepted yet.
+
+    For a socket in LISTEN state, TCP_INFO's tcpi_unacked (offset 24) holds
+    sk_ack_backlog, the accept queue length (net/ipv4/tcp.c, tcp_get_info)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
 def bind_group(host: str, port: int, count: int, backlog: int) -> ListenerGroup:
     """Bind `count` listeners; port 0 picks a free port once for all of them."""
     family = _family(host)
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = _bind_one(host, port, family, backlog)
+            sock = bind_one(host, port, family, backlog)
             port = sock.getsockname()[1]
             socks.append(sock)
     except BindError:

@@ -15,18 +15,20 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from zion import log, systemd, worker
+from zion import bpf_demux, log, systemd, worker
 from zion.bpf_demux import DemuxOutcome, setup_demux
 from zion.config import Settings, worker_count
-from zion.errors import ZionError
-from zion.listeners import ListenerGroup, bind_group
+from zion.errors import BindError, ZionError
+from zion.listeners import ListenerGroup, accept_queue_len, bind_group, bind_one
 from zion.status_board import DRAINING, EMPTY, READY, STARTING, StatusBoard
 from zion.tls import build_context
 
@@ -54,11 +56,35 @@ class _Slot:
 
 
 @dataclass
+class Layout:
+    """What one generation of workers runs on: its listeners, demux, slots."""
+
+    group: ListenerGroup
+    demux: DemuxOutcome
+    board: StatusBoard
+
+    @property
+    def count(self) -> int:
+        return len(self.group.sockets)
+
+
+@dataclass
 class _Reload:
     generation: int
     settings: Settings
     ssl_ctx: ssl.SSLContext
+    layout: Layout
     pending: set[int] = field(default_factory=set)  # worker indices not ready yet
+
+
+@dataclass
+class _Retiring:
+    """A listener the new generation no longer uses, and its old worker."""
+
+    handle: WorkerHandle
+    sock: socket.socket
+    deadline: float
+    signalled: bool = False
 
 
 class Master:
@@ -75,10 +101,9 @@ class Master:
         self.exit_code = EXIT_OK
         self.announced_ready = False
         self.reload: _Reload | None = None
-        self.group: ListenerGroup | None = None
+        self.retiring: list[_Retiring] = []
+        self.layout: Layout | None = None
         self.ssl_ctx: ssl.SSLContext | None = None
-        self.demux: DemuxOutcome | None = None
-        self.board: StatusBoard | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- boot -----------------------------------------------------------------
@@ -86,18 +111,18 @@ class Master:
     def run(self) -> int:
         settings = self.settings
         self.ssl_ctx, cert_source = build_context(settings.tls)
-        self.group = bind_group(settings.server.host, settings.server.port, self.count,
-                                settings.server.backlog)
-        logger.info("listening", address=self.group.display, port=self.group.port,
+        group = bind_group(settings.server.host, settings.server.port, self.count,
+                           settings.server.backlog)
+        logger.info("listening", address=group.display, port=group.port,
                     sockets=self.count, tls=cert_source, app=settings.server.app or None,
                     root=settings.server.root or None)
         # Attach after every listener is bound and before any worker accepts,
         # so the program decides from the very first connection.
-        self.demux = setup_demux(settings, self.group)
-        self.board = self.demux.board or StatusBoard.anonymous(self.count)
+        demux = setup_demux(settings, group)
+        self.layout = Layout(group, demux, demux.board or StatusBoard.anonymous(self.count))
         self._install_signals()
         for index in range(self.count):
-            self._spawn(index, self.generation, settings, self.ssl_ctx)
+            self._spawn(index, self.generation, settings, self.ssl_ctx, self.layout)
         try:
             self._loop()
         finally:
@@ -114,12 +139,23 @@ class Master:
 
     # -- workers ----------------------------------------------------------------
 
+    def _held(self) -> tuple[list[socket.socket], list[int]]:
+        """Every listener and demux descriptor the master holds right now."""
+        layouts = [x for x in (self.layout, self.reload and self.reload.layout) if x]
+        socks = {id(s): s for x in layouts for s in x.group.sockets}
+        socks.update({id(r.sock): r.sock for r in self.retiring})
+        fds = [fd for x in layouts for fd in x.demux.master_fds]
+        return list(socks.values()), fds
+
     def _spawn(self, index: int, generation: int, settings: Settings,
-               ssl_ctx: ssl.SSLContext) -> None:
-        assert self.group is not None and self.board is not None and self.demux is not None
+               ssl_ctx: ssl.SSLContext, layout: Layout) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        if generation == self.generation:
-            self.board.set_state(index, STARTING)
+        mine = layout.group.sockets[index]
+        board = layout.board
+        # A respawn, or a slot on a new layout, is starting. A reload on the same
+        # layout is not: the old worker still serves that slot until it hands over.
+        if self.reload is None or layout is not self.layout:
+            board.set_state(index, STARTING)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -127,12 +163,14 @@ class Master:
             code = worker.EXIT_CRASH
             try:
                 os.close(ready_r)
-                close = [s.fileno() for i, s in enumerate(self.group.sockets) if i != index]
-                close += [self._wake_r, self._wake_w, *self.demux.master_fds]
-                close += [h.ready_fd for h in self.workers.values()]
-                spec = worker.WorkerSpec(index, generation, self.group.sockets[index], ready_w,
-                                         tuple(close))
-                code = worker.main(spec, settings, ssl_ctx, self.board, self.demux.info())
+                # A listener left open in a worker that does not accept on it
+                # would keep queued connections alive with no one to take them.
+                socks, fds = self._held()
+                close = [s.fileno() for s in socks if s is not mine]
+                close += [self._wake_r, self._wake_w, *fds]
+                close += [h.ready_fd for h in self.workers.values() if h.ready_fd >= 0]
+                spec = worker.WorkerSpec(index, generation, mine, ready_w, tuple(close))
+                code = worker.main(spec, settings, ssl_ctx, board, layout.demux.info())
             except BaseException:
                 import traceback
                 traceback.print_exc()
@@ -153,21 +191,22 @@ class Master:
             return
         handle.ready = True
         self._close_ready_fd(handle)
-        assert self.board is not None
-        self.slots[handle.index].failures = 0
+        assert self.layout is not None
         if self.reload is not None and handle.generation == self.reload.generation:
+            self.reload.layout.board.set_state(handle.index, READY, handle.pid)
             self.reload.pending.discard(handle.index)
             if not self.reload.pending:
                 self._finish_reload()
             return
-        self.board.set_state(handle.index, READY, handle.pid)
+        self.slots[handle.index].failures = 0
+        self.layout.board.set_state(handle.index, READY, handle.pid)
         if not self.announced_ready and all(
             h.ready for h in self.workers.values() if h.generation == self.generation
         ) and len(self._current()) == self.count:
             self.announced_ready = True
             logger.info("workers_ready", workers=self.count, generation=self.generation,
                         pids=sorted(h.pid for h in self._current()))
-            where = self.group.display if self.group else ""
+            where = self.layout.group.display
             systemd.notify("READY=1", f"STATUS=serving on {where} with {self.count} workers")
 
     def _close_ready_fd(self, handle: WorkerHandle) -> None:
@@ -195,14 +234,17 @@ class Master:
     def _worker_exited(self, handle: WorkerHandle, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        if self.stopping or handle.stopping:
+        retiring = any(r.handle is handle for r in self.retiring)
+        if self.stopping or handle.stopping or retiring:
             logger.debug("worker_exited", index=handle.index, child=handle.pid, status=how)
             return
         if self.reload is not None and handle.generation == self.reload.generation:
             self._abort_reload(f"new worker {handle.index} died before ready ({how})")
             return
-        assert self.board is not None
-        self.board.set_state(handle.index, EMPTY)
+        assert self.layout is not None
+        if handle.index >= self.count:
+            return
+        self.layout.board.set_state(handle.index, EMPTY)
         slot = self.slots[handle.index]
         if not handle.ready:
             slot.failures += 1
@@ -226,8 +268,8 @@ class Master:
         for index, slot in enumerate(self.slots):
             if slot.respawn_at is not None and slot.respawn_at <= now and not self.stopping:
                 slot.respawn_at = None
-                assert self.ssl_ctx is not None
-                self._spawn(index, self.generation, self.settings, self.ssl_ctx)
+                assert self.ssl_ctx is not None and self.layout is not None
+                self._spawn(index, self.generation, self.settings, self.ssl_ctx, self.layout)
 
     def _check_boot_timeouts(self) -> None:
         now = time.monotonic()
@@ -265,9 +307,9 @@ class Master:
         systemd.notify("STOPPING=1")
         logger.info("shutting_down", signal=why, workers=len(self.workers),
                     drain_timeout_s=self.settings.supervisor.drain_timeout)
-        assert self.board is not None
+        assert self.layout is not None
         for index in range(self.count):
-            self.board.set_state(index, DRAINING)
+            self.layout.board.set_state(index, DRAINING)
         for handle in self.workers.values():
             handle.stopping = True
             self._kill(handle.pid, signal.SIGTERM)
@@ -281,10 +323,9 @@ class Master:
 
     def _begin_reload(self) -> None:
         systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        assert self.layout is not None
         try:
             new = self.reload_settings()
-            if worker_count(new) != self.count:
-                raise ZionError("changing the number of workers needs a restart")
             old = self.settings.server
             if (new.server.host, new.server.port) != (old.host, old.port):
                 raise ZionError("changing host or port needs a restart")
@@ -293,41 +334,120 @@ class Master:
             # session-ticket keys, so clients keep resuming across the reload.
             if new.tls != self.settings.tls or ssl_ctx is None:
                 ssl_ctx, _ = build_context(new.tls)
+            count = worker_count(new)
+            layout = self.layout
+            if count != self.count or new.demux != self.settings.demux:
+                layout = self._new_layout(new, count)
         except ZionError as exc:
             logger.error("reload_failed", error=str(exc))
             systemd.notify("READY=1")
             return
         self.generation += 1
-        self.reload = _Reload(self.generation, new, ssl_ctx, set(range(self.count)))
-        logger.info("reloading", generation=self.generation)
-        for index in range(self.count):
-            self._spawn(index, self.generation, new, ssl_ctx)
+        self.reload = _Reload(self.generation, new, ssl_ctx, layout, set(range(count)))
+        logger.info("reloading", generation=self.generation, workers=count,
+                    previous_workers=self.count)
+        for index in range(count):
+            self._spawn(index, self.generation, new, ssl_ctx, layout)
+
+    def _new_layout(self, settings: Settings, count: int) -> Layout:
+        """Listeners and a demux for a generation of a different size or policy.
+
+        Slots that stay keep their socket (and its queue); extra ones are new
+        sockets in the same group. The new program is loaded now and swapped
+        in when the new workers are ready; until then the old one routes."""
+        assert self.layout is not None
+        old = self.layout.group
+        socks = list(old.sockets[:count])
+        try:
+            while len(socks) < count:
+                socks.append(bind_one(old.host, old.port, old.family, settings.server.backlog))
+        except BindError:
+            for sock in socks[len(old.sockets):]:
+                sock.close()
+            raise
+        group = ListenerGroup(tuple(socks), old.host, old.port, old.family)
+        demux = setup_demux(settings, group, attach=False, previous=self.layout.demux)
+        if count < self.count and demux.state != "prepared":
+            migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+            if migrate.exists() and migrate.read_text().strip() == "0":
+                logger.warning(
+                    "reload_shrink_without_demux",
+                    hint="without the demux the kernel hash keeps queueing connections on "
+                    "the listeners being retired; sysctl -w net.ipv4.tcp_migrate_req=1 makes "
+                    "the kernel move them to the others when those listeners close")
+        return Layout(group, demux, demux.board or StatusBoard.anonymous(count))
 
     def _finish_reload(self) -> None:
-        assert self.reload is not None and self.board is not None
+        assert self.reload is not None and self.layout is not None
         reload, self.reload = self.reload, None
+        old, new = self.layout, reload.layout
         self.settings, self.ssl_ctx = reload.settings, reload.ssl_ctx
+        if new is not old:
+            sock0 = new.group.sockets[0]
+            if new.demux.state == "prepared":
+                bpf_demux.attach_prepared(new.demux, sock0, new.count, reload.settings)
+                if new.demux.state == "attached":
+                    bpf_demux.hand_over(old.demux, new.demux)
+            if new.demux.state != "attached" and old.demux.state == "attached":
+                bpf_demux.detach(sock0)
+            self.layout = new
+        now = time.monotonic()
         for handle in self.workers.values():
-            if handle.generation == reload.generation:
-                self.board.set_state(handle.index, READY, handle.pid)
-            elif not handle.stopping:
+            if handle.generation == reload.generation or handle.stopping:
+                continue
+            if new is not old and handle.index >= new.count:
+                # Retired listener: its worker keeps accepting until the kernel
+                # queue on it is empty (the new program sends it nothing more).
+                old.board.set_state(handle.index, DRAINING)
+                self.retiring.append(_Retiring(handle, old.group.sockets[handle.index],
+                                               now + self.settings.supervisor.drain_timeout))
+            else:
                 handle.stopping = True
                 self._kill(handle.pid, signal.SIGTERM)
-        for slot in self.slots:
-            slot.respawn_at = None
+        if new is not old:
+            old.demux.close()
+        self.count = new.count
+        self.slots = [_Slot() for _ in range(self.count)]
+        self._check_retiring()
         logger.info("reload_complete", generation=reload.generation,
                     pids=sorted(h.pid for h in self._current()))
         systemd.notify("READY=1")
 
+    def _check_retiring(self) -> None:
+        assert self.layout is not None
+        routed = self.layout.demux.state == "attached"
+        now = time.monotonic()
+        for r in list(self.retiring):
+            if not r.signalled and (not routed or accept_queue_len(r.sock) == 0
+                                    or now > r.deadline):
+                # Without the program nothing stops the kernel hash from queueing
+                # here, so waiting for an empty queue could last forever.
+                r.signalled = True
+                self._kill(r.handle.pid, signal.SIGTERM)
+            if r.handle.pid not in self.workers:
+                r.sock.close()
+                self.retiring.remove(r)
+                logger.info("listener_retired", index=r.handle.index, remaining=self.count)
+
     def _abort_reload(self, why: str) -> None:
         assert self.reload is not None
         generation = self.reload.generation
+        if self.layout is not None and self.reload.layout is not self.layout:
+            extra = self.reload.layout.group.sockets[self.count:]
+            self.reload.layout.demux.close()
+        else:
+            extra = ()
         self.reload = None
         self.generation -= 1
         for handle in self.workers.values():
             if handle.generation == generation:
                 handle.stopping = True
                 self._kill(handle.pid, signal.SIGKILL)
+        # Sockets bound for the aborted generation leave the group; nothing was
+        # routed to them (the old program does not know them), apart from the
+        # kernel hash when no program is attached.
+        for sock in extra:
+            sock.close()
         logger.error("reload_failed", error=why, kept_generation=self.generation)
         systemd.notify("READY=1")
 
@@ -350,6 +470,8 @@ class Master:
             else:
                 self._respawn_due()
                 self._check_boot_timeouts()
+                if self.retiring:
+                    self._check_retiring()
             ready = {h.ready_fd: h for h in self.workers.values() if h.ready_fd >= 0}
             try:
                 readable, _, _ = select.select([self._wake_r, *ready], [], [],
@@ -367,6 +489,8 @@ class Master:
         due = [s.respawn_at for s in self.slots if s.respawn_at is not None]
         if self.stopping:
             due.append(self.stop_deadline)
+        if self.retiring:
+            due.append(now + 0.02)  # poll the retiring listeners' queues
         return max(0.0, min([*due, now + 0.5]) - now)
 
     def _drain_wakeup(self) -> None:
@@ -381,10 +505,11 @@ class Master:
             os.kill(pid, sig)
 
     def _cleanup(self) -> None:
-        if self.group is not None:
-            self.group.close()
-        if self.demux is not None:
-            self.demux.close()
+        for r in self.retiring:
+            r.sock.close()
+        if self.layout is not None:
+            self.layout.group.close()
+            self.layout.demux.close()
         logger.info("stopped", exit_code=self.exit_code)
 
 
