@@ -61,14 +61,14 @@ def resumption(port: int, n: int = 200) -> dict:
     resumed = 0
     version = None
     for _ in range(n):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-                tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                while tls.recv(65536):
-                    pass
-                resumed += tls.session_reused
-                version = tls.version()
-                session = tls.session
+        with (socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+              ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls):
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            while tls.recv(65536):
+                pass
+            resumed += tls.session_reused
+            version = tls.version()
+            session = tls.session
     return {"tls_version": version, "resumed_share": resumed / n, "connections": n}
 
 
@@ -101,7 +101,7 @@ async def _one(port: int, path: str, ctx: ssl.SSLContext, timeout: float) -> boo
 
     try:
         return await asyncio.wait_for(go(), timeout)
-    except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError):
+    except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
         return False
 
 
@@ -157,4 +157,4 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]

@@ -176,17 +176,24 @@ def _plots(results: dict, s: dict, outdir: Path, stamp: str) -> list[Path]:
     plt.close(fig)
     made.append(path)
     if results.get("stalled"):
-        fig, ax = plt.subplots(figsize=(10, 4.5))
-        for name, v in results["stalled"].items():
+        stalled = results["stalled"]
+        cols = 4
+        rows = -(-len(stalled) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(16, 3.2 * rows), sharey=True,
+                                 squeeze=False)
+        for ax, (name, v) in zip(axes.flat, stalled.items(), strict=False):
             pts = v["timeline"]
-            ax.scatter([p[0] for p in pts], [p[1] if p[2] else 5000 for p in pts], s=4,
-                       label=name, alpha=0.6)
-        ax.axvspan(1.0, 3.0, color="#f55", alpha=0.1, label="worker stopped")
-        ax.set_yscale("log")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("connection latency ms (failed = 5000)")
-        ax.set_title("one of 4 workers stopped for 2 s: every new connection")
-        ax.legend(markerscale=3, fontsize=8)
+            ax.scatter([p[0] for p in pts], [p[1] if p[2] else 5000 for p in pts], s=3,
+                       color="#2a7" if name.startswith("zion") else "#555")
+            ax.axvspan(1.0, 3.0, color="#f55", alpha=0.12)
+            ax.set_yscale("log")
+            ax.set_title(f"{name}: {v['slow_over_1s']} slow, {v['failed']} failed", fontsize=10)
+        for ax in axes.flat[len(stalled):]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("latency ms")
+        fig.suptitle("one of 4 workers SIGSTOPped from 1 s to 3 s (red): latency of every new "
+                     "connection, by start time")
         fig.tight_layout()
         path = outdir / f"{stamp}-stalled.png"
         fig.savefig(path, dpi=90)

@@ -13,6 +13,7 @@ and PNG plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -26,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import load  # noqa: E402
-import report  # noqa: E402
-from servers import NON_DEFAULTS, REPO, SERVERS, WORK, Ctx, Running, ServerDef  # noqa: E402
+import load
+import report
+from servers import NON_DEFAULTS, REPO, SERVERS, WORK, Ctx, Running, ServerDef
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,16 +78,14 @@ def throughput(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
 def stalled(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
     """4 workers; one SIGSTOPped for 2 s from t=1 s; fresh connections throughout."""
     run = Running(sdef, ctx, WORK / "logs")
+    victim = run.workers()[1]
     try:
-        victim = run.workers()[1]
         timeline = [(1.0, lambda: os.kill(victim, signal.SIGSTOP)),
                     (3.0, lambda: os.kill(victim, signal.SIGCONT))]
         records = load.fresh_connections(run.port, secs, 400, timeline=timeline, timeout=5.0)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGCONT)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
         run.stop()
     lat = [r.latency_ms for r in records if r.ok]
     return {"connections": len(records), "failed": sum(not r.ok for r in records),
@@ -146,7 +145,14 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, short runs")
     parser.add_argument("--servers", help="comma-separated subset, e.g. zion,uvicorn")
+    parser.add_argument("--report", metavar="JSON",
+                        help="only re-render the Markdown and plots of a saved run")
     args = parser.parse_args()
+    if args.report:
+        saved = Path(args.report)
+        stamp = saved.stem.rsplit("-", 1)[0]
+        print(report.write(json.loads(saved.read_text()), saved.parent, stamp))
+        return 0
     quick = args.quick
     rounds = 1 if quick else 3
     secs = 3.0 if quick else 10.0

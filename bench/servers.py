@@ -4,6 +4,7 @@ Every non-default setting is listed in NON_DEFAULTS and lands in the report."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -131,10 +132,10 @@ def _client_ctx() -> ssl.SSLContext:
 
 def answers(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
-            with _client_ctx().wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                return tls.recv(64).startswith(b"HTTP/1.1 200")
+        with (socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
+              _client_ctx().wrap_socket(raw, server_hostname="localhost") as tls):
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            return tls.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
 
@@ -214,10 +215,8 @@ class Running:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the session
-        except ProcessLookupError:
-            pass
         self.log.close()
 
 

@@ -11,10 +11,12 @@
  *                   connections, requests in flight; the master writes the
  *                   state; the program counts dispatches)
  *   the sockarray   BPF_MAP_TYPE_REUSEPORT_SOCKARRAY created by userspace,
- *                   slot i = worker i's listener. bcc cannot declare this map
- *                   type nor pass a table to bpf_sk_select_reuseport, so it
- *                   is referenced as bpf_pseudo_fd(1, ZION_SOCKARRAY_FD)
- *                   (see bpf/README.md).
+ *                   slot i = worker i's listener, 256 entries, created once
+ *                   per master and shared by every program that replaces
+ *                   this one on reload (a socket can be in one sockarray
+ *                   only). bcc cannot declare this map type nor pass a table
+ *                   to bpf_sk_select_reuseport, so it is referenced as
+ *                   bpf_pseudo_fd(1, ZION_SOCKARRAY_FD) (see bpf/README.md).
  *
  * Outcomes
  *   SK_PASS with a socket selected   the connection goes to that worker,
