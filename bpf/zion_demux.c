@@ -7,9 +7,9 @@
  *   md->hash        the kernel's flow hash of the connection (4-tuple)
  *   zion_slots[i]   one struct zion_slot per worker i (an mmapable array the
  *                   workers write with plain stores: heartbeat in
- *                   CLOCK_MONOTONIC ns, connections taken up, open
- *                   connections, requests in flight; the master writes the
- *                   state; the program counts dispatches)
+ *                   CLOCK_MONOTONIC ns, open connections, requests in
+ *                   flight; the master writes the state and samples the
+ *                   listener's accept queue; the program counts dispatches)
  *   the sockarray   BPF_MAP_TYPE_REUSEPORT_SOCKARRAY created by userspace,
  *                   slot i = worker i's listener, 256 entries, created once
  *                   per master and shared by every program that replaces
@@ -33,7 +33,7 @@
  *   ZION_MODE_HASH          slot hash % N if live, else the next live slot
  *   ZION_MODE_LEAST_LOADED  two hashed choices; of the healthy ones, the one
  *                           with less load (open connections + requests in
- *                           flight + connections queued but not taken up);
+ *                           flight + the listener's accept queue);
  *                           if neither is healthy, the next healthy slot
  *   ZION_MODE_CPU           the worker pinned to the CPU that handled the SYN
  *                           (slot cpu % N) when healthy, else the hashed
@@ -70,11 +70,12 @@
 struct zion_slot {
     u64 heartbeat_ns;
     u64 dispatches;
-    u64 accepted;  /* connections the slot's workers have taken up */
     u32 state;
     u32 conns;
     u32 inflight;
     u32 pid;
+    u32 backlog;  /* the listener's accept queue: sampled by the master, +1 per dispatch */
+    u32 pad;
 };
 
 /* ZION_WORKERS worker slots, then one slot whose dispatches count fallbacks. */
@@ -92,17 +93,14 @@ static __always_inline int zion_healthy(struct zion_slot *s, u64 now)
     return 1;
 }
 
-/* Open connections + requests in flight + the kernel backlog: connections
- * sent to this slot that no worker has taken up yet. A blocked or frozen
- * worker's backlog grows with every connection sent to it, so it loses the
- * two-choice comparison long before its heartbeat goes stale. */
+/* Open connections + requests in flight + the accept queue. The master
+ * writes the queue length it reads with TCP_INFO every few milliseconds and
+ * we add one per dispatch in between, so a blocked or frozen worker, whose
+ * queue only grows, loses the two-choice comparison from the first
+ * connection it does not take, long before its heartbeat goes stale. */
 static __always_inline u64 zion_load(struct zion_slot *s)
 {
-    s64 backlog = (s64)(s->dispatches - s->accepted);
-
-    if (backlog < 0) /* connections the kernel hash gave it, uncounted here */
-        backlog = 0;
-    return (u64)s->conns + s->inflight + (u64)backlog;
+    return (u64)s->conns + s->inflight + s->backlog;
 }
 
 static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
@@ -114,8 +112,10 @@ static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
     if (bpf_sk_select_reuseport(md, socks, &key, 0) != 0)
         return -1;
     s = zion_slots.lookup(&key);
-    if (s)
+    if (s) {
         __sync_fetch_and_add(&s->dispatches, 1);
+        __sync_fetch_and_add(&s->backlog, 1);
+    }
     return 0;
 }
 

@@ -36,6 +36,8 @@ logger = log.get_logger("zion.master")
 
 EXIT_OK = 0
 EXIT_WORKER_BOOT = 3
+# How often the master samples the listeners' accept queues for the demux.
+_QUEUE_SAMPLE = 0.01
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Master:
         self.layout: Layout | None = None
         self.ssl_ctx: ssl.SSLContext | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._next_sample = 0.0
 
     # -- boot -----------------------------------------------------------------
 
@@ -472,6 +475,7 @@ class Master:
                 self._check_boot_timeouts()
                 if self.retiring:
                     self._check_retiring()
+                self._sample_queues()
             ready = {h.ready_fd: h for h in self.workers.values() if h.ready_fd >= 0}
             try:
                 readable, _, _ = select.select([self._wake_r, *ready], [], [],
@@ -484,9 +488,29 @@ class Master:
                 elif fd in ready:
                     self._on_ready_fd(ready[fd])
 
+    def _sample_queues(self) -> None:
+        """Publish each listener's accept queue for the program's load figure.
+
+        Only the master can see a frozen worker's queue grow (the worker is
+        frozen); a real sample also resets the program's per-dispatch guesses,
+        so nothing drifts (connections whose client left before the handshake
+        are counted once, then gone)."""
+        layout = self.layout
+        if layout is None or layout.demux.state != "attached":
+            return
+        now = time.monotonic()
+        if now < self._next_sample:
+            return
+        self._next_sample = now + _QUEUE_SAMPLE
+        slots = layout.board.slots
+        for index, sock in enumerate(layout.group.sockets):
+            slots[index].backlog = accept_queue_len(sock)
+
     def _timeout(self) -> float:
         now = time.monotonic()
         due = [s.respawn_at for s in self.slots if s.respawn_at is not None]
+        if self.layout is not None and self.layout.demux.state == "attached":
+            due.append(self._next_sample)
         if self.stopping:
             due.append(self.stop_deadline)
         if self.retiring:

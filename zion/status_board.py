@@ -25,11 +25,13 @@ class Slot(ctypes.Structure):
     _fields_ = [
         ("heartbeat_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
         ("dispatches", ctypes.c_uint64),    # incremented by the program
-        ("accepted", ctypes.c_uint64),      # taken up by the slot's workers, ever
         ("state", ctypes.c_uint32),         # written by the master
         ("conns", ctypes.c_uint32),         # open connections, written by the worker
         ("inflight", ctypes.c_uint32),      # requests being handled
         ("pid", ctypes.c_uint32),
+        # accept queue: the master's TCP_INFO sample, +1 per dispatch in between
+        ("backlog", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -90,8 +92,7 @@ class StatusBoard:
                 "state": state,
                 "heartbeat_age_ms": None if age_ms is None else round(age_ms, 1),
                 "connections": slot.conns,
-                # dispatched by the program but not yet taken up: the kernel backlog
-                "backlog": max(0, slot.dispatches - slot.accepted),
+                "backlog": slot.backlog,
                 "inflight": slot.inflight,
                 "dispatches": slot.dispatches,
             })

@@ -56,9 +56,7 @@ class ServerState:
 
     def connection_opened(self, conn: HttpProtocol) -> None:
         self.connections.add(conn)
-        slot = self.slot
-        slot.conns = len(self.connections)
-        slot.accepted += 1
+        self.slot.conns = len(self.connections)
 
     def connection_closed(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
