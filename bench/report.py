@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,18 @@ def goals(s: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _scenario(rows: dict | None, title: str, method: str, columns: list[str],
+              cells: Callable[[dict], list[Any]]) -> list[str]:
+    """One scenario's section: title, how it was measured, a row per server."""
+    if not rows:
+        return []
+    out = [f"## {title}", "", method, "", "| server | " + " | ".join(columns) + " |",
+           "|---|" + "---|" * len(columns)]
+    out += [f"| {name} | " + " | ".join(str(c) for c in cells(v)) + " |"
+            for name, v in rows.items()]
+    return [*out, ""]
+
+
 def write(results: dict, outdir: Path, stamp: str) -> Path:
     s = summarise(results)
     meta = results["meta"]
@@ -105,34 +118,25 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
             f"{v['tls']} | {v['errors']} | {v['rss'][0]:.1f} / {v['pss'][0]:.1f} | "
             f"{v['pss_total'][0]:.1f} |")
     lines += ["", "### Goals", "", *goals(s), ""]
-    if results.get("stalled"):
-        lines += ["## One of 4 workers stopped (SIGSTOP) for 2 s under load", "",
-                  "Open loop: 400 new TLS connections/s, each one request, 5 s client timeout; "
-                  "a connection queued behind the stopped worker waits until it resumes.", "",
-                  "| server | connections | failed | slow > 1 s | p99 ms | max ms |",
-                  "|---|---|---|---|---|---|"]
-        for name, v in results["stalled"].items():
-            lines.append(f"| {name} | {v['connections']} | {v['failed']} | "
-                         f"{v['slow_over_1s']} | {v['p99_ms']:.1f} | {v['max_ms']:.0f} |")
-        lines.append("")
-    if results.get("mixed"):
-        lines += ["## Mixed load: 5 % of requests hold their worker for 200 ms (4 workers)", "",
-                  "Open loop: 150 new TLS connections/s, one request each.", "",
-                  "| server | light requests | light p50 ms | light p99 ms | failed |",
-                  "|---|---|---|---|---|"]
-        for name, v in results["mixed"].items():
-            lines.append(f"| {name} | {v['light_requests']} | {v['light_p50_ms']:.1f} | "
-                         f"{v['light_p99_ms']:.1f} | {v['failed']} |")
-        lines.append("")
-    if results.get("reload"):
-        lines += ["## Reloads under load (reload signal, new connection per request)", "",
-                  "Open loop: 300 new TLS connections/s; reloads evenly spaced.", "",
-                  "| server | reloads | requests | failed | server alive after |",
-                  "|---|---|---|---|---|"]
-        for name, v in results["reload"].items():
-            lines.append(f"| {name} | {v['reloads']} | {v['requests']} | {v['failed']} | "
-                         f"{'yes' if v['server_survived'] else 'NO'} |")
-        lines.append("")
+    lines += _scenario(
+        results.get("stalled"), "One of 4 workers stopped (SIGSTOP) for 2 s under load",
+        "Open loop: 400 new TLS connections/s, each one request, 5 s client timeout; a "
+        "connection queued behind the stopped worker waits until it resumes.",
+        ["connections", "failed", "slow > 1 s", "p99 ms", "max ms"],
+        lambda v: [v["connections"], v["failed"], v["slow_over_1s"], f"{v['p99_ms']:.1f}",
+                   f"{v['max_ms']:.0f}"])
+    lines += _scenario(
+        results.get("mixed"), "Mixed load: 5 % of requests hold their worker for 200 ms "
+        "(4 workers)", "Open loop: 150 new TLS connections/s, one request each.",
+        ["light requests", "light p50 ms", "light p99 ms", "failed"],
+        lambda v: [v["light_requests"], f"{v['light_p50_ms']:.1f}", f"{v['light_p99_ms']:.1f}",
+                   v["failed"]])
+    lines += _scenario(
+        results.get("reload"), "Reloads under load (reload signal, new connection per "
+        "request)", "Open loop: 300 new TLS connections/s; reloads evenly spaced.",
+        ["reloads", "requests", "failed", "server alive after"],
+        lambda v: [v["reloads"], v["requests"], v["failed"],
+                   "yes" if v["server_survived"] else "NO"])
     lines += ["## Non-default settings", ""]
     lines += [f"- {k}: {v}" for k, v in meta["non_defaults"].items()]
     lines += ["", "## Exact commands", ""]

@@ -179,7 +179,7 @@ def _doctor(args: argparse.Namespace) -> int:
         return exc.exit_code
     log.configure("console", "warning")
     workers = min(worker_count(settings), 256)
-    report = readiness.probe(settings, workers=workers, trial=True)
+    report = readiness.probe(settings, workers=workers)
     if args.json:
         print(json.dumps({"bpf_demux": report.state.value, "reason": report.reason,
                           "detail": report.detail, "errno": report.errno, "fix": report.fix,

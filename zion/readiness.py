@@ -73,16 +73,11 @@ def _state_of(reason: str) -> DemuxReadiness:
         return _AS_STATE.get(reason, DemuxReadiness.PROBE_FAILED)
 
 
-def probe(settings: Settings, workers: int = 2, trial: bool = True) -> Report:
-    """Readiness; with `trial`, compile, load and attach to a throwaway group."""
+def probe(settings: Settings, workers: int = 2) -> Report:
+    """Readiness: the preflight checks, then compile, load and attach the real
+    program to a throwaway listener group."""
     if not settings.demux.enabled:
         return Report(DemuxReadiness.DISABLED, f"disabled by {settings.demux_disabled_by}")
-    if not trial:
-        try:
-            bpf_demux.preflight(settings)
-        except DemuxError as exc:
-            return Report(_state_of(exc.reason), exc.detail, exc.errno, exc.reason)
-        return Report(DemuxReadiness.READY, "preflight checks passed")
     group = _throwaway_group(workers)
     shim = None
     try:

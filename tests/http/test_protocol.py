@@ -153,16 +153,21 @@ async def test_bad_requests_get_4xx_and_close(server, raw, status):
     await still_serving(server.port)
 
 
-async def test_header_bomb_without_end_is_cut_off(server):
-    # A header line that never ends: httptools would buffer it forever.
-    reader, writer = await connect(server.port)
-    writer.write(b"GET / HTTP/1.1\r\nx-bomb: ")
+async def flood(writer, head: bytes, piece: bytes, times: int) -> None:
+    """Keep sending until done or until the server cuts the connection."""
+    writer.write(head)
     try:
-        for _ in range(40):
-            writer.write(b"v" * 4096)
+        for _ in range(times):
+            writer.write(piece)
             await writer.drain()
     except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
         pass
+
+
+async def test_header_bomb_without_end_is_cut_off(server):
+    # A header line that never ends: httptools would buffer it forever.
+    reader, writer = await connect(server.port)
+    await flood(writer, b"GET / HTTP/1.1\r\nx-bomb: ", b"v" * 4096, 40)
     data = await read_until_closed(reader)
     assert data.startswith(b"HTTP/1.1 431 "), data[:80]
     writer.close()
@@ -171,13 +176,8 @@ async def test_header_bomb_without_end_is_cut_off(server):
 
 async def test_chunked_body_over_limit_gets_413(server):
     reader, writer = await connect(server.port)
-    writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
-    try:
-        for _ in range(30):
-            writer.write(b"1000\r\n" + b"z" * 4096 + b"\r\n")
-            await writer.drain()
-    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-        pass
+    await flood(writer, b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"1000\r\n" + b"z" * 4096 + b"\r\n", 30)
     data = await read_until_closed(reader)
     assert b"413" in data.split(b"\r\n", 1)[0]
     writer.close()
