@@ -105,3 +105,29 @@ async def test_killed_worker_slot_is_steered_around_and_queue_served(start_zion)
     view = await slot_view(srv.port)
     assert view[0]["state"] in ("empty", "starting")
     await asyncio.to_thread(wait_for, lambda: len(srv.worker_pids()) == 2, 10, "replacement")
+
+
+async def test_connections_queued_on_a_dead_worker_are_served_by_its_replacement(start_zion):
+    # hash mode keeps sending to a frozen worker, so connections queue on its socket.
+    srv = start_zion("starlette_app:app", "--demux", "hash", workers=2)
+    victim_slot = 1
+    victim = (await slot_view(srv.port))[victim_slot]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    before = (await view_avoiding_stall(srv.port))[victim_slot]["dispatches"]
+    tasks = [asyncio.create_task(asyncio.wait_for(get(srv.port, "/"), 20)) for _ in range(30)]
+    # Wait until some of them are queued behind the frozen worker...
+    for _ in range(200):
+        if (await view_avoiding_stall(srv.port))[victim_slot]["dispatches"] > before + 2:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("nothing was sent to the frozen worker")
+    # ...then it dies. The master holds the socket, so the queue survives it.
+    os.kill(victim, signal.SIGKILL)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, failed[:3]
+    pids = {r.headers["x-pid"] for r in results}
+    assert str(victim) not in pids
+    replacement = (await slot_view(srv.port))[victim_slot]["pid"]
+    assert replacement != victim and str(replacement) in pids, "the replacement served the queue"
