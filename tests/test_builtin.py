@@ -62,3 +62,58 @@ def test_doctor_shows_running_workers(start_zion, state_dir):
     rows = [ln.split() for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1"]
     assert {int(r[1]) for r in rows} == set(srv.worker_pids())
+
+
+def _netns_skip_reason() -> str | None:
+    import os
+    import shutil
+    if os.geteuid() != 0:
+        return "needs root (CAP_NET_ADMIN) to create a network namespace"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip"
+    return None
+
+
+def test_status_is_forbidden_to_a_non_loopback_client(start_zion):
+    """A real client on another address: a test host in a network namespace
+    of our own, joined to this one by a veth pair (10.213.x is ours alone)."""
+    import os
+    import subprocess
+    import sys
+
+    reason = _netns_skip_reason()
+    if reason:
+        import pytest
+        pytest.skip(reason)
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"zion-t{tag}", f"zv{tag}a", f"zv{tag}b"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", ns)
+        ip("addr", "add", "10.213.0.1/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", "10.213.0.2/30", "dev", ns_if)
+        ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        srv = start_zion("--host", "10.213.0.1")
+        client = (
+            "import ssl, sys, urllib.request, urllib.error\n"
+            "ctx = ssl.create_default_context(); ctx.check_hostname = False\n"
+            "ctx.verify_mode = ssl.CERT_NONE\n"
+            "for path in ('/_zion/status', '/healthz'):\n"
+            "    try:\n"
+            "        r = urllib.request.urlopen(f'https://10.213.0.1:{sys.argv[1]}' + path,"
+            " context=ctx, timeout=10); print(path, r.status)\n"
+            "    except urllib.error.HTTPError as e:\n"
+            "        print(path, e.code)\n")
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", client,
+                              str(srv.port)], capture_output=True, text=True, timeout=60)
+        assert out.stdout.split() == ["/_zion/status", "403", "/healthz", "200"], (
+            out.stdout + out.stderr)
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
