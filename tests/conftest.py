@@ -160,6 +160,15 @@ def client_context(alpn: bool = True) -> ssl.SSLContext:
     return ctx
 
 
+def inflight(port: int) -> int:
+    """Requests in flight across all workers, from /_zion/status (blocking)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/_zion/status",
+                                context=client_context(), timeout=5) as resp:
+        return sum(w["inflight"] for w in json.load(resp)["demux"]["workers"])
+
+
 class Response:
     def __init__(self, status: int, headers: dict[str, str], body: bytes, raw_head: bytes) -> None:
         self.status = status

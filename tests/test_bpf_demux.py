@@ -66,10 +66,6 @@ def prog_fds(pid: int) -> int:
     return count
 
 
-async def statuses(port: int, n: int) -> list[dict]:
-    return [(await get(port, "/_zion/status")).json() for _ in range(n)]
-
-
 async def test_attach_logs_bpftool_shows_and_every_worker_gets_connections(start_zion):
     srv = start_zion(workers=4)
     attached = srv.wait_event("demux_attached")

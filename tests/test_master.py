@@ -8,7 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.conftest import get, wait_for
+from tests.conftest import get, inflight, wait_for
 from zion import caps
 
 
@@ -56,22 +56,12 @@ async def test_sigkilled_worker_is_replaced_on_same_socket(start_zion):
 async def test_sigterm_lets_inflight_requests_finish(start_zion):
     srv = start_zion("starlette_app:app")
     slow = [asyncio.create_task(get(srv.port, "/slow?s=1.5")) for _ in range(4)]
-    await asyncio.to_thread(wait_for, lambda: _inflight(srv) >= 4, 10, "requests in flight")
+    await asyncio.to_thread(wait_for, lambda: inflight(srv.port) >= 4, 10, "requests in flight")
     srv.signal(signal.SIGTERM)
     results = await asyncio.gather(*slow)
     assert [r.status for r in results] == [200] * 4
     assert all(r.body == b"slept 1.5" for r in results)
     assert await asyncio.to_thread(srv.proc.wait, 20) == 0
-
-
-def _inflight(srv) -> int:
-    import json
-    import urllib.request
-
-    from tests.conftest import client_context
-    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/_zion/status",
-                                context=client_context(), timeout=5) as resp:
-        return sum(w["inflight"] for w in json.load(resp)["demux"]["workers"])
 
 
 async def test_sigint_exits_zero(start_zion):

@@ -14,21 +14,11 @@ from tests.conftest import (
     client_context,
     connect,
     get,
+    inflight,
     read_response,
     read_until_closed,
     wait_for,
 )
-
-
-def _app_running(srv) -> bool:
-    # The status endpoint counts requests in flight across workers.
-    import json
-    import urllib.request
-    ctx = client_context()
-    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/_zion/status",
-                                context=ctx, timeout=5) as resp:
-        status = json.load(resp)
-    return any(w["inflight"] for w in status["demux"]["workers"])
 
 
 @pytest.fixture
@@ -225,7 +215,7 @@ async def test_client_gone_mid_body(start_zion, tmp_path):
         tls = client_context().wrap_socket(raw, server_hostname="localhost")
         tls.sendall(b"POST /disconnect HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
         tls.sendall(b"x" * 1000)
-        wait_for(lambda: events.exists() or _app_running(srv), 5, "the request to arrive")
+        wait_for(lambda: events.exists() or inflight(srv.port) > 0, 5, "the request to arrive")
         # SO_LINGER 0: close with a reset, as a client that crashed would.
         tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         tls.close()
