@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import os
 import sys
+import traceback
 from typing import Any
 
 from zion.errors import WorkerBootError
@@ -15,25 +17,98 @@ from zion.log import get_logger
 log = get_logger("zion.asgi")
 
 
-def load_app(spec: str) -> ASGIApp:
-    """Import "module:attr" (attr may be dotted); raise WorkerBootError."""
-    module_name, _, attr = spec.partition(":")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`: the working directory
+def load_app(spec: str, factory: bool = False, app_dir: str = "") -> ASGIApp:
+    """Import "module:attr" (attr may be dotted) like uvicorn does.
+
+    `app_dir` goes first on sys.path (default: the working directory, as
+    `python -m` would). With `factory`, attr is called with no arguments and
+    returns the app. An ASGI 2 app (scope -> coroutine(receive, send)) is
+    adapted; anything else that cannot be an ASGI 3 app is a boot error now,
+    not a 500 for every request later. Raises WorkerBootError."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise WorkerBootError(f"APP must look like module:attribute, got {spec!r}")
+    path = os.path.abspath(app_dir) if app_dir else ""
+    if path not in sys.path and not (not path and "." in sys.path):
+        sys.path.insert(0, path)
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:
-        raise WorkerBootError(f"cannot import {module_name!r}: {exc!r}") from exc
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name:
+            where = f" in {path or os.getcwd()}" + ("" if app_dir else " (see --app-dir)")
+            raise WorkerBootError(f"no module named {module_name!r}{where}") from None
+        raise WorkerBootError(f"importing {module_name!r} failed:\n{_user_traceback(exc)}"
+                              ) from exc
     try:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError:
         raise WorkerBootError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if factory:
+        if not callable(obj):
+            raise WorkerBootError(f"--factory: {spec} is not callable")
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise WorkerBootError(f"--factory: calling {spec}() failed:\n"
+                                  f"{_user_traceback(exc)}") from exc
+    return _as_asgi3(obj, spec, factory)
+
+
+def _as_asgi3(obj: Any, spec: str, factory: bool) -> ASGIApp:
     if not callable(obj):
-        raise WorkerBootError(f"{spec} is not callable")
+        raise WorkerBootError(f"{spec} is not callable, so it is not an ASGI app")
     if inspect.isclass(obj):
-        raise WorkerBootError(f"{spec} is a class; give an ASGI application instance")
-    return obj  # type: ignore[no-any-return]
+        raise WorkerBootError(
+            f"{spec} is a class; give an ASGI application instance (or a factory with --factory)")
+    arity = _positional_arity(obj)
+    if arity == 3 or arity is None:
+        return obj  # type: ignore[no-any-return]
+    if arity == 1:
+        return _Asgi2(obj)
+    if arity == 0 and not factory:
+        raise WorkerBootError(f"{spec} takes no arguments: it looks like an app factory; "
+                              "add --factory to call it")
+    raise WorkerBootError(f"{spec} takes {arity} positional arguments; an ASGI 3 app takes "
+                          "(scope, receive, send)")
+
+
+def _positional_arity(obj: Any) -> int | None:
+    """How many positional arguments a call takes; None when unknowable or
+    variadic (then it is given the benefit of the doubt)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    count = 0
+    for param in sig.parameters.values():
+        if param.kind is param.VAR_POSITIONAL:
+            return None
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) and (
+                param.default is param.empty):
+            count += 1
+    return count
+
+
+class _Asgi2:
+    """ASGI 2 ("double callable") app seen as ASGI 3."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        instance = self.app(scope)
+        await instance(receive, send)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without importlib's own frames: file and line of the app."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f.filename not in (__file__, importlib.__file__)
+              and not f.filename.startswith("<frozen importlib")]
+    lines = traceback.format_list(frames)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "Traceback (most recent call last):\n" + "".join(lines).rstrip()
 
 
 class Lifespan:
@@ -52,14 +127,20 @@ class Lifespan:
             "startup": asyncio.Event(), "shutdown": asyncio.Event()}
         self.failed: str | None = None
         self.supported = True
+        self.unsupported_by = ""
         self.task: asyncio.Task[None] | None = None
 
-    async def startup(self, timeout: float) -> None:
+    async def startup(self, timeout: float, required: bool = False) -> None:
+        """Run startup; with `required` (--lifespan on) an app that does not
+        speak lifespan is a boot error rather than a debug line."""
         self.task = asyncio.get_running_loop().create_task(self._main())
         await self.queue.put({"type": "lifespan.startup"})
         await self._wait("startup", timeout)
         if self.failed is not None:
             raise WorkerBootError(f"lifespan startup failed: {self.failed}")
+        if required and not self.supported:
+            raise WorkerBootError(
+                f"--lifespan on, but the app does not support lifespan: {self.unsupported_by}")
 
     async def shutdown(self, timeout: float) -> None:
         if not self.supported or self.task is None or self.task.done():
@@ -104,6 +185,7 @@ class Lifespan:
         except Exception as exc:
             if not started:
                 self.supported = False
+                self.unsupported_by = repr(exc)
                 log.debug("lifespan_unsupported", error=repr(exc))
             else:
                 self.failed = self.failed or repr(exc)

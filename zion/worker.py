@@ -23,9 +23,13 @@ from zion import caps, log
 from zion.asgi import Lifespan, load_app
 from zion.config import Settings
 from zion.errors import WorkerBootError
-from zion.http.protocol import HttpProtocol
-from zion.http.state import ServerState
-from zion.static import StaticFiles
+from zion.handlers import default_page
+from zion.handlers.builtins import PREFIX, Builtins
+from zion.handlers.static import StaticFiles
+from zion.http.exchange import Exchange
+from zion.http.h1 import H1Protocol
+from zion.http.state import ASGIApp, Dispatch, ServerState
+from zion.http.websocket import WebSocketProtocol, request_bytes
 from zion.status_board import StatusBoard
 
 # Exit codes a worker uses to tell the master why it stopped.
@@ -35,6 +39,7 @@ EXIT_CRASH = 1
 
 _TICK = 0.5  # seconds between Date refreshes and timeout sweeps
 _DRAIN_QUIET = 0.1  # seconds without connections before a draining worker exits
+_TASK_GRACE = 1.0  # seconds app tasks get after their connection closed
 
 logger = log.get_logger("zion.worker")
 
@@ -80,8 +85,10 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
                  board: StatusBoard, demux_info: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     slot = board.slots[spec.index]
-    app = load_app(settings.server.app) if settings.server.app else None
-    static = StaticFiles(settings.server.root) if settings.server.root else None
+    server_settings = settings.server
+    # TODO(settings agent): direct attributes once [server] factory/app_dir/lifespan land.
+    app = (load_app(server_settings.app, getattr(server_settings, "factory", False),
+                    getattr(server_settings, "app_dir", "")) if server_settings.app else None)
     started = time.time()
 
     def status() -> dict[str, Any]:
@@ -98,12 +105,20 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
                       "workers": board.snapshot(settings.demux.stall_threshold_ms)},
         }
 
-    state = ServerState(settings, spec.index, loop, app, static, slot, status)
-    lifespan = Lifespan(app, state.lifespan_state) if app is not None else None
-    if lifespan is not None:
-        await lifespan.startup(settings.supervisor.boot_timeout)
+    state = ServerState(settings, spec.index, loop, slot)
+    static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
+    state.dispatch = handler_chain(state, app, static,
+                                   Builtins(status) if server_settings.builtins else None)
+    if app is not None and hasattr(settings, "websocket"):
+        state.websocket_factory = websocket_factory(state, app)
+    lifespan = None
+    lifespan_mode = getattr(server_settings, "lifespan", "auto")
+    if app is not None and lifespan_mode != "off":
+        lifespan = Lifespan(app, state.lifespan_state)
+        await lifespan.startup(settings.supervisor.boot_timeout,
+                               required=lifespan_mode == "on")
     server = await loop.create_server(
-        lambda: HttpProtocol(state), sock=spec.sock, ssl=ssl_ctx,
+        lambda: H1Protocol(state), sock=spec.sock, ssl=ssl_ctx,
         ssl_handshake_timeout=settings.limits.handshake_timeout,
         backlog=settings.server.backlog,
     )
@@ -140,11 +155,50 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     left = len(state.connections)
     for conn in list(state.connections):
         conn.close()
+    await _finish_tasks(state.tasks)
     ticker.stop()
     if lifespan is not None:
         await lifespan.shutdown(settings.supervisor.drain_timeout)
     logger.info("worker_stopped", requests_total=state.requests_total, forced_closed=left)
     return EXIT_OK
+
+
+def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles | None,
+                  builtins: Builtins | None) -> Dispatch:
+    """Who answers a request, in order: zion's /_zion/ endpoints, files that
+    exist under --root, the app, the default page."""
+    tasks = state.tasks
+
+    def dispatch(ex: Exchange) -> None:
+        if builtins is not None and ex.scope["path"].startswith(PREFIX):
+            builtins.respond(ex)
+        elif static is not None and static.wants(ex, has_app=app is not None):
+            static.serve(ex)
+        elif app is not None:
+            ex.run(app, tasks)
+        else:
+            default_page.respond(ex, state.worker_index)
+
+    return dispatch
+
+
+def websocket_factory(state: ServerState, app: ASGIApp) -> Any:
+    def build(scope: dict[str, Any], target: bytes, headers: list[tuple[bytes, bytes]],
+              trailing: bytes) -> asyncio.Protocol:
+        return WebSocketProtocol(state, app, scope, request_bytes(target, headers) + trailing)
+
+    return build
+
+
+async def _finish_tasks(tasks: set[asyncio.Task[Any]]) -> None:
+    """App tasks still running once their connections are closed get a moment
+    to see the disconnect, then are cancelled: none outlives the worker."""
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=_TASK_GRACE)
+    for task in list(tasks):
+        task.cancel()
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=_TASK_GRACE)
 
 
 class _Heartbeat:

@@ -1,63 +1,77 @@
-"""What every connection of one worker shares: settings, handlers, counters."""
+"""What every connection of one worker shares: limits, the handler chain,
+counters, and the set of open connections."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from zion.config import Settings
 from zion.http.response import DateCache
-from zion.status_board import Slot
 
 if TYPE_CHECKING:
-    from zion.http.protocol import HttpProtocol
-    from zion.static import StaticFiles
+    from zion.config import Settings
+    from zion.http.exchange import Exchange
+    from zion.status_board import Slot
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
                     Callable[[Any], Awaitable[None]]], Awaitable[None]]
+# Answers one exchange: zion's built-ins, static files, the app - composed by
+# the worker, so http/ knows none of them.
+Dispatch = Callable[["Exchange"], None]
+# Builds the protocol an upgraded connection switches to:
+# (scope, request target, request headers, bytes after the request) -> protocol.
+WebSocketFactory = Callable[[dict[str, Any], bytes, list[tuple[bytes, bytes]], bytes],
+                            asyncio.Protocol]
+
+
+class OpenConnection(Protocol):
+    def check_deadline(self, now: float) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ServerState:
-    def __init__(
-        self,
-        settings: Settings,
-        worker_index: int,
-        loop: asyncio.AbstractEventLoop,
-        app: ASGIApp | None,
-        static: StaticFiles | None,
-        slot: Slot,
-        status: Callable[[], dict[str, Any]],
-    ) -> None:
+    def __init__(self, settings: Settings, worker_index: int,
+                 loop: asyncio.AbstractEventLoop, slot: Slot) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.worker_index = worker_index
         self.loop = loop
-        self.app = app
-        self.static = static
         self.slot = slot
-        self.status = status
         self.date = DateCache()
-        self.connections: set[HttpProtocol] = set()
+        self.connections: set[OpenConnection] = set()
         # Handed to every ASGI scope as scope["state"] (filled by lifespan).
         self.lifespan_state: dict[str, Any] = {}
         self.draining = False
         self.requests_total = 0
         self.access_log = settings.log.access_log
-        self.builtins = settings.server.builtins
-        self.background: set[asyncio.Task[Any]] = set()
+        # App tasks, kept referenced until done; cancelled when a drain ends.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.dispatch: Dispatch = _unset_dispatch
+        self.websocket_factory: WebSocketFactory | None = None
+
+    @property
+    def websocket_enabled(self) -> bool:
+        return self.websocket_factory is not None
 
     def tick(self) -> None:
-        """Once a second-ish: refresh Date, time out idle or slow connections."""
+        """Twice a second: refresh Date, time out idle or slow connections."""
         self.date.refresh()
         now = self.loop.time()
         for conn in list(self.connections):
             conn.check_deadline(now)
 
-    def connection_opened(self, conn: HttpProtocol) -> None:
+    def connection_opened(self, conn: OpenConnection) -> None:
         self.connections.add(conn)
         self.slot.conns = len(self.connections)
 
-    def connection_closed(self, conn: HttpProtocol) -> None:
+    def connection_closed(self, conn: OpenConnection) -> None:
         self.connections.discard(conn)
         self.slot.conns = len(self.connections)
+
+
+def _unset_dispatch(ex: Exchange) -> None:
+    ex.fail(503, "worker not ready")

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.conftest import connect, get, read_until_closed
-from zion.static import parse_range
+from zion.handlers.static import parse_range
 
 
 @pytest.fixture

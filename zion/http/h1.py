@@ -1,7 +1,7 @@
 """HTTP/1.1 connection protocol over httptools (llhttp).
 
 Connection state (transport, timers, pipeline) is kept apart from request
-state (RequestCycle). Limits are enforced while parsing: a request line over
+state (Exchange). Limits are enforced while parsing: a request line over
 limits.max_request_line gets 414, header sections over max_header_size or
 max_headers get 431, bodies over max_body_size 413, a header section not
 complete within header_timeout 408, anything unparsable 400 - each followed
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from zion.http import response
-from zion.http.cycle import RequestCycle
+from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
 from zion.log import get_logger
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = get_logger("zion.http")
 
-_ASGI = {"version": "3.0", "spec_version": "2.4"}
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 # Deadline kinds.
 _NONE, _FIRST, _HEADERS, _IDLE = 0, 1, 2, 3
 
@@ -42,15 +42,15 @@ class _Reject(Exception):
         self.detail = detail
 
 
-class HttpProtocol(asyncio.Protocol):
+class H1Protocol(asyncio.Protocol):
     __slots__ = (
         # connection
         "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
-        "read_paused", "closing", "deadline", "deadline_kind", "cycle", "pipeline",
+        "read_paused", "closing", "deadline", "deadline_kind", "current", "pipeline",
         "overloaded", "upgrade_seen", "served",
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
-        "parsing", "expect_100", "content_length",
+        "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -67,8 +67,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         self.deadline = 0.0
         self.deadline_kind = _NONE
-        self.cycle: RequestCycle | None = None  # the one being answered
-        self.pipeline: deque[RequestCycle] = deque()  # parsed, waiting their turn
+        self.current: Exchange | None = None  # the one being answered
+        self.pipeline: deque[Exchange] = deque()  # parsed, waiting their turn
         self.overloaded = False
         self.upgrade_seen = False
         self.served = 0
@@ -79,9 +79,11 @@ class HttpProtocol(asyncio.Protocol):
         self.header_raw = 0
         self.in_headers = False
         self.began_in_chunk = False
-        self.parsing: RequestCycle | None = None
+        self.parsing: Exchange | None = None
         self.expect_100 = False
         self.content_length = 0
+        self.ws_upgrade = False  # this request asks for `upgrade: websocket`
+        self.ws_pending: dict[str, Any] | None = None  # its scope, until the switch
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -104,10 +106,10 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.state.connection_closed(self)
-        if self.cycle is not None:
-            self.cycle.lost()
-        for cycle in self.pipeline:
-            cycle.lost()
+        if self.current is not None:
+            self.current.lost()
+        for ex in self.pipeline:
+            ex.lost()
         self.flow.connection_lost()
         self.deadline_kind = _NONE
 
@@ -127,14 +129,18 @@ class HttpProtocol(asyncio.Protocol):
         was_in_headers = self.in_headers
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No protocol upgrades (WebSocket, h2c): answer over HTTP/1.1 and
-            # close, because the parser stops at the upgrade point.
+        except httptools.HttpParserUpgrade as exc:
+            if self.ws_pending is not None:
+                self._switch_to_websocket(data[exc.args[0]:] if exc.args else b"")
+                return
+            # Other upgrades (h2c, unknown protocols) are served as plain
+            # HTTP/1.1 and never switched; the parser stops at the upgrade
+            # point, so the connection closes after the answer.
             self.upgrade_seen = True
             if self.parsing is not None:
                 self.parsing.keep_alive = False
-            for cycle in self.pipeline:
-                cycle.keep_alive = False
+            for ex in self.pipeline:
+                ex.keep_alive = False
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, _Reject):
@@ -155,7 +161,7 @@ class HttpProtocol(asyncio.Protocol):
             if self.header_raw > self.limits.max_header_size + self.limits.max_request_line:
                 self.reject(431, "header section too large")
                 return
-        if self.cycle is None and self.pipeline:
+        if self.current is None and self.pipeline:
             self.start_next()
 
     # -- httptools callbacks ---------------------------------------------------
@@ -169,6 +175,7 @@ class HttpProtocol(asyncio.Protocol):
         self.began_in_chunk = True
         self.expect_100 = False
         self.content_length = 0
+        self.ws_upgrade = False
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.deadline_kind = _HEADERS
 
@@ -186,6 +193,8 @@ class HttpProtocol(asyncio.Protocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100 = True
+        elif name == b"upgrade" and value.lower() == b"websocket":
+            self.ws_upgrade = True
         elif name == b"content-length":
             try:
                 self.content_length = int(value)
@@ -217,7 +226,7 @@ class HttpProtocol(asyncio.Protocol):
             path = urllib.parse.unquote(path)
         scope: dict[str, Any] = {
             "type": "http",
-            "asgi": _ASGI,
+            "asgi": ASGI_VERSION,
             "http_version": parser.get_http_version(),
             "server": self.server,
             "client": self.client,
@@ -230,81 +239,54 @@ class HttpProtocol(asyncio.Protocol):
             "headers": self.headers,
             "state": self.state.lifespan_state.copy(),
         }
-        cycle = RequestCycle(self, scope, parser.should_keep_alive(), self.expect_100,
-                             self.loop.time())
-        self.parsing = cycle
-        self.pipeline.append(cycle)
-        if self.cycle is not None or len(self.pipeline) > 1:
+        if self.ws_upgrade and self.state.websocket_enabled and parser.should_upgrade():
+            # The switch happens when the parser stops at the upgrade point
+            # (HttpParserUpgrade in data_received); no HTTP exchange for it.
+            self.ws_pending = scope
+            return
+        ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, self.loop.time())
+        self.parsing = ex
+        self.pipeline.append(ex)
+        if self.current is not None or len(self.pipeline) > 1:
             # Pipelined: hold further input until earlier answers are out.
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
-        cycle = self.parsing
-        if cycle is None:
+        ex = self.parsing
+        if ex is None:
             return
-        if cycle.body_size + len(body) > self.limits.max_body_size:
+        if ex.received + len(body) > self.limits.max_body_size:
             raise _Reject(413, f"body larger than {self.limits.max_body_size} bytes")
-        if not cycle.response_complete:
-            cycle.feed_body(body)
+        if not ex.response_complete:
+            ex.feed_body(body)
 
     def on_message_complete(self) -> None:
-        cycle = self.parsing
+        ex = self.parsing
         self.parsing = None
-        if cycle is not None:
-            cycle.message_complete()
+        if ex is not None:
+            ex.message_complete()
 
     # -- request dispatch -----------------------------------------------------
 
     def start_next(self) -> None:
-        if self.cycle is not None or not self.pipeline or self.closing:
+        if self.current is not None or not self.pipeline or self.closing:
             return
-        cycle = self.cycle = self.pipeline.popleft()
-        state = self.state
-        path = cycle.scope["path"]
-        if state.builtins and (path == "/healthz" or path.startswith("/_zion/")):
-            from zion import builtin
-            builtin.respond(self, cycle)
-        elif self.overloaded:
-            self.send_error(503, "worker at max_connections", cycle)
-        elif state.static is not None and state.static.wants(cycle, has_app=state.app is not None):
-            state.static.serve(self, cycle)
-        elif state.app is not None:
-            cycle.run(state.app)
+        ex = self.current = self.pipeline.popleft()
+        if self.overloaded:
+            ex.fail(503, "worker at max_connections")
         else:
-            from zion import builtin
-            builtin.default_page(self, cycle)
+            self.state.dispatch(ex)
 
-    def respond(self, cycle: RequestCycle, status: int, body: bytes,
-                content_type: bytes = b"text/plain; charset=utf-8", extra: bytes = b"") -> None:
-        """Answer `cycle` with a fixed body in one write and finish it."""
-        keep_alive = cycle.keep_alive and not self.state.draining
-        cycle.keep_alive = keep_alive
-        cycle.status = status
-        cycle.response_started = True
-        cycle.written = 0 if cycle.head else len(body)
-        self.write(response.simple(status, body, self.state.date, content_type,
-                                   keep_alive=keep_alive, head=cycle.head, extra=extra))
-        cycle.response_complete = True
-        self.response_done(cycle)
-
-    def send_error(self, status: int, detail: str, cycle: RequestCycle | None = None) -> None:
-        self.write(response.error(status, self.state.date, detail))
-        if cycle is not None:
-            cycle.status = status
-            cycle.keep_alive = False
-            cycle.response_started = cycle.response_complete = True
-            self.response_done(cycle)
-
-    def response_done(self, cycle: RequestCycle) -> None:
+    def exchange_done(self, exchange: Exchange) -> None:
         state = self.state
         state.requests_total += 1
         self.served += 1
         if state.access_log:
-            self._access_log(cycle)
-        if self.cycle is cycle:
-            self.cycle = None
-        if (not cycle.keep_alive or state.draining or self.upgrade_seen
-                or not cycle.body_complete):
+            self._access_log(exchange)
+        if self.current is exchange:
+            self.current = None
+        if (not exchange.keep_alive or state.draining or self.upgrade_seen
+                or not exchange.body_complete):
             # A body the app never read would have to be drained first; closing
             # is cheaper and keeps the next request's framing unambiguous.
             self.close()
@@ -316,21 +298,39 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline_kind = _IDLE
         self.resume_reading()
 
-    def _access_log(self, cycle: RequestCycle) -> None:
-        scope = cycle.scope
-        log.info("access", method=scope["method"], path=scope["path"], status=cycle.status,
-                 bytes=cycle.written, client=self.client[0] if self.client else None,
-                 ms=round((self.loop.time() - cycle.started_at) * 1000, 2))
+    def _access_log(self, ex: Exchange) -> None:
+        scope = ex.scope
+        log.info("access", method=scope["method"], path=scope["path"], status=ex.status,
+                 bytes=ex.written, client=self.client[0] if self.client else None,
+                 ms=round((self.loop.time() - ex.started_at) * 1000, 2))
+
+    def _switch_to_websocket(self, trailing: bytes) -> None:
+        """Hand the transport to the WebSocket protocol, as uvicorn does with
+        transport.set_protocol: this object is done once it returns."""
+        scope, self.ws_pending = self.ws_pending, None
+        factory = self.state.websocket_factory
+        assert scope is not None and self.transport is not None and factory is not None
+        if self.current is not None or self.pipeline:
+            self.reject(400, "websocket upgrade pipelined behind another request")
+            return
+        self.closing = True  # nothing of ours runs on this transport any more
+        self.deadline_kind = _NONE
+        self.state.connection_closed(self)
+        ws = factory(scope, self.url, self.headers, trailing)
+        self.transport.set_protocol(ws)
+        ws.connection_made(self.transport)
+        if self.read_paused:
+            self.transport.resume_reading()
 
     # -- connection control ---------------------------------------------------
 
     def reject(self, status: int, detail: str) -> None:
         """Refuse the request being parsed and close the connection."""
-        if self.cycle is None or not self.cycle.response_started:
+        if self.current is None or not self.current.response_started:
             self.write(response.error(status, self.state.date, detail))
-        for cycle in (self.cycle, *self.pipeline):
-            if cycle is not None:
-                cycle.lost()
+        for ex in (self.current, *self.pipeline):
+            if ex is not None:
+                ex.lost()
         self.close()
 
     def check_deadline(self, now: float) -> None:
@@ -347,12 +347,15 @@ class HttpProtocol(asyncio.Protocol):
         An idle keep-alive connection is closed now (clients retry those). A
         new one that has not sent its first request yet is not idle: its
         request is on the way, so it is answered, with `connection: close`."""
-        if self.cycle is None and not self.pipeline and self.parsing is None and self.served:
+        if self.current is None and not self.pipeline and self.parsing is None and self.served:
             self.close()
 
     def write(self, data: bytes) -> None:
         if not self.closing and self.transport is not None:
             self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self.flow.drain()
 
     def close(self) -> None:
         if not self.closing:

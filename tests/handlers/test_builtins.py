@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from tests.conftest import get
-from zion.builtin import _is_loopback
+from zion.handlers.builtins import is_loopback
 
 
 async def test_healthz(start_zion):
     srv = start_zion("starlette_app:app")
-    resp = await get(srv.port, "/healthz")
+    resp = await get(srv.port, "/_zion/healthz")
     assert resp.status == 200 and resp.body == b"ok\n"
-    assert (await get(srv.port, "/healthz", method="POST")).status == 405
+    assert (await get(srv.port, "/_zion/healthz", method="POST")).status == 405
 
 
 async def test_status_json(start_zion):
@@ -30,21 +30,21 @@ async def test_default_page_names_the_worker(start_zion):
 
 
 def test_loopback_detection():
-    assert _is_loopback(("127.0.0.1", 1)) and _is_loopback(("127.9.9.9", 1))
-    assert _is_loopback(("::1", 1)) and _is_loopback(("::ffff:127.0.0.1", 1))
-    assert not _is_loopback(("10.0.0.1", 1)) and not _is_loopback(("2001:db8::1", 1))
-    assert not _is_loopback(None)
+    assert is_loopback(("127.0.0.1", 1)) and is_loopback(("127.9.9.9", 1))
+    assert is_loopback(("::1", 1)) and is_loopback(("::ffff:127.0.0.1", 1))
+    assert not is_loopback(("10.0.0.1", 1)) and not is_loopback(("2001:db8::1", 1))
+    assert not is_loopback(None)
 
 
 async def test_access_log_off_by_default_and_on_with_flag(start_zion):
     quiet = start_zion()
-    await get(quiet.port, "/healthz")
+    await get(quiet.port, "/_zion/healthz")
     assert not quiet.events("access")
     loud = start_zion("--access-log")
-    await get(loud.port, "/healthz?x=1")
+    await get(loud.port, "/_zion/healthz?x=1")
     from tests.conftest import wait_for
     line = wait_for(lambda: loud.events("access"), 10, "an access line")[0]
-    assert (line["method"], line["path"], line["status"]) == ("GET", "/healthz", 200)
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/_zion/healthz", 200)
 
 
 def test_doctor_shows_running_workers(start_zion, state_dir):
@@ -104,7 +104,7 @@ def test_status_is_forbidden_to_a_non_loopback_client(start_zion):
             "import ssl, sys, urllib.request, urllib.error\n"
             "ctx = ssl.create_default_context(); ctx.check_hostname = False\n"
             "ctx.verify_mode = ssl.CERT_NONE\n"
-            "for path in ('/_zion/status', '/healthz'):\n"
+            "for path in ('/_zion/status', '/_zion/healthz'):\n"
             "    try:\n"
             "        r = urllib.request.urlopen(f'https://10.213.0.1:{sys.argv[1]}' + path,"
             " context=ctx, timeout=10); print(path, r.status)\n"
@@ -112,7 +112,7 @@ def test_status_is_forbidden_to_a_non_loopback_client(start_zion):
             "        print(path, e.code)\n")
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", client,
                               str(srv.port)], capture_output=True, text=True, timeout=60)
-        assert out.stdout.split() == ["/_zion/status", "403", "/healthz", "200"], (
+        assert out.stdout.split() == ["/_zion/status", "403", "/_zion/healthz", "200"], (
             out.stdout + out.stderr)
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)

@@ -10,18 +10,18 @@ import stat
 from email.utils import formatdate, parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from zion.http import response
+from zion.handlers.builtins import ALLOW_GET
 
 if TYPE_CHECKING:
-    from zion.http.cycle import RequestCycle
-    from zion.http.protocol import HttpProtocol
+    from zion.http.exchange import Exchange
 
 _CHUNK = 256 * 1024
 
 
 class StaticFiles:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, tasks: set[asyncio.Task[None]]) -> None:
         self.root = os.path.realpath(root)
+        self.tasks = tasks  # the worker's: keeps file copies referenced until done
 
     def resolve(self, url_path: str) -> str | None:
         """The file a URL path names, or None if it is outside root or missing."""
@@ -34,34 +34,34 @@ class StaticFiles:
             candidate = os.path.join(candidate, "index.html")
         return candidate if os.path.isfile(candidate) else None
 
-    def wants(self, cycle: RequestCycle, has_app: bool) -> bool:
+    def wants(self, ex: Exchange, has_app: bool) -> bool:
         # With an app, only paths that exist are ours; without one, all are.
         if not has_app:
             return True
-        method = cycle.scope["method"]
-        return method in ("GET", "HEAD") and self.resolve(cycle.scope["path"]) is not None
+        method = ex.scope["method"]
+        return method in ("GET", "HEAD") and self.resolve(ex.scope["path"]) is not None
 
-    def serve(self, proto: HttpProtocol, cycle: RequestCycle) -> None:
-        if cycle.scope["method"] not in ("GET", "HEAD"):
-            proto.respond(cycle, 405, b"405 Method Not Allowed\n", extra=b"allow: GET, HEAD\r\n")
+    def serve(self, ex: Exchange) -> None:
+        if ex.scope["method"] not in ("GET", "HEAD"):
+            ex.respond(405, b"405 Method Not Allowed\n", extra=ALLOW_GET)
             return
-        path = self.resolve(cycle.scope["path"])
+        path = self.resolve(ex.scope["path"])
         if path is None:
-            proto.respond(cycle, 404, b"404 Not Found\n")
+            ex.respond(404, b"404 Not Found\n")
             return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            proto.respond(cycle, 404, b"404 Not Found\n")
+            ex.respond(404, b"404 Not Found\n")
             return
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            proto.respond(cycle, 404, b"404 Not Found\n")
+            ex.respond(404, b"404 Not Found\n")
             return
-        task = proto.loop.create_task(_send_file(proto, cycle, fd, path, st))
-        proto.state.background.add(task)
-        task.add_done_callback(proto.state.background.discard)
+        task = ex.conn.loop.create_task(_send_file(ex, fd, path, st))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -110,16 +110,14 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | bool | None:
     return start, min(end, size - 1)
 
 
-async def _send_file(proto: HttpProtocol, cycle: RequestCycle, fd: int, path: str,
-                     st: os.stat_result) -> None:
+async def _send_file(ex: Exchange, fd: int, path: str, st: os.stat_result) -> None:
     try:
-        await _send_file_inner(proto, cycle, fd, path, st)
+        await _send_file_inner(ex, fd, path, st)
     finally:
         os.close(fd)
 
 
-async def _send_file_inner(proto: HttpProtocol, cycle: RequestCycle, fd: int, path: str,
-                           st: os.stat_result) -> None:
+async def _send_file_inner(ex: Exchange, fd: int, path: str, st: os.stat_result) -> None:
     mtime = int(st.st_mtime)
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode()
     ctype, _encoding = mimetypes.guess_type(path)
@@ -131,12 +129,10 @@ async def _send_file_inner(proto: HttpProtocol, cycle: RequestCycle, fd: int, pa
         b"last-modified: ", formatdate(mtime, usegmt=True).encode(), b"\r\n",
         b"accept-ranges: bytes\r\n",
     ))
-    headers = cycle.scope["headers"]
+    headers = ex.scope["headers"]
     if _not_modified(headers, etag, mtime):
-        cycle.status = 304
-        cycle.response_started = cycle.response_complete = True
-        proto.write(response.status_line(304) + proto.state.date.prefix + common + b"\r\n")
-        proto.response_done(cycle)
+        ex.send_head(304, common, 0)
+        ex.complete()
         return
     size = st.st_size
     start, end, status, extra = 0, size - 1, 200, b""
@@ -144,48 +140,33 @@ async def _send_file_inner(proto: HttpProtocol, cycle: RequestCycle, fd: int, pa
     if rng is not None and _header(headers, b"if-range") in (None, etag):
         parsed = parse_range(rng, size)
         if parsed is False:
-            proto.respond(cycle, 416, b"416 Range Not Satisfiable\n",
-                          extra=b"content-range: bytes */%d\r\n" % size)
+            ex.respond(416, b"416 Range Not Satisfiable\n",
+                       extra=b"content-range: bytes */%d\r\n" % size)
             return
         if isinstance(parsed, tuple):
             start, end = parsed
             status = 206
             extra = b"content-range: bytes %d-%d/%d\r\n" % (start, end, size)
     length = end - start + 1 if size else 0
-    keep_alive = cycle.keep_alive and not proto.state.draining
-    cycle.keep_alive = keep_alive
-    head = b"".join((
-        response.status_line(status), proto.state.date.prefix, common, extra,
-        b"content-type: ", ctype.encode(), b"\r\n",
-        b"content-length: %d\r\n" % length,
-        b"" if keep_alive else b"connection: close\r\n",
-        b"\r\n",
-    ))
-    cycle.status = status
-    cycle.response_started = True
-    proto.write(head)
-    if not cycle.head:
-        await _copy(proto, cycle, fd, start, length)
-    cycle.response_complete = True
-    if not cycle.disconnected:
-        proto.response_done(cycle)
+    ex.send_head(status, common + extra + b"content-type: " + ctype.encode() + b"\r\n", length)
+    if not ex.head:
+        await _copy(ex, fd, start, length)
+    ex.complete()
 
 
-async def _copy(proto: HttpProtocol, cycle: RequestCycle, fd: int, offset: int,
-                remaining: int) -> None:
+async def _copy(ex: Exchange, fd: int, offset: int, remaining: int) -> None:
     # TLS rules out sendfile(2) (no kTLS here), so read in chunks and let the
     # transport's back-pressure pace us: a slow reader never grows memory.
     loop = asyncio.get_running_loop()
-    while remaining > 0 and not cycle.disconnected:
+    while remaining > 0 and not ex.disconnected:
         size = min(_CHUNK, remaining)
         chunk = os.pread(fd, size, offset) if size <= 65536 else await loop.run_in_executor(
             None, os.pread, fd, size, offset)
         if not chunk:
             break
-        proto.write(chunk)
-        cycle.written += len(chunk)
+        ex.write_raw(chunk)
         offset += len(chunk)
         remaining -= len(chunk)
-        await proto.flow.drain()
+        await ex.conn.drain()
     if remaining > 0:
-        proto.close()  # file shrank under us: the length we promised is wrong
+        ex.conn.close()  # file shrank under us: the length we promised is wrong

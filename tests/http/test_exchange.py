@@ -1,0 +1,175 @@
+"""The exchange over a fake transport: the app runs in a real Task, spec 2.4
+disconnects, response framing and header checks, write back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+
+from tests.support.fake_transport import connect, make_state, settle, until
+
+GET = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+def _status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+async def test_app_runs_inside_a_task_from_its_first_line():
+    seen: dict[str, Any] = {}
+
+    async def app(scope, receive, send):
+        seen["task"] = asyncio.current_task()
+        seen["thread"] = await anyio.to_thread.run_sync(lambda: 42)
+        async with asyncio.timeout(5):
+            await receive()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(asyncio.sleep(0))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    tr = connect(make_state(), app)
+    tr.feed(GET)
+    await until(lambda: tr.buffer.endswith(b"ok"))
+    assert isinstance(seen["task"], asyncio.Task) and seen["thread"] == 42
+
+
+async def test_body_with_the_headers_or_later_gives_the_same_answer():
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"len=%d task=%d" % (
+            len(body), asyncio.current_task() is not None)})
+
+    head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n"
+    answers = []
+    for chunks in ([head + b"hello"], [head, b"hel", b"lo"]):
+        tr = connect(make_state(), app)
+        for chunk in chunks:
+            tr.feed(chunk)
+            await settle()
+        answers.append(tr.take().split(b"\r\n\r\n", 1)[1])
+    assert answers == [b"len=5 task=1", b"len=5 task=1"]
+
+
+async def test_send_after_disconnect_raises_oserror_and_receive_says_disconnect():
+    result: dict[str, Any] = {}
+    gone = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await gone.wait()
+        result["receive"] = await receive()
+        try:
+            await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        except OSError as exc:
+            result["send"] = exc
+            raise
+
+    state = make_state()
+    tr = connect(state, app)
+    tr.feed(GET)
+    await settle()
+    tr.protocol.connection_lost(None)
+    gone.set()
+    await settle()
+    assert result["receive"] == {"type": "http.disconnect"}
+    assert isinstance(result["send"], OSError)
+    assert not state.tasks  # the request task ended
+    assert state.slot.inflight == 0
+
+
+async def test_crlf_in_a_response_header_is_refused():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-evil", b"a\r\nset-cookie: stolen=1")]})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    tr = connect(make_state(), app)
+    tr.feed(GET)
+    await settle()
+    out = tr.take()
+    assert _status(out) == 500 and b"stolen" not in out and tr.closed
+
+
+async def test_a_slow_reader_pauses_the_app_instead_of_growing_memory():
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(10):
+            await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
+            sent.append(i)
+        await send({"type": "http.response.body", "body": b""})
+
+    tr = connect(make_state(), app)
+    tr.protocol.pause_writing()  # the transport's buffer is over its high-water mark
+    tr.feed(GET)
+    await settle()
+    assert sent == []  # the first chunk is written, then the app waits
+    tr.protocol.resume_writing()
+    await settle(30)
+    assert sent == list(range(10))
+
+
+async def test_max_connections_answers_503():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    state = make_state(limits={"max_connections": 1})
+    first = connect(state, app)
+    second = connect(state, app)
+    for tr in (first, second):
+        tr.feed(GET)
+    await settle()
+    assert _status(first.take()) == 200
+    assert _status(second.take()) == 503 and second.closed
+
+
+async def test_h2c_upgrade_is_served_as_http11_without_switching():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["type"].encode()})
+
+    tr = connect(make_state(), app)
+    tr.feed(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\n"
+            b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n")
+    await settle()
+    out = tr.take()
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"http")
+    assert b"101" not in out.split(b"\r\n", 1)[0]
+
+
+async def test_app_that_raises_before_responding_gets_500_and_worker_lives_on():
+    async def app(scope, receive, send):
+        raise RuntimeError("boom")
+
+    state = make_state()
+    tr = connect(state, app)
+    tr.feed(GET)
+    await settle()
+    assert _status(tr.take()) == 500 and tr.closed and not state.tasks
+
+
+async def test_pipelined_requests_are_answered_in_order():
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    tr = connect(make_state(), app)
+    tr.feed(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET /fast HTTP/1.1\r\nhost: x\r\n\r\n")
+    await settle(20)
+    out = tr.take()
+    assert out.index(b"/slow") < out.index(b"/fast")

@@ -1,0 +1,47 @@
+"""Built-in endpoints under /_zion/ only, so they never shadow an app's own
+routes: /_zion/healthz, and /_zion/status (loopback clients only)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zion.http.exchange import Exchange
+
+PREFIX = "/_zion/"
+ALLOW_GET = b"allow: GET, HEAD\r\n"
+
+
+def is_loopback(client: tuple[str, int] | None) -> bool:
+    if client is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(client[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+class Builtins:
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def respond(self, ex: Exchange) -> None:
+        """Answer a request whose path starts with PREFIX."""
+        path = ex.scope["path"]
+        if ex.scope["method"] not in ("GET", "HEAD"):
+            ex.respond(405, b"405 Method Not Allowed\n", extra=ALLOW_GET)
+        elif path == "/_zion/healthz":
+            ex.respond(200, b"ok\n")
+        elif path == "/_zion/status":
+            if not is_loopback(ex.conn.client):
+                ex.respond(403, b"403 Forbidden: /_zion/status is for loopback clients\n")
+                return
+            body = json.dumps(self.status(), indent=1).encode() + b"\n"
+            ex.respond(200, body, b"application/json")
+        else:
+            ex.respond(404, b"404 Not Found\n")
