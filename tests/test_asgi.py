@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import get, wait_for
+from tests.conftest import APPS, get, wait_for
 
 
 @pytest.fixture
@@ -80,3 +80,70 @@ def test_missing_attribute(start_zion):
     assert srv.proc.wait(30) == 3
     wait_for(lambda: srv.events("worker_boot_failed"), 5, "boot failure line")
     assert "has no attribute 'nope'" in srv.events("worker_boot_failed")[0]["error"]
+
+
+# -- app loading (fast, in-process) ------------------------------------------
+
+def test_load_app_shapes(monkeypatch):
+    from zion.asgi import load_app
+    from zion.errors import WorkerBootError
+
+    monkeypatch.syspath_prepend(str(APPS))
+    assert load_app("loading.shapes:asgi3").__name__ == "asgi3"
+    assert load_app("loading.shapes:factory", factory=True).__name__ == "asgi3"
+    with pytest.raises(WorkerBootError, match="looks like an app factory; add --factory"):
+        load_app("loading.shapes:factory")
+    with pytest.raises(WorkerBootError, match="takes 2 positional arguments"):
+        load_app("loading.shapes:wsgi_like")
+    with pytest.raises(WorkerBootError, match="not callable"):
+        load_app("loading.shapes:not_callable")
+    with pytest.raises(WorkerBootError, match="is a class"):
+        load_app("loading.shapes:AppClass")
+    with pytest.raises(WorkerBootError, match="module:attribute"):
+        load_app("loading.shapes")
+    with pytest.raises(WorkerBootError, match="no module named 'nowhere_at_all'"):
+        load_app("nowhere_at_all:app")
+
+
+async def test_asgi2_app_is_adapted(monkeypatch):
+    from zion.asgi import load_app
+
+    monkeypatch.syspath_prepend(str(APPS))
+    app = load_app("loading.shapes:asgi2")
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    await app({"type": "http"}, None, send)  # type: ignore[arg-type]
+    assert sent[-1]["body"] == b"asgi2"
+
+
+# -- app loading through `zion serve` ----------------------------------------
+
+async def test_factory_and_app_dir_through_serve(start_zion, tmp_path):
+    srv = start_zion("loading.shapes:factory", "--factory", "--app-dir", str(APPS),
+                     cwd=tmp_path)
+    assert (await get(srv.port, "/")).body == b"asgi3"
+
+
+def test_factory_without_flag_is_one_clear_boot_error(start_zion):
+    srv = start_zion("loading.shapes:factory", ready=False)
+    assert srv.proc.wait(30) == 3
+    boot = srv.events("worker_boot_failed")
+    assert boot and "add --factory" in boot[0]["error"]
+
+
+def test_lifespan_on_requires_lifespan_support(start_zion):
+    srv = start_zion("loading.shapes:asgi3", "--lifespan", "on", ready=False)
+    assert srv.proc.wait(30) == 3
+    boot = srv.events("worker_boot_failed")
+    assert boot and "does not support lifespan" in boot[0]["error"]
+
+
+async def test_lifespan_off_skips_startup(start_zion, tmp_path):
+    events = tmp_path / "events"
+    srv = start_zion("starlette_app:app", "--lifespan", "off",
+                     env={"ZION_TEST_EVENTS": str(events)})
+    assert (await get(srv.port, "/")).status == 200
+    assert not events.exists() or "startup" not in events.read_text()

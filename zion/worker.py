@@ -144,8 +144,9 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     quiet_since = None
     # Connections still in their TLS handshake are invisible until it ends, so
     # the worker is drained only once it has had no connection for a moment.
+    # App tasks that outlive their response (background tasks) count too.
     while loop.time() < deadline:
-        if state.connections:
+        if state.connections or state.tasks:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = loop.time()

@@ -310,8 +310,11 @@ class Exchange:
             slot.inflight -= 1
 
     def _app_failed(self, exc: Exception) -> None:
-        if self.disconnected and isinstance(exc, OSError):
-            return  # a framework's own "client went away" error
+        if self.disconnected:
+            # Most often the framework's own "client went away" (Starlette's
+            # ClientDisconnect after our OSError): nobody is left to answer.
+            log.debug("app_error_after_disconnect", path=self.scope["path"], error=repr(exc))
+            return
         log.error("app_error", path=self.scope["path"], error=repr(exc),
                   exc_info=not isinstance(exc, ProtocolError))
         if self.content_length is None and not self.disconnected:

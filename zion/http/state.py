@@ -12,7 +12,6 @@ from zion.http.response import DateCache
 if TYPE_CHECKING:
     from zion.config import Settings
     from zion.http.exchange import Exchange
-    from zion.status_board import Slot
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
                     Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -25,6 +24,14 @@ WebSocketFactory = Callable[[dict[str, Any], bytes, list[tuple[bytes, bytes]], b
                             asyncio.Protocol]
 
 
+class LoadSlot(Protocol):
+    """This worker's entry in the status board the demux reads: http/ only
+    keeps its two load counters current."""
+
+    conns: int
+    inflight: int
+
+
 class OpenConnection(Protocol):
     def check_deadline(self, now: float) -> None: ...
 
@@ -35,7 +42,7 @@ class OpenConnection(Protocol):
 
 class ServerState:
     def __init__(self, settings: Settings, worker_index: int,
-                 loop: asyncio.AbstractEventLoop, slot: Slot) -> None:
+                 loop: asyncio.AbstractEventLoop, slot: LoadSlot) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.worker_index = worker_index

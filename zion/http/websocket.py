@@ -345,8 +345,14 @@ class WebSocketProtocol(asyncio.Protocol):
         except ClientDisconnected:
             pass
         except Exception as exc:
-            log.error("app_error", path=self.scope["path"], error=repr(exc),
-                      exc_info=not isinstance(exc, ProtocolError))
+            if self.disconnect_code is not None:
+                # Typically Starlette's WebSocketDisconnect raised out of an
+                # endpoint after the client left: not an app failure.
+                log.debug("app_error_after_disconnect", path=self.scope["path"],
+                          error=repr(exc))
+            else:
+                log.error("app_error", path=self.scope["path"], error=repr(exc),
+                          exc_info=not isinstance(exc, ProtocolError))
             self._end(500, _INTERNAL_ERROR)
         else:
             if self.phase == _CONNECTING:
