@@ -182,6 +182,9 @@ class Lifespan:
 
         try:
             await self.app(scope, receive, send)
+            if not self.events["startup"].is_set():
+                self.supported = False
+                self.unsupported_by = "the app returned without answering lifespan.startup"
         except Exception as exc:
             if not started:
                 self.supported = False

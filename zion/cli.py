@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from zion import __version__, log
-from zion.config import DEMUX_MODES, LOG_FORMATS, LOG_LEVELS, Settings, load_settings, worker_count
+from zion.config import (
+    DEMUX_MODES,
+    LIFESPAN_MODES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Settings,
+    load_settings,
+    worker_count,
+)
 from zion.errors import ConfigError, ZionError
 
 DESCRIPTION = """\
@@ -66,6 +75,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None,
                        help="one log line per request (default off)")
+    serve.add_argument("--factory", action="store_true", default=None,
+                       help="APP is a callable with no arguments that returns the ASGI app")
+    serve.add_argument("--app-dir", metavar="DIR",
+                       help="put DIR first on sys.path before importing APP (default: cwd)")
+    serve.add_argument("--lifespan", choices=LIFESPAN_MODES,
+                       help="ASGI lifespan: auto (default), on (required), off")
+    serve.add_argument("--reload", action="store_true", default=None,
+                       help="development: reload workers with no downtime when a .py file "
+                       "changes")
+    serve.add_argument("--reload-dir", metavar="DIR", action="append", dest="reload_dirs",
+                       help="directory to watch with --reload (repeatable; default: app dir)")
+    serve.add_argument("--ws-max-size", type=int, metavar="BYTES",
+                       help="largest WebSocket message (default 16777216)")
+    serve.add_argument("--ws-ping-interval", type=float, metavar="S",
+                       help="seconds between WebSocket keep-alive pings (default 20, 0 = none)")
+    serve.add_argument("--ws-ping-timeout", type=float, metavar="S",
+                       help="seconds a pong may take before the WebSocket closes (default 20)")
+    serve.add_argument("--ws-per-message-deflate", action=argparse.BooleanOptionalAction,
+                       default=None, help="offer permessage-deflate (default on)")
 
     doctor = sub.add_parser(
         "doctor", help="check whether the eBPF demux can load here, and how to fix it",
@@ -86,13 +114,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     server = {"app": args.app, "host": args.host, "port": args.port,
-              "workers": args.workers, "root": args.root}
+              "workers": args.workers, "root": args.root, "factory": args.factory,
+              "app_dir": args.app_dir, "lifespan": args.lifespan, "reload": args.reload,
+              "reload_dirs": os.pathsep.join(args.reload_dirs) if args.reload_dirs else None}
+    websocket = {"max_size": args.ws_max_size, "ping_interval": args.ws_ping_interval,
+                 "ping_timeout": args.ws_ping_timeout,
+                 "per_message_deflate": args.ws_per_message_deflate}
     tls = {"certfile": args.ssl_certfile, "keyfile": args.ssl_keyfile}
     logs = {"format": args.log_format, "level": args.log_level, "access_log": args.access_log}
     demux: dict[str, Any] = {"mode": args.demux}
     if args.no_bpf_demux:
         demux["enabled"] = False
-    out = {"server": server, "tls": tls, "log": logs, "demux": demux}
+    out = {"server": server, "tls": tls, "log": logs, "demux": demux, "websocket": websocket}
     return {s: {k: v for k, v in vals.items() if v is not None} for s, vals in out.items()}
 
 

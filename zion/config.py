@@ -22,6 +22,7 @@ from zion.errors import ConfigError
 DEMUX_MODES = ("least-loaded", "hash", "cpu")
 LOG_FORMATS = ("logfmt", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LIFESPAN_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,11 @@ class ServerSettings:
     workers: int
     backlog: int
     builtins: bool
+    factory: bool
+    app_dir: str
+    lifespan: str
+    reload: bool
+    reload_dirs: str  # os.pathsep-separated
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,15 @@ class DemuxSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    max_size: int
+    ping_interval: float
+    ping_timeout: float
+    per_message_deflate: bool
+    max_queue: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     tls: TLSSettings
@@ -90,6 +105,7 @@ class Settings:
     supervisor: SupervisorSettings
     log: LogSettings
     demux: DemuxSettings
+    websocket: WebSocketSettings
     # Where the values came from, for error messages on reload and `zion doctor`.
     config_file: str | None = field(default=None)
     # Where --no-bpf-demux / enabled=false came from, for the boot line.
@@ -103,6 +119,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "supervisor": SupervisorSettings,
     "log": LogSettings,
     "demux": DemuxSettings,
+    "websocket": WebSocketSettings,
 }
 
 
@@ -130,6 +147,11 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "server.port": _port,
     "server.workers": lambda v: None if 0 <= v <= 1024 else "must be between 0 and 1024",
     "server.backlog": _positive,
+    "server.lifespan": _choice(LIFESPAN_MODES),
+    "websocket.max_size": _positive,
+    "websocket.ping_interval": _non_negative,
+    "websocket.ping_timeout": _non_negative,
+    "websocket.max_queue": _positive,
     "tls.min_version": _choice(("1.2", "1.3")),
     "limits.max_request_line": _positive,
     "limits.max_header_size": _positive,

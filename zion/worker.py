@@ -86,9 +86,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     loop = asyncio.get_running_loop()
     slot = board.slots[spec.index]
     server_settings = settings.server
-    # TODO(settings agent): direct attributes once [server] factory/app_dir/lifespan land.
-    app = (load_app(server_settings.app, getattr(server_settings, "factory", False),
-                    getattr(server_settings, "app_dir", "")) if server_settings.app else None)
+    app = (load_app(server_settings.app, server_settings.factory, server_settings.app_dir)
+           if server_settings.app else None)
     started = time.time()
 
     def status() -> dict[str, Any]:
@@ -109,10 +108,10 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
     state.dispatch = handler_chain(state, app, static,
                                    Builtins(status) if server_settings.builtins else None)
-    if app is not None and hasattr(settings, "websocket"):
+    if app is not None:
         state.websocket_factory = websocket_factory(state, app)
     lifespan = None
-    lifespan_mode = getattr(server_settings, "lifespan", "auto")
+    lifespan_mode = server_settings.lifespan
     if app is not None and lifespan_mode != "off":
         lifespan = Lifespan(app, state.lifespan_state)
         await lifespan.startup(settings.supervisor.boot_timeout,
