@@ -12,6 +12,8 @@ extras=${EXTRAS:-test}
 python=${PYTHON:-python3}
 
 want=(python3-bpfcc bpftool libcap2-bin curl)
+# chromium: the browser test (a page that opens wss:// back to zion).
+if [[ ",$extras," == *",test,"* ]]; then want+=(chromium); fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
