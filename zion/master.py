@@ -29,6 +29,7 @@ from zion.bpf_demux import DemuxOutcome, setup_demux
 from zion.config import Settings, worker_count
 from zion.errors import BindError, ZionError
 from zion.listeners import ListenerGroup, accept_queue_len, bind_group, bind_one
+from zion.reloader import FileWatcher, watch_dirs
 from zion.status_board import DRAINING, EMPTY, READY, STARTING, StatusBoard
 from zion.tls import build_context
 
@@ -108,6 +109,7 @@ class Master:
         self.ssl_ctx: ssl.SSLContext | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_sample = 0.0
+        self.watcher: FileWatcher | None = None
 
     # -- boot -----------------------------------------------------------------
 
@@ -126,6 +128,10 @@ class Master:
         self._install_signals()
         for index in range(self.count):
             self._spawn(index, self.generation, settings, self.ssl_ctx, self.layout)
+        if settings.server.reload:
+            self.watcher = FileWatcher(
+                watch_dirs(settings.server.reload_dirs, settings.server.app_dir), self._wake_w)
+            self.watcher.start()
         try:
             self._loop()
         finally:
@@ -471,6 +477,8 @@ class Master:
                         self._kill(pid, signal.SIGKILL)
                     self.stop_deadline = float("inf")
             else:
+                if self.watcher is not None and self.reload is None and self.watcher.take():
+                    self._begin_reload()
                 self._respawn_due()
                 self._check_boot_timeouts()
                 if self.retiring:
@@ -529,6 +537,8 @@ class Master:
             os.kill(pid, sig)
 
     def _cleanup(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         for r in self.retiring:
             r.sock.close()
         if self.layout is not None:

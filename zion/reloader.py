@@ -1,0 +1,60 @@
+"""--reload: watch source files and ask the master for a reload.
+
+The watcher thread only raises a flag and wakes the master's select(); the
+master runs the same zero-downtime reload as SIGHUP when no other reload is
+in flight, so a saved file never drops a request and a burst of saves while
+a reload runs ends in one more reload, not a lost change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from watchfiles import PythonFilter, watch
+
+from zion.log import get_logger
+
+logger = get_logger("zion.reloader")
+
+
+class FileWatcher:
+    def __init__(self, dirs: Sequence[str], wake_fd: int) -> None:
+        self.dirs = [str(Path(d).resolve()) for d in dirs]
+        self.wake_fd = wake_fd
+        self.changed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zion-reloader", daemon=True)
+
+    def start(self) -> None:
+        logger.info("reload_watching", dirs=self.dirs)
+        self._thread.start()
+
+    def take(self) -> bool:
+        """True once per batch of changes since the last call."""
+        if self.changed.is_set():
+            self.changed.clear()
+            return True
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        for changes in watch(*self.dirs, watch_filter=PythonFilter(), stop_event=self._stop,
+                             raise_interrupt=False):
+            paths = sorted({os.path.relpath(p) for _, p in changes})
+            logger.info("reload_files_changed", files=paths[:5], count=len(paths))
+            self.changed.set()
+            # A full pipe means the master is awake anyway.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.wake_fd, b"w")
+
+
+def watch_dirs(reload_dirs: str, app_dir: str) -> list[str]:
+    dirs = [d for d in reload_dirs.split(os.pathsep) if d]
+    return dirs or [app_dir or os.getcwd()]
