@@ -34,7 +34,7 @@ async def test_one_listener_per_worker_and_children(start_zion):
 
 async def test_ipv6(start_zion):
     srv = start_zion("--host", "::1")
-    resp = await get(srv.port, "/healthz", host="::1")
+    resp = await get(srv.port, "/_zion/healthz", host="::1")
     assert resp.status == 200
 
 
