@@ -1,7 +1,8 @@
 """The benchmark app, identical for every server: a raw ASGI callable (no
 framework), GET / -> 200 "Hello, world!" with content-type and content-length,
-lifespan handled. `app_pid` adds an x-pid header for the distribution runs;
-`app_mixed` holds its worker for 200 ms on /heavy (a blocking handler)."""
+lifespan handled, and a WebSocket echo on any path. `app_pid` adds an x-pid
+header for the distribution runs; `app_mixed` holds its worker for 200 ms on
+/heavy (a blocking handler)."""
 
 import os
 import time
@@ -20,9 +21,22 @@ async def _lifespan(receive, send):
             return
 
 
+async def _ws_echo(receive, send):
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": message.get("text"),
+                    "bytes": message.get("bytes")})
+
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         return await _lifespan(receive, send)
+    if scope["type"] == "websocket":
+        return await _ws_echo(receive, send)
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
 

@@ -158,3 +158,47 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def ws_echo(port: int, conns: int, seconds: float, size: int) -> dict:
+    """`conns` WebSocket connections (wss, the `websockets` client), each
+    sending a `size`-byte text message and waiting for its echo, for `seconds`."""
+    return asyncio.run(_ws_echo(port, conns, seconds, size))
+
+
+async def _ws_echo(port: int, conns: int, seconds: float, size: int) -> dict:
+    import websockets
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    payload = "x" * size
+    counts = [0] * conns
+    errors = 0
+    latencies: list[float] = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
+
+    async def one(i: int, deadline: float) -> None:
+        nonlocal errors
+        try:
+            async with websockets.connect(f"wss://127.0.0.1:{port}/ws", ssl=ctx,
+                                          max_size=None, compression=None) as ws:
+                while time.monotonic() < deadline:
+                    t0 = time.perf_counter()
+                    await ws.send(payload)
+                    if len(await ws.recv()) != size:
+                        errors += 1
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    counts[i] += 1
+        except Exception:
+            errors += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(one(i, start + seconds) for i in range(conns)))
+    elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"messages": sum(counts), "msgs_per_s": sum(counts) / elapsed, "errors": errors,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "client_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime
+                                                                 + before.ru_stime),
+            "seconds": elapsed, "conns": conns, "size": size}

@@ -64,6 +64,12 @@ def goals(s: dict[str, dict[str, Any]]) -> list[str]:
                      f"(goal ≤ 200 µs) — {'met' if z['b_cpu_us'][0] <= 200 else 'NOT met'}")
         lines.append(f"- resumed handshakes across workers: **{z['resumed'][0]:.0f} %** "
                      f"(goal ≥ 95 %) — {'met' if z['resumed'][0] >= 95 else 'NOT met'}")
+    if "zion" in s and "zion-before" in s:
+        z, b = s["zion"], s["zion-before"]
+        ratio = z["a_rps"][0] / b["a_rps"][0]
+        lines.append(f"- keep-alive, this commit vs zion-before: **{ratio:.2f}×** "
+                     f"req/s; server CPU per request {z['a_cpu_us'][0]:.1f} µs vs "
+                     f"{b['a_cpu_us'][0]:.1f} µs")
     if "zion" in s and "zion-nodemux" in s:
         over = 1 - s["zion"]["a_rps"][0] / s["zion-nodemux"]["a_rps"][0]
         lines.append(f"- demux overhead, keep-alive req/s vs no demux: **{over * 100:+.1f} %** "
@@ -137,14 +143,17 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
         ["reloads", "requests", "failed", "server alive after"],
         lambda v: [v["reloads"], v["requests"], v["failed"],
                    "yes" if v["server_survived"] else "NO"])
+    lines += _websocket(results.get("websocket"))
     lines += ["## Non-default settings", ""]
     lines += [f"- {k}: {v}" for k, v in meta["non_defaults"].items()]
     lines += ["", "## Exact commands", ""]
     for name, runs in results["throughput"].items():
         if runs:
             lines.append(f"- {name}: `{' '.join(runs[0]['argv'])}`")
-    lines += ["- load: `" + " ".join(next(iter(results["throughput"].values()))[0]["A"]["argv"])
-              + "` and the same with `-c32 -H 'Connection: close'`", ""]
+    first = next((runs for runs in results["throughput"].values() if runs), None)
+    if first:
+        lines += ["- load: `" + " ".join(first[0]["A"]["argv"])
+                  + "` and the same with `-c32 -H 'Connection: close'`", ""]
     plots = _plots(results, s, outdir, stamp)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     md = outdir / f"{stamp}-{meta['mode']}.md"
@@ -154,7 +163,36 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
     return md
 
 
+def _websocket(rows: dict | None) -> list[str]:
+    if not rows:
+        return []
+    out = ["## WebSocket echo (2 workers, wss, 16 connections, one message in flight each)", "",
+           "Client: the `websockets` library in one asyncio process (it shares the 2 cores, "
+           "so msgs/s is client-bound; server CPU per message is the comparable figure). "
+           "Median [min–max] over rounds.", "",
+           "| server | 64 B msgs/s | 64 B server CPU µs/msg | 64 B p99 ms | 16 KiB msgs/s | "
+           "16 KiB server CPU µs/msg | errors |", "|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        ok = [r for r in runs if "unsupported" not in r and r["64"]["messages"] > 0]
+        if not ok:
+            out.append(f"| {name} | no WebSocket: every handshake refused | – | – | – | – | "
+                       f"{sum(r.get('64', {}).get('errors', 0) for r in runs)} |")
+            continue
+        small = [r["64"] for r in ok]
+        big = [r["16384"] for r in ok]
+        out.append(
+            f"| {name} | {_fmt(_med([x['msgs_per_s'] for x in small]))} | "
+            f"{_fmt(_med([x['server_cpu_per_msg_us'] for x in small]), 1)} | "
+            f"{_fmt(_med([x['p99_ms'] for x in small]), 2)} | "
+            f"{_fmt(_med([x['msgs_per_s'] for x in big]))} | "
+            f"{_fmt(_med([x['server_cpu_per_msg_us'] for x in big]), 1)} | "
+            f"{sum(x['errors'] for x in small + big)} |")
+    return [*out, ""]
+
+
 def _plots(results: dict, s: dict, outdir: Path, stamp: str) -> list[Path]:
+    if not s:
+        return []
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -32,6 +32,7 @@ import report
 from servers import NON_DEFAULTS, REPO, SERVERS, WORK, Ctx, Running, ServerDef
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("throughput", "stalled", "mixed", "reload", "websocket")
 
 
 def make_cert() -> tuple[Path, Path]:
@@ -125,6 +126,23 @@ def reloads(sdef: ServerDef, ctx: Ctx, secs: float, count: int) -> dict:
             "reloads": count, "server_survived": alive}
 
 
+def websocket(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """WebSocket echo over wss: small and 16 KiB text messages, 16 connections."""
+    run = Running(sdef, ctx, WORK / "logs")
+    out = {}
+    try:
+        for size in (64, 16384):
+            load.ws_echo(run.port, 16, 1.0, size)  # warm-up
+            cpu0 = run.cpu_seconds()
+            res = load.ws_echo(run.port, 16, secs, size)
+            res["server_cpu_s"] = run.cpu_seconds() - cpu0
+            res["server_cpu_per_msg_us"] = res["server_cpu_s"] / max(res["messages"], 1) * 1e6
+            out[str(size)] = res
+    finally:
+        run.stop()
+    return out
+
+
 def versions() -> dict:
     from servers import VENV
     out = subprocess.run([str(VENV / "bin/pip"), "freeze"], capture_output=True,
@@ -145,6 +163,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, short runs")
     parser.add_argument("--servers", help="comma-separated subset, e.g. zion,uvicorn")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--report", metavar="JSON",
                         help="only re-render the Markdown and plots of a saved run")
     args = parser.parse_args()
@@ -157,35 +177,49 @@ def main() -> int:
     rounds = 1 if quick else 3
     secs = 3.0 if quick else 10.0
     chosen = [s for s in SERVERS if not args.servers or s.name in args.servers.split(",")]
+    wanted = set(args.scenarios.split(","))
     cert, key = make_cert()
     ctx2 = Ctx(cert, key, workers=2)
     started = time.time()
-    results: dict = {"throughput": {s.name: [] for s in chosen}}
-    for r in range(rounds):
-        for sdef in chosen:
+    # uvicorn-wsproto differs from uvicorn only in its WebSocket implementation.
+    http_servers = [s for s in chosen if s.name != "uvicorn-wsproto"]
+    results: dict = {"throughput": {s.name: [] for s in http_servers}}
+    for r in range(rounds if "throughput" in wanted else 0):
+        for sdef in http_servers:
             print(f"round {r + 1}/{rounds}: {sdef.name}", file=sys.stderr, flush=True)
             results["throughput"][sdef.name].append(throughput(sdef, ctx2, secs))
-    scenario_servers = [s for s in chosen if not quick or s.name in (
+    scenario_servers = [s for s in http_servers if not quick or s.name in (
         "zion", "zion-nodemux", "uvicorn", "nginx")]
     ctx4 = Ctx(cert, key, workers=4)
     results["stalled"] = {}
-    for sdef in scenario_servers:
+    for sdef in scenario_servers if "stalled" in wanted else []:
         print(f"stalled worker: {sdef.name}", file=sys.stderr, flush=True)
         results["stalled"][sdef.name] = stalled(sdef, ctx4, 4.0 if quick else 6.0)
     ctx_mixed = Ctx(cert, key, workers=4, app="app:app_mixed")
     results["mixed"] = {}
-    for sdef in scenario_servers:
+    for sdef in scenario_servers if "mixed" in wanted else []:
         if sdef.family == "nginx":
             continue  # nginx does not run the Python app
         print(f"mixed load: {sdef.name}", file=sys.stderr, flush=True)
         results["mixed"][sdef.name] = mixed(sdef, ctx_mixed, 4.0 if quick else 10.0)
     results["reload"] = {}
-    for sdef in scenario_servers:
+    for sdef in scenario_servers if "reload" in wanted else []:
         if sdef.reload_signal is None:
             continue
         print(f"reload under load: {sdef.name}", file=sys.stderr, flush=True)
         results["reload"][sdef.name] = reloads(sdef, ctx2, 6.0 if quick else 15.0,
                                                3 if quick else 10)
+    results["websocket"] = {}
+    ws_servers = [s for s in chosen if s.family in ("zion", "uvicorn", "granian", "hypercorn")
+                  and s.name not in ("zion-hash", "zion-nodemux")]
+    for r in range(rounds if "websocket" in wanted else 0):
+        for sdef in ws_servers:
+            print(f"websocket echo {r + 1}/{rounds}: {sdef.name}", file=sys.stderr, flush=True)
+            try:
+                res = websocket(sdef, ctx2, secs)
+            except Exception as exc:
+                res = {"unsupported": repr(exc)}
+            results["websocket"].setdefault(sdef.name, []).append(res)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     results["meta"] = {

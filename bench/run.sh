@@ -15,9 +15,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   systemctl stop nginx >/dev/null 2>&1 || pkill -x nginx || true
 fi
 work=bench/.work
-if [ ! -x "$work/venv/bin/granian" ]; then
+if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsproto' 2>/dev/null; then
   python3 -m venv "$work/venv"
   "$work/venv/bin/pip" install -q --disable-pip-version-check \
-    'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian hypercorn matplotlib
+    'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian hypercorn matplotlib \
+    wsproto websockets
 fi
 exec "$work/venv/bin/python" bench/run.py "$@"

@@ -48,14 +48,18 @@ class ServerDef:
         w, c, k, app = str(ctx.workers), str(ctx.cert), str(ctx.key), ctx.app
         bin_ = VENV / "bin"
         if self.family == "zion":
-            return [str(REPO / ".venv/bin/zion"), "serve", app, "--host", "127.0.0.1", "--port",
+            # zion-before: the same venv running another checkout's zion package.
+            src = os.environ.get("ZION_BENCH_BEFORE") if self.name == "zion-before" else None
+            head = (["env", f"PYTHONPATH={src}", str(REPO / ".venv/bin/python"), "-m", "zion"]
+                    if src else [str(REPO / ".venv/bin/zion")])
+            return [*head, "serve", app, "--host", "127.0.0.1", "--port",
                     str(port), "--workers", w, "--ssl-certfile", c, "--ssl-keyfile", k,
                     "--log-level", "warning", *self.extra]
         if self.family == "uvicorn":
             return [str(bin_ / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
                     "--workers", w, "--loop", "uvloop", "--http", "httptools",
                     "--ssl-keyfile", k, "--ssl-certfile", c, "--no-access-log",
-                    "--log-level", "warning"]
+                    "--log-level", "warning", *self.extra]
         if self.family == "gunicorn":
             return [str(bin_ / "gunicorn"), app, "-k", "uvicorn_worker.UvicornWorker", "-w", w,
                     "-b", f"127.0.0.1:{port}", "--keyfile", k, "--certfile", c,
@@ -75,9 +79,14 @@ class ServerDef:
 
 SERVERS = [
     ServerDef("zion", "zion", reload_signal=signal.SIGHUP),
+    # Only with ZION_BENCH_BEFORE=<a checkout of an earlier commit>: before/after.
+    *([ServerDef("zion-before", "zion", reload_signal=signal.SIGHUP)]
+      if os.environ.get("ZION_BENCH_BEFORE") else []),
     ServerDef("zion-hash", "zion", ["--demux", "hash"], reload_signal=signal.SIGHUP),
     ServerDef("zion-nodemux", "zion", ["--no-bpf-demux"], reload_signal=signal.SIGHUP),
     ServerDef("uvicorn", "uvicorn", reload_signal=signal.SIGHUP),
+    # WebSocket scenario only: uvicorn's other WebSocket implementation.
+    ServerDef("uvicorn-wsproto", "uvicorn", ["--ws", "wsproto"], reload_signal=signal.SIGHUP),
     ServerDef("gunicorn-uvicorn", "gunicorn", reload_signal=signal.SIGHUP),
     ServerDef("granian", "granian"),
     ServerDef("hypercorn", "hypercorn"),

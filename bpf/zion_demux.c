@@ -1,7 +1,7 @@
 /*
  * zion_demux: BPF_PROG_TYPE_SK_REUSEPORT program that picks, for every new
  * connection, which worker's listening socket in zion's SO_REUSEPORT group
- * receives it. Compiled at run time by bcc (zion/bpf_demux.py).
+ * receives it. Compiled at run time by bcc (zion/demux/).
  *
  * Reads
  *   md->hash        the kernel's flow hash of the connection (4-tuple)
@@ -43,7 +43,7 @@
  * reuseport sockarray and bpf_sk_select_reuseport 4.19). CAP_BPF (5.8+) or
  * CAP_SYS_ADMIN to load.
  *
- * -D parameters (zion/bpf_demux.py prepends them as #defines, so the text
+ * -D parameters (zion/demux/program.py prepends them as #defines, so the text
  * printed by `zion doctor --ebpf` is exactly what was compiled):
  *   ZION_WORKERS        number of workers (slots), 1..256
  *   ZION_SOCKARRAY_FD   fd of the reuseport sockarray in the loading process
@@ -56,7 +56,7 @@
 #define ZION_MODE_LEAST_LOADED 1
 #define ZION_MODE_CPU 2
 
-/* struct zion_slot.state, as zion/status_board.py */
+/* struct zion_slot.state, as SlotState in zion/demux/board.py */
 #define ZION_SLOT_EMPTY 0
 #define ZION_SLOT_STARTING 1
 #define ZION_SLOT_READY 2

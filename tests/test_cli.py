@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import APPS, REPO
 from zion import __version__
-from zion.config import load_settings
 from zion.errors import ConfigError
+from zion.settings import load_settings
 
 
 def zion(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from tests.conftest import APPS, REPO
-from zion.config import TLSSettings
 from zion.errors import TLSConfigError
+from zion.settings import TLSSettings
 from zion.tls import build_context, ensure_self_signed
 
 

@@ -1,8 +1,9 @@
 """The `zion` command. The only place that turns errors into exit codes.
 
-Exit codes: 0 ok; 1 runtime failure (e.g. cannot bind); 2 bad configuration,
-certificate or key; 3 a worker can never start (the app does not import,
-its lifespan startup fails, or it crash-loops before becoming ready).
+Exit codes (zion.errors.ExitCode): 0 ok; 1 runtime failure (e.g. cannot bind);
+2 bad configuration, certificate or key; 3 a worker can never start (the app
+does not import, its lifespan startup fails, or it crash-loops before
+becoming ready).
 """
 
 from __future__ import annotations
@@ -12,19 +13,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 
 from zion import __version__, log
-from zion.config import (
-    DEMUX_MODES,
-    LIFESPAN_MODES,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    Settings,
-    load_settings,
-    worker_count,
-)
-from zion.errors import ConfigError, ZionError
+from zion.errors import ConfigError, ExitCode, ZionError
+from zion.settings import Declared, DemuxMode, Settings, declared, load_settings, worker_count
 
 DESCRIPTION = """\
 zion: an asyncio HTTPS server for Python (ASGI) apps. The master binds one
@@ -34,8 +28,9 @@ privilege for it, the kernel's reuseport hash is used instead.
 """
 
 SERVE_EPILOG = """\
-configuration, lowest precedence first: the embedded default (config/zion.toml),
---config FILE, ZION_<SECTION>_<KEY> environment variables, then these flags.
+configuration, lowest precedence first: the defaults (config/zion.toml lists
+them), --config FILE, ZION_<SECTION>_<KEY> environment variables, then these
+flags. --no-bpf-demux skips the demux: the kernel's reuseport hash is used.
 Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads code and configuration
 with no downtime.
 
@@ -56,44 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="run the server", description="Run the HTTPS server.",
         epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("app", nargs="?", metavar="APP",
-                       help="ASGI application as module:attribute (default: none)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1; '::' for IPv6)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8443; 0 = any free)")
-    serve.add_argument("--workers", type=int,
-                       help="worker processes, one listener each (default: CPU count)")
     serve.add_argument("--config", metavar="FILE", help="a TOML file overriding the defaults")
-    serve.add_argument("--root", metavar="DIR", help="serve static files from DIR")
-    serve.add_argument("--ssl-certfile", metavar="PEM",
-                       help="certificate chain (default: a self-signed one, made once)")
-    serve.add_argument("--ssl-keyfile", metavar="PEM", help="private key for --ssl-certfile")
-    serve.add_argument("--no-bpf-demux", action="store_true",
-                       help="do not load the eBPF demux; use the kernel's reuseport hash")
-    serve.add_argument("--demux", choices=DEMUX_MODES,
-                       help="demux policy (default least-loaded)")
-    serve.add_argument("--log-format", choices=LOG_FORMATS, help="default logfmt")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
-    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None,
-                       help="one log line per request (default off)")
-    serve.add_argument("--factory", action="store_true", default=None,
-                       help="APP is a callable with no arguments that returns the ASGI app")
-    serve.add_argument("--app-dir", metavar="DIR",
-                       help="put DIR first on sys.path before importing APP (default: cwd)")
-    serve.add_argument("--lifespan", choices=LIFESPAN_MODES,
-                       help="ASGI lifespan: auto (default), on (required), off")
-    serve.add_argument("--reload", action="store_true", default=None,
-                       help="development: reload workers with no downtime when a .py file "
-                       "changes")
-    serve.add_argument("--reload-dir", metavar="DIR", action="append", dest="reload_dirs",
-                       help="directory to watch with --reload (repeatable; default: app dir)")
-    serve.add_argument("--ws-max-size", type=int, metavar="BYTES",
-                       help="largest WebSocket message (default 16777216)")
-    serve.add_argument("--ws-ping-interval", type=float, metavar="S",
-                       help="seconds between WebSocket keep-alive pings (default 20, 0 = none)")
-    serve.add_argument("--ws-ping-timeout", type=float, metavar="S",
-                       help="seconds a pong may take before the WebSocket closes (default 20)")
-    serve.add_argument("--ws-per-message-deflate", action=argparse.BooleanOptionalAction,
-                       default=None, help="offer permessage-deflate (default on)")
+    _add_setting_flags(serve)
 
     doctor = sub.add_parser(
         "doctor", help="check whether the eBPF demux can load here, and how to fix it",
@@ -102,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         "Exit 0 when ready.")
     doctor.add_argument("--config", metavar="FILE", help="a TOML file overriding the defaults")
     doctor.add_argument("--workers", type=int, help="workers to compile the program for")
-    doctor.add_argument("--demux", choices=DEMUX_MODES, help="demux policy to compile")
+    doctor.add_argument("--demux", choices=[m.value for m in DemuxMode],
+                        help="demux policy to compile")
     doctor.add_argument("--ebpf", action="store_true",
                         help="print the exact program text that was compiled")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -112,21 +72,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_GROUPS = {"server": "application and network", "tls": "TLS", "log": "logging",
+           "demux": "eBPF demux", "websocket": "WebSocket"}
+
+
+def _dest(d: Declared) -> str:
+    return f"{d.section}__{d.name}"
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting that declares one (zion/settings.py): the help is
+    the declaration's, with its default."""
+    groups: dict[str, Any] = {}
+    for d in declared():
+        if d.flag is None:
+            continue
+        title = _GROUPS.get(d.section, d.section)
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        default = ("on" if d.default else "off") if d.type is bool else (
+            f"{d.default}" if d.default != "" else "none")
+        text = f"{d.help} (default: {default}; [{d.section}] {d.name})"
+        if d.flag.name == "app":
+            group.add_argument("app", nargs="?", metavar="APP", help=text, default=None,
+                               type=str)
+            continue
+        kwargs: dict[str, Any] = {"dest": _dest(d), "default": None, "help": text}
+        if d.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif d.flag.repeat:
+            kwargs.update(action="append", metavar=d.flag.metavar)
+        elif isinstance(d.type, type) and issubclass(d.type, StrEnum):
+            kwargs["choices"] = [m.value for m in d.type]
+        else:
+            kwargs["metavar"] = d.flag.metavar or d.name.upper()
+        group.add_argument(d.flag.name, **kwargs)
+
+
 def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    server = {"app": args.app, "host": args.host, "port": args.port,
-              "workers": args.workers, "root": args.root, "factory": args.factory,
-              "app_dir": args.app_dir, "lifespan": args.lifespan, "reload": args.reload,
-              "reload_dirs": os.pathsep.join(args.reload_dirs) if args.reload_dirs else None}
-    websocket = {"max_size": args.ws_max_size, "ping_interval": args.ws_ping_interval,
-                 "ping_timeout": args.ws_ping_timeout,
-                 "per_message_deflate": args.ws_per_message_deflate}
-    tls = {"certfile": args.ssl_certfile, "keyfile": args.ssl_keyfile}
-    logs = {"format": args.log_format, "level": args.log_level, "access_log": args.access_log}
-    demux: dict[str, Any] = {"mode": args.demux}
-    if args.no_bpf_demux:
-        demux["enabled"] = False
-    out = {"server": server, "tls": tls, "log": logs, "demux": demux, "websocket": websocket}
-    return {s: {k: v for k, v in vals.items() if v is not None} for s, vals in out.items()}
+    """The flags given, as settings: {section: {key: value}} (values are
+    validated with everything else in load_settings)."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in declared():
+        if d.flag is None:
+            continue
+        value = args.app if d.flag.name == "app" else getattr(args, _dest(d))
+        if value is None:
+            continue
+        if d.flag.repeat:
+            value = os.pathsep.join(value)
+        out.setdefault(d.section, {})[d.name] = value
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         return _doctor(args)
     parser.print_help()
-    return 2
+    return ExitCode.CONFIG
 
 
 def _load(args: argparse.Namespace, cli: dict[str, dict[str, Any]]) -> Settings:
@@ -145,7 +140,7 @@ def _load(args: argparse.Namespace, cli: dict[str, dict[str, Any]]) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from zion import master
+    from zion.supervisor import master
 
     cli = _cli_overrides(args)
     try:
@@ -161,7 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
         logger.error("fatal", error=str(exc), kind=type(exc).__name__, exit_code=exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 def _print_running(url: str, as_json: bool) -> int:
@@ -178,7 +173,7 @@ def _print_running(url: str, as_json: bool) -> int:
             status = json.load(resp)
     except (OSError, urllib.error.URLError, ValueError) as exc:
         print(f"zion: cannot read {url}/_zion/status: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     if as_json:
         print(json.dumps(status))
         return 0
@@ -198,7 +193,7 @@ def _print_running(url: str, as_json: bool) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from zion import readiness
+    from zion.demux import readiness
 
     cli: dict[str, dict[str, Any]] = {"server": {}, "demux": {}}
     if args.workers is not None:
@@ -239,4 +234,4 @@ def _doctor(args: argparse.Namespace) -> int:
         else:
             print("(no program was compiled: the probe stopped before compiling)",
                   file=sys.stderr)
-    return 0 if report.state is readiness.DemuxReadiness.READY else 1
+    return ExitCode.OK if report.state is readiness.DemuxReadiness.READY else ExitCode.FAILURE

@@ -19,8 +19,8 @@ import ssl
 import tempfile
 from pathlib import Path
 
-from zion.config import TLSSettings
 from zion.errors import TLSConfigError
+from zion.settings import TLSSettings
 
 SELF_SIGNED_NAME = "selfsigned.pem"
 _RENEW_BEFORE = datetime.timedelta(days=7)

@@ -21,8 +21,8 @@ import uvloop
 
 from zion import caps, log
 from zion.asgi import Lifespan, load_app
-from zion.config import Settings
-from zion.errors import WorkerBootError
+from zion.demux.board import StatusBoard
+from zion.errors import ExitCode, WorkerBootError
 from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
@@ -30,12 +30,7 @@ from zion.http.exchange import Exchange
 from zion.http.h1 import H1Protocol
 from zion.http.state import ASGIApp, Dispatch, ServerState
 from zion.http.websocket import WebSocketProtocol, request_bytes
-from zion.status_board import StatusBoard
-
-# Exit codes a worker uses to tell the master why it stopped.
-EXIT_OK = 0
-EXIT_BOOT_ERROR = 3  # can never start: the master must not respawn it forever
-EXIT_CRASH = 1
+from zion.settings import Settings
 
 _TICK = 0.5  # seconds between Date refreshes and timeout sweeps
 _DRAIN_QUIET = 0.1  # seconds without connections before a draining worker exits
@@ -76,7 +71,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: S
         return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info))
     except WorkerBootError as exc:
         logger.error("worker_boot_failed", error=str(exc))
-        return EXIT_BOOT_ERROR
+        return ExitCode.WORKER_BOOT
     finally:
         loop.close()
 
@@ -160,7 +155,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     if lifespan is not None:
         await lifespan.shutdown(settings.supervisor.drain_timeout)
     logger.info("worker_stopped", requests_total=state.requests_total, forced_closed=left)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles | None,

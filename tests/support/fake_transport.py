@@ -9,8 +9,8 @@ import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
-from zion.config import load_settings
 from zion.http.state import ServerState
+from zion.settings import load_settings
 
 
 class FakeTransport:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from zion.http.response import DateCache
 
 if TYPE_CHECKING:
-    from zion.config import Settings
     from zion.http.exchange import Exchange
+    from zion.settings import Settings
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
                     Callable[[Any], Awaitable[None]]], Awaitable[None]]

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from zion.errors import DemuxError
+from zion.demux.reasons import FallbackReason, Unavailable
 
 _SRC = Path("/usr/src")
 
@@ -30,13 +30,14 @@ def find(configured: str, cache_dir: Path) -> tuple[str | None, str]:
     """Return (BCC_KERNEL_SOURCE value or None for bcc's default, how found)."""
     if configured:
         if not Path(configured, "include").is_dir():
-            raise DemuxError("no_kernel_headers",
+            raise Unavailable(FallbackReason.NO_KERNEL_HEADERS,
                              f"demux.kernel_headers={configured!r} has no include/ directory")
         return configured, "configured"
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
         if not Path(env, "include").is_dir():
-            raise DemuxError("no_kernel_headers", f"BCC_KERNEL_SOURCE={env!r} has no include/")
+            raise Unavailable(FallbackReason.NO_KERNEL_HEADERS,
+                              f"BCC_KERNEL_SOURCE={env!r} has no include/")
         return env, "BCC_KERNEL_SOURCE"
     release = os.uname().release
     if Path(f"/lib/modules/{release}/build/include").is_dir():
@@ -59,8 +60,8 @@ def _merged_debian_tree(cache_dir: Path) -> tuple[str, str]:
             return str(target), f"merged {common.name} + {arch.name}"
         _merge(common, arch, target)
         return str(target), f"merged {common.name} + {arch.name}"
-    raise DemuxError(
-        "no_kernel_headers",
+    raise Unavailable(
+        FallbackReason.NO_KERNEL_HEADERS,
         f"no headers for kernel {os.uname().release} and no linux-headers-*-common under /usr/src",
     )
 
@@ -78,6 +79,6 @@ def _merge(common: Path, arch: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DemuxError("no_kernel_headers",
+        raise Unavailable(FallbackReason.NO_KERNEL_HEADERS,
                          f"merging {common} and {arch} failed: {exc.stderr.decode().strip()}"
                          ) from None

@@ -13,9 +13,9 @@ import signal
 import pytest
 
 from tests.conftest import get, wait_for
-from tests.test_bpf_demux import _can_load_bpf
+from tests.support.bpf import cannot_load_bpf
 
-pytestmark = pytest.mark.skipif(_can_load_bpf() is not None, reason=str(_can_load_bpf()))
+pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
 
 
 async def slot_view(port: int) -> list[dict]:

@@ -8,7 +8,10 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.conftest import get, inflight, wait_for
+import pytest
+
+from tests.conftest import APPS, get, inflight, wait_for
+from tests.support.bpf import cannot_load_bpf, prog_fds, zion_prog_ids
 from zion import caps
 
 
@@ -128,7 +131,6 @@ async def _under_load(port: int, stop: asyncio.Event, failures: list, statuses: 
 
 
 async def test_reload_changes_worker_count_without_losing_connections(start_zion, tmp_path):
-    from tests.test_bpf_demux import _can_load_bpf
     cfg = tmp_path / "z.toml"
     cfg.write_text("[server]\nworkers = 4\n")
     srv = start_zion("starlette_app:app", "--config", str(cfg), workers=None)
@@ -142,7 +144,7 @@ async def test_reload_changes_worker_count_without_losing_connections(start_zion
         srv.signal(signal.SIGHUP)
         done = await asyncio.to_thread(srv.wait_event, "reload_complete", 30)
         assert len(done["pids"]) == 2
-        if _can_load_bpf() is None:
+        if cannot_load_bpf() is None:
             # Retired listeners close only once their queue is empty.
             await asyncio.to_thread(wait_for, lambda: len(srv.events("listener_retired")) == 2,
                                     20, "two retired listeners")
@@ -163,9 +165,87 @@ async def test_reload_changes_worker_count_without_losing_connections(start_zion
     await asyncio.to_thread(wait_for, lambda: len(srv.worker_pids()) == 3, 20, "3 workers")
     pids = {(await get(srv.port, "/")).headers["x-pid"] for _ in range(60)}
     assert len(pids) == 3
-    if _can_load_bpf() is None:
-        from tests.test_bpf_demux import prog_fds, zion_prog_ids
+    if cannot_load_bpf() is None:
         assert prog_fds(srv.pid) == 1, "replaced programs must be released"
         attached = srv.events("demux_attached")
         assert [a["workers"] for a in attached] == [4, 2, 3]
         assert attached[-1]["prog_id"] in zion_prog_ids()
+
+
+# -- supervision limits, end to end ----------------------------------------------
+
+def test_crash_loop_limit_stops_the_master_with_one_line(start_zion):
+    srv = start_zion("crash_on_import:app", env={"ZION_SUPERVISOR_CRASH_LOOP_LIMIT": "3",
+                                                 "ZION_SUPERVISOR_RESPAWN_BACKOFF": "0.01"},
+                     workers=1, ready=False)
+    assert srv.proc.wait(30) == 3
+    fatal = srv.events("fatal")
+    assert len(fatal) == 1 and "died 3 times in a row" in fatal[0]["error"]
+    assert "exit 7" in fatal[0]["error"]
+    assert len(srv.events("worker_died")) == 2  # two respawns, then the give-up
+
+
+def test_boot_timeout_kills_a_worker_that_never_becomes_ready(start_zion):
+    srv = start_zion("hang_on_import:app", env={"ZION_SUPERVISOR_BOOT_TIMEOUT": "0.5",
+                                                "ZION_SUPERVISOR_CRASH_LOOP_LIMIT": "2",
+                                                "ZION_SUPERVISOR_RESPAWN_BACKOFF": "0.01"},
+                     workers=1, ready=False)
+    assert srv.proc.wait(30) == 3
+    assert len(srv.events("worker_boot_timeout")) == 2
+    assert "signal SIGKILL" in srv.events("fatal")[0]["error"]
+
+
+async def test_a_reload_whose_workers_cannot_start_keeps_the_old_ones(start_zion, tmp_path):
+    app = tmp_path / "swap_app.py"
+    app.write_text((APPS / "raw_app.py").read_text())
+    srv = start_zion("swap_app:app", "--app-dir", str(tmp_path), workers=2)
+    old = set(srv.worker_pids())
+    app.write_text("import os\nos._exit(7)\n")
+    srv.signal(signal.SIGHUP)
+    failed = await asyncio.to_thread(srv.wait_event, "reload_failed", 30)
+    assert "died before ready" in failed["error"] and failed["kept_generation"] == 0
+    await asyncio.to_thread(wait_for, lambda: set(srv.worker_pids()) == old, 10,
+                            "only the old workers")
+    for _ in range(10):
+        resp = await get(srv.port, "/")
+        assert resp.status == 200 and int(resp.headers["x-pid"]) in old
+    assert srv.proc.poll() is None
+
+
+def _listener_queues(port: int) -> list[int]:
+    """Recv-Q of each listener on `port`: its accept queue, from the kernel."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout
+    return [int(line.split()[1]) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+async def test_connections_queued_on_a_retired_listener_are_served(start_zion, tmp_path):
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[server]\nworkers = 4\n")
+    # hash mode: the program keeps sending a stopped worker its share, so its queue fills
+    srv = start_zion("raw_app:app", "--config", str(cfg), "--demux", "hash", workers=None)
+    status = (await get(srv.port, "/_zion/status")).json()
+    doomed = next(w["pid"] for w in status["demux"]["workers"] if w["worker"] == 3)
+    os.kill(doomed, signal.SIGSTOP)
+    try:
+        clients = [asyncio.create_task(get(srv.port, "/")) for _ in range(40)]
+
+        def queued_on_the_stopped_one() -> bool:
+            pending = sum(not c.done() for c in clients)
+            return pending > 0 and sum(_listener_queues(srv.port)) == pending
+
+        await asyncio.to_thread(wait_for, queued_on_the_stopped_one, 15,
+                                "connections queued behind the stopped worker")
+        cfg.write_text("[server]\nworkers = 2\n")
+        srv.signal(signal.SIGHUP)
+        await asyncio.to_thread(srv.wait_event, "reload_complete", 20)
+        # Its listener still holds connections: it is not retired, its worker not stopped.
+        await asyncio.to_thread(wait_for, lambda: len(srv.events("listener_retired")) == 1,
+                                10, "the empty retired listener to close")
+    finally:
+        os.kill(doomed, signal.SIGCONT)
+    results = await asyncio.gather(*clients)
+    assert [r.status for r in results] == [200] * 40
+    await asyncio.to_thread(wait_for, lambda: len(srv.events("listener_retired")) == 2, 20,
+                            "the second retired listener to close once drained")

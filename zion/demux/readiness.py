@@ -14,9 +14,12 @@ import socket
 from dataclasses import dataclass
 from enum import StrEnum
 
-from zion import bpf_demux, caps
-from zion.config import Settings
-from zion.errors import DemuxError
+from zion import caps
+from zion.demux import policy, preflight
+from zion.demux.program import MAX_WORKERS
+from zion.demux.reasons import FallbackReason, Unavailable
+from zion.demux.shim import ReuseportSockArray, ShimError, SkReuseport
+from zion.settings import Settings
 
 
 class DemuxReadiness(StrEnum):
@@ -46,10 +49,6 @@ FIXES = {
     DemuxReadiness.PROBE_FAILED: "see the error above; `zion doctor --ebpf` prints the program",
 }
 
-# Fallback reasons beyond the readiness states, folded into one for doctor.
-_AS_STATE = {"verifier_rejected": DemuxReadiness.PROBE_FAILED,
-             "compile_failed": DemuxReadiness.PROBE_FAILED,
-             "attach_failed": DemuxReadiness.PROBE_FAILED}
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Report:
     state: DemuxReadiness
     detail: str
     errno: int | None = None
-    reason: str | None = None  # the finer code, e.g. verifier_rejected
+    reason: FallbackReason | None = None  # the finer code, e.g. verifier_rejected
     prog_id: int | None = None
     program_text: str | None = None
 
@@ -66,34 +65,55 @@ class Report:
         return None if self.state is DemuxReadiness.READY else FIXES[self.state]
 
 
-def _state_of(reason: str) -> DemuxReadiness:
+def _state_of(reason: FallbackReason) -> DemuxReadiness:
+    """Reasons beyond the readiness states (verifier_rejected, ...) fold into
+    probe_failed for doctor's headline; the finer reason is printed too."""
     try:
-        return DemuxReadiness(reason)
+        return DemuxReadiness(str(reason))
     except ValueError:
-        return _AS_STATE.get(reason, DemuxReadiness.PROBE_FAILED)
+        return DemuxReadiness.PROBE_FAILED
 
 
 def probe(settings: Settings, workers: int = 2) -> Report:
     """Readiness: the preflight checks, then compile, load and attach the real
-    program to a throwaway listener group."""
+    program to a throwaway listener group. The program text is reported
+    whatever stage failed after it was made (a verifier rejection included)."""
     if not settings.demux.enabled:
         return Report(DemuxReadiness.DISABLED, f"disabled by {settings.demux_disabled_by}")
     group = _throwaway_group(workers)
-    shim = None
+    sockarray: ReuseportSockArray | None = None
+    prog: SkReuseport | None = None
+    text: str | None = None
     try:
-        shim = bpf_demux.load(settings, workers)
-        shim.fill(group)
-        shim.attach(group[0])
+        ready = preflight.check(settings)
+        if not 1 <= workers <= MAX_WORKERS:
+            raise Unavailable(FallbackReason.PROBE_FAILED,
+                              f"the demux supports 1..{MAX_WORKERS} workers")
+        from bcc.libbcc import lib
+
+        sockarray = ReuseportSockArray.create(lib, MAX_WORKERS)
+        text = policy.text_for(settings, workers, sockarray.fd)
+        prog = SkReuseport.load(ready.bcc, text, ready.kernel_source)
+        for index, sock in enumerate(group):
+            sockarray.set(index, sock)
+        prog.attach(group[0])
         return Report(DemuxReadiness.READY, "trial load and attach succeeded",
-                      prog_id=shim.prog_id, program_text=shim.text)
-    except DemuxError as exc:
+                      prog_id=prog.prog_id, program_text=text)
+    except Unavailable as exc:
         return Report(_state_of(exc.reason), exc.detail, exc.errno, exc.reason,
-                      program_text=getattr(shim, "text", None))
+                      program_text=text)
+    except ShimError as exc:
+        reason = policy.classify(exc)
+        return Report(_state_of(reason), policy.describe(exc), exc.errno, reason,
+                      program_text=text)
     except OSError as exc:
-        return Report(DemuxReadiness.PROBE_FAILED, str(exc), exc.errno, "probe_failed")
+        return Report(DemuxReadiness.PROBE_FAILED, str(exc), exc.errno,
+                      FallbackReason.PROBE_FAILED, program_text=text)
     finally:
-        if shim is not None:
-            shim.close()
+        if prog is not None:
+            prog.close()
+        if sockarray is not None:
+            sockarray.close()
         for sock in group:
             sock.close()
 

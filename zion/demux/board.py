@@ -13,11 +13,20 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
+from enum import IntEnum
 from typing import Any
 
-# Slot.state; the same numbers are #defined in bpf/zion_demux.c.
-EMPTY, STARTING, READY, DRAINING = 0, 1, 2, 3
-STATE_NAMES = {EMPTY: "empty", STARTING: "starting", READY: "ready", DRAINING: "draining"}
+
+class SlotState(IntEnum):
+    """Slot.state; the same numbers are #defined in bpf/zion_demux.c."""
+
+    EMPTY = 0
+    STARTING = 1
+    READY = 2
+    DRAINING = 3
+
+
+STATE_NAMES = {s: s.name.lower() for s in SlotState}
 
 
 class Slot(ctypes.Structure):
@@ -64,12 +73,12 @@ class StatusBoard:
                         mmap.PROT_READ | mmap.PROT_WRITE)
         return cls(mem, count, shared_with_bpf=True)
 
-    def set_state(self, index: int, state: int, pid: int = 0) -> None:
+    def set_state(self, index: int, state: SlotState, pid: int = 0) -> None:
         slot = self.slots[index]
-        if state in (STARTING, EMPTY):
+        if state in (SlotState.STARTING, SlotState.EMPTY):
             slot.conns = 0
             slot.inflight = 0
-        if pid or state == EMPTY:
+        if pid or state is SlotState.EMPTY:
             slot.pid = pid
         slot.state = state
 
@@ -83,7 +92,7 @@ class StatusBoard:
         for index in range(self.count):
             slot = self.slots[index]
             age_ms = (now - slot.heartbeat_ns) / 1e6 if slot.heartbeat_ns else None
-            state = STATE_NAMES.get(slot.state, str(slot.state))
+            state = STATE_NAMES.get(slot.state, str(slot.state))  # type: ignore[call-overload]
             if state == "ready" and (age_ms is None or age_ms > stall_threshold_ms):
                 state = "stalled"
             out.append({

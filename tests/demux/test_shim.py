@@ -1,0 +1,149 @@
+"""The typed shim and the program's choice on the real kernel, without a
+server: a reuseport group of plain listening sockets, the program attached,
+synthetic loads written into the status board the program reads."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import structlog
+
+from tests.support.bpf import cannot_load_bpf
+from zion.demux import policy, preflight
+from zion.demux.board import SlotState
+from zion.demux.program import MAX_WORKERS
+from zion.demux.reasons import DemuxState, FallbackReason
+from zion.demux.shim import ReuseportSockArray, ShimError, ShimOp, SkReuseport
+from zion.listeners import ListenerGroup, accept_queue_len
+from zion.settings import load_settings
+
+pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+
+
+def _settings(state_dir, **demux):
+    return load_settings(None, {"server": {"workers": 3}, "tls": {"state_dir": str(state_dir)},
+                                "demux": demux}, {})
+
+
+def _group(count: int) -> ListenerGroup:
+    socks, port = [], 0
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(256)
+        port = sock.getsockname()[1]
+        socks.append(sock)
+    return ListenerGroup(tuple(socks), "127.0.0.1", port, socket.AF_INET)
+
+
+def _landing(group: ListenerGroup, connections: int) -> list[int]:
+    """Open `connections` TCP connections (each from a new source port, so a
+    new hash) and return how many each listener's accept queue got."""
+    clients = []
+    for _ in range(connections):
+        clients.append(socket.create_connection(("127.0.0.1", group.port)))
+    deadline = time.monotonic() + 5
+    while sum(accept_queue_len(s) for s in group.sockets) < connections:
+        assert time.monotonic() < deadline, "connections never reached the accept queues"
+    counts = [accept_queue_len(s) for s in group.sockets]
+    for client in clients:
+        client.close()
+    return counts
+
+
+def _ready(board, loads: list[int]) -> None:
+    for index, load in enumerate(loads):
+        board.set_state(index, SlotState.READY, pid=1000 + index)
+        board.slots[index].heartbeat_ns = time.monotonic_ns()
+        board.slots[index].conns = load
+
+
+@pytest.mark.parametrize("mode", ["least-loaded", "hash"])
+def test_the_program_weighs_load_in_least_loaded_and_not_in_hash(state_dir, mode):
+    # A long stall threshold: the heartbeats written once stay fresh for the test.
+    settings = _settings(state_dir, mode=mode, stall_threshold_ms=60_000)
+    group = _group(3)
+    outcome = policy.setup(settings, group)
+    try:
+        assert outcome.state is DemuxState.ATTACHED and outcome.board is not None
+        _ready(outcome.board, [500, 0, 0])  # worker 0 is far busier than the others
+        counts = _landing(group, 60)
+    finally:
+        outcome.close()
+        group.close()
+    if mode == "least-loaded":
+        # two hashed choices, the less loaded wins: the busy worker never does
+        assert counts[0] == 0 and counts[1] + counts[2] == 60, counts
+    else:
+        assert counts[0] > 5, counts  # the hash ignores load: worker 0 keeps its share
+
+
+def test_least_loaded_avoids_a_stale_heartbeat(state_dir):
+    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
+    group = _group(3)
+    outcome = policy.setup(settings, group)
+    try:
+        assert outcome.board is not None
+        _ready(outcome.board, [0, 0, 0])
+        outcome.board.slots[1].heartbeat_ns = 1  # a worker that stopped beating long ago
+        counts = _landing(group, 60)
+    finally:
+        outcome.close()
+        group.close()
+    assert counts[1] == 0 and sum(counts) == 60, counts
+
+
+def test_attach_to_socket_outside_a_reuseport_group(state_dir):
+    plain = socket.socket()
+    plain.bind(("127.0.0.1", 0))
+    plain.listen()
+    settings = _settings(state_dir)
+    ready = preflight.check(settings)
+    from bcc.libbcc import lib
+
+    sockarray = ReuseportSockArray.create(lib, MAX_WORKERS)
+    prog = SkReuseport.load(ready.bcc, policy.text_for(settings, 1, sockarray.fd),
+                            ready.kernel_source)
+    try:
+        with pytest.raises(ShimError) as info:
+            prog.attach(plain)
+        assert info.value.op is ShimOp.ATTACH
+        assert "not in a SO_REUSEPORT group" in info.value.detail
+        assert policy.classify(info.value) is FallbackReason.ATTACH_FAILED
+    finally:
+        prog.close()
+        sockarray.close()
+    # The boot wiring turns the same failure into a fallback, not an exception.
+    group = ListenerGroup((plain,), "127.0.0.1", plain.getsockname()[1], socket.AF_INET)
+    with structlog.testing.capture_logs() as logs:
+        outcome = policy.setup(settings, group)
+    plain.close()
+    assert outcome.state is DemuxState.FALLBACK
+    assert outcome.reason is FallbackReason.ATTACH_FAILED
+    assert logs[-1]["bpf_demux"] == "fallback" and logs[-1]["log_level"] == "warning"
+
+
+def test_sockarray_closes_with_its_last_reference(state_dir):
+    from bcc.libbcc import lib
+
+    array = ReuseportSockArray.create(lib, 4)
+    shared = array.acquire()
+    array.close()
+    assert shared.fd >= 0  # still held by the second program
+    shared.close()
+    assert array.fd == -1
+
+
+def test_compiler_output_is_classified_in_one_place():
+    assert policy.classify(ShimError(ShimOp.COMPILE, None, "fatal error: 'linux/bpf.h' file "
+                                     "not found")) is FallbackReason.NO_KERNEL_HEADERS
+    assert policy.classify(ShimError(ShimOp.COMPILE, None, "error: use of undeclared "
+                                     "identifier")) is FallbackReason.COMPILE_FAILED
+    assert policy.classify(ShimError(ShimOp.LOAD, 1, "")) is FallbackReason.NO_CAPABILITY
+    assert policy.classify(ShimError(ShimOp.LOAD, None, "R1 invalid mem access")
+                           ) is FallbackReason.VERIFIER_REJECTED
+    assert policy.classify(ShimError(ShimOp.CREATE_SOCKARRAY, 22, "")
+                           ) is FallbackReason.KERNEL_UNSUPPORTED

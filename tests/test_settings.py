@@ -1,0 +1,88 @@
+"""Settings declared once: defaults, TOML, environment, flags and the
+shipped config/zion.toml all come from the same declarations."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO
+from zion.cli import _cli_overrides, _parser
+from zion.errors import ConfigError
+from zion.settings import (
+    DemuxMode,
+    LifespanMode,
+    declared,
+    env_overrides,
+    load_settings,
+    render_default_toml,
+)
+
+
+def test_config_zion_toml_is_the_rendered_declarations():
+    shipped = (REPO / "config" / "zion.toml").read_text()
+    assert shipped == render_default_toml(), (
+        "config/zion.toml is out of date; regenerate it with: python -c 'from zion.settings "
+        "import render_default_toml; print(render_default_toml(), end=\"\")' > config/zion.toml")
+
+
+def test_defaults_come_from_the_declarations():
+    settings = load_settings(None, {}, {})
+    for d in declared():
+        assert getattr(getattr(settings, d.section), d.name) == d.default, d.key
+
+
+def test_every_declared_setting_has_an_environment_variable():
+    for d in declared():
+        name = f"ZION_{d.section.upper()}_{d.name.upper()}"
+        assert env_overrides({name: "v"}) == {d.section: {d.name: "v"}}, name
+
+
+def test_flags_map_to_their_settings():
+    args = _parser().parse_args([
+        "serve", "pkg:app", "--port", "9999", "--factory", "--lifespan", "off",
+        "--reload-dir", "a", "--reload-dir", "b", "--no-bpf-demux", "--demux", "hash",
+        "--ws-max-size", "1000", "--no-ws-per-message-deflate", "--log-level", "debug"])
+    s = load_settings(None, _cli_overrides(args), {})
+    assert (s.server.app, s.server.port, s.server.factory) == ("pkg:app", 9999, True)
+    assert s.server.lifespan is LifespanMode.OFF and s.server.reload_dirs == "a:b"
+    assert not s.demux.enabled and s.demux_disabled_by == "command line"
+    assert s.demux.mode is DemuxMode.HASH
+    assert (s.websocket.max_size, s.websocket.per_message_deflate) == (1000, False)
+    assert s.log.level == "debug"
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[server]\nport = 1111\nworkers = 3\n[limits]\nmax_headers = 7\n")
+    s = load_settings(str(cfg), {"server": {"port": 3333}},
+                      {"ZION_SERVER_PORT": "2222", "ZION_LIMITS_MAX_HEADERS": "9"})
+    assert (s.server.port, s.server.workers, s.limits.max_headers) == (3333, 3, 9)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"ZION_SERVER_PORT": "70000"},
+     "server.port (from ZION_SERVER_PORT): 70000 must be between 0 and 65535"),
+    ({"ZION_DEMUX_MODE": "random"},
+     "demux.mode (from ZION_DEMUX_MODE): 'random' must be one of least-loaded, hash, cpu"),
+    ({"ZION_LIMITS_HEADER_TIMEOUT": "0"}, "limits.header_timeout (from "
+     "ZION_LIMITS_HEADER_TIMEOUT): 0.0 must be greater than 0"),
+    ({"ZION_SERVER_NOPE": "1"}, "ZION_SERVER_NOPE: unknown key server.nope"),
+    ({"ZION_WEBSOCKET_PER_MESSAGE_DEFLATE": "maybe"},
+     "websocket.per_message_deflate (from ZION_WEBSOCKET_PER_MESSAGE_DEFLATE): expected bool"),
+])
+def test_a_bad_value_is_one_line_naming_key_and_origin(env, message):
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {}, env)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_foreign_zion_variables_are_ignored():
+    load_settings(None, {}, {"ZION_ENV": "production", "ZION_APP_SECRET": "x"})
+
+
+def test_broken_toml_names_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[server]\nport = \n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(cfg), {}, {})
+    assert str(cfg) in str(info.value) and "line 2" in str(info.value)

@@ -1,0 +1,439 @@
+"""Configuration: every setting declared once, parsed once, in the master,
+into one frozen `Settings`.
+
+A declaration (`setting(...)` on a section dataclass field) carries the
+default, the help text, the range check and the command-line flag. From it
+come: TOML validation, the ZION_<SECTION>_<KEY> environment, the flags of
+`zion serve`, and config/zion.toml (tests/test_settings.py checks the file
+is exactly `render_default_toml()`).
+
+Precedence, lowest first: the declared defaults <- a file given with
+--config <- ZION_<SECTION>_<KEY> environment <- command-line flags. Every
+value is validated here, so workers never see a bad one; an error names the
+key, where the value came from, and what is wrong, in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from zion.errors import ConfigError
+
+Check = Callable[[Any], str | None]
+
+
+class DemuxMode(StrEnum):
+    LEAST_LOADED = "least-loaded"
+    HASH = "hash"
+    CPU = "cpu"
+
+
+class LogFormat(StrEnum):
+    LOGFMT = "logfmt"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LifespanMode(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class TLSVersion(StrEnum):
+    V1_2 = "1.2"
+    V1_3 = "1.3"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on `zion serve`'s command line."""
+
+    name: str  # "--port"; "app" for the positional APP
+    metavar: str | None = None
+    repeat: bool = False  # --reload-dir DIR, repeatable; joined with os.pathsep
+
+
+def setting(default: Any, help: str, *, check: Check | None = None,
+            flag: Flag | str | None = None) -> Any:
+    if isinstance(flag, str):
+        flag = Flag(flag)
+    return field(default=default, metadata={"help": help, "check": check, "flag": flag})
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def between(lo: int, hi: int) -> Check:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    app: str = setting("", 'ASGI application as "module:attribute" ("" = none). Imported by '
+                       "each worker after it starts, so a reload (SIGHUP) picks up new code.",
+                       flag=Flag("app", "APP"))
+    factory: bool = setting(False, "APP names a callable that takes no arguments and returns "
+                            "the ASGI app.", flag="--factory")
+    app_dir: str = setting("", "Directory put first on sys.path before APP is imported "
+                           '("" = the working directory).', flag=Flag("--app-dir", "DIR"))
+    lifespan: LifespanMode = setting(LifespanMode.AUTO, 'ASGI lifespan: "auto" (used if the '
+                                     'app speaks it), "on" (required), "off".',
+                                     flag="--lifespan")
+    root: str = setting("", 'Directory served as static files ("" = none). With an app as '
+                        "well, a path that exists under root is served from disk and "
+                        "everything else goes to the app.", flag=Flag("--root", "DIR"))
+    host: str = setting("127.0.0.1", 'Address every listener binds. "::" or "::1" for IPv6.',
+                        flag="--host")
+    port: int = setting(8443, "TCP port. 0 picks a free port once and binds every listener "
+                        "to it.", check=between(0, 65535), flag="--port")
+    workers: int = setting(0, "Worker processes, one SO_REUSEPORT listener each. 0 = the "
+                           "number of CPUs.", check=between(0, 1024), flag="--workers")
+    backlog: int = setting(2048, "listen(2) backlog of each listener (capped by "
+                           "net.core.somaxconn).", check=positive, flag="--backlog")
+    builtins: bool = setting(True, "Answer GET /_zion/healthz and GET /_zion/status (loopback "
+                             "only) before the app. Nothing outside /_zion/ is ever taken "
+                             "from the app.")
+    reload: bool = setting(False, "Development: reload the workers with no downtime when a "
+                           "watched .py file changes.", flag="--reload")
+    reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '
+                               "app_dir or the working directory).",
+                               flag=Flag("--reload-dir", "DIR", repeat=True))
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    certfile: str = setting("", "PEM certificate chain. With keyfile; both empty = a "
+                            "self-signed certificate for localhost, 127.0.0.1 and ::1, made "
+                            "once in state_dir.", flag=Flag("--ssl-certfile", "PEM"))
+    keyfile: str = setting("", "PEM private key for certfile.",
+                           flag=Flag("--ssl-keyfile", "PEM"))
+    state_dir: str = setting("", 'Where the self-signed certificate and other state live ("" '
+                             "= /var/lib/zion for root, $XDG_STATE_HOME/zion or "
+                             "~/.local/state/zion otherwise).")
+    min_version: TLSVersion = setting(TLSVersion.V1_2, 'Oldest protocol accepted: "1.2" or '
+                                      '"1.3". Nothing older is ever offered.')
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    max_request_line: int = setting(8192, "Longest request line (method, target, version), "
+                                    "bytes. Longer: 414.", check=positive)
+    max_header_size: int = setting(16384, "Total size of the header section, bytes. Larger: "
+                                   "431.", check=positive)
+    max_headers: int = setting(100, "Most header fields in one request. More: 431.",
+                               check=positive)
+    max_body_size: int = setting(10485760, "Largest request body, bytes. Larger: 413.",
+                                 check=non_negative)
+    header_timeout: float = setting(10.0, "Seconds a client has to send a complete header "
+                                    "section (slowloris). Then: 408.", check=positive)
+    keepalive_timeout: float = setting(5.0, "Seconds an idle keep-alive connection stays "
+                                       "open.", check=non_negative)
+    handshake_timeout: float = setting(10.0, "Seconds the TLS handshake may take.",
+                                       check=positive)
+    write_buffer_high: int = setting(262144, "Bytes buffered for a slow reader before the "
+                                     "response writer waits for it.", check=positive)
+    max_connections: int = setting(10000, "Open connections per worker; past this a request "
+                                   "is answered 503 and its connection closed.",
+                                   check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSettings:
+    drain_timeout: float = setting(30.0, "Seconds in-flight requests (and open WebSockets) get "
+                                   "to finish on SIGTERM/SIGINT or reload.", check=non_negative)
+    boot_timeout: float = setting(60.0, "Seconds a worker has to become ready before it is "
+                                  "killed and counted as failed.", check=positive)
+    respawn_backoff: float = setting(0.1, "First delay, seconds, before a dead worker is "
+                                     "replaced; doubles per failure in a row.",
+                                     check=non_negative)
+    respawn_backoff_max: float = setting(5.0, "Largest respawn delay, seconds.",
+                                         check=non_negative)
+    crash_loop_limit: int = setting(5, "A slot whose worker dies this many times in a row "
+                                    "without ever becoming ready stops the server with one "
+                                    "error line (the app can never start).", check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: LogFormat = setting(LogFormat.LOGFMT, '"logfmt" (key=value), "json", or "console" '
+                                "(colours only on a terminal).", flag="--log-format")
+    level: LogLevel = setting(LogLevel.INFO, "Lowest level logged.", flag="--log-level")
+    access_log: bool = setting(False, "One line per request. Off by default: it costs about a "
+                               "third of the throughput.", flag="--access-log")
+
+
+@dataclass(frozen=True, slots=True)
+class DemuxSettings:
+    enabled: bool = setting(True, "Load the SK_REUSEPORT eBPF program that picks the worker "
+                            "for each new connection. Needs CAP_BPF (or CAP_SYS_ADMIN) in the "
+                            "master only; without it, or if anything fails, zion logs why and "
+                            "the kernel's reuseport hash is used.", flag="--bpf-demux")
+    mode: DemuxMode = setting(DemuxMode.LEAST_LOADED, '"least-loaded": skip stalled, draining '
+                              "and empty workers, then the less loaded of two hashed choices; "
+                              '"hash": the connection hash over live workers; "cpu": the '
+                              "worker pinned to the CPU that handled the SYN.", flag="--demux")
+    stall_threshold_ms: int = setting(100, "A worker whose heartbeat is older than this, "
+                                      "milliseconds, gets no new connections.", check=positive)
+    heartbeat_interval_ms: int = setting(20, "How often each worker publishes its heartbeat, "
+                                         "milliseconds.", check=positive)
+    kernel_headers: str = setting("", 'Kernel headers bcc compiles against ("" = auto: the '
+                                  "running kernel's /lib/modules/$(uname -r)/build, else a "
+                                  "Debian linux-headers-* tree under /usr/src merged into "
+                                  "<state_dir>/kernel-headers; never written to /lib/modules).")
+    program: str = setting("", 'The program source ("" = the one shipped in the package, '
+                           "bpf/zion_demux.c).")
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    max_size: int = setting(16777216, "Largest incoming message, bytes. Larger: close 1009.",
+                            check=positive, flag=Flag("--ws-max-size", "BYTES"))
+    ping_interval: float = setting(20.0, "Seconds between keep-alive pings (0 = none).",
+                                   check=non_negative, flag=Flag("--ws-ping-interval", "S"))
+    ping_timeout: float = setting(20.0, "Seconds a pong may take before the connection is "
+                                  "closed (1011).", check=non_negative,
+                                  flag=Flag("--ws-ping-timeout", "S"))
+    per_message_deflate: bool = setting(True, "Offer permessage-deflate compression (RFC "
+                                        "7692).", flag="--ws-per-message-deflate")
+    max_queue: int = setting(32, "Messages buffered for an app that is not receiving; past "
+                             "this the socket is not read until the app catches up.",
+                             check=positive)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "tls": TLSSettings,
+    "limits": LimitsSettings,
+    "supervisor": SupervisorSettings,
+    "log": LogSettings,
+    "demux": DemuxSettings,
+    "websocket": WebSocketSettings,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    demux: DemuxSettings = field(default_factory=DemuxSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    # Where the values came from, for error messages on reload and `zion doctor`.
+    config_file: str | None = None
+    # Where --no-bpf-demux / enabled=false came from, for the boot line.
+    demux_disabled_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Declared:
+    section: str
+    name: str
+    type: type
+    default: Any
+    help: str
+    check: Check | None
+    flag: Flag | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def declared() -> Iterator[Declared]:
+    """Every setting, in declaration order."""
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield Declared(section, f.name, hints[f.name], f.default, f.metadata["help"],
+                           f.metadata["check"], f.metadata["flag"])
+
+
+_BY_KEY = {d.key: d for d in declared()}
+
+
+def _coerce(decl: Declared, value: Any, origin: str) -> Any:
+    """Check (file values) or parse (env/flag strings) one value to its type."""
+    where = f"{decl.key} (from {origin})"
+    want = decl.type
+    if isinstance(want, type) and issubclass(want, StrEnum):
+        try:
+            value = want(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} must be one of "
+                              f"{', '.join(m.value for m in want)}") from None
+    else:
+        if isinstance(value, str) and want is not str:
+            text = value.strip()
+            try:
+                if want is bool:
+                    lowered = text.lower()
+                    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError
+                    value = lowered in ("1", "true", "yes", "on")
+                else:
+                    value = typing.cast(Callable[[str], Any], want)(text)
+            except ValueError:
+                raise ConfigError(f"{where}: expected {want.__name__}, got {value!r}") from None
+        elif want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {want.__name__}, got {value!r}")
+    problem = decl.check(value) if decl.check else None
+    if problem:
+        raise ConfigError(f"{where}: {value!r} {problem}")
+    return value
+
+
+def _merge(merged: dict[str, dict[str, Any]], origins: dict[str, str],
+           table: Mapping[str, Any], origin: str) -> None:
+    for section, values in table.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section [{section}]")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        for key, value in values.items():
+            decl = _BY_KEY.get(f"{section}.{key}")
+            if decl is None:
+                raise ConfigError(f"{origin}: unknown key {section}.{key}")
+            merged[section][key] = _coerce(decl, value, origin)
+            origins[decl.key] = origin
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """ZION_<SECTION>_<KEY>=value. Section names have no underscore; keys may.
+
+    A variable whose section is not one of ours (ZION_ENV, an app's own
+    ZION_SOMETHING) is left alone; an unknown key inside a known section is a
+    typo and an error (raised when merged)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith("ZION_"):
+            continue
+        section, _, key = name[len("ZION_"):].lower().partition("_")
+        if section in SECTIONS and key:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_settings(
+    config_file: str | None = None,
+    cli: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the one Settings object; raise ConfigError naming key and origin."""
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    origins: dict[str, str] = {}
+    if config_file:
+        path = Path(config_file)
+        _merge(merged, origins, _read_toml(path), str(path))
+    for section, values in env_overrides(os.environ if environ is None else environ).items():
+        for key, value in values.items():
+            _merge(merged, origins, {section: {key: value}},
+                   f"ZION_{section.upper()}_{key.upper()}")
+    if cli:
+        _merge(merged, origins, cli, "command line")
+    sections = {s: cls(**merged[s]) for s, cls in SECTIONS.items()}
+    _check_cross_field(sections, origins)
+    demux_disabled_by = None
+    if not sections["demux"].enabled:
+        demux_disabled_by = origins.get("demux.enabled", "config")
+    return Settings(**sections, config_file=config_file, demux_disabled_by=demux_disabled_by)
+
+
+def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> None:
+    tls: TLSSettings = sections["tls"]
+    if bool(tls.certfile) != bool(tls.keyfile):
+        given = "tls.certfile" if tls.certfile else "tls.keyfile"
+        raise ConfigError(f"{given} (from {origins.get(given)}): tls.certfile and tls.keyfile "
+                          "must be given together")
+    server: ServerSettings = sections["server"]
+    if server.root and not Path(server.root).is_dir():
+        raise ConfigError(f"server.root (from {origins.get('server.root')}): "
+                          f"{server.root!r} is not a directory")
+    if server.app and ":" not in server.app:
+        raise ConfigError(f"server.app (from {origins.get('server.app')}): {server.app!r} "
+                          "must be of the form module:attribute")
+    sup: SupervisorSettings = sections["supervisor"]
+    if sup.respawn_backoff_max < sup.respawn_backoff:
+        raise ConfigError("supervisor.respawn_backoff_max: must be at least "
+                          "supervisor.respawn_backoff")
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.server.workers or (os.cpu_count() or 1)
+
+
+_TOML_HEADER = """\
+# zion — the default configuration.
+#
+# Generated from the declarations in zion/settings.py (render_default_toml);
+# tests/test_settings.py fails when the two differ. A file given with
+# `zion serve --config FILE` overrides these key by key, then
+# ZION_<SECTION>_<KEY> environment variables (e.g. ZION_SERVER_PORT=9443,
+# ZION_LIMITS_MAX_BODY_SIZE=1048576), then command-line flags. Unknown keys
+# are an error, not a silent no-op.
+"""
+
+
+def render_default_toml() -> str:
+    import textwrap
+
+    lines = [_TOML_HEADER.rstrip("\n")]
+    section = None
+    for d in declared():
+        if d.section != section:
+            section = d.section
+            lines.append(f"[{section}]")
+        lines += textwrap.wrap(d.help, 78, initial_indent="# ", subsequent_indent="# ")
+        lines.append(f"{d.name} = {_toml_value(d.default)}")
+    out: list[str] = []
+    for line in lines:
+        if line.startswith("[") and out:
+            out.append("")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

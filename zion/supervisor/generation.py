@@ -1,0 +1,135 @@
+"""One generation of workers and what it runs on: settings, TLS context,
+listeners, demux and status board; and a reload's progress from one
+generation to the next (begin -> on_ready ... -> commit, or abort).
+
+A reload that keeps the worker count and demux settings reuses the
+listeners and the program (the kernel keeps routing to the same sockets);
+one that resizes gets a new group: slots that stay keep their socket and its
+queue, extra slots get new sockets, and a new program is loaded against the
+same sockarray, to be swapped in atomically once the new workers are ready.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zion.demux import policy
+from zion.demux.board import StatusBoard
+from zion.demux.policy import DemuxOutcome
+from zion.demux.reasons import DemuxState
+from zion.errors import BindError, ZionError
+from zion.listeners import ListenerGroup, bind_group, bind_one
+from zion.log import get_logger
+from zion.settings import Settings, worker_count
+from zion.tls import build_context
+
+logger = get_logger("zion.master")
+
+
+@dataclass
+class Generation:
+    number: int
+    settings: Settings
+    ssl_ctx: ssl.SSLContext
+    group: ListenerGroup
+    demux: DemuxOutcome
+    board: StatusBoard
+
+    @property
+    def count(self) -> int:
+        return len(self.group.sockets)
+
+    def master_fds(self) -> tuple[int, ...]:
+        return self.demux.master_fds
+
+
+def first(settings: Settings) -> tuple[Generation, str]:
+    """Generation 0: bind every listener, then attach the demux before any
+    worker accepts, so the program decides from the very first connection."""
+    ssl_ctx, cert_source = build_context(settings.tls)
+    count = worker_count(settings)
+    group = bind_group(settings.server.host, settings.server.port, count,
+                       settings.server.backlog)
+    demux = policy.setup(settings, group)
+    return Generation(0, settings, ssl_ctx, group, demux,
+                      demux.board or StatusBoard.anonymous(count)), cert_source
+
+
+@dataclass
+class Reload:
+    """A reload in progress: the new generation and the slots not ready yet."""
+
+    new: Generation
+    pending: set[int] = field(default_factory=set)
+
+    def on_ready(self, index: int) -> bool:
+        """True once every new worker is ready: time to commit."""
+        self.pending.discard(index)
+        return not self.pending
+
+
+def begin(current: Generation, settings: Settings) -> Reload:
+    """Plan the next generation from freshly loaded settings. Raises ZionError
+    when the change cannot be applied without a restart."""
+    old = current.settings
+    if (settings.server.host, settings.server.port) != (old.server.host, old.server.port):
+        raise ZionError("changing host or port needs a restart")
+    ssl_ctx = current.ssl_ctx
+    # Same certificate settings: keep the context, and with it the session-
+    # ticket keys, so clients keep resuming across the reload.
+    if settings.tls != old.tls:
+        ssl_ctx, _ = build_context(settings.tls)
+    count = worker_count(settings)
+    if count == current.count and settings.demux == old.demux:
+        new = Generation(current.number + 1, settings, ssl_ctx, current.group, current.demux,
+                         current.board)
+    else:
+        new = _regroup(current, settings, ssl_ctx, count)
+    return Reload(new, set(range(count)))
+
+
+def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext,
+             count: int) -> Generation:
+    old = current.group
+    socks = list(old.sockets[:count])
+    try:
+        while len(socks) < count:
+            socks.append(bind_one(old.host, old.port, old.family, settings.server.backlog))
+    except BindError:
+        for sock in socks[len(old.sockets):]:
+            sock.close()
+        raise
+    group = ListenerGroup(tuple(socks), old.host, old.port, old.family)
+    demux = policy.setup(settings, group, attach=False, previous=current.demux)
+    if count < current.count and demux.state is not DemuxState.PREPARED:
+        migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+        if migrate.exists() and migrate.read_text().strip() == "0":
+            logger.warning(
+                "reload_shrink_without_demux",
+                hint="without the demux the kernel hash keeps queueing connections on the "
+                "listeners being retired; sysctl -w net.ipv4.tcp_migrate_req=1 makes the kernel "
+                "move them to the others when those listeners close")
+    return Generation(current.number + 1, settings, ssl_ctx, group, demux,
+                      demux.board or StatusBoard.anonymous(count))
+
+
+def commit(old: Generation, new: Generation) -> None:
+    """Swap the new generation's program in (one setsockopt: the kernel
+    replaces the group's program atomically) and release the old one."""
+    if new.group is old.group:
+        return
+    policy.swap(old.demux, new.demux, new.group.sockets[0], new.settings)
+
+
+def abort(current: Generation, new: Generation) -> None:
+    """Undo a reload that failed: sockets bound for it leave the group (the
+    running program does not know them, so nothing was routed to them apart
+    from the kernel hash when no program is attached) and its program goes."""
+    if new.group is current.group:
+        return
+    for sock in new.group.sockets[current.count:]:
+        sock.close()
+    new.demux.close()
+

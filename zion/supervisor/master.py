@@ -1,0 +1,334 @@
+"""The master loop: select on the signal queue and the workers' ready pipes,
+route each event to the part that owns it, and act on what comes back.
+
+It owns only stopping and the exit code. Workers are reaped with
+waitpid(-1, WNOHANG) in the loop; a dead worker is replaced on the same
+socket (so connections queued on it are not lost) when the respawn policy
+says so, and a worker that can never start stops the master with one error
+line instead of respawning forever.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from zion import log, worker
+from zion.demux.board import SlotState
+from zion.demux.sampler import QueueSampler
+from zion.errors import ExitCode, ZionError
+from zion.reloader import FileWatcher, watch_dirs
+from zion.settings import Settings
+from zion.supervisor import generation, notify
+from zion.supervisor.generation import Generation, Reload
+from zion.supervisor.pool import WorkerHandle, WorkerPool, kill
+from zion.supervisor.respawn import GiveUp, RespawnPolicy, describe
+from zion.supervisor.retiring import Retiring
+from zion.supervisor.signals import SignalQueue
+
+logger = log.get_logger("zion.master")
+
+# A stop that outlives the drain timeout by this much gets SIGKILL.
+_STOP_GRACE = 5.0
+
+
+class Master:
+    def __init__(self, settings: Settings, reload_settings: Callable[[], Settings]) -> None:
+        self.settings = settings
+        self.reload_settings = reload_settings
+        self.signals = SignalQueue()
+        self.pool = WorkerPool()
+        self.retiring = Retiring()
+        self.current: Generation | None = None
+        self.reload: Reload | None = None
+        self.respawn: RespawnPolicy | None = None
+        self.watcher: FileWatcher | None = None
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.exit_code = ExitCode.OK
+        self.announced_ready = False
+        self.sampler = QueueSampler()
+
+    # -- boot -------------------------------------------------------------------
+
+    def run(self) -> int:
+        settings = self.settings
+        gen, cert_source = generation.first(settings)
+        self.current = gen
+        logger.info("listening", address=gen.group.display, port=gen.group.port,
+                    sockets=gen.count, tls=cert_source, app=settings.server.app or None,
+                    root=settings.server.root or None)
+        self.respawn = RespawnPolicy(settings.supervisor, gen.count)
+        self.signals.install()
+        for index in range(gen.count):
+            self._spawn(gen, index)
+        if settings.server.reload:
+            self.watcher = FileWatcher(
+                watch_dirs(settings.server.reload_dirs, settings.server.app_dir),
+                self.signals.wake_w)
+            self.watcher.start()
+        try:
+            self._loop()
+        finally:
+            self._cleanup()
+        return self.exit_code
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            while (sig := self.signals.pop()) is not None:
+                getattr(self, f"handle_{sig.name.lower()}")()
+            self._reaped()
+            if self.stopping:
+                if not self.pool:
+                    return
+                if time.monotonic() > self.stop_deadline:
+                    for handle in self.pool.handles():
+                        logger.warning("worker_killed", child=handle.pid, reason="drain timeout")
+                        kill(handle.pid, signal.SIGKILL)
+                    self.stop_deadline = float("inf")
+            else:
+                if self.watcher is not None and self.reload is None and self.watcher.take():
+                    self._begin_reload()
+                self._respawn_due()
+                self._boot_deadlines()
+                if self.retiring:
+                    self._check_retiring()
+                self._sample_queues()
+            ready = self.pool.ready_fds()
+            try:
+                readable, _, _ = select.select([self.signals.wake_r, *ready], [], [],
+                                               self._timeout())
+            except InterruptedError:
+                continue
+            for fd in readable:
+                if fd == self.signals.wake_r:
+                    self.signals.drain_wakeups()
+                elif fd in ready:
+                    self._on_ready_fd(ready[fd])
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        due = [now + 0.5]
+        if self.respawn is not None and (at := self.respawn.next_due()) is not None:
+            due.append(at)
+        if self.current is not None and self.current.demux.routing:
+            due.append(self.sampler.next_at)
+        if self.stopping:
+            due.append(self.stop_deadline)
+        if self.retiring:
+            due.append(now + 0.02)  # poll the retiring listeners' queues
+        return max(0.0, min(due) - now)
+
+    # -- signals ------------------------------------------------------------------
+
+    def handle_sigterm(self) -> None:
+        self._begin_stop("SIGTERM")
+
+    def handle_sigint(self) -> None:
+        self._begin_stop("SIGINT")
+
+    def handle_sighup(self) -> None:
+        if self.stopping:
+            return
+        if self.reload is not None:
+            logger.warning("reload_ignored", reason="a reload is already in progress")
+            return
+        self._begin_reload()
+
+    def handle_sigchld(self) -> None:
+        self._reaped()
+
+    # -- workers ------------------------------------------------------------------
+
+    def _spawn(self, gen: Generation, index: int) -> None:
+        # A respawn, or a slot on a new group, is starting. A reload on the same
+        # group is not: the old worker still serves that slot until it hands over.
+        assert self.current is not None
+        if self.reload is None or gen.group is not self.current.group:
+            gen.board.set_state(index, SlotState.STARTING)
+        mine = gen.group.sockets[index]
+        close = [s.fileno() for s in self._held_sockets() if s is not mine]
+        close += [*self.signals.fds, *self._held_demux_fds()]
+        settings, ssl_ctx, board, info = gen.settings, gen.ssl_ctx, gen.board, gen.demux.info()
+        handle = self.pool.spawn(
+            index, gen.number, mine, close,
+            lambda spec: worker.main(spec, settings, ssl_ctx, board, info))
+        logger.debug("worker_spawned", index=index, child=handle.pid, generation=gen.number)
+
+    def _held_sockets(self) -> list[socket.socket]:
+        gens = [g for g in (self.current, self.reload and self.reload.new) if g]
+        socks = {id(s): s for g in gens for s in g.group.sockets}
+        socks.update({id(s): s for s in self.retiring.sockets()})
+        return list(socks.values())
+
+    def _held_demux_fds(self) -> list[int]:
+        gens = [g for g in (self.current, self.reload and self.reload.new) if g]
+        return [fd for g in gens for fd in g.master_fds()]
+
+    def _on_ready_fd(self, handle: WorkerHandle) -> None:
+        ready = self.pool.read_ready(handle)
+        if not ready:
+            return  # nothing yet, or it died first: reaping says how
+        assert self.current is not None and self.respawn is not None
+        if self.reload is not None and handle.generation == self.reload.new.number:
+            self.reload.new.board.set_state(handle.index, SlotState.READY, handle.pid)
+            if self.reload.on_ready(handle.index):
+                self._commit_reload()
+            return
+        self.respawn.on_ready(handle.index)
+        self.current.board.set_state(handle.index, SlotState.READY, handle.pid)
+        current = self.pool.of_generation(self.current.number)
+        if not self.announced_ready and len(current) == self.current.count and all(
+                h.ready for h in current):
+            self.announced_ready = True
+            logger.info("workers_ready", workers=self.current.count,
+                        generation=self.current.number, pids=sorted(h.pid for h in current))
+            notify.notify("READY=1", f"STATUS=serving on {self.current.group.display} with "
+                          f"{self.current.count} workers")
+
+    def _reaped(self) -> None:
+        for handle, code in self.pool.reap():
+            self._worker_exited(handle, code)
+
+    def _worker_exited(self, handle: WorkerHandle, code: int) -> None:
+        how = describe(code)
+        if self.stopping or handle.stopping or self.retiring.holds(handle):
+            logger.debug("worker_exited", index=handle.index, child=handle.pid, status=how)
+            return
+        if self.reload is not None and handle.generation == self.reload.new.number:
+            self._abort_reload(f"new worker {handle.index} died before ready ({how})")
+            return
+        assert self.current is not None and self.respawn is not None
+        if handle.index >= self.current.count:
+            return
+        self.current.board.set_state(handle.index, SlotState.EMPTY)
+        verdict = self.respawn.on_death(handle.index, handle.ready, code, time.monotonic())
+        if isinstance(verdict, GiveUp):
+            self._fatal(verdict.reason)
+            return
+        logger.warning("worker_died", index=handle.index, child=handle.pid, status=how,
+                       respawn_in_s=round(verdict.delay, 3))
+
+    def _respawn_due(self) -> None:
+        assert self.respawn is not None and self.current is not None
+        for index in self.respawn.take_due(time.monotonic()):
+            self._spawn(self.current, index)
+
+    def _boot_deadlines(self) -> None:
+        limit = self.settings.supervisor.boot_timeout
+        for handle in self.pool.overdue(time.monotonic(), limit):
+            logger.error("worker_boot_timeout", index=handle.index, child=handle.pid,
+                         timeout_s=limit)
+            # Not `stopping`: its death is a failure before ready, counted by
+            # the respawn policy like any other.
+            handle.killed = True
+            kill(handle.pid, signal.SIGKILL)
+
+    def _sample_queues(self) -> None:
+        # Only the program routes on the sample, but /_zion/status shows it in
+        # every mode, and in hash mode a frozen worker's queue is worth seeing.
+        gen = self.current
+        if gen is not None and gen.demux.routing:
+            self.sampler.maybe_sample(time.monotonic(), gen.group.sockets, gen.board)
+
+    # -- stop ---------------------------------------------------------------------
+
+    def _begin_stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        drain = self.settings.supervisor.drain_timeout
+        self.stop_deadline = time.monotonic() + drain + _STOP_GRACE
+        notify.notify("STOPPING=1")
+        logger.info("shutting_down", signal=why, workers=len(self.pool), drain_timeout_s=drain)
+        assert self.current is not None
+        for index in range(self.current.count):
+            self.current.board.set_state(index, SlotState.DRAINING)
+        for handle in self.pool.handles():
+            self.pool.stop(handle)
+
+    def _fatal(self, message: str) -> None:
+        logger.error("fatal", error=message)
+        self.exit_code = ExitCode.WORKER_BOOT
+        self._begin_stop("fatal")
+
+    # -- reload -------------------------------------------------------------------
+
+    def _begin_reload(self) -> None:
+        notify.notify("RELOADING=1", notify.monotonic_usec())
+        assert self.current is not None
+        try:
+            self.reload = generation.begin(self.current, self.reload_settings())
+        except ZionError as exc:
+            logger.error("reload_failed", error=str(exc))
+            notify.notify("READY=1")
+            return
+        new = self.reload.new
+        logger.info("reloading", generation=new.number, workers=new.count,
+                    previous_workers=self.current.count)
+        for index in range(new.count):
+            self._spawn(new, index)
+
+    def _commit_reload(self) -> None:
+        assert self.reload is not None and self.current is not None
+        old, new = self.current, self.reload.new
+        self.reload = None
+        generation.commit(old, new)
+        self.current, self.settings = new, new.settings
+        now = time.monotonic()
+        for handle in self.pool.handles():
+            if handle.generation == new.number or handle.stopping:
+                continue
+            if new.group is not old.group and handle.index >= new.count:
+                # Retired listener: its worker keeps accepting until the kernel
+                # queue on it is empty (the new program sends it nothing more).
+                old.board.set_state(handle.index, SlotState.DRAINING)
+                self.retiring.add(handle, old.group.sockets[handle.index],
+                                  now + self.settings.supervisor.drain_timeout)
+            else:
+                self.pool.stop(handle)
+        assert self.respawn is not None
+        self.respawn = RespawnPolicy(new.settings.supervisor, new.count)
+        self._check_retiring()
+        logger.info("reload_complete", generation=new.number,
+                    pids=sorted(h.pid for h in self.pool.of_generation(new.number)))
+        notify.notify("READY=1")
+
+    def _abort_reload(self, why: str) -> None:
+        assert self.reload is not None and self.current is not None
+        new = self.reload.new
+        self.reload = None
+        for handle in self.pool.of_generation(new.number):
+            self.pool.stop(handle, signal.SIGKILL)
+        generation.abort(self.current, new)
+        logger.error("reload_failed", error=why, kept_generation=self.current.number)
+        notify.notify("READY=1")
+
+    def _check_retiring(self) -> None:
+        assert self.current is not None
+        routed = self.current.demux.routing
+        for handle in self.retiring.to_stop(routed, time.monotonic()):
+            kill(handle.pid, signal.SIGTERM)
+        for r in self.retiring.collect(lambda pid: pid in self.pool.workers):
+            logger.info("listener_retired", index=r.handle.index, remaining=self.current.count)
+
+    # -- exit -----------------------------------------------------------------------
+
+    def _cleanup(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.retiring.close_all()
+        if self.current is not None:
+            self.current.group.close()
+            self.current.demux.close()
+        logger.info("stopped", exit_code=int(self.exit_code))
+
+
+def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
+    """Run a master until it stops; typed errors propagate to the CLI."""
+    return Master(settings, reload_settings).run()
