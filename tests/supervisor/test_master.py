@@ -182,7 +182,8 @@ def test_crash_loop_limit_stops_the_master_with_one_line(start_zion):
     fatal = srv.events("fatal")
     assert len(fatal) == 1 and "died 3 times in a row" in fatal[0]["error"]
     assert "exit 7" in fatal[0]["error"]
-    assert len(srv.events("worker_died")) == 2  # two respawns, then the give-up
+    died = srv.events("worker_died")  # two respawns, then the give-up
+    assert [d["respawn_in_s"] for d in died] == [0.01, 0.02]  # the backoff doubles
 
 
 def test_boot_timeout_kills_a_worker_that_never_becomes_ready(start_zion):
@@ -204,8 +205,10 @@ async def test_a_reload_whose_workers_cannot_start_keeps_the_old_ones(start_zion
     srv.signal(signal.SIGHUP)
     failed = await asyncio.to_thread(srv.wait_event, "reload_failed", 30)
     assert "died before ready" in failed["error"] and failed["kept_generation"] == 0
+    # The second new worker is killed, not left to die and abort again: one error line.
     await asyncio.to_thread(wait_for, lambda: set(srv.worker_pids()) == old, 10,
                             "only the old workers")
+    assert len(srv.events("reload_failed")) == 1 and not srv.events("reload_complete")
     for _ in range(10):
         resp = await get(srv.port, "/")
         assert resp.status == 200 and int(resp.headers["x-pid"]) in old

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from zion.demux import policy
@@ -57,6 +58,14 @@ def first(settings: Settings) -> tuple[Generation, str]:
                       demux.board or StatusBoard.anonymous(count)), cert_source
 
 
+class Step(Enum):
+    """What a reload's progress asks the master to do next."""
+
+    WAIT = "wait"  # some new workers are not ready yet
+    COMMIT = "commit"  # every new worker is ready: swap the generations
+    ABORT = "abort"  # a new worker died first: keep the running generation
+
+
 @dataclass
 class Reload:
     """A reload in progress: the new generation and the slots not ready yet."""
@@ -64,10 +73,16 @@ class Reload:
     new: Generation
     pending: set[int] = field(default_factory=set)
 
-    def on_ready(self, index: int) -> bool:
-        """True once every new worker is ready: time to commit."""
+    def on_ready(self, index: int) -> Step:
         self.pending.discard(index)
-        return not self.pending
+        return Step.WAIT if self.pending else Step.COMMIT
+
+    def on_death(self, index: int) -> Step:
+        # A new worker that dies (or misses its boot deadline) before the
+        # commit means the new code or settings do not start: the old
+        # generation keeps serving rather than trading working workers for
+        # a crash loop.
+        return Step.ABORT
 
 
 def begin(current: Generation, settings: Settings) -> Reload:

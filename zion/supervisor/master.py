@@ -20,11 +20,11 @@ from zion import log, worker
 from zion.demux.board import SlotState
 from zion.demux.sampler import QueueSampler
 from zion.errors import ExitCode, ZionError
-from zion.reloader import FileWatcher, watch_dirs
 from zion.settings import Settings
 from zion.supervisor import generation, notify
-from zion.supervisor.generation import Generation, Reload
+from zion.supervisor.generation import Generation, Reload, Step
 from zion.supervisor.pool import WorkerHandle, WorkerPool, kill
+from zion.supervisor.reloader import FileWatcher, watch_dirs
 from zion.supervisor.respawn import GiveUp, RespawnPolicy, describe
 from zion.supervisor.retiring import Retiring
 from zion.supervisor.signals import SignalQueue
@@ -177,7 +177,7 @@ class Master:
         assert self.current is not None and self.respawn is not None
         if self.reload is not None and handle.generation == self.reload.new.number:
             self.reload.new.board.set_state(handle.index, SlotState.READY, handle.pid)
-            if self.reload.on_ready(handle.index):
+            if self.reload.on_ready(handle.index) is Step.COMMIT:
                 self._commit_reload()
             return
         self.respawn.on_ready(handle.index)
@@ -201,7 +201,8 @@ class Master:
             logger.debug("worker_exited", index=handle.index, child=handle.pid, status=how)
             return
         if self.reload is not None and handle.generation == self.reload.new.number:
-            self._abort_reload(f"new worker {handle.index} died before ready ({how})")
+            if self.reload.on_death(handle.index) is Step.ABORT:
+                self._abort_reload(f"new worker {handle.index} died before ready ({how})")
             return
         assert self.current is not None and self.respawn is not None
         if handle.index >= self.current.count:

@@ -45,6 +45,9 @@ class FileWatcher:
         self._thread.join(2)
 
     def _run(self) -> None:
+        # watch() debounces: it yields once no change has arrived for 50 ms
+        # (at most 1.6 s after the first), so an editor's save-rename-chmod or
+        # a `git checkout` of many files is one batch, and one reload.
         for changes in watch(*self.dirs, watch_filter=PythonFilter(), stop_event=self._stop,
                              raise_interrupt=False):
             paths = sorted({os.path.relpath(p) for _, p in changes})
