@@ -247,3 +247,26 @@ async def test_app_that_raises_after_accept_closes_1011_and_before_accept_500():
     client = Client(crash_before)
     resp = await client.open()
     assert resp.status_code == 500
+
+
+async def test_a_client_that_does_not_read_makes_the_apps_send_wait():
+    sent: list[int] = []
+
+    async def talker(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        for i in range(5):
+            await send({"type": "websocket.send", "bytes": b"x" * 1000})
+            sent.append(i)
+        await send({"type": "websocket.close"})
+
+    client = Client(talker)
+    client.proto.send_request(client.proto.connect())
+    for data in client.proto.data_to_send():
+        client.tr.feed(data)
+    ws = client.tr.protocol
+    ws.pause_writing()  # the transport's buffer is over its high-water mark
+    await settle(10)
+    assert sent == []  # the first message is written, then the app waits
+    ws.resume_writing()
+    await until(lambda: len(sent) == 5)
