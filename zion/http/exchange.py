@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from zion.http import response
 from zion.http.connection import ClientDisconnected
+from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class Exchange:
     __slots__ = (
         "conn", "scope", "keep_alive", "head", "expect_100", "started_at",
         # request body, fed by the connection
-        "body", "body_size", "received", "body_complete", "body_delivered", "waiter",
+        "body", "body_size", "received", "body_complete", "body_delivered", "wakeup",
         "disconnected",
         # response
         "response_started", "response_complete", "status", "headers", "chunked",
@@ -72,7 +73,7 @@ class Exchange:
         self.received = 0  # the whole body so far, for limits.max_body_size
         self.body_complete = False
         self.body_delivered = False
-        self.waiter: asyncio.Future[None] | None = None
+        self.wakeup = Wakeup(conn.loop)
         self.disconnected = False
         # response
         self.response_started = False
@@ -102,9 +103,7 @@ class Exchange:
         self._wake()
 
     def _wake(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wakeup.wake()
 
     # -- ASGI receive ----------------------------------------------------------
 
@@ -136,9 +135,7 @@ class Exchange:
         return {"type": "http.request", "body": body, "more_body": more}
 
     async def _wait(self) -> None:
-        if self.waiter is None:
-            self.waiter = self.conn.loop.create_future()
-        await self.waiter
+        await self.wakeup.wait()
 
     # -- ASGI send -------------------------------------------------------------
 

@@ -9,35 +9,28 @@ from __future__ import annotations
 
 import asyncio
 
+from zion.http.wakeup import Wakeup
+
 
 class FlowControl:
-    __slots__ = ("_loop", "_waiter", "write_paused")
+    __slots__ = ("_drained", "write_paused")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._waiter: asyncio.Future[None] | None = None
+        self._drained = Wakeup(loop)
         self.write_paused = False
 
     async def drain(self) -> None:
-        if not self.write_paused:
-            return
-        if self._waiter is None:
-            self._waiter = self._loop.create_future()
-        await self._waiter
+        while self.write_paused:
+            await self._drained.wait()
 
     def pause_writing(self) -> None:
         self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._wake()
+        self._drained.wake()
 
     def connection_lost(self) -> None:
         # Writers blocked on a dead connection must wake to see it is gone.
         self.write_paused = False
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._drained.wake()

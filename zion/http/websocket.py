@@ -31,6 +31,7 @@ from zion.http import response
 from zion.http.connection import ClientDisconnected
 from zion.http.exchange import ProtocolError
 from zion.http.flow_control import FlowControl
+from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class WebSocketProtocol(asyncio.Protocol):
         "state", "loop", "app", "scope", "ws", "transport", "flow", "raw", "phase",
         "close_deadline", "ping_handle", "pong_handle", "ping_payload",
         # messages to the app
-        "queue", "waiter", "read_paused", "fragments", "fragment_opcode", "disconnect_code",
+        "queue", "wakeup", "read_paused", "fragments", "fragment_opcode", "disconnect_code",
         "disconnect_reason", "lost",
         # handshake
         "request", "subprotocol", "denial", "denial_body",
@@ -122,7 +123,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.pong_handle: asyncio.TimerHandle | None = None
         self.ping_payload = b""
         self.queue: deque[dict[str, Any]] = deque()
-        self.waiter: asyncio.Future[None] | None = None
+        self.wakeup = Wakeup(self.loop)
         self.read_paused = False
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
@@ -231,9 +232,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wakeup.wake()
 
     # -- ASGI ----------------------------------------------------------------------
 
@@ -242,9 +241,7 @@ class WebSocketProtocol(asyncio.Protocol):
             if self.disconnect_code is not None:
                 return {"type": "websocket.disconnect", "code": self.disconnect_code,
                         "reason": self.disconnect_reason}
-            if self.waiter is None:
-                self.waiter = self.loop.create_future()
-            await self.waiter
+            await self.wakeup.wait()
         message = self.queue.popleft()
         if self.read_paused and len(self.queue) <= self.state.settings.websocket.max_queue // 2:
             self.read_paused = False
