@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from tests.conftest import get, wait_for
-from tests.support.bpf import cannot_load_bpf, prog_fds, zion_prog_ids
+from tests.support.bpf import UNCHECKED_PACKET_READ, cannot_load_bpf, prog_fds, zion_prog_ids
 
 pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
 CAPSH = shutil.which("capsh")
@@ -111,13 +111,7 @@ async def test_fallback_without_kernel_headers(start_zion, tmp_path):
 async def test_fallback_when_verifier_rejects(start_zion, tmp_path):
     bad = tmp_path / "bad.c"
     # Dereferences packet memory without a bounds check: the verifier says no.
-    bad.write_text(
-        "#include <uapi/linux/bpf.h>\n"
-        "BPF_F_TABLE(\"array\", u32, u64, zion_slots, ZION_WORKERS + 1, BPF_F_MMAPABLE);\n"
-        "int zion_demux(struct sk_reuseport_md *md) {\n"
-        "    char *p = (char *)(long)md->data;\n"
-        "    return p[40];\n"
-        "}\n")
+    bad.write_text(UNCHECKED_PACKET_READ)
     srv = start_zion(env={"ZION_DEMUX_PROGRAM": str(bad)})
     await assert_fallback(srv, "verifier_rejected")
     assert "Failed to load BPF program" in srv.wait_event("demux_fallback")["error"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import APPS, REPO
-from tests.support.bpf import cannot_load_bpf
+from tests.support.bpf import UNCHECKED_PACKET_READ, cannot_load_bpf
 
 pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
 CAPSH = shutil.which("capsh")
@@ -43,13 +43,7 @@ def test_doctor_says_why_and_how_to_fix(state_dir):
 
 def test_doctor_prints_the_program_even_when_the_verifier_rejects_it(state_dir, tmp_path):
     bad = tmp_path / "bad.c"
-    bad.write_text(
-        "#include <uapi/linux/bpf.h>\n"
-        "BPF_F_TABLE(\"array\", u32, u64, zion_slots, ZION_WORKERS + 1, BPF_F_MMAPABLE);\n"
-        "int zion_demux(struct sk_reuseport_md *md) {\n"
-        "    char *p = (char *)(long)md->data;\n"
-        "    return p[40];\n"
-        "}\n")
+    bad.write_text(UNCHECKED_PACKET_READ)
     result = _doctor("--ebpf", env={"ZION_TLS_STATE_DIR": str(state_dir),
                                     "ZION_DEMUX_PROGRAM": str(bad)})
     assert result.returncode == 1

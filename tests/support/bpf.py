@@ -13,6 +13,16 @@ from zion.demux.reasons import Unavailable
 
 BPFTOOL = shutil.which("bpftool") or "/usr/sbin/bpftool"
 
+# A demux program the verifier rejects: it reads packet memory without a
+# bounds check.
+UNCHECKED_PACKET_READ = (
+    "#include <uapi/linux/bpf.h>\n"
+    "BPF_F_TABLE(\"array\", u32, u64, zion_slots, ZION_WORKERS + 1, BPF_F_MMAPABLE);\n"
+    "int zion_demux(struct sk_reuseport_md *md) {\n"
+    "    char *p = (char *)(long)md->data;\n"
+    "    return p[40];\n"
+    "}\n")
+
 
 def cannot_load_bpf() -> str | None:
     """None when this process can load the demux; else the reason to skip."""
