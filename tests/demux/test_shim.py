@@ -101,12 +101,12 @@ def test_attach_to_socket_outside_a_reuseport_group(state_dir):
     plain.bind(("127.0.0.1", 0))
     plain.listen()
     settings = _settings(state_dir)
-    ready = preflight.check(settings)
+    kernel_source = preflight.check(settings)
+    bcc = preflight.import_bcc()
     from bcc.libbcc import lib
 
     sockarray = ReuseportSockArray.create(lib, MAX_WORKERS)
-    prog = SkReuseport.load(ready.bcc, policy.text_for(settings, 1, sockarray.fd),
-                            ready.kernel_source)
+    prog = SkReuseport.load(bcc, policy.text_for(settings, 1, sockarray.fd), kernel_source)
     try:
         with pytest.raises(ShimError) as info:
             prog.attach(plain)

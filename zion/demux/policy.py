@@ -10,6 +10,7 @@ line is logged.
 from __future__ import annotations
 
 import errno as errno_mod
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 
 from zion.demux import preflight
 from zion.demux.board import StatusBoard
+from zion.demux.compile_helper import compile_and_fill
 from zion.demux.program import MAX_WORKERS, program_text, source_path
 from zion.demux.reasons import DemuxState, FallbackReason, Unavailable
-from zion.demux.shim import ReuseportSockArray, ShimError, ShimOp, SkReuseport
+from zion.demux.shim import ShimError, ShimOp, SkReuseport, attach, prog_id_of
 from zion.listeners import ListenerGroup
 from zion.log import get_logger
 from zion.settings import Settings
@@ -54,20 +56,32 @@ def describe(err: ShimError) -> str:
 
 @dataclass
 class Program:
-    """A loaded program and its reference on the group's sockarray."""
+    """A loaded program, as descriptors the compile helper sent back: the
+    program, this program's reference to the group's sockarray, and the
+    status map the workers write."""
 
-    prog: SkReuseport
-    sockarray: ReuseportSockArray
+    prog_fd: int
+    sockarray_fd: int
+    slots_fd: int
+    text: str
     workers: int
 
     @property
+    def prog_id(self) -> int | None:
+        return prog_id_of(self.prog_fd)
+
+    @property
     def master_fds(self) -> tuple[int, ...]:
-        """Descriptors workers must not keep: the program and the sockarray."""
-        return (*self.prog.fds, self.sockarray.fd)
+        """Descriptors workers must not keep."""
+        return (self.prog_fd, self.sockarray_fd, self.slots_fd)
+
+    def attach(self, sock: socket.socket) -> None:
+        attach(self.prog_fd, sock)
 
     def close(self) -> None:
-        self.prog.close()
-        self.sockarray.close()
+        for fd in self.master_fds:
+            os.close(fd)
+        self.prog_fd = self.sockarray_fd = self.slots_fd = -1
 
 
 def text_for(settings: Settings, workers: int, sockarray_fd: int) -> str:
@@ -81,35 +95,20 @@ def text_for(settings: Settings, workers: int, sockarray_fd: int) -> str:
                         settings.demux.stall_threshold_ms * 1_000_000)
 
 
-def load(settings: Settings, group: ListenerGroup, ready: preflight.Ready,
+def load(settings: Settings, group: ListenerGroup, kernel_source: str | None,
          lender: Program | None = None) -> Program:
-    """Compile and load the program for `group` and fill its sockarray.
+    """Compile and load the program for `group` in the compile helper and fill
+    its sockarray (slots a lender's array already holds keep their socket).
     Raises Unavailable or ShimError."""
     count = len(group.sockets)
     if not 1 <= count <= MAX_WORKERS:
         raise Unavailable(FallbackReason.PROBE_FAILED,
                           f"the demux supports 1..{MAX_WORKERS} workers")
-    from bcc.libbcc import lib
-
-    if lender is not None:
-        sockarray, start = lender.sockarray.acquire(), min(lender.workers, count)
-    else:
-        sockarray, start = ReuseportSockArray.create(lib, MAX_WORKERS), 0
-    try:
-        prog = SkReuseport.load(ready.bcc, text_for(settings, count, sockarray.fd),
-                                ready.kernel_source)
-    except BaseException:
-        sockarray.close()
-        raise
-    program = Program(prog, sockarray, count)
-    try:
-        # Slots a lender already holds keep their socket; only new ones go in.
-        for index in range(start, count):
-            sockarray.set(index, group.sockets[index])
-    except ShimError:
-        program.close()
-        raise
-    return program
+    text_for(settings, count, -1)  # an unreadable source fails here, in the master
+    done = compile_and_fill(lambda fd: text_for(settings, count, fd), kernel_source,
+                            group.sockets, min(lender.workers, count) if lender else 0,
+                            lender.sockarray_fd if lender else None)
+    return Program(done.prog_fd, done.sockarray_fd, done.slots_fd, done.text, count)
 
 
 @dataclass
@@ -125,11 +124,11 @@ class DemuxOutcome:
 
     @property
     def fd(self) -> int | None:
-        return self.program.prog.fd if self.program else None
+        return self.program.prog_fd if self.program else None
 
     @property
     def prog_id(self) -> int | None:
-        return self.program.prog.prog_id if self.program else None
+        return self.program.prog_id if self.program else None
 
     @property
     def routing(self) -> bool:
@@ -165,12 +164,12 @@ def setup(settings: Settings, group: ListenerGroup, attach: bool = True,
         return DemuxOutcome(DemuxState.DISABLED, mode, reason=FallbackReason.FLAG)
     program = None
     try:
-        ready = preflight.check(settings)
+        kernel_source = preflight.check(settings)
         lender = previous.program if previous is not None and previous.routing else None
-        program = load(settings, group, ready, lender)
+        program = load(settings, group, kernel_source, lender)
         if attach:
-            program.prog.attach(group.sockets[0])
-        board = StatusBoard.from_map_fd(program.prog.slots_fd, len(group.sockets))
+            program.attach(group.sockets[0])
+        board = StatusBoard.from_map_fd(program.slots_fd, len(group.sockets))
     except Unavailable as exc:
         return _fallback(mode, exc.reason, exc.detail, exc.errno, program)
     except ShimError as exc:
@@ -207,7 +206,7 @@ def swap(old: DemuxOutcome, new: DemuxOutcome, sock: socket.socket,
     detach when the new generation has none; then release the old one."""
     if new.state is DemuxState.PREPARED and new.program is not None:
         try:
-            new.program.prog.attach(sock)
+            new.program.attach(sock)
         except ShimError as exc:
             new.program.close()
             fell = _fallback(new.mode, classify(exc), describe(exc), exc.errno, None)

@@ -11,7 +11,6 @@ import errno as errno_mod
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -26,14 +25,10 @@ DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc/__init__.py")
 KERNEL_MINIMUM = (5, 5)
 
 
-@dataclass(frozen=True)
-class Ready:
-    bcc: ModuleType
-    kernel_source: str | None  # BCC_KERNEL_SOURCE, or None for bcc's default
-
-
-def check(settings: Settings) -> Ready:
-    """Raise Unavailable with the first thing that rules the demux out."""
+def check(settings: Settings) -> str | None:
+    """Raise Unavailable with the first thing that rules the demux out; return
+    BCC_KERNEL_SOURCE (None: bcc's default). bcc itself is imported only where
+    the program is compiled (the compile helper, or `zion doctor`)."""
     if kernel_version() < KERNEL_MINIMUM:
         raise Unavailable(FallbackReason.KERNEL_UNSUPPORTED,
                           f"kernel {os.uname().release} < {'.'.join(map(str, KERNEL_MINIMUM))}")
@@ -41,9 +36,8 @@ def check(settings: Settings) -> Ready:
     if caps.CAP_BPF not in have and caps.CAP_SYS_ADMIN not in have:
         raise Unavailable(FallbackReason.NO_CAPABILITY,
                           "neither cap_bpf nor cap_sys_admin is effective", errno_mod.EPERM)
-    bcc = import_bcc()
     source, _how = headers.find(settings.demux.kernel_headers, cache_dir(settings))
-    return Ready(bcc, source)
+    return source
 
 
 def cache_dir(settings: Settings) -> Path:

@@ -85,7 +85,8 @@ def probe(settings: Settings, workers: int = 2) -> Report:
     prog: SkReuseport | None = None
     text: str | None = None
     try:
-        ready = preflight.check(settings)
+        kernel_source = preflight.check(settings)
+        bcc = preflight.import_bcc()
         if not 1 <= workers <= MAX_WORKERS:
             raise Unavailable(FallbackReason.PROBE_FAILED,
                               f"the demux supports 1..{MAX_WORKERS} workers")
@@ -93,7 +94,7 @@ def probe(settings: Settings, workers: int = 2) -> Report:
 
         sockarray = ReuseportSockArray.create(lib, MAX_WORKERS)
         text = policy.text_for(settings, workers, sockarray.fd)
-        prog = SkReuseport.load(ready.bcc, text, ready.kernel_source)
+        prog = SkReuseport.load(bcc, text, kernel_source)
         for index, sock in enumerate(group):
             sockarray.set(index, sock)
         prog.attach(group[0])

@@ -101,7 +101,7 @@ class SkReuseport:
         self._bpf = bpf
         self.text = text
         self.fd: int = fn.fd
-        self.prog_id = _prog_id(self.fd)
+        self.prog_id = prog_id_of(self.fd)
         self.slots_fd: int = bpf[b"zion_slots"].map_fd
 
     @classmethod
@@ -138,16 +138,7 @@ class SkReuseport:
         return cls(bpf, fn, text)
 
     def attach(self, sock: socket.socket) -> None:
-        """Attach to the reuseport group `sock` belongs to (one call serves all;
-        an attached program is replaced atomically)."""
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, self.fd)
-        except OSError as exc:
-            hint = " (socket is not in a SO_REUSEPORT group)" if exc.errno == errno_mod.EINVAL \
-                else ""
-            raise ShimError(ShimOp.ATTACH, exc.errno, "",
-                            f"setsockopt(SO_ATTACH_REUSEPORT_EBPF): {exc.strerror}{hint}"
-                            ) from None
+        attach(self.fd, sock)
 
     @staticmethod
     def detach(sock: socket.socket) -> None:
@@ -191,7 +182,21 @@ def _last_lines(text: str, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
-def _prog_id(fd: int) -> int | None:
+def attach(prog_fd: int, sock: socket.socket) -> None:
+    """Attach a loaded program to the reuseport group `sock` belongs to (one
+    call serves all; an attached program is replaced atomically). Needs only
+    the descriptor, not bcc."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
+    except OSError as exc:
+        hint = " (socket is not in a SO_REUSEPORT group)" if exc.errno == errno_mod.EINVAL \
+            else ""
+        raise ShimError(ShimOp.ATTACH, exc.errno, "",
+                        f"setsockopt(SO_ATTACH_REUSEPORT_EBPF): {exc.strerror}{hint}"
+                        ) from None
+
+
+def prog_id_of(fd: int) -> int | None:
     try:
         with open(f"/proc/self/fdinfo/{fd}") as fh:
             for line in fh:
