@@ -6,7 +6,9 @@
 Method: rounds interleave the servers (A B C ... A B C ...), each server starts
 fresh with a warm-up; medians with min-max; server CPU from /proc over the
 whole process tree and the client's CPU from rusage, because wrk shares the
-2 cores and can be the bottleneck. Results: bench/results/<stamp>.{json,md}
+2 cores and can be the bottleneck. Results: bench/results/<stamp>-<mode>.md and
+PNG plots in git; every raw figure and command in <stamp>-<mode>.json.gz beside
+them (gzip keeps a full run near 100 KiB instead of 1 MB of JSON).
 and PNG plots.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -170,8 +173,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.report:
         saved = Path(args.report)
-        stamp = saved.stem.rsplit("-", 1)[0]
-        print(report.write(json.loads(saved.read_text()), saved.parent, stamp))
+        raw = gzip.decompress(saved.read_bytes()) if saved.suffix == ".gz" else saved.read_bytes()
+        stamp = saved.name.split(".")[0].rsplit("-", 1)[0]
+        print(report.write(json.loads(raw), saved.parent, stamp))
         return 0
     quick = args.quick
     rounds = 1 if quick else 3
@@ -232,8 +236,8 @@ def main() -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"{stamp}-{results['meta']['mode']}.json"
-    out.write_text(json.dumps(results, indent=1))
+    out = RESULTS / f"{stamp}-{results['meta']['mode']}.json.gz"
+    out.write_bytes(gzip.compress(json.dumps(results, indent=1).encode(), mtime=0))
     md = report.write(results, RESULTS, stamp)
     print(f"wrote {out} and {md}", file=sys.stderr)
     return 0
