@@ -1,8 +1,8 @@
 """Linux capabilities via capget(2)/capset(2), without libcap.
 
 The readiness probe reads the effective set (a uid of 0 says nothing: under
-`capsh --drop=cap_bpf,cap_sys_admin` root cannot load eBPF). Workers drop the
-BPF-related capabilities right after fork: only the master loads the demux.
+`capsh --drop=cap_bpf,cap_sys_admin` root cannot load eBPF). Workers give up
+every capability right after fork (zion/privileges.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ CAP_BPF = 39
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPGET = 125  # x86_64
 _SYS_CAPSET = 126
-_PR_CAPBSET_DROP = 24
 
 _NAMES = {CAP_NET_BIND_SERVICE: "cap_net_bind_service", CAP_NET_ADMIN: "cap_net_admin",
           CAP_SYS_ADMIN: "cap_sys_admin", CAP_PERFMON: "cap_perfmon", CAP_BPF: "cap_bpf"}
@@ -56,20 +55,13 @@ def name(cap: int) -> str:
     return _NAMES.get(cap, f"cap_{cap}")
 
 
-def drop(caps: set[int]) -> None:
-    """Remove `caps` from this process's effective, permitted, inheritable and
-    bounding sets. Lowering needs no privilege; the bounding set needs
-    CAP_SETPCAP and is skipped without it."""
+def clear() -> None:
+    """Empty the effective, permitted and inheritable sets (allowed without
+    privilege: a process may always give capabilities up)."""
     header, data = _get()
-    for cap in caps:
-        word, bit = divmod(cap, 32)
-        keep = ~(1 << bit) & 0xFFFFFFFF
-        data[word].effective &= keep
-        data[word].permitted &= keep
-        data[word].inheritable &= keep
+    for word in data:
+        word.effective = word.permitted = word.inheritable = 0
     header.pid = 0
     if _libc.syscall(_SYS_CAPSET, ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    for cap in caps:
-        _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)

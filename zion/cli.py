@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
-from zion import __version__, log
+from zion import __version__, log, privileges
 from zion.errors import ConfigError, ExitCode, ZionError
 from zion.settings import Declared, DemuxMode, Settings, declared, load_settings, worker_count
 
@@ -150,6 +150,10 @@ def _serve(args: argparse.Namespace) -> int:
         return exc.exit_code
     log.configure(settings.log.format, settings.log.level)
     logger = log.get_logger("zion")
+    privileges.protect_master()
+    if os.geteuid() == 0 and not settings.server.user:
+        logger.warning("workers_run_as_root", hint="workers give up every capability, but "
+                       "--user USER (or [server] user) also takes uid 0 from them")
     try:
         return master.serve(settings, lambda: _load(args, cli))
     except ZionError as exc:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
 import struct
+import subprocess
 from dataclasses import dataclass
 
 from zion.errors import BindError
@@ -78,9 +80,45 @@ def accept_queue_len(sock: socket.socket) -> int:
     return int(struct.unpack_from("I", info, 24)[0])
 
 
+def ensure_unserved(host: str, port: int, family: socket.AddressFamily) -> None:
+    """Refuse an address another process already listens on.
+
+    Our listeners set SO_REUSEPORT, so binding next to another server of the
+    same uid that set it too would silently join its group and split its
+    traffic (its program, if any, would route ours). A probe bound without
+    SO_REUSEPORT fails with EADDRINUSE exactly when someone listens there
+    (SO_REUSEADDR only lets it past TIME_WAIT leftovers)."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"cannot bind {host}:{port}: it is already served by "
+                            f"{_holder(port)} (one server per address)") from None
+        raise BindError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def _holder(port: int) -> str:
+    """Who listens on `port`, as ss(8) tells it; best effort."""
+    try:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                             text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "another process"
+    found = re.search(r'users:\(\("([^"]+)",pid=(\d+)', out)
+    return f"{found.group(1)} (pid {found.group(2)})" if found else "another process"
+
+
 def bind_group(host: str, port: int, count: int, backlog: int) -> ListenerGroup:
     """Bind `count` listeners; port 0 picks a free port once for all of them."""
     family = _family(host)
+    if port:
+        ensure_unserved(host, port, family)
     socks: list[socket.socket] = []
     try:
         for _ in range(count):

@@ -117,6 +117,10 @@ class ServerSettings:
     builtins: bool = setting(True, "Answer GET /_zion/healthz and GET /_zion/status (loopback "
                              "only) before the app. Nothing outside /_zion/ is ever taken "
                              "from the app.")
+    user: str = setting("", 'Workers switch to this user after fork ("" = stay; started as '
+                        "root, they still give up every capability).", flag=Flag("--user", "USER"))
+    group: str = setting("", 'Workers switch to this group ("" = the user\'s primary group).',
+                         flag=Flag("--group", "GROUP"))
     reload: bool = setting(False, "Development: reload the workers with no downtime when a "
                            "watched .py file changes.", flag="--reload")
     reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '
@@ -390,6 +394,15 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
     if server.app and ":" not in server.app:
         raise ConfigError(f"server.app (from {origins.get('server.app')}): {server.app!r} "
                           "must be of the form module:attribute")
+    if server.user or server.group:
+        from zion.privileges import resolve
+
+        try:
+            resolve(server.user, server.group)
+        except KeyError as exc:
+            key = "server.group" if server.group and "group" in str(exc) else "server.user"
+            raise ConfigError(f"{key} (from {origins.get(key)}): no such "
+                              f"{key.split('.')[1]}: {exc.args[0]}") from None
     sup: SupervisorSettings = sections["supervisor"]
     if sup.respawn_backoff_max < sup.respawn_backoff:
         raise ConfigError("supervisor.respawn_backoff_max: must be at least "

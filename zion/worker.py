@@ -19,7 +19,7 @@ from typing import Any
 
 import uvloop
 
-from zion import caps, log
+from zion import log, privileges
 from zion.asgi import Lifespan, load_app
 from zion.demux.board import StatusBoard
 from zion.errors import ExitCode, WorkerBootError
@@ -50,6 +50,7 @@ class WorkerSpec:
 
 def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: StatusBoard,
          demux_info: dict[str, Any]) -> int:
+    master_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
@@ -57,11 +58,13 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: S
     for fd in spec.close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-    # Only the master loads eBPF: a compromised worker gets no BPF privilege.
+    # The socket is bound and the TLS context built: a worker needs no privilege.
+    identity = privileges.resolve(settings.server.user, settings.server.group)
     try:
-        caps.drop({caps.CAP_BPF, caps.CAP_SYS_ADMIN, caps.CAP_PERFMON, caps.CAP_NET_ADMIN})
+        privileges.drop_worker_privileges(identity, master_pid)
     except OSError as exc:
-        logger.warning("cap_drop_failed", error=str(exc))
+        logger.error("privilege_drop_failed", error=str(exc))
+        return ExitCode.WORKER_BOOT
     if demux_info.get("mode") == "cpu" and demux_info.get("state") == "attached":
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[spec.index % len(cpus)]})

@@ -1,0 +1,66 @@
+"""Workers keep no privilege: no capability in any set, no_new_privs, an
+optional --user/--group, and no way into their master."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import get
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start workers as "
+                                "root and to switch them to another user")
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+async def test_a_root_started_worker_has_no_capability_and_cannot_reach_its_master(start_zion):
+    srv = start_zion("introspect_app:app", workers=1)
+    assert srv.events("workers_run_as_root")
+    worker = _status(srv.worker_pids()[0])
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(worker[key], 16) == 0, (key, worker[key])
+    assert worker["NoNewPrivs"] == "1"
+    body = (await get(srv.port, "/")).body.decode()
+    assert body.startswith("uid=0 ")
+    assert "mem=PermissionError" in body and "ptrace=Operation not permitted" in body, body
+
+
+async def test_user_and_group_switch_the_workers(start_zion):
+    nobody = pwd.getpwnam("nobody")
+    srv = start_zion("introspect_app:app", "--user", "nobody", workers=1)
+    assert not srv.events("workers_run_as_root")
+    worker = _status(srv.worker_pids()[0])
+    assert worker["Uid"].split()[0] == str(nobody.pw_uid)
+    assert worker["Gid"].split()[0] == str(nobody.pw_gid)
+    assert int(worker["CapBnd"], 16) == 0
+    body = (await get(srv.port, "/")).body.decode()
+    assert body.startswith(f"uid={nobody.pw_uid} ") and "ptrace=Operation not permitted" in body
+
+
+def test_an_unknown_user_is_one_config_line(start_zion):
+    srv = start_zion("--user", "no-such-user-here", ready=False)
+    assert srv.proc.wait(20) == 2
+    out = srv.log_text()
+    assert "server.user (from command line): no such user" in out
+
+
+@pytest.mark.skipif(shutil.which("capsh") is None,
+                    reason="capsh is not installed (Debian package libcap2-bin)")
+async def test_a_master_without_capabilities_is_still_out_of_its_workers_reach(start_zion):
+    # Same uid, no capabilities on either side: only the master's
+    # non-dumpable flag keeps a worker from reading or tracing it.
+    wrapper = [shutil.which("capsh") or "capsh", "--drop=all", "--", "-c", 'exec "$0" "$@"']
+    srv = start_zion("introspect_app:app", wrapper=wrapper, workers=1)
+    body = (await get(srv.port, "/")).body.decode()
+    assert "mem=PermissionError" in body and "ptrace=Operation not permitted" in body, body

@@ -1,0 +1,22 @@
+"""A worker's life: it dies with its master."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from tests.conftest import wait_for
+
+
+def test_workers_die_with_a_sigkilled_master(start_zion):
+    srv = start_zion(workers=2, env={"ZION_SUPERVISOR_DRAIN_TIMEOUT": "1"})
+    workers = srv.worker_pids()
+    assert len(workers) == 2
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+
+    def gone() -> bool:
+        return not any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(
+            f"/proc/{pid}/status").read() for pid in workers)
+
+    wait_for(gone, 15, "workers to exit after their master died")
