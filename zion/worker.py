@@ -35,6 +35,7 @@ from zion.settings import Settings
 _TICK = 0.5  # seconds between Date refreshes and timeout sweeps
 _DRAIN_QUIET = 0.1  # seconds without connections before a draining worker exits
 _TASK_GRACE = 1.0  # seconds app tasks get after their connection closed
+_TLS_SHUTDOWN_TIMEOUT = 2.0  # seconds a closed TLS connection waits for close_notify
 
 logger = log.get_logger("zion.worker")
 
@@ -117,6 +118,9 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     server = await loop.create_server(
         lambda: H1Protocol(state), sock=spec.sock, ssl=ssl_ctx,
         ssl_handshake_timeout=settings.limits.handshake_timeout,
+        # uvloop waits 30 s by default for the peer's close_notify after we
+        # close; a closed connection should not linger that long.
+        ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
         backlog=settings.server.backlog,
     )
     stop = asyncio.Event()

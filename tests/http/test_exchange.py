@@ -173,3 +173,44 @@ async def test_pipelined_requests_are_answered_in_order():
     await settle(20)
     out = tr.take()
     assert out.index(b"/slow") < out.index(b"/fast")
+
+
+async def test_a_pipelining_client_that_never_reads_stops_being_read():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 100})
+
+    tr = connect(make_state(), app)
+    tr.feed(GET * 50)  # fifty pipelined requests in one read
+    await settle()
+    answered = tr.take().count(b"HTTP/1.1 200")
+    assert answered >= 1
+    tr.protocol.pause_writing()  # the client stopped reading: our buffer is full
+    assert tr.read_paused
+    await settle(20)
+    during = tr.take().count(b"HTTP/1.1 200")
+    assert during <= 1  # at most the one already started
+    tr.protocol.resume_writing()
+    await until(lambda: tr.buffer.count(b"HTTP/1.1 200") == 50 - answered - during)
+
+
+async def test_bytes_after_connection_close_are_ignored_not_a_400():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    tr = connect(make_state(), app)
+    tr.feed(b"GET /first HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+    await settle()
+    out = tr.take()
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"/first")
+    assert b"400" not in out and b"/second" not in out and tr.closed
+
+
+async def test_a_closed_connection_stops_counting_at_once():
+    state = make_state()
+    tr = connect(state)
+    assert len(state.connections) == 1
+    tr.protocol.close()  # TLS shutdown may take a while; the count must not
+    assert len(state.connections) == 0 and state.slot.conns == 0

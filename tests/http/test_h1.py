@@ -234,3 +234,37 @@ async def test_app_content_length_written_once(server):
     assert resp.raw_head.lower().count(b"content-length:") == 1
     assert resp.body == b"x" * 10
     writer.close()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_memory_stays_bounded_for_a_pipelining_client_that_never_reads(start_zion):
+    srv = start_zion("raw_app:app", workers=1)
+    worker = srv.worker_pids()[0]
+    before = _rss_mib(worker)
+    reader, writer = await connect(srv.port)
+    burst = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n" * 4096  # ~110 KB of requests
+    sent, stuck = 0, 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    try:
+        # Until the server has stopped reading for 4 s, or 60 MB, or 20 s.
+        while sent < 60 * 1024 * 1024 and stuck < 2 and loop.time() < deadline:
+            writer.write(burst)
+            try:
+                await asyncio.wait_for(writer.drain(), 2)
+                stuck = 0
+            except TimeoutError:
+                stuck += 1
+            sent += len(burst)
+        grown = _rss_mib(worker) - before
+    finally:
+        writer.transport.abort()
+    # Without the bound, 60 MB of requests become ~150 MB of buffered answers.
+    assert grown < 40, f"worker grew {grown:.0f} MiB after {sent / 2**20:.0f} MiB of requests"
+    await still_serving(srv.port)

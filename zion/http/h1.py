@@ -51,6 +51,7 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
+        "last_request", "held_for_drain",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -84,6 +85,8 @@ class H1Protocol(asyncio.Protocol):
         self.content_length = 0
         self.ws_upgrade = False  # this request asks for `upgrade: websocket`
         self.ws_pending: dict[str, Any] | None = None  # its scope, until the switch
+        self.last_request = False  # a request without keep-alive was parsed
+        self.held_for_drain = False  # a pipelined request waits for the write buffer
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -117,10 +120,18 @@ class H1Protocol(asyncio.Protocol):
         return None  # close our side too
 
     def pause_writing(self) -> None:
+        # A client that sends requests but does not read the answers: stop
+        # reading too, so neither its requests nor our responses pile up.
         self.flow.pause_writing()
+        self.pause_reading()
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        if self.held_for_drain:
+            self.held_for_drain = False
+            self.start_next()
+        elif self.current is None and not self.pipeline:
+            self.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -150,8 +161,13 @@ class H1Protocol(asyncio.Protocol):
                 self.reject(500, "")
             return
         except httptools.HttpParserError as exc:
-            self.reject(400, _parser_detail(exc))
-            return
+            if not self.last_request:
+                self.reject(400, _parser_detail(exc))
+                return
+            # Bytes after a request that ends the connection (Connection:
+            # close, HTTP/1.0): answer the request, ignore the rest, as
+            # nginx and uvicorn do.
+            self.pause_reading()
         if self.in_headers:
             # httptools buffers a partial header line itself and reports it
             # only once complete, so bound the raw bytes of an unfinished
@@ -264,6 +280,8 @@ class H1Protocol(asyncio.Protocol):
         ex = self.parsing
         self.parsing = None
         if ex is not None:
+            if not ex.keep_alive:
+                self.last_request = True
             ex.message_complete()
 
     # -- request dispatch -----------------------------------------------------
@@ -292,11 +310,15 @@ class H1Protocol(asyncio.Protocol):
             self.close()
             return
         if self.pipeline:
-            self.loop.call_soon(self.start_next)
+            if self.flow.write_paused:
+                self.held_for_drain = True  # resume_writing starts it
+            else:
+                self.loop.call_soon(self.start_next)
             return
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         self.deadline_kind = _IDLE
-        self.resume_reading()
+        if not self.flow.write_paused:
+            self.resume_reading()
 
     def _access_log(self, ex: Exchange) -> None:
         scope = ex.scope
@@ -361,6 +383,10 @@ class H1Protocol(asyncio.Protocol):
         if not self.closing:
             self.closing = True
             self.deadline_kind = _NONE
+            # Stops counting now, not when TLS shutdown ends (up to
+            # ssl_shutdown_timeout later): max_connections and the demux's
+            # load see only connections that can still be served.
+            self.state.connection_closed(self)
             if self.transport is not None:
                 self.transport.close()
 
