@@ -6,6 +6,7 @@ import asyncio
 import socket
 import ssl
 import struct
+from pathlib import Path
 from email.utils import parsedate_to_datetime
 
 import pytest
@@ -237,7 +238,7 @@ async def test_app_content_length_written_once(server):
 
 
 def _rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
@@ -247,7 +248,7 @@ async def test_memory_stays_bounded_for_a_pipelining_client_that_never_reads(sta
     srv = start_zion("raw_app:app", workers=1)
     worker = srv.worker_pids()[0]
     before = _rss_mib(worker)
-    reader, writer = await connect(srv.port)
+    _reader, writer = await connect(srv.port)
     burst = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n" * 4096  # ~110 KB of requests
     sent, stuck = 0, 0
     loop = asyncio.get_running_loop()
