@@ -6,8 +6,8 @@ import asyncio
 import socket
 import ssl
 import struct
-from pathlib import Path
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 import pytest
 
