@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
@@ -113,3 +114,19 @@ def test_build_context_rejects_garbage(tmp_path):
     bad.write_text("not a certificate")
     with pytest.raises(TLSConfigError):
         build_context(TLSSettings(str(bad), str(bad), str(tmp_path), "1.2"))
+
+
+@pytest.mark.skipif(shutil.which("capsh") is None,
+                    reason="capsh is not installed (Debian package libcap2-bin)")
+def test_an_unwritable_state_dir_is_one_line_and_exit_2(start_zion, tmp_path):
+    state = tmp_path / "ro-state"
+    state.mkdir()
+    state.chmod(0o555)
+    # root writes anywhere; without CAP_DAC_OVERRIDE it is held to the mode bits
+    wrapper = [shutil.which("capsh") or "capsh", "--drop=cap_dac_override,cap_dac_read_search",
+               "--", "-c", 'exec "$0" "$@"']
+    srv = start_zion(env={"ZION_TLS_STATE_DIR": str(state)}, wrapper=wrapper, ready=False)
+    assert srv.proc.wait(20) == 2
+    fatal = srv.events("fatal")
+    assert len(fatal) == 1 and f"cannot write in state directory {state}" in fatal[0]["error"]
+    assert "Traceback" not in srv.log_text()

@@ -84,7 +84,11 @@ def ensure_self_signed(directory: Path) -> Path:
     except OSError as exc:
         raise TLSConfigError(f"cannot create state directory {directory}: {exc.strerror}") from None
     pem = _make_self_signed()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".selfsigned-")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".selfsigned-")
+    except OSError as exc:
+        raise TLSConfigError(f"cannot write in state directory {directory}: {exc.strerror} "
+                             "(set [tls] state_dir, or give a certificate)") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
