@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.bpf import cannot_load_bpf
 from zion.demux.reasons import DemuxState
@@ -78,6 +79,21 @@ def test_growing_binds_extra_listeners_in_the_same_group_and_abort_closes_only_t
 def test_shrinking_keeps_the_first_listeners(first):
     reload = generation.begin(first, _resized(first.settings, 1))
     assert reload.new.group.sockets == first.group.sockets[:1] and reload.pending == {0}
+
+
+def test_shrinking_without_the_demux_advises_tcp_migrate_req(first):
+    # Without the program the kernel hash keeps queueing on the listeners being
+    # retired; with tcp_migrate_req=0 those connections are reset when they close.
+    migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+    with capture_logs() as logs:
+        grown = generation.begin(first, _resized(first.settings, 4))  # growing: no advice
+        generation.abort(first, grown.new)
+        generation.begin(first, _resized(first.settings, 2))
+    advice = [e for e in logs if e["event"] == "reload_shrink_without_demux"]
+    expected = 1 if migrate.exists() and migrate.read_text().strip() == "0" else 0
+    assert len(advice) == expected
+    if advice:
+        assert "sysctl -w net.ipv4.tcp_migrate_req=1" in advice[0]["hint"]
 
 
 def test_changing_the_port_needs_a_restart(first, state_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -28,11 +29,24 @@ def cap_eff(pid: int) -> int:
     raise AssertionError("no CapEff")
 
 
+def listener_holders(port: int) -> list[set[int]]:
+    """For each listener on `port`, the pids holding a descriptor of it."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout
+    return [{int(pid) for pid in re.findall(r"pid=(\d+)", line)}
+            for line in out.splitlines() if line.strip()]
+
+
 async def test_one_listener_per_worker_and_children(start_zion):
     srv = start_zion(workers=3)
     assert listening_sockets(srv.port) == 3
     assert len(srv.worker_pids()) == 3
     assert (await get(srv.port, "/")).status == 200
+    # The close-list: each worker holds its own listener only. One it inherited
+    # and never accepts on would keep connections queued with nobody to take them.
+    holders = listener_holders(srv.port)
+    assert sorted(len(h) for h in holders) == [2, 2, 2] and all(srv.pid in h for h in holders)
+    assert {pid for h in holders for pid in h} == {srv.pid, *srv.worker_pids()}
 
 
 async def test_ipv6(start_zion):
@@ -196,19 +210,34 @@ def test_boot_timeout_kills_a_worker_that_never_becomes_ready(start_zion):
     assert "signal SIGKILL" in srv.events("fatal")[0]["error"]
 
 
+RELOAD_THAT_CANNOT_START = """
+import os
+import time
+
+try:
+    os.close(os.open("MARKER", os.O_CREAT | os.O_EXCL))
+except FileExistsError:
+    time.sleep(3600)
+os._exit(7)
+"""
+
+
 async def test_a_reload_whose_workers_cannot_start_keeps_the_old_ones(start_zion, tmp_path):
     app = tmp_path / "swap_app.py"
     app.write_text((APPS / "raw_app.py").read_text())
     srv = start_zion("swap_app:app", "--app-dir", str(tmp_path), workers=2)
     old = set(srv.worker_pids())
-    app.write_text("import os\nos._exit(7)\n")
+    # The first new worker to import the new code dies; the other hangs, never ready.
+    app.write_text(RELOAD_THAT_CANNOT_START.replace("MARKER", str(tmp_path / "first")))
     srv.signal(signal.SIGHUP)
     failed = await asyncio.to_thread(srv.wait_event, "reload_failed", 30)
     assert "died before ready" in failed["error"] and failed["kept_generation"] == 0
-    # The second new worker is killed, not left to die and abort again: one error line.
+    # The hanging new worker is killed at once (not left to its boot timeout),
+    # and nothing of the running generation is touched: one error line.
     await asyncio.to_thread(wait_for, lambda: set(srv.worker_pids()) == old, 10,
                             "only the old workers")
     assert len(srv.events("reload_failed")) == 1 and not srv.events("reload_complete")
+    assert not srv.events("worker_died")
     for _ in range(10):
         resp = await get(srv.port, "/")
         assert resp.status == 200 and int(resp.headers["x-pid"]) in old

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
-import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from structlog.testing import capture_logs
 
 from tests.conftest import APPS, get, wait_for
+from zion.supervisor.reloader import FileWatcher, watch_dirs
 
 APP_V1 = '''
 async def app(scope, receive, send):
@@ -17,33 +23,70 @@ async def app(scope, receive, send):
 '''
 
 
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 async def test_saving_a_file_reloads_without_dropping_a_request(start_zion, tmp_path):
     (tmp_path / "live_app.py").write_text(APP_V1.replace("VERSION", "v1"))
     shutil.copy(APPS / "raw_app.py", tmp_path / "unrelated.py")
     srv = start_zion("live_app:app", "--reload", "--app-dir", str(tmp_path), cwd=tmp_path)
-    assert (await get(srv.port, "/")).body == b"v1"
+    await asyncio.to_thread(srv.wait_event, "reload_watching")
+    old = set(srv.worker_pids())
     failures: list[BaseException] = []
-    bodies: set[bytes] = set()
-    stop = threading.Event()
+    bodies: list[bytes] = []
+    stop = False
 
     async def hammer() -> None:
-        while not stop.is_set():
+        while not stop:
             try:
-                bodies.add((await get(srv.port, "/")).body)
+                bodies.append((await get(srv.port, "/")).body)
             except Exception as exc:
                 failures.append(exc)
 
     clients = [asyncio.create_task(hammer()) for _ in range(4)]
-    srv.wait_event("reload_watching")
-    (tmp_path / "live_app.py").write_text(APP_V1.replace("VERSION", "v2"))
-
-    async def answered_v2() -> None:
-        while b"v2" not in bodies:
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(answered_v2(), 20)
-    stop.set()
-    await asyncio.gather(*clients)
+    try:
+        await until(lambda: len(bodies) >= 20, 20, "requests to the first version")
+        (tmp_path / "live_app.py").write_text(APP_V1.replace("VERSION", "v2"))
+        # Keep the clients going until the old workers have drained and exited.
+        await until(lambda: b"v2" in bodies and not set(srv.worker_pids()) & old, 20,
+                    "the new code to answer and the old workers to exit")
+    finally:
+        stop = True
+        await asyncio.gather(*clients)
     assert failures == []
+    assert set(bodies) == {b"v1", b"v2"} and bodies.index(b"v2") >= 20
     assert (await get(srv.port, "/")).body == b"v2"
-    wait_for(lambda: srv.events("reload_files_changed"), what="the change to be logged")
+    assert len(srv.events("reload_complete")) == 1  # one save, one reload
+    assert srv.events("reload_files_changed")[0]["files"] == ["live_app.py"]
+
+
+def test_watched_dirs_default_to_the_app_dir_then_the_working_dir():
+    assert watch_dirs(os.pathsep.join(["a", "", "b"]), "app") == ["a", "b"]
+    assert watch_dirs("", "app") == ["app"]
+    assert watch_dirs("", "") == [os.getcwd()]
+
+
+def test_a_python_file_change_raises_the_flag_and_wakes_the_loop(tmp_path):
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    watcher = FileWatcher([str(tmp_path)], wake_w)
+    try:
+        with capture_logs() as logs:
+            watcher.start()
+            wait_for(watcher.watching.is_set, 10, "the watch to be in place")
+            assert not watcher.take()
+            (tmp_path / "notes.txt").write_text("not code")
+            (tmp_path / "mod.py").write_text("x = 1\n")
+            wait_for(watcher.take, 10, "the change to be seen")
+        assert os.read(wake_r, 16).startswith(b"w")
+        assert not watcher.take()  # once per batch
+        changed = [f for e in logs if e["event"] == "reload_files_changed" for f in e["files"]]
+        assert [Path(f).name for f in changed] == ["mod.py"]  # *.py only
+    finally:
+        watcher.stop()
+        os.close(wake_r)
+        os.close(wake_w)

@@ -20,17 +20,21 @@ from zion.log import get_logger
 
 logger = get_logger("zion.reloader")
 
+# How long the watcher thread waits in watchfiles' Rust loop before coming back
+# with nothing; the first such return tells that the watch is in place.
+_SETUP_PROBE_MS = 500
+
 
 class FileWatcher:
     def __init__(self, dirs: Sequence[str], wake_fd: int) -> None:
         self.dirs = [str(Path(d).resolve()) for d in dirs]
         self.wake_fd = wake_fd
         self.changed = threading.Event()
+        self.watching = threading.Event()  # set once changes are being seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="zion-reloader", daemon=True)
 
     def start(self) -> None:
-        logger.info("reload_watching", dirs=self.dirs)
         self._thread.start()
 
     def take(self) -> bool:
@@ -48,8 +52,17 @@ class FileWatcher:
         # watch() debounces: it yields once no change has arrived for 50 ms
         # (at most 1.6 s after the first), so an editor's save-rename-chmod or
         # a `git checkout` of many files is one batch, and one reload.
+        # The first yield, a timeout or a change, comes from a watcher that is
+        # set up; announcing it earlier would let a test (or a person) save a
+        # file that is never seen.
         for changes in watch(*self.dirs, watch_filter=PythonFilter(), stop_event=self._stop,
-                             raise_interrupt=False):
+                             raise_interrupt=False, rust_timeout=_SETUP_PROBE_MS,
+                             yield_on_timeout=True):
+            if not self.watching.is_set():
+                self.watching.set()
+                logger.info("reload_watching", dirs=self.dirs)
+            if not changes:
+                continue
             paths = sorted({os.path.relpath(p) for _, p in changes})
             logger.info("reload_files_changed", files=paths[:5], count=len(paths))
             self.changed.set()
