@@ -154,6 +154,13 @@ class LimitsSettings:
                                  check=non_negative)
     header_timeout: float = setting(10.0, "Seconds a client has to send a complete header "
                                     "section (slowloris). Then: 408.", check=positive)
+    body_timeout: float = setting(8.0, "Seconds a request body may go without a byte (cuts "
+                                  "slowhttptest's slow-body pacing of one byte per 10 s). Then: "
+                                  "408, or a close once the response has begun.",
+                                  check=positive)
+    send_timeout: float = setting(30.0, "Seconds a client may leave the response unread "
+                                  "(write buffer full, nothing taken) before the connection is "
+                                  "closed.", check=positive)
     keepalive_timeout: float = setting(5.0, "Seconds an idle keep-alive connection stays "
                                        "open.", check=non_negative)
     handshake_timeout: float = setting(10.0, "Seconds the TLS handshake may take.",

@@ -214,3 +214,38 @@ async def test_a_closed_connection_stops_counting_at_once():
     assert len(state.connections) == 1
     tr.protocol.close()  # TLS shutdown may take a while; the count must not
     assert len(state.connections) == 0 and state.slot.conns == 0
+
+
+async def test_a_body_that_stops_arriving_gets_408():
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"late"})
+
+    state = make_state(limits={"body_timeout": 8.0})
+    tr = connect(state, app)
+    proto = tr.protocol
+    tr.feed(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+    await settle()
+    proto.check_deadline(state.loop.time() + 5)
+    assert not tr.closed
+    proto.deadline = state.loop.time() - 1  # as if the 8 s were nearly over...
+    tr.feed(b"def")  # ...when more bytes come: the deadline is 8 s after them
+    await settle()
+    proto.check_deadline(state.loop.time() + 7.5)
+    assert not tr.closed
+    proto.check_deadline(state.loop.time() + 8.5)
+    out = tr.take()
+    assert _status(out) == 408 and b"body not received in time" in out and tr.closed
+
+
+async def test_a_client_that_never_takes_the_response_is_cut_at_send_timeout():
+    state = make_state(limits={"send_timeout": 30.0, "header_timeout": 100.0})
+    tr = connect(state)
+    tr.protocol.pause_writing()
+    now = state.loop.time()
+    tr.protocol.check_deadline(now + 20)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 31)
+    assert tr.aborted

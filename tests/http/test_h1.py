@@ -269,3 +269,35 @@ async def test_memory_stays_bounded_for_a_pipelining_client_that_never_reads(sta
     # Without the bound, 60 MB of requests become ~150 MB of buffered answers.
     assert grown < 40, f"worker grew {grown:.0f} MiB after {sent / 2**20:.0f} MiB of requests"
     await still_serving(srv.port)
+
+
+async def test_slow_body_gets_408_at_body_timeout(start_zion):
+    srv = start_zion("raw_app:app", env={"ZION_LIMITS_BODY_TIMEOUT": "1"}, workers=1)
+    reader, writer = await connect(srv.port)
+    writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+    await writer.drain()
+    out = await read_until_closed(reader, timeout=10)
+    assert out.startswith(b"HTTP/1.1 408") and b"body not received in time" in out
+    writer.close()
+    await still_serving(srv.port)
+
+
+async def test_a_reader_that_stops_reading_is_cut_at_send_timeout(start_zion, tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"z" * (32 * 1024 * 1024))
+    srv = start_zion("--root", str(tmp_path), env={"ZION_LIMITS_SEND_TIMEOUT": "1"}, workers=1)
+    reader, writer = await connect(srv.port)
+    writer.write(b"GET /big.bin HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+
+    async def connections() -> int:
+        return int((await get(srv.port, "/_zion/status")).json()["connections"])
+
+    # It never reads: once the server gives up, only the status request is open.
+    for _ in range(200):
+        if await connections() == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await connections() == 1
+    got = await read_until_closed(reader, timeout=10)
+    assert len(got) < 32 * 1024 * 1024  # cut before the whole file went out
+    writer.close()

@@ -18,6 +18,7 @@ class FakeTransport:
         self.protocol = protocol
         self.buffer = bytearray()
         self.closed = False
+        self.aborted = False
         self.read_paused = False
         self.extra = {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8443)}
         self.high_water = 0
@@ -38,6 +39,10 @@ class FakeTransport:
             self.closed = True
             if self.protocol is not None:
                 asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
 
     def is_closing(self) -> bool:
         return self.closed

@@ -33,7 +33,7 @@ log = get_logger("zion.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 # Deadline kinds.
-_NONE, _FIRST, _HEADERS, _IDLE = 0, 1, 2, 3
+_NONE, _FIRST, _HEADERS, _IDLE, _BODY = 0, 1, 2, 3, 4
 
 
 class _Reject(Exception):
@@ -51,7 +51,7 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
-        "last_request", "held_for_drain",
+        "last_request", "held_for_drain", "write_blocked_at",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -87,6 +87,7 @@ class H1Protocol(asyncio.Protocol):
         self.ws_pending: dict[str, Any] | None = None  # its scope, until the switch
         self.last_request = False  # a request without keep-alive was parsed
         self.held_for_drain = False  # a pipelined request waits for the write buffer
+        self.write_blocked_at = 0.0  # since when the client has not taken our bytes
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -123,10 +124,12 @@ class H1Protocol(asyncio.Protocol):
         # A client that sends requests but does not read the answers: stop
         # reading too, so neither its requests nor our responses pile up.
         self.flow.pause_writing()
+        self.write_blocked_at = self.loop.time()
         self.pause_reading()
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        self.write_blocked_at = 0.0
         if self.held_for_drain:
             self.held_for_drain = False
             self.start_next()
@@ -263,6 +266,9 @@ class H1Protocol(asyncio.Protocol):
         ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, self.loop.time())
         self.parsing = ex
         self.pipeline.append(ex)
+        # Until on_message_complete (at once, for a request without a body).
+        self.deadline = ex.started_at + self.limits.body_timeout
+        self.deadline_kind = _BODY
         if self.current is not None or len(self.pipeline) > 1:
             # Pipelined: hold further input until earlier answers are out.
             self.pause_reading()
@@ -275,10 +281,14 @@ class H1Protocol(asyncio.Protocol):
             raise _Reject(413, f"body larger than {self.limits.max_body_size} bytes")
         if not ex.response_complete:
             ex.feed_body(body)
+        if self.deadline_kind == _BODY:
+            self.deadline = self.loop.time() + self.limits.body_timeout
 
     def on_message_complete(self) -> None:
         ex = self.parsing
         self.parsing = None
+        if self.deadline_kind == _BODY:
+            self.deadline_kind = _NONE
         if ex is not None:
             if not ex.keep_alive:
                 self.last_request = True
@@ -356,10 +366,22 @@ class H1Protocol(asyncio.Protocol):
         self.close()
 
     def check_deadline(self, now: float) -> None:
-        if self.deadline_kind == _NONE or now < self.deadline or self.closing:
+        if self.closing:
+            return
+        if self.write_blocked_at and now - self.write_blocked_at > self.limits.send_timeout:
+            self.abort()  # it never reads: close() would wait to flush forever
+            return
+        if self.deadline_kind == _NONE or now < self.deadline:
             return
         if self.deadline_kind == _HEADERS:
             self.reject(408, "header section not received in time")
+        elif self.deadline_kind == _BODY:
+            if self.read_paused:
+                # We stopped reading (the app is slow to take the body, or
+                # requests are pipelined): not the client's delay.
+                self.deadline = now + self.limits.body_timeout
+                return
+            self.reject(408, "request body not received in time")
         else:
             self.close()  # idle keep-alive, or a connection that never spoke
 
@@ -389,6 +411,14 @@ class H1Protocol(asyncio.Protocol):
             self.state.connection_closed(self)
             if self.transport is not None:
                 self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.deadline_kind = _NONE
+            self.state.connection_closed(self)
+            if self.transport is not None:
+                self.transport.abort()
 
     def pause_reading(self) -> None:
         if not self.read_paused and not self.closing and self.transport is not None:
