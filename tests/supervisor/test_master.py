@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -188,16 +189,27 @@ async def test_reload_changes_worker_count_without_losing_connections(start_zion
 
 # -- supervision limits, end to end ----------------------------------------------
 
+def _ts(event: dict) -> float:
+    return datetime.fromisoformat(event["ts"]).timestamp()
+
+
 def test_crash_loop_limit_stops_the_master_with_one_line(start_zion):
-    srv = start_zion("crash_on_import:app", env={"ZION_SUPERVISOR_CRASH_LOOP_LIMIT": "3",
-                                                 "ZION_SUPERVISOR_RESPAWN_BACKOFF": "0.01"},
+    # No demux: what is tested here is the master's, and boot is seconds faster.
+    srv = start_zion("crash_on_import:app", "--no-bpf-demux", "--log-level", "debug",
+                     env={"ZION_SUPERVISOR_CRASH_LOOP_LIMIT": "3",
+                          "ZION_SUPERVISOR_RESPAWN_BACKOFF": "0.2"},
                      workers=1, ready=False)
     assert srv.proc.wait(30) == 3
     fatal = srv.events("fatal")
     assert len(fatal) == 1 and "died 3 times in a row" in fatal[0]["error"]
     assert "exit 7" in fatal[0]["error"]
     died = srv.events("worker_died")  # two respawns, then the give-up
-    assert [d["respawn_in_s"] for d in died] == [0.01, 0.02]  # the backoff doubles
+    assert [d["respawn_in_s"] for d in died] == [0.2, 0.4]  # the backoff doubles
+    # ...and the master really waits that long before each respawn.
+    spawned = srv.events("worker_spawned")
+    assert len(spawned) == 3
+    for death, respawn in zip(died, spawned[1:], strict=True):
+        assert _ts(respawn) - _ts(death) >= death["respawn_in_s"] - 0.01
 
 
 def test_boot_timeout_kills_a_worker_that_never_becomes_ready(start_zion):
@@ -242,6 +254,62 @@ async def test_a_reload_whose_workers_cannot_start_keeps_the_old_ones(start_zion
         resp = await get(srv.port, "/")
         assert resp.status == 200 and int(resp.headers["x-pid"]) in old
     assert srv.proc.poll() is None
+
+
+HALF_STARTED_RELOAD = """
+import asyncio
+import os
+import pathlib
+import time
+
+DIR = pathlib.Path("TMP")
+try:
+    os.close(os.open(DIR / "first", os.O_CREAT | os.O_EXCL))
+except FileExistsError:  # every other new worker fails once the first one serves
+    while not (DIR / "go").exists():
+        time.sleep(0.01)
+    os._exit(7)
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    with open(DIR / "serving", "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    await asyncio.sleep(1.0)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"x-pid", str(os.getpid()).encode())]})
+    await send({"type": "http.response.body", "body": b"new"})
+"""
+
+
+async def test_an_aborted_reload_lets_its_ready_workers_finish_their_requests(start_zion,
+                                                                              tmp_path):
+    app = tmp_path / "swap_app.py"
+    app.write_text((APPS / "raw_app.py").read_text())
+    srv = start_zion("swap_app:app", "--app-dir", str(tmp_path), "--no-bpf-demux", workers=2)
+    old = set(srv.worker_pids())
+    app.write_text(HALF_STARTED_RELOAD.replace("TMP", str(tmp_path)))
+    srv.signal(signal.SIGHUP)
+    serving = tmp_path / "serving"
+    # The first new worker shares the listeners with the old ones: send requests
+    # until it holds some (each takes a second there).
+    requests = []
+    deadline = asyncio.get_running_loop().time() + 20
+    while not serving.exists():
+        assert asyncio.get_running_loop().time() < deadline, "no request reached a new worker"
+        requests += [asyncio.create_task(get(srv.port, "/")) for _ in range(4)]
+        await asyncio.sleep(0.05)
+    (tmp_path / "go").touch()  # now the second new worker dies: the reload aborts
+    results = await asyncio.gather(*requests, return_exceptions=True)
+    assert [getattr(r, "status", r) for r in results] == [200] * len(results)
+    assert b"new" in {r.body for r in results}  # some were in the aborted worker's hands
+    failed = await asyncio.to_thread(srv.wait_event, "reload_failed", 10)
+    assert "exit 7" in failed["error"]
+    await asyncio.to_thread(wait_for, lambda: set(srv.worker_pids()) == old, 10,
+                            "only the old workers")
+    status = (await get(srv.port, "/_zion/status")).json()
+    assert {w["pid"] for w in status["demux"]["workers"]} == old
 
 
 def _listener_queues(port: int) -> list[int]:

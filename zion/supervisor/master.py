@@ -305,7 +305,15 @@ class Master:
         new = self.reload.new
         self.reload = None
         for handle in self.pool.of_generation(new.number):
-            self.pool.stop(handle, signal.SIGKILL)
+            # A new worker that is ready has been accepting on a listener it
+            # shares with the running generation: SIGTERM lets it finish what
+            # it took (it drains). One that is not ready holds nothing yet.
+            self.pool.stop(handle, signal.SIGTERM if handle.ready else signal.SIGKILL)
+        if new.board is self.current.board:
+            # Same listeners, same status slots: they show the running workers again.
+            for handle in self.pool.of_generation(self.current.number):
+                if handle.ready:
+                    self.current.board.set_state(handle.index, SlotState.READY, handle.pid)
         generation.abort(self.current, new)
         logger.error("reload_failed", error=why, kept_generation=self.current.number)
         notify.notify("READY=1")
@@ -324,6 +332,9 @@ class Master:
         if self.watcher is not None:
             self.watcher.stop()
         self.retiring.close_all()
+        if self.current is not None and self.reload is not None:
+            # Stopped mid-reload: the new generation's extra sockets and program.
+            generation.abort(self.current, self.reload.new)
         if self.current is not None:
             self.current.group.close()
             self.current.demux.close()

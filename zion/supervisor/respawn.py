@@ -10,6 +10,7 @@ to respawn_backoff_max. No processes, no clock: the caller passes `now`.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 from zion.errors import ExitCode
@@ -73,8 +74,6 @@ class RespawnPolicy:
 
 def describe(exit_code: int) -> str:
     """os.waitstatus_to_exitcode's value as people read it."""
-    import signal
-
     if exit_code < 0:
         return f"signal {signal.Signals(-exit_code).name}"
     return f"exit {exit_code}"
