@@ -96,6 +96,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
             "generation": spec.generation,
             "uptime_s": round(time.time() - started, 1),
             "connections": len(state.connections),
+            "max_connections": settings.limits.max_connections,
+            "overloaded": overloaded(),
             "requests_total": state.requests_total,
             "demux": {**demux_info,
                       # connections the program left to the kernel's hash
@@ -104,9 +106,14 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
         }
 
     state = ServerState(settings, spec.index, loop, slot)
+
+    def overloaded() -> bool:
+        return len(state.connections) >= settings.limits.max_connections
+
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
     state.dispatch = handler_chain(state, app, static,
-                                   Builtins(status) if server_settings.builtins else None)
+                                   Builtins(status, overloaded) if server_settings.builtins
+                                   else None)
     if app is not None:
         state.websocket_factory = websocket_factory(state, app)
     lifespan = None

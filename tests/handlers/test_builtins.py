@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import get
+from tests.conftest import connect, get, read_response
 from zion.handlers.builtins import is_loopback
 
 
@@ -117,3 +117,22 @@ def test_status_is_forbidden_to_a_non_loopback_client(start_zion):
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+async def test_healthz_reports_a_worker_at_max_connections(start_zion):
+    srv = start_zion("raw_app:app", env={"ZION_LIMITS_MAX_CONNECTIONS": "3"}, workers=1)
+    idle = [await connect(srv.port) for _ in range(2)]
+    for _reader, writer in idle:  # a request each, so both are established and counted
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    for reader, _writer in idle:
+        await read_response(reader)
+    # Its own connection is the third: the worker is at the limit, and a fourth
+    # client would get 503 - so the health check says so too.
+    resp = await get(srv.port, "/_zion/healthz")
+    assert resp.status == 503 and resp.body == b"overloaded: at max_connections\n"
+    for _reader, writer in idle:
+        writer.close()
+    for _ in range(100):
+        if (await get(srv.port, "/_zion/healthz")).status == 200:
+            break
+    assert (await get(srv.port, "/_zion/healthz")).status == 200

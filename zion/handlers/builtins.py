@@ -27,8 +27,10 @@ def is_loopback(client: tuple[str, int] | None) -> bool:
 
 
 class Builtins:
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], dict[str, Any]],
+                 overloaded: Callable[[], bool]) -> None:
         self.status = status
+        self.overloaded = overloaded
 
     def respond(self, ex: Exchange) -> None:
         """Answer a request whose path starts with PREFIX."""
@@ -36,7 +38,11 @@ class Builtins:
         if ex.scope["method"] not in ("GET", "HEAD"):
             ex.respond(405, b"405 Method Not Allowed\n", extra=ALLOW_GET)
         elif path == "/_zion/healthz":
-            ex.respond(200, b"ok\n")
+            if self.overloaded():
+                # What new clients of this worker get now: 503 until some close.
+                ex.respond(503, b"overloaded: at max_connections\n")
+            else:
+                ex.respond(200, b"ok\n")
         elif path == "/_zion/status":
             if not is_loopback(ex.conn.client):
                 ex.respond(403, b"403 Forbidden: /_zion/status is for loopback clients\n")
