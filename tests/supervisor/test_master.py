@@ -213,9 +213,10 @@ def test_crash_loop_limit_stops_the_master_with_one_line(start_zion):
 
 
 def test_boot_timeout_kills_a_worker_that_never_becomes_ready(start_zion):
-    srv = start_zion("hang_on_import:app", env={"ZION_SUPERVISOR_BOOT_TIMEOUT": "0.5",
-                                                "ZION_SUPERVISOR_CRASH_LOOP_LIMIT": "2",
-                                                "ZION_SUPERVISOR_RESPAWN_BACKOFF": "0.01"},
+    srv = start_zion("hang_on_import:app", "--no-bpf-demux",
+                     env={"ZION_SUPERVISOR_BOOT_TIMEOUT": "0.5",
+                          "ZION_SUPERVISOR_CRASH_LOOP_LIMIT": "2",
+                          "ZION_SUPERVISOR_RESPAWN_BACKOFF": "0.01"},
                      workers=1, ready=False)
     assert srv.proc.wait(30) == 3
     assert len(srv.events("worker_boot_timeout")) == 2
