@@ -86,3 +86,35 @@ def test_broken_toml_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_settings(str(cfg), {}, {})
     assert str(cfg) in str(info.value) and "line 2" in str(info.value)
+
+
+def test_uvicorn_names_web_concurrency_and_repeatable_headers():
+    args = _parser().parse_args([
+        "serve", "--timeout-keep-alive", "7", "--timeout-graceful-shutdown", "3",
+        "--limit-concurrency", "50", "--header", "x-a: 1", "--header", "x-b: two words",
+        "--no-server-header", "--log-level", "critical"])
+    s = load_settings(None, _cli_overrides(args), {"WEB_CONCURRENCY": "3"})
+    assert (s.limits.keepalive_timeout, s.supervisor.drain_timeout) == (7.0, 3.0)
+    assert s.limits.max_connections == 50 and s.server.workers == 3
+    assert s.server.headers == "x-a: 1\nx-b: two words" and not s.server.server_header
+    assert s.log.level == "critical"
+    # WEB_CONCURRENCY is below every zion source
+    assert load_settings(None, {}, {"WEB_CONCURRENCY": "3", "ZION_SERVER_WORKERS": "5"}
+                         ).server.workers == 5
+    with pytest.raises(ConfigError, match="each header must be NAME: VALUE"):
+        load_settings(None, {"server": {"headers": "no colon here"}}, {})
+
+
+def test_env_file_feeds_settings_and_a_missing_one_is_a_config_error(tmp_path):
+    import subprocess
+    import sys
+
+    env_file = tmp_path / "zion.env"
+    env_file.write_text("ZION_SERVER_PORT=70000\n")
+    out = subprocess.run([sys.executable, "-m", "zion", "serve", "--env-file", str(env_file)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "server.port (from ZION_SERVER_PORT)" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "zion", "serve", "--env-file",
+                          str(tmp_path / "missing.env")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "missing.env: no such file" in out.stderr

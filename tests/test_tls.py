@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import socket
 import ssl
@@ -10,7 +12,8 @@ import sys
 
 import pytest
 
-from tests.conftest import APPS, REPO
+from tests.conftest import APPS, REPO, Response, client_context, connect, read_response
+from tests.support.certs import client_ca, encrypted_server_key
 from zion.errors import TLSConfigError
 from zion.settings import TLSSettings
 from zion.tls import build_context, ensure_self_signed
@@ -113,7 +116,7 @@ def test_build_context_rejects_garbage(tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
     with pytest.raises(TLSConfigError):
-        build_context(TLSSettings(str(bad), str(bad), str(tmp_path), "1.2"))
+        build_context(TLSSettings(certfile=str(bad), keyfile=str(bad), state_dir=str(tmp_path)))
 
 
 @pytest.mark.skipif(shutil.which("capsh") is None,
@@ -130,3 +133,38 @@ def test_an_unwritable_state_dir_is_one_line_and_exit_2(start_zion, tmp_path):
     fatal = srv.events("fatal")
     assert len(fatal) == 1 and f"cannot write in state directory {state}" in fatal[0]["error"]
     assert "Traceback" not in srv.log_text()
+
+
+async def test_client_certificates_required_and_seen_by_the_app(start_zion, tmp_path):
+    paths = client_ca(tmp_path)
+    srv = start_zion("tls_app:app", "--ssl-ca-certs", str(paths["ca"]),
+                     "--ssl-cert-reqs", "required", workers=1)
+    ctx = client_context()
+    ctx.load_cert_chain(paths["cert"], paths["key"])
+    resp = await get_with(srv.port, ctx)
+    assert json.loads(resp.body) == {"name": "CN=test client", "chain": 1, "version": 0x0304}
+    # the app's own server header wins, and is the only one
+    assert resp.headers["server"] == "app/1.0" and resp.raw_head.lower().count(b"server:") == 1
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await get_with(srv.port, client_context())  # no certificate: refused
+
+
+def test_encrypted_key_with_the_right_and_a_wrong_password(start_zion, tmp_path):
+    paths = encrypted_server_key(tmp_path, b"right")
+    args = ["--ssl-certfile", str(paths["cert"]), "--ssl-keyfile", str(paths["key"])]
+    good = start_zion(*args, "--ssl-keyfile-password", "right", workers=1)
+    assert good.port
+    bad = start_zion(*args, "--ssl-keyfile-password", "wrong", workers=1, ready=False)
+    assert bad.proc.wait(20) == 2
+    fatal = bad.events("fatal")
+    assert len(fatal) == 1 and "password" in fatal[0]["error"]
+
+
+async def get_with(port: int, ctx: ssl.SSLContext) -> Response:
+    reader, writer = await connect(port, ctx=ctx)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        writer.close()

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="run the server", description="Run the HTTPS server.",
         epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--config", metavar="FILE", help="a TOML file overriding the defaults")
+    serve.add_argument("--env-file", metavar="FILE",
+                       help="KEY=VALUE lines put into the environment first (ZION_* settings "
+                       "and the app's own variables; the real environment wins)")
     _add_setting_flags(serve)
 
     doctor = sub.add_parser(
@@ -99,13 +102,13 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": _dest(d), "default": None, "help": text}
         if d.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif d.flag.repeat:
+        elif d.flag.repeat is not None:
             kwargs.update(action="append", metavar=d.flag.metavar)
         elif isinstance(d.type, type) and issubclass(d.type, StrEnum):
             kwargs["choices"] = [m.value for m in d.type]
         else:
             kwargs["metavar"] = d.flag.metavar or d.name.upper()
-        group.add_argument(d.flag.name, **kwargs)
+        group.add_argument(d.flag.name, *d.flag.aliases, **kwargs)
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -118,8 +121,8 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         value = args.app if d.flag.name == "app" else getattr(args, _dest(d))
         if value is None:
             continue
-        if d.flag.repeat:
-            value = os.pathsep.join(value)
+        if d.flag.repeat is not None:
+            value = d.flag.repeat.join(value)
         out.setdefault(d.section, {})[d.name] = value
     return out
 
@@ -143,6 +146,14 @@ def _serve(args: argparse.Namespace) -> int:
     from zion.supervisor import master
 
     cli = _cli_overrides(args)
+    if args.env_file:
+        if not os.path.isfile(args.env_file):
+            print(f"zion: config error: --env-file {args.env_file}: no such file",
+                  file=sys.stderr)
+            return ExitCode.CONFIG
+        from dotenv import load_dotenv
+
+        load_dotenv(args.env_file, override=False)
     try:
         settings = _load(args, cli)
     except ConfigError as exc:
@@ -151,9 +162,6 @@ def _serve(args: argparse.Namespace) -> int:
     log.configure(settings.log.format, settings.log.level)
     logger = log.get_logger("zion")
     privileges.protect_master()
-    if os.geteuid() == 0 and not settings.server.user:
-        logger.warning("workers_run_as_root", hint="workers give up every capability, but "
-                       "--user USER (or [server] user) also takes uid 0 from them")
     try:
         return master.serve(settings, lambda: _load(args, cli))
     except ZionError as exc:

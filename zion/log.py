@@ -16,8 +16,9 @@ from typing import Any
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+# "trace" is uvicorn's name for below debug (5); zion logs nothing there of its own.
+_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO,
+           "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
 def _renderer(fmt: str) -> Any:

@@ -43,10 +43,20 @@ class LogFormat(StrEnum):
 
 
 class LogLevel(StrEnum):
+    TRACE = "trace"
     DEBUG = "debug"
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
+    CRITICAL = "critical"
+
+
+class CertReqs(StrEnum):
+    """Client certificates: uvicorn's --ssl-cert-reqs 0/1/2 by name."""
+
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
 
 
 class LifespanMode(StrEnum):
@@ -66,7 +76,8 @@ class Flag:
 
     name: str  # "--port"; "app" for the positional APP
     metavar: str | None = None
-    repeat: bool = False  # --reload-dir DIR, repeatable; joined with os.pathsep
+    repeat: str | None = None  # repeatable; the values joined with this separator
+    aliases: tuple[str, ...] = ()  # uvicorn's name for the same thing
 
 
 def setting(default: Any, help: str, *, check: Check | None = None,
@@ -74,6 +85,14 @@ def setting(default: Any, help: str, *, check: Check | None = None,
     if isinstance(flag, str):
         flag = Flag(flag)
     return field(default=default, metadata={"help": help, "check": check, "flag": flag})
+
+
+def _header_lines(v: Any) -> str | None:
+    for line in str(v).splitlines():
+        name, colon, _value = line.partition(":")
+        if not colon or not name.strip() or " " in name.strip() or "\r" in line:
+            return f"has {line!r}; each header must be NAME: VALUE"
+    return None
 
 
 def positive(v: Any) -> str | None:
@@ -125,7 +144,13 @@ class ServerSettings:
                            "watched .py file changes.", flag="--reload")
     reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '
                                "app_dir or the working directory).",
-                               flag=Flag("--reload-dir", "DIR", repeat=True))
+                               flag=Flag("--reload-dir", "DIR", repeat=":"))
+    headers: str = setting("", 'Headers added to every response, one "Name: value" per line '
+                           "(--header is repeatable).", check=_header_lines,
+                           flag=Flag("--header", "NAME:VALUE", repeat="\n"))
+    server_header: bool = setting(True, 'Send "server: zion" (an app\'s own server header '
+                                  "always wins).", flag="--server-header")
+    date_header: bool = setting(True, 'Send the "date" header.', flag="--date-header")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +163,19 @@ class TLSSettings:
     state_dir: str = setting("", 'Where the self-signed certificate and other state live ("" '
                              "= /var/lib/zion for root, $XDG_STATE_HOME/zion or "
                              "~/.local/state/zion otherwise).")
+    keyfile_password: str = setting("", "Password of an encrypted keyfile.",
+                                    flag=Flag("--ssl-keyfile-password", "PASSWORD"))
     min_version: TLSVersion = setting(TLSVersion.V1_2, 'Oldest protocol accepted: "1.2" or '
                                       '"1.3". Nothing older is ever offered.')
+    http2: bool = setting(False, 'Offer HTTP/2 in ALPN ("h2" before "http/1.1"). Off: every '
+                          "connection is HTTP/1.1.", flag="--http2")
+    ciphers: str = setting("", 'OpenSSL cipher list for TLS 1.2 ("" = OpenSSL\'s default); '
+                           "TLS 1.3 suites are not affected.", flag=Flag("--ssl-ciphers", "LIST"))
+    ca_certs: str = setting("", "CA bundle (PEM) that client certificates must chain to.",
+                            flag=Flag("--ssl-ca-certs", "PEM"))
+    cert_reqs: CertReqs = setting(CertReqs.NONE, 'Client certificates: "none", "optional" '
+                                  '(verified when sent) or "required". Needs ca_certs.',
+                                  flag="--ssl-cert-reqs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,20 +198,32 @@ class LimitsSettings:
                                   "(write buffer full, nothing taken) before the connection is "
                                   "closed.", check=positive)
     keepalive_timeout: float = setting(5.0, "Seconds an idle keep-alive connection stays "
-                                       "open.", check=non_negative)
+                                       "open.", check=non_negative,
+                                       flag=Flag("--keepalive-timeout", "S",
+                                                 aliases=("--timeout-keep-alive",)))
     handshake_timeout: float = setting(10.0, "Seconds the TLS handshake may take.",
                                        check=positive)
     write_buffer_high: int = setting(262144, "Bytes buffered for a slow reader before the "
                                      "response writer waits for it.", check=positive)
+    h2_max_streams: int = setting(100, "HTTP/2 streams open at once on one connection (at "
+                                  "most 128, the frame layer's own cap). More: REFUSED_STREAM.",
+                                  check=between(1, 128))
+    h2_flood_per_second: int = setting(100, "HTTP/2 stream resets, SETTINGS or PINGs a client "
+                                       "may send per second on one connection (rapid reset, "
+                                       "CVE-2023-44487). More: GOAWAY ENHANCE_YOUR_CALM.",
+                                       check=positive)
     max_connections: int = setting(10000, "Open connections per worker; past this a request "
                                    "is answered 503 and its connection closed.",
-                                   check=positive)
+                                   check=positive, flag=Flag("--max-connections", "N", aliases=(
+                                       "--limit-concurrency",)))
 
 
 @dataclass(frozen=True, slots=True)
 class SupervisorSettings:
     drain_timeout: float = setting(30.0, "Seconds in-flight requests (and open WebSockets) get "
-                                   "to finish on SIGTERM/SIGINT or reload.", check=non_negative)
+                                   "to finish on SIGTERM/SIGINT or reload.", check=non_negative,
+                                   flag=Flag("--drain-timeout", "S",
+                                             aliases=("--timeout-graceful-shutdown",)))
     boot_timeout: float = setting(60.0, "Seconds a worker has to become ready before it is "
                                   "killed and counted as failed.", check=positive)
     respawn_backoff: float = setting(0.1, "First delay, seconds, before a dead worker is "
@@ -374,12 +422,17 @@ def load_settings(
     if config_file:
         path = Path(config_file)
         _merge(merged, origins, _read_toml(path), str(path))
-    for section, values in env_overrides(os.environ if environ is None else environ).items():
+    environ = os.environ if environ is None else environ
+    for section, values in env_overrides(environ).items():
         for key, value in values.items():
             _merge(merged, origins, {section: {key: value}},
                    f"ZION_{section.upper()}_{key.upper()}")
     if cli:
         _merge(merged, origins, cli, "command line")
+    if "server.workers" not in origins and environ.get("WEB_CONCURRENCY"):
+        # uvicorn's and gunicorn's convention, below every zion source.
+        _merge(merged, origins, {"server": {"workers": environ["WEB_CONCURRENCY"]}},
+               "WEB_CONCURRENCY")
     sections = {s: cls(**merged[s]) for s, cls in SECTIONS.items()}
     _check_cross_field(sections, origins)
     demux_disabled_by = None
@@ -410,6 +463,9 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
             key = "server.group" if server.group and "group" in str(exc) else "server.user"
             raise ConfigError(f"{key} (from {origins.get(key)}): no such "
                               f"{key.split('.')[1]}: {exc.args[0]}") from None
+    if tls.cert_reqs != CertReqs.NONE and not tls.ca_certs:
+        raise ConfigError(f"tls.cert_reqs (from {origins.get('tls.cert_reqs')}): "
+                          f"{tls.cert_reqs} needs tls.ca_certs")
     sup: SupervisorSettings = sections["supervisor"]
     if sup.respawn_backoff_max < sup.respawn_backoff:
         raise ConfigError("supervisor.respawn_backoff_max: must be at least "

@@ -36,7 +36,8 @@ def state_dir(settings: TLSSettings) -> Path:
 
 
 def _no_passphrase() -> str:
-    raise TLSConfigError("the private key is encrypted; zion needs an unencrypted key")
+    raise TLSConfigError("the private key is encrypted; give its password with "
+                         "--ssl-keyfile-password (or [tls] keyfile_password)")
 
 
 def build_context(settings: TLSSettings) -> tuple[ssl.SSLContext, str]:
@@ -53,17 +54,37 @@ def build_context(settings: TLSSettings) -> tuple[ssl.SSLContext, str]:
     )
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if settings.http2 else ["http/1.1"])
+    if settings.ciphers:
+        try:
+            ctx.set_ciphers(settings.ciphers)
+        except ssl.SSLError:
+            raise TLSConfigError(f"tls.ciphers {settings.ciphers!r}: OpenSSL selects no cipher "
+                                 "from it") from None
+    if settings.cert_reqs != "none":
+        try:
+            ctx.load_verify_locations(settings.ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load tls.ca_certs {settings.ca_certs}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        ctx.verify_mode = (ssl.CERT_REQUIRED if settings.cert_reqs == "required"
+                           else ssl.CERT_OPTIONAL)
+    password = settings.keyfile_password or _no_passphrase
     try:
-        ctx.load_cert_chain(certfile, keyfile, password=_no_passphrase)
+        ctx.load_cert_chain(certfile, keyfile, password=password)
     except TLSConfigError:
         raise
     except FileNotFoundError as exc:
-        raise TLSConfigError(f"cannot read {exc.filename}: no such file") from None
+        missing = exc.filename or (certfile if not os.path.exists(certfile) else keyfile)
+        raise TLSConfigError(f"cannot read {missing}: no such file") from None
     except PermissionError as exc:
-        raise TLSConfigError(f"cannot read {exc.filename}: permission denied") from None
+        raise TLSConfigError(f"cannot read {exc.filename or certfile}: permission denied"
+                             ) from None
     except ssl.SSLError as exc:
         what = "certificate and key do not match" if "MISMATCH" in str(exc) else str(exc)
+        if settings.keyfile_password and ("bad decrypt" in str(exc) or "BAD_DECRYPT" in str(
+                exc) or "PEM lib" in str(exc)):
+            what = "the key's password (tls.keyfile_password) is wrong"
         raise TLSConfigError(f"cannot load {certfile} / {keyfile}: {what}") from None
     except OSError as exc:
         raise TLSConfigError(f"cannot load {certfile} / {keyfile}: {exc}") from None

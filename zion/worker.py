@@ -66,6 +66,10 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: S
     except OSError as exc:
         logger.error("privilege_drop_failed", error=str(exc))
         return ExitCode.WORKER_BOOT
+    if identity is None and os.getuid() == 0 and spec.index == 0 and spec.generation == 0:
+        # Once per server, from the first worker once it is up.
+        logger.warning("workers_run_as_root", hint="workers hold no capability, but "
+                       "--user USER (or [server] user) also takes uid 0 from them")
     if demux_info.get("mode") == "cpu" and demux_info.get("state") == "attached":
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[spec.index % len(cpus)]})

@@ -249,3 +249,18 @@ async def test_a_client_that_never_takes_the_response_is_cut_at_send_timeout():
     assert not tr.closed
     tr.protocol.check_deadline(now + 31)
     assert tr.aborted
+
+
+async def test_operator_headers_and_no_server_or_date_header():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    state = make_state(server={"headers": "x-frame-options: DENY", "server_header": False,
+                               "date_header": False})
+    tr = connect(state, app)
+    tr.feed(GET)
+    await settle()
+    head = tr.take().split(b"\r\n\r\n")[0].lower()
+    assert b"x-frame-options: deny" in head
+    assert b"server:" not in head and b"date:" not in head

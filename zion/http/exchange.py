@@ -186,6 +186,7 @@ class Exchange:
     def _write_head(self, body: bytes, more: bool) -> None:
         conn = self.conn
         parts = [response.status_line(self.status), conn.state.date.prefix]
+        own_server = False
         content_length = None
         for name, value in self.headers:
             if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
@@ -201,9 +202,15 @@ class Exchange:
                 if value.lower() == b"close":
                     self.keep_alive = False
                 continue
-            elif lname == b"transfer-encoding" or lname == b"server" or lname == b"date":
+            elif lname == b"transfer-encoding":
                 continue
+            elif lname == b"server":
+                own_server = True  # the app's, instead of ours
+            elif lname == b"date":
+                continue  # ours is the one the tick keeps right
             parts += (name, b": ", value, b"\r\n")
+        if own_server:
+            parts[1] = conn.state.date.without_server
         no_body = self.status in _NO_BODY_STATUS or self.status < 200
         if content_length is None and not no_body:
             if not more:

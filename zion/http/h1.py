@@ -24,6 +24,7 @@ import httptools
 from zion.http import response
 from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
+from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
 if TYPE_CHECKING:
@@ -258,6 +259,8 @@ class H1Protocol(asyncio.Protocol):
             "headers": self.headers,
             "state": self.state.lifespan_state.copy(),
         }
+        if self.state.client_certs:
+            scope["extensions"] = {"tls": self._tls_extension()}
         if self.ws_upgrade and self.state.websocket_enabled and parser.should_upgrade():
             # The switch happens when the parser stops at the upgrade point
             # (HttpParserUpgrade in data_received); no HTTP exchange for it.
@@ -335,6 +338,10 @@ class H1Protocol(asyncio.Protocol):
         log.info("access", method=scope["method"], path=scope["path"], status=ex.status,
                  bytes=ex.written, client=self.client[0] if self.client else None,
                  ms=round((self.loop.time() - ex.started_at) * 1000, 2))
+
+    def _tls_extension(self) -> dict[str, Any] | None:
+        assert self.transport is not None
+        return tls_extension(self.transport.get_extra_info("ssl_object"))
 
     def _switch_to_websocket(self, trailing: bytes) -> None:
         """Hand the transport to the WebSocket protocol, as uvicorn does with

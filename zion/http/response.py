@@ -20,18 +20,26 @@ def status_line(status: int) -> bytes:
 
 
 class DateCache:
-    """`date:` and `server:` header bytes, refreshed by the worker's 1 s tick
-    instead of formatting a date for every response."""
+    """The default header bytes of every response (`server:`, `date:` and the
+    operator's --header ones), refreshed by the worker's tick instead of
+    formatting a date for every response. `without_server` is for a response
+    whose app sent its own `server` header."""
 
-    __slots__ = ("prefix",)
+    __slots__ = ("prefix", "without_server", "_server", "_date", "_extra")
 
-    def __init__(self) -> None:
-        self.prefix = b""
+    def __init__(self, server: bool = True, date: bool = True,
+                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        self._server = server
+        self._date = date
+        self._extra = b"".join(name + b": " + value + b"\r\n" for name, value in extra)
+        self.prefix = self.without_server = b""
         self.refresh()
 
     def refresh(self) -> None:
-        self.prefix = b"server: " + SERVER_NAME + b"\r\ndate: " + formatdate(
-            usegmt=True).encode() + b"\r\n"
+        date = b"date: " + formatdate(usegmt=True).encode() + b"\r\n" if self._date else b""
+        self.without_server = date + self._extra
+        self.prefix = (b"server: " + SERVER_NAME + b"\r\n" if self._server else b"") + (
+            self.without_server)
 
 
 def simple(

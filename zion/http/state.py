@@ -48,13 +48,17 @@ class ServerState:
         self.worker_index = worker_index
         self.loop = loop
         self.slot = slot
-        self.date = DateCache()
+        server = settings.server
+        self.date = DateCache(server.server_header, server.date_header,
+                              parse_headers(server.headers))
         self.connections: set[OpenConnection] = set()
         # Handed to every ASGI scope as scope["state"] (filled by lifespan).
         self.lifespan_state: dict[str, Any] = {}
         self.draining = False
         self.requests_total = 0
         self.access_log = settings.log.access_log
+        # Client certificates were asked for: scopes carry the ASGI TLS extension.
+        self.client_certs = settings.tls.cert_reqs != "none"
         # App tasks, kept referenced until done; cancelled when a drain ends.
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatch: Dispatch = _unset_dispatch
@@ -82,3 +86,13 @@ class ServerState:
 
 def _unset_dispatch(ex: Exchange) -> None:
     ex.fail(503, "worker not ready")
+
+
+def parse_headers(text: str) -> tuple[tuple[bytes, bytes], ...]:
+    """--header values ("Name: value", one per line) as response header bytes;
+    the settings already checked each has a name and no CR/LF in it."""
+    out = []
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        out.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
+    return tuple(out)

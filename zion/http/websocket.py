@@ -74,7 +74,7 @@ def websocket_scope(http_scope: dict[str, Any]) -> dict[str, Any]:
         "headers": http_scope["headers"],
         "subprotocols": subprotocols,
         "state": http_scope["state"],
-        "extensions": {"websocket.http.response": {}},
+        "extensions": {"websocket.http.response": {}, **http_scope.get("extensions", {})},
     }
 
 
