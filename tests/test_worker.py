@@ -6,10 +6,12 @@ import os
 import signal
 
 from tests.conftest import wait_for
+from tests.support.bpf import zion_prog_ids
 
 
-def test_workers_die_with_a_sigkilled_master(start_zion):
+def test_workers_die_with_a_sigkilled_master_and_nothing_stays_attached(start_zion):
     srv = start_zion(workers=2, env={"ZION_SUPERVISOR_DRAIN_TIMEOUT": "1"})
+    attached = srv.events("demux_attached")
     workers = srv.worker_pids()
     assert len(workers) == 2
     os.kill(srv.pid, signal.SIGKILL)
@@ -20,3 +22,5 @@ def test_workers_die_with_a_sigkilled_master(start_zion):
             f"/proc/{pid}/status").read() for pid in workers)
 
     wait_for(gone, 15, "workers to exit after their master died")
+    if attached:  # the last descriptor closed with them: the program is gone too
+        wait_for(lambda: attached[0]["prog_id"] not in zion_prog_ids(), 10, "program unloaded")
