@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -12,7 +13,15 @@ import sys
 
 import pytest
 
-from tests.conftest import APPS, REPO, Response, client_context, connect, read_response
+from tests.conftest import (
+    APPS,
+    REPO,
+    Response,
+    client_context,
+    connect,
+    read_response,
+    wait_for,
+)
 from tests.support.certs import client_ca, encrypted_server_key
 from zion.errors import TLSConfigError
 from zion.settings import TLSSettings
@@ -168,3 +177,35 @@ async def get_with(port: int, ctx: ssl.SSLContext) -> Response:
         return await asyncio.wait_for(read_response(reader), 10)
     finally:
         writer.close()
+
+
+def _session(port: int, ctx: ssl.SSLContext,
+             session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession | None, bool]:
+    sock, data = handshake(port, ctx, session)
+    assert data.startswith(b"HTTP/1.1 200")
+    try:
+        return sock.session, sock.session_reused
+    finally:
+        sock.close()
+
+
+def test_ticket_keys_rotate_on_reload_and_after_their_lifetime(start_zion):
+    srv = start_zion(env={"ZION_TLS_TICKET_KEY_LIFETIME": "2"}, workers=1)
+    ctx = client_context()
+    session, _ = _session(srv.port, ctx)
+    assert _session(srv.port, ctx, session)[1], "resumes under the same keys"
+    srv.wait_event("ticket_keys_rotating", timeout=10)
+    wait_for(lambda: srv.events("reload_complete"), 20, "the rotation's reload")
+    after, resumed = _session(srv.port, ctx, session)
+    assert not resumed, "a ticket from before the rotation must not resume"
+    assert _session(srv.port, ctx, after)[1], "new tickets resume again"
+
+
+def test_a_sighup_reload_gets_fresh_ticket_keys(start_zion):
+    srv = start_zion(workers=1)
+    ctx = client_context()
+    session, _ = _session(srv.port, ctx)
+    srv.signal(signal.SIGHUP)
+    wait_for(lambda: srv.events("reload_complete"), 20, "the reload")
+    wait_for(lambda: len(srv.worker_pids()) == 1, 20, "the old worker to leave")
+    assert not _session(srv.port, ctx, session)[1]

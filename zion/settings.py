@@ -171,6 +171,11 @@ class TLSSettings:
                           "connection is HTTP/1.1.", flag="--http2")
     ciphers: str = setting("", 'OpenSSL cipher list for TLS 1.2 ("" = OpenSSL\'s default); '
                            "TLS 1.3 suites are not affected.", flag=Flag("--ssl-ciphers", "LIST"))
+    ticket_key_lifetime: float = setting(
+        14400.0, "Seconds between session-ticket key rotations (0 = only on reload). A "
+        "rotation is a zero-downtime reload: every reload makes new keys. A leaked key "
+        "decrypts the tickets issued under it, and so (TLS 1.2) those sessions' traffic, "
+        "for as long as it was in use.", check=non_negative)
     ca_certs: str = setting("", "CA bundle (PEM) that client certificates must chain to.",
                             flag=Flag("--ssl-ca-certs", "PEM"))
     cert_reqs: CertReqs = setting(CertReqs.NONE, 'Client certificates: "none", "optional" '

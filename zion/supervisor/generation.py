@@ -91,11 +91,11 @@ def begin(current: Generation, settings: Settings) -> Reload:
     old = current.settings
     if (settings.server.host, settings.server.port) != (old.server.host, old.server.port):
         raise ZionError("changing host or port needs a restart")
-    ssl_ctx = current.ssl_ctx
-    # Same certificate settings: keep the context, and with it the session-
-    # ticket keys, so clients keep resuming across the reload.
-    if settings.tls != old.tls:
-        ssl_ctx, _ = build_context(settings.tls)
+    # A new context every reload: OpenSSL makes fresh session-ticket keys for
+    # it, so a reload (and ticket_key_lifetime, which reloads) rotates them.
+    # Within a generation every worker shares the context, so clients resume
+    # whichever worker answers; across a rotation they do one full handshake.
+    ssl_ctx, _ = build_context(settings.tls)
     count = worker_count(settings)
     if count == current.count and settings.demux == old.demux:
         new = Generation(current.number + 1, settings, ssl_ctx, current.group, current.demux,

@@ -51,6 +51,7 @@ class Master:
         self.exit_code = ExitCode.OK
         self.announced_ready = False
         self.sampler = QueueSampler()
+        self.rotate_at = self._next_rotation()
 
     # -- boot -------------------------------------------------------------------
 
@@ -94,6 +95,11 @@ class Master:
             else:
                 if self.watcher is not None and self.reload is None and self.watcher.take():
                     self._begin_reload()
+                if self.reload is None and time.monotonic() >= self.rotate_at:
+                    # Next attempt a lifetime from now even if this one fails.
+                    self.rotate_at = self._next_rotation()
+                    logger.info("ticket_keys_rotating", lifetime_s=self._key_lifetime())
+                    self._begin_reload()
                 self._respawn_due()
                 self._boot_deadlines()
                 if self.retiring:
@@ -111,9 +117,16 @@ class Master:
                 elif fd in ready:
                     self._on_ready_fd(ready[fd])
 
+    def _key_lifetime(self) -> float:
+        return self.settings.tls.ticket_key_lifetime
+
+    def _next_rotation(self) -> float:
+        lifetime = self._key_lifetime()
+        return time.monotonic() + lifetime if lifetime else float("inf")
+
     def _timeout(self) -> float:
         now = time.monotonic()
-        due = [now + 0.5]
+        due = [now + 0.5, self.rotate_at]
         if self.respawn is not None and (at := self.respawn.next_due()) is not None:
             due.append(at)
         if self.current is not None and self.current.demux.routing:
@@ -279,6 +292,7 @@ class Master:
         assert self.reload is not None and self.current is not None
         old, new = self.current, self.reload.new
         self.reload = None
+        self.rotate_at = self._next_rotation()  # new context, new ticket keys
         generation.commit(old, new)
         self.current, self.settings = new, new.settings
         now = time.monotonic()
