@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.conftest import wait_for
+from tests.conftest import get, wait_for
 from tests.support.bpf import zion_prog_ids
 
 
@@ -24,3 +24,19 @@ def test_workers_die_with_a_sigkilled_master_and_nothing_stays_attached(start_zi
     wait_for(gone, 15, "workers to exit after their master died")
     if attached:  # the last descriptor closed with them: the program is gone too
         wait_for(lambda: attached[0]["prog_id"] not in zion_prog_ids(), 10, "program unloaded")
+
+
+async def test_a_worker_retires_after_limit_max_requests_and_is_replaced(start_zion):
+    srv = start_zion("raw_app:app", "--limit-max-requests", "5", workers=1)
+    pids: list[str] = []
+    # It retires at its next tick (0.5 s) after the fifth answer: keep asking
+    # until a second worker answers, every request answered meanwhile.
+    for _ in range(2000):
+        resp = await get(srv.port, "/")
+        assert resp.status == 200
+        pids.append(resp.headers["x-pid"])
+        if len(set(pids)) >= 2:
+            break
+    assert len(set(pids)) >= 2, "the worker never retired"
+    recycled = srv.wait_event("worker_recycled")
+    assert recycled["index"] == 0 and not srv.events("worker_died")

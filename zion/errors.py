@@ -11,6 +11,7 @@ class ExitCode(IntEnum):
     FAILURE = 1  # a runtime failure: cannot bind, a worker crashed
     CONFIG = 2  # bad configuration, certificate or key; usage errors
     WORKER_BOOT = 3  # a worker can never start: the master must not respawn it forever
+    RECYCLED = 4  # a worker that served --limit-max-requests: replace it at once
     INTERRUPTED = 130  # Ctrl-C before the master took over signals
 
 

@@ -217,6 +217,13 @@ class LimitsSettings:
                                        "may send per second on one connection (rapid reset, "
                                        "CVE-2023-44487). More: GOAWAY ENHANCE_YOUR_CALM.",
                                        check=positive)
+    max_requests: int = setting(0, "A worker that has served this many requests drains and "
+                                "is replaced (0 = never), against leaks in app code.",
+                                check=non_negative, flag=Flag("--limit-max-requests", "N"))
+    max_requests_jitter: int = setting(0, "Up to this many more, at random per worker, so "
+                                       "workers do not all restart at once.",
+                                       check=non_negative,
+                                       flag=Flag("--limit-max-requests-jitter", "N"))
     max_connections: int = setting(10000, "Open connections per worker; past this a request "
                                    "is answered 503 and its connection closed.",
                                    check=positive, flag=Flag("--max-connections", "N", aliases=(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +141,20 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
     beat = _Heartbeat(loop, slot, settings.demux.heartbeat_interval_ms / 1000)
-    ticker = _Ticker(loop, state)
+    limits = settings.limits
+    # --limit-max-requests: retire after this many (0 = never), jittered per worker.
+    budget = (limits.max_requests + random.randint(0, limits.max_requests_jitter)
+              if limits.max_requests else 0)
+    recycled = False
+
+    def retire_when_spent() -> None:
+        nonlocal recycled
+        if budget and state.requests_total >= budget and not stop.is_set():
+            recycled = True
+            logger.info("worker_retiring", requests_total=state.requests_total, limit=budget)
+            stop.set()
+
+    ticker = _Ticker(loop, state, retire_when_spent)
     slot.pid = os.getpid()
     os.write(spec.ready_fd, b"R")
     os.close(spec.ready_fd)
@@ -173,7 +188,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     if lifespan is not None:
         await lifespan.shutdown(settings.supervisor.drain_timeout)
     logger.info("worker_stopped", requests_total=state.requests_total, forced_closed=left)
-    return ExitCode.OK
+    return ExitCode.RECYCLED if recycled else ExitCode.OK
 
 
 def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles | None,
@@ -232,13 +247,15 @@ class _Heartbeat:
 
 
 class _Ticker:
-    def __init__(self, loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
-        self.loop, self.state = loop, state
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: ServerState,
+                 also: Callable[[], None]) -> None:
+        self.loop, self.state, self.also = loop, state, also
         self.handle: asyncio.TimerHandle | None = None
         self._tick()
 
     def _tick(self) -> None:
         self.state.tick()
+        self.also()
         self.handle = self.loop.call_later(_TICK, self._tick)
 
     def stop(self) -> None:

@@ -50,3 +50,11 @@ def test_due_slots_are_taken_once_at_their_time():
     assert policy.take_due(10.05) == []
     assert policy.take_due(10.1) == [0, 2]
     assert policy.take_due(11.0) == [] and policy.next_due() is None
+
+
+def test_a_recycled_worker_is_replaced_at_once_and_never_counts_as_a_failure():
+    policy = RespawnPolicy(SETTINGS, 1)
+    for _ in range(10):
+        verdict = policy.on_death(0, True, ExitCode.RECYCLED, 7.0)
+        assert isinstance(verdict, Respawn) and verdict.delay == 0.0
+        assert policy.take_due(7.0) == [0]

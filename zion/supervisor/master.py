@@ -225,6 +225,9 @@ class Master:
         if isinstance(verdict, GiveUp):
             self._fatal(verdict.reason)
             return
+        if code == ExitCode.RECYCLED:
+            logger.info("worker_recycled", index=handle.index, child=handle.pid)
+            return
         logger.warning("worker_died", index=handle.index, child=handle.pid, status=how,
                        respawn_in_s=round(verdict.delay, 3))
 

@@ -46,6 +46,9 @@ class RespawnPolicy:
     def on_death(self, index: int, was_ready: bool, exit_code: int, now: float
                  ) -> Respawn | GiveUp:
         how = describe(exit_code)
+        if was_ready and exit_code == ExitCode.RECYCLED:
+            self.due[index] = now  # it retired on purpose: replace it at once
+            return Respawn(index, now, 0.0)
         if not was_ready:
             self.failures[index] += 1
             if exit_code == ExitCode.WORKER_BOOT:
