@@ -64,3 +64,16 @@ async def test_a_master_without_capabilities_is_still_out_of_its_workers_reach(s
     srv = start_zion("introspect_app:app", wrapper=wrapper, workers=1)
     body = (await get(srv.port, "/")).body.decode()
     assert "mem=PermissionError" in body and "ptrace=Operation not permitted" in body, body
+
+
+async def test_the_master_keeps_only_what_it_still_needs(start_zion):
+    srv = start_zion("raw_app:app", workers=1)
+    master = _status(srv.pid)
+    kept = int(master["CapEff"], 16)
+    names = {5: "kill", 6: "setgid", 7: "setuid", 8: "setpcap", 10: "net_bind_service",
+             21: "sys_admin", 38: "perfmon", 39: "bpf"}
+    assert {names.get(bit, f"cap {bit}") for bit in range(64) if kept >> bit & 1} <= set(
+        names.values())
+    assert not kept >> 1 & 1 and not kept >> 19 & 1  # no dac_override, no sys_ptrace
+    assert int(master["CapPrm"], 16) == kept  # gone for good, not just from the effective set
+    # (tests/demux/test_compile_helper.py reloads such a master: the demux still loads)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import ctypes
 import os
 
+CAP_KILL = 5
+CAP_SETGID = 6
+CAP_SETUID = 7
+CAP_SETPCAP = 8
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -65,3 +69,20 @@ def clear() -> None:
     if _libc.syscall(_SYS_CAPSET, ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def keep_only(keep: set[int]) -> set[int]:
+    """Lower the effective and permitted sets to `keep` (what of it this
+    process has); return what is left. Lowering needs no privilege."""
+    header, data = _get()
+    for word_index, word in enumerate(data):
+        mask = sum(1 << (cap - 32 * word_index) for cap in keep
+                   if 32 * word_index <= cap < 32 * (word_index + 1))
+        word.effective &= mask
+        word.permitted &= mask
+        word.inheritable = 0
+    header.pid = 0
+    if _libc.syscall(_SYS_CAPSET, ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return effective()

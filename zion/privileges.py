@@ -55,6 +55,25 @@ def protect_master() -> None:
     _prctl(_PR_SET_DUMPABLE, 0)
 
 
+# What the master still needs once its first generation is up: load the demux
+# again on a resizing reload (CAP_BPF; CAP_PERFMON and CAP_SYS_ADMIN stand in
+# for it on older kernels), bind new listeners below 1024, fork workers that
+# switch to --user and empty their bounding set, and signal them once they
+# are another uid.
+MASTER_KEEPS = {caps.CAP_BPF, caps.CAP_PERFMON, caps.CAP_SYS_ADMIN,
+                caps.CAP_NET_BIND_SERVICE, caps.CAP_SETUID, caps.CAP_SETGID,
+                caps.CAP_SETPCAP, caps.CAP_KILL}
+
+
+def restrict_master() -> set[int]:
+    """Give up every capability the master does not need (they are all it
+    would hold for the rest of its life). Returns what it keeps."""
+    # With CAP_BPF (5.8+) loading needs no CAP_SYS_ADMIN.
+    keep = (MASTER_KEEPS - {caps.CAP_SYS_ADMIN} if caps.CAP_BPF in caps.effective()
+            else MASTER_KEEPS)
+    return caps.keep_only(keep)
+
+
 def drop_worker_privileges(identity: Identity | None, master_pid: int) -> None:
     last = _last_cap()
     for cap in range(last + 1):

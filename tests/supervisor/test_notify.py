@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -64,3 +65,15 @@ def test_unit_file_verifies(tmp_path):
                 "NoNewPrivileges=yes", "ProtectSystem=strict", "CAP_BPF",
                 "CAP_NET_BIND_SERVICE"):
         assert key in unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (Debian package systemd)")
+def test_unit_exposure_stays_low():
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true",
+                             str(REPO / "config" / "zion.service")],
+                            capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for zion\.service: ([\d.]+)", result.stdout)
+    assert found, result.stdout[-2000:] + result.stderr
+    # 3.6 before SystemCallFilter, ProtectKernelTunables, ProtectProc, UMask, RemoveIPC
+    assert float(found.group(1)) <= 2.0

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from zion import log, worker
+from zion import caps, log, privileges, worker
 from zion.demux.board import SlotState
 from zion.demux.sampler import QueueSampler
 from zion.errors import ExitCode, ZionError
@@ -63,6 +63,11 @@ class Master:
                     sockets=gen.count, tls=cert_source, app=settings.server.app or None,
                     root=settings.server.root or None)
         self.respawn = RespawnPolicy(settings.supervisor, gen.count)
+        try:
+            kept = privileges.restrict_master()
+            logger.debug("master_capabilities", kept=sorted(caps.name(c) for c in kept))
+        except OSError as exc:
+            logger.warning("master_capability_drop_failed", error=str(exc))
         self.signals.install()
         for index in range(gen.count):
             self._spawn(gen, index)
