@@ -24,6 +24,7 @@ import httptools
 from zion.http import response
 from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
+from zion.http.h2 import H2Protocol
 from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
@@ -95,6 +96,14 @@ class H1Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's SSL transport is not an asyncio.Transport subclass.
         tr: Any = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            # ALPN chose HTTP/2 during the handshake: hand the transport over
+            # before anything of ours runs on it, as the WebSocket switch does.
+            h2 = H2Protocol(self.state)
+            tr.set_protocol(h2)
+            h2.connection_made(tr)
+            return
         self.transport = tr
         tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
         peer = transport.get_extra_info("peername")

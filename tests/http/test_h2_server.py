@@ -1,0 +1,207 @@
+"""HTTP/2 through a real `zion serve --http2`, over real TLS with ALPN: curl,
+httpx, the raw `h2` client for the attack cases, and FastAPI giving the same
+answers over HTTP/2 as over HTTP/1.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import subprocess
+from typing import Any
+
+import h2.errors
+import httpx
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    SettingsFrame,
+)
+
+from tests.conftest import ZionProcess, client_context, connect, get, wait_for
+from tests.support.h2peer import open_tls, pump
+
+CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def _client(srv: ZionProcess, http2: bool = True) -> httpx.AsyncClient:
+    return httpx.AsyncClient(verify=False, http2=http2, http1=not http2, timeout=20,
+                             base_url=f"https://127.0.0.1:{srv.port}")
+
+
+@pytest.fixture
+def h2srv(start_zion: Any) -> ZionProcess:
+    return start_zion("h2_app:app", "--http2", workers=1)
+
+
+async def test_curl_speaks_http2(h2srv: ZionProcess) -> None:
+    out = subprocess.run(
+        ["curl", "-sk", "--http2", "-w", " %{http_version}", "--data-binary", "hello",
+         f"https://127.0.0.1:{h2srv.port}/echo"],
+        capture_output=True, timeout=20, check=True).stdout.decode()
+    assert out == f"2 POST 5 {hashlib.sha256(b'hello').hexdigest()} 2"
+
+
+async def test_http2_is_off_unless_asked(start_zion: Any) -> None:
+    srv = start_zion("h2_app:app", workers=1)
+    ctx = client_context(alpn=False)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    _, writer = await connect(srv.port, ctx=ctx)
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+    writer.close()
+    resp = await get(srv.port, "/")
+    assert resp.status == 200 and resp.body.startswith(b"1.1 GET")
+
+
+async def test_many_concurrent_streams_and_large_bodies_both_ways(h2srv: ZionProcess) -> None:
+    upload = bytes(range(256)) * 4096 * 5  # 5 MiB
+    async with _client(h2srv) as client:
+        small = [client.post("/echo", content=b"%d" % i) for i in range(100)]
+        big_up = client.post("/echo", content=upload)
+        big_down = client.get("/big?5242880")
+        answers = await asyncio.gather(*small, big_up, big_down)
+    assert {r.http_version for r in answers} == {"HTTP/2"}
+    for i, r in enumerate(answers[:100]):
+        assert r.text == f"2 POST {len(str(i))} {hashlib.sha256(b'%d' % i).hexdigest()}"
+    assert answers[100].text == f"2 POST {len(upload)} {hashlib.sha256(upload).hexdigest()}"
+    expect = hashlib.sha256((bytes(range(256)) * 256) * 80).hexdigest()
+    assert hashlib.sha256(answers[101].content).hexdigest() == expect
+
+
+async def test_trailers_head_and_a_slow_stream_beside_fast_ones(h2srv: ZionProcess) -> None:
+    client, reader, writer = await open_tls(h2srv.port)
+    slow = client.request(path="/slow?0.5")
+    fast = [client.request(path=f"/f{i}") for i in range(10)]
+    trailers = client.request(path="/trailers")
+    head = client.request("HEAD", "/big?1000")
+    rs = client.responses
+    await pump(client, reader, writer, lambda: all(rs[s].ended for s in [*fast, trailers, head]))
+    assert not rs[slow].ended  # the others did not wait for it
+    assert rs[trailers].body == b"body" and rs[trailers].trailers == [(b"x-sum", b"42")]
+    assert rs[head].body == b"" and rs[head].header(b"content-length") == b"1000"
+    await pump(client, reader, writer, lambda: rs[slow].ended)
+    writer.close()
+
+
+async def _attack_then_serve(srv: ZionProcess, attack: bytes) -> GoAwayFrame:
+    """Send `attack` after a valid preface; return the GOAWAY the server sent
+    before it closed, then check the worker answers a new client."""
+    _, reader, writer = await open_tls(srv.port)
+    writer.write(attack)
+    data = await asyncio.wait_for(_read_to_eof(reader), 20)
+    writer.close()
+    goaways = [f for f in _frames(data) if isinstance(f, GoAwayFrame)]
+    assert goaways, "no GOAWAY before the close"
+    async with _client(srv) as c:
+        resp = await c.get("/after")
+    assert resp.status_code == 200 and resp.http_version == "HTTP/2"
+    return goaways[-1]
+
+
+async def test_rapid_reset_gets_goaway_and_the_worker_serves_on(h2srv: ZionProcess) -> None:
+    client, _, _ = await open_tls(h2srv.port)  # only to build the frames
+    client.h2.remote_settings.max_concurrent_streams = 2**20
+    for _ in range(1000):
+        sid = client.request(end=False)
+        client.h2.reset_stream(sid)
+    frames = client.h2.data_to_send()
+    goaway = await _attack_then_serve(h2srv, frames)
+    assert goaway.error_code == CALM
+
+
+async def test_settings_and_ping_floods_get_goaway(h2srv: ZionProcess) -> None:
+    for frame in (SettingsFrame(0, settings={4: 65535}), PingFrame(0, opaque_data=b"12345678")):
+        goaway = await _attack_then_serve(h2srv, frame.serialize() * 5000)
+        assert goaway.error_code == CALM
+
+
+async def test_a_continuation_flood_gets_goaway(h2srv: ZionProcess) -> None:
+    headers = HeadersFrame(1)
+    headers.data = b"\x82"  # :method GET, no END_HEADERS
+    cont = ContinuationFrame(1)
+    cont.data = b"\x40\x01a\x01b" * 1000
+    goaway = await _attack_then_serve(h2srv, headers.serialize() + cont.serialize() * 2000)
+    assert goaway.error_code == CALM
+
+
+async def test_drain_sends_goaway_and_finishes_the_stream_in_flight(start_zion: Any) -> None:
+    srv = start_zion("h2_app:app", "--http2", workers=1)
+    client, reader, writer = await open_tls(srv.port)
+    sid = client.request(path="/slow?1.5")
+    writer.write(client.h2.data_to_send())
+    await writer.drain()
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: wait_for(lambda: _inflight(srv) >= 1, what="the request in flight"))
+    srv.signal(signal.SIGTERM)
+    data = await asyncio.wait_for(_read_to_eof(reader), 20)
+    frames = _frames(data)
+    goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
+    assert goaway.error_code == 0 and goaway.last_stream_id >= sid
+    after = frames[frames.index(goaway):]
+    body = b"".join(getattr(f, "data", b"") for f in after if f.stream_id == sid
+                    and type(f).__name__ == "DataFrame")
+    assert body.startswith(b"2 GET 0 ")
+    assert srv.proc.wait(20) == 0
+
+
+def _inflight(srv: ZionProcess) -> int:
+    from tests.conftest import inflight
+
+    return inflight(srv.port)
+
+
+async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    data = bytearray()
+    while True:
+        try:
+            chunk = await reader.read(65536)
+        except (ConnectionResetError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _frames(data: bytes) -> list[Any]:
+    out = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9:9 + length]))
+        out.append(frame)
+        data = data[9 + length:]
+    return out
+
+
+async def test_fastapi_answers_the_same_over_http2_and_http1(start_zion: Any,
+                                                              tmp_path: Any) -> None:
+    import os
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    srv = start_zion("fw_fastapi:app", "--http2", workers=1,
+                     env={"ZION_TEST_DATA": str(tmp_path)})
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", "/def", {}),
+        ("POST", "/def-json", {"json": {"a": [1, 2, 3]}}),
+        ("GET", "/structured", {}),
+        ("GET", "/healthz", {}),
+        ("GET", "/nope", {}),
+        ("GET", "/file", {"headers": {"range": "bytes=100-65635"}}),
+        ("GET", "/file", {}),
+    ]
+    answers = {}
+    for http2 in (False, True):
+        async with _client(srv, http2) as c:
+            out = []
+            for method, path, kw in requests:
+                r = await c.request(method, path, **kw)
+                assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+                out.append((r.status_code, r.headers.get("content-type"),
+                            r.headers.get("content-range"), hashlib.sha256(r.content).hexdigest()))
+            answers[http2] = out
+    assert answers[True] == answers[False]
