@@ -301,3 +301,30 @@ async def test_a_reader_that_stops_reading_is_cut_at_send_timeout(start_zion, tm
     got = await read_until_closed(reader, timeout=10)
     assert len(got) < 32 * 1024 * 1024  # cut before the whole file went out
     writer.close()
+
+
+async def test_connections_the_server_closed_stop_counting_at_once(start_zion):
+    srv = start_zion("raw_app:app", env={"ZION_LIMITS_MAX_CONNECTIONS": "3",
+                                         "ZION_LIMITS_KEEPALIVE_TIMEOUT": "1"}, workers=1)
+
+    def idle_client() -> ssl.SSLSocket:
+        # A blocking TLS socket: it reads the server's close_notify but never
+        # answers it, so the server's TLS shutdown lingers.
+        sock = client_context().wrap_socket(
+            socket.create_connection(("127.0.0.1", srv.port), timeout=10),
+            server_hostname="localhost")
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while b"got 0 bytes" not in data:
+            data += sock.recv(65536)
+        while sock.recv(65536):  # until the server closes it at keepalive_timeout
+            pass
+        return sock
+
+    idle = await asyncio.gather(*(asyncio.to_thread(idle_client) for _ in range(3)))
+    try:
+        # Closed by the server but not yet shut down: they must not count.
+        assert (await get(srv.port, "/")).status == 200
+    finally:
+        for sock in idle:
+            sock.close()
