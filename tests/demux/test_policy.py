@@ -118,11 +118,11 @@ async def test_fallback_when_verifier_rejects(start_zion, tmp_path):
 
 
 async def test_disabled_by_flag_loads_nothing(start_zion):
-    before = zion_prog_ids()
     srv = start_zion("--no-bpf-demux")
     line = srv.wait_event("demux_disabled")
     assert line["bpf_demux"] == "disabled" and line["reason"] == "flag"
-    assert prog_fds(srv.pid) == 0 and zion_prog_ids() == before
+    # Nothing of this server holds a program (other processes on the machine may).
+    assert all(prog_fds(pid) == 0 for pid in (srv.pid, *srv.worker_pids()))
     assert (await get(srv.port, "/")).status == 200
 
 
