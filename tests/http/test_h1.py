@@ -328,3 +328,14 @@ async def test_connections_the_server_closed_stop_counting_at_once(start_zion):
     finally:
         for sock in idle:
             sock.close()
+
+
+async def test_bytes_after_connection_close_get_the_answer_then_a_close(server):
+    reader, writer = await connect(server.port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                 b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    out = await read_until_closed(reader)
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1") == 1
+    assert b"400" not in out.split(b"\r\n", 1)[0]
