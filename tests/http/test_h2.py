@@ -379,3 +379,17 @@ async def _next_client_is_served() -> None:
     sid = peer.client.request()
     await peer.until(lambda: peer.client.responses[sid].ended)
     assert peer.client.responses[sid].status == 200
+
+
+async def test_a_long_connection_ends_with_a_graceful_goaway_not_zttps_flood_alarm():
+    peer = FakePeer(make_state(), echo)
+    served = 0
+    while peer.client.goaway is None and served < 5000:
+        r = peer.client.responses[peer.client.request()]
+        await peer.until(lambda r=r: r.ended or peer.client.goaway is not None)
+        served += r.ended
+        peer.client.responses.clear()
+    assert peer.client.goaway is not None and peer.client.goaway.error_code == 0
+    assert 3000 < served < 4096
+    await peer.until(lambda: peer.tr.closed)
+    await _next_client_is_served()

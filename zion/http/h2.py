@@ -55,6 +55,12 @@ _DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"trans
 # Body bytes zttp may hold for a stream whose window is shut before the app's
 # send() waits for the client.
 _STREAM_HIGH = 65536
+# zttp 0.0.35 calls a connection's 4096th stream a flood (GOAWAY
+# ENHANCE_YOUR_CALM), however slowly they came. Past this many streams zion
+# sends a graceful GOAWAY instead and the client opens a new connection, as
+# nginx does after keepalive_requests (1000 by default); the margin covers the
+# streams a client may open before it sees our GOAWAY (h2_max_streams <= 128).
+_STREAMS_PER_CONNECTION = 4096 - 2 * 128 - 16
 # SETTINGS ids (RFC 9113 6.5.2, RFC 8441 3).
 _MAX_CONCURRENT_STREAMS, _MAX_HEADER_LIST_SIZE, _ENABLE_CONNECT_PROTOCOL = 0x3, 0x6, 0x8
 _SETTINGS_FRAME = 0x4
@@ -215,7 +221,8 @@ class H2Exchange(Exchange):
             body = b""
         self.written += len(body)
         # A response that ends here ends the stream with its HEADERS frame.
-        self.stream.start_response(status, headers, body, more or self.want_trailers, own_server)
+        self.stream.start_response(status, headers, body, more or self.want_trailers,
+                                   own_server)
 
     def respond(self, status: int, body: bytes,
                 content_type: bytes = b"text/plain; charset=utf-8", extra: bytes = b"") -> None:
@@ -283,7 +290,8 @@ class H2Protocol(asyncio.Protocol):
         "state", "loop", "limits", "transport", "conn", "flow", "client", "server",
         "streams", "closing", "goaway", "last_stream", "flush_pending", "paused_by",
         "read_paused", "deadline", "window_start", "resets", "settings", "pings",
-        "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams", "max_header_list",
+        "accepted", "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
+        "max_header_list",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -299,6 +307,7 @@ class H2Protocol(asyncio.Protocol):
         self.closing = False
         self.goaway = False
         self.last_stream = 0
+        self.accepted = 0  # streams answered on this connection
         self.flush_pending = False
         self.paused_by: set[int] = set()
         self.read_paused = False
@@ -444,6 +453,7 @@ class H2Protocol(asyncio.Protocol):
             self.conn.stream(sid).reset(H2ErrorCode.REFUSED_STREAM)
             return
         self.deadline = 0.0
+        self.accepted += 1
         stream = H2Stream(self, sid)
         headers = event.headers
         if type(headers) is not list:
@@ -499,6 +509,8 @@ class H2Protocol(asyncio.Protocol):
             if event.expect_continue:
                 stream.handle.send_informational(100)
             self.state.dispatch(ex)
+        if self.accepted >= _STREAMS_PER_CONNECTION:
+            self.shutdown()
 
     def _body(self, stream: H2Stream, ex: H2Exchange, data: bytes) -> None:
         if ex.response_complete:
