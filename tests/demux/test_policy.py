@@ -64,14 +64,13 @@ async def test_other_modes_attach_and_route(start_zion, mode):
 
 
 def test_no_programs_left_after_ten_cycles(start_zion):
-    before = zion_prog_ids()
     ids = []
     for _ in range(10):
         srv = start_zion(workers=2)
         ids.append(srv.wait_event("demux_attached")["prog_id"])
         assert srv.stop() == 0
+    # (Only this test's programs: other processes on the machine may load theirs.)
     assert not (set(ids) & zion_prog_ids()), "a stopped server left its program loaded"
-    assert zion_prog_ids() <= before
 
 
 # -- fallbacks: each boots, serves, and says why ------------------------------------
