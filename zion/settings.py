@@ -87,6 +87,19 @@ def setting(default: Any, help: str, *, check: Check | None = None,
     return field(default=default, metadata={"help": help, "check": check, "flag": flag})
 
 
+def _ip_list(v: Any) -> str | None:
+    import ipaddress
+
+    for entry in str(v).split(","):
+        entry = entry.strip()
+        if entry and entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                return f"has {entry!r}, which is not an address or a network"
+    return None
+
+
 def _header_lines(v: Any) -> str | None:
     for line in str(v).splitlines():
         name, colon, _value = line.partition(":")
@@ -140,6 +153,15 @@ class ServerSettings:
                         "root, they still give up every capability).", flag=Flag("--user", "USER"))
     group: str = setting("", 'Workers switch to this group ("" = the user\'s primary group).',
                          flag=Flag("--group", "GROUP"))
+    root_path: str = setting("", 'ASGI root_path: the prefix the app is mounted under behind a '
+                             'proxy ("" = none).', flag=Flag("--root-path", "PATH"))
+    proxy_headers: bool = setting(True, "Believe X-Forwarded-For/-Proto/-Host and Forwarded "
+                                  "(client, scheme, server) from peers in forwarded_allow_ips.",
+                                  flag="--proxy-headers")
+    forwarded_allow_ips: str = setting("127.0.0.1,::1", 'Peers trusted to send forwarding '
+                                       'headers: addresses or networks, comma-separated; "*" '
+                                       "for every peer.", check=_ip_list,
+                                       flag=Flag("--forwarded-allow-ips", "LIST"))
     reload: bool = setting(False, "Development: reload the workers with no downtime when a "
                            "watched .py file changes.", flag="--reload")
     reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '

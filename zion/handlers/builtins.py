@@ -26,6 +26,14 @@ def is_loopback(client: tuple[str, int] | None) -> bool:
     return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
+_FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+
+
+def _came_through_a_proxy(ex: Exchange) -> bool:
+    # A same-host reverse proxy is a loopback peer too: its clients are not.
+    return any(name in _FORWARDING for name, _ in ex.scope["headers"])
+
+
 class Builtins:
     def __init__(self, status: Callable[[], dict[str, Any]],
                  overloaded: Callable[[], bool]) -> None:
@@ -44,7 +52,7 @@ class Builtins:
             else:
                 ex.respond(200, b"ok\n")
         elif path == "/_zion/status":
-            if not is_loopback(ex.conn.client):
+            if not is_loopback(ex.conn.client) or _came_through_a_proxy(ex):
                 ex.respond(403, b"403 Forbidden: /_zion/status is for loopback clients\n")
                 return
             body = json.dumps(self.status(), indent=1).encode() + b"\n"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from zion.http import response
+from zion.http import forwarded, response
 from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
 from zion.http.h2 import H2Protocol
@@ -53,7 +53,7 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
-        "last_request", "held_for_drain", "write_blocked_at",
+        "last_request", "held_for_drain", "write_blocked_at", "proxied",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -90,6 +90,7 @@ class H1Protocol(asyncio.Protocol):
         self.last_request = False  # a request without keep-alive was parsed
         self.held_for_drain = False  # a pipelined request waits for the write buffer
         self.write_blocked_at = 0.0  # since when the client has not taken our bytes
+        self.proxied = False  # the peer may speak for its clients (forwarded headers)
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -111,6 +112,8 @@ class H1Protocol(asyncio.Protocol):
         self.client = (peer[0], peer[1]) if peer else None
         self.server = (sock[0], sock[1]) if sock else None
         state = self.state
+        proxies = state.proxies
+        self.proxied = proxies is not None and proxies.trusts(self.client and self.client[0])
         state.connection_opened(self)
         if len(state.connections) > self.limits.max_connections:
             self.overloaded = True
@@ -261,13 +264,16 @@ class H1Protocol(asyncio.Protocol):
             "client": self.client,
             "scheme": "https",
             "method": parser.get_method().decode("ascii"),
-            "root_path": "",
+            "root_path": self.state.root_path,
             "path": path,
             "raw_path": raw_path,
             "query_string": query,
             "headers": self.headers,
             "state": self.state.lifespan_state.copy(),
         }
+        if self.proxied:
+            assert self.state.proxies is not None
+            forwarded.apply(scope, self.state.proxies)
         if self.state.client_certs:
             scope["extensions"] = {"tls": self._tls_extension()}
         if self.ws_upgrade and self.state.websocket_enabled and parser.should_upgrade():

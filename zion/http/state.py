@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from zion.http.forwarded import TrustedProxies
 from zion.http.response import DateCache
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class ServerState:
         self.access_log = settings.log.access_log
         # Client certificates were asked for: scopes carry the ASGI TLS extension.
         self.client_certs = settings.tls.cert_reqs != "none"
+        self.root_path = settings.server.root_path
+        self.proxies = (TrustedProxies(settings.server.forwarded_allow_ips)
+                        if settings.server.proxy_headers else None)
         # App tasks, kept referenced until done; cancelled when a drain ends.
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatch: Dispatch = _unset_dispatch

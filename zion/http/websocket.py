@@ -64,7 +64,7 @@ def websocket_scope(http_scope: dict[str, Any]) -> dict[str, Any]:
         "type": "websocket",
         "asgi": http_scope["asgi"],
         "http_version": http_scope["http_version"],
-        "scheme": "wss",
+        "scheme": "ws" if http_scope["scheme"] == "http" else "wss",
         "server": http_scope["server"],
         "client": http_scope["client"],
         "root_path": http_scope["root_path"],
