@@ -393,3 +393,33 @@ async def test_a_long_connection_ends_with_a_graceful_goaway_not_zttps_flood_ala
     assert 3000 < served < 4096
     await peer.until(lambda: peer.tr.closed)
     await _next_client_is_served()
+
+
+async def test_an_idle_connection_gets_goaway_then_closes():
+    state = make_state()
+    peer = FakePeer(state, echo)
+    sid = peer.client.request()
+    await peer.until(lambda: peer.client.responses[sid].ended)
+    deadline = peer.proto.deadline  # keepalive_timeout after the last stream ended
+    assert deadline > 0
+    peer.proto.check_deadline(deadline - 0.001)
+    assert not peer.tr.closed
+    peer.proto.check_deadline(deadline)
+    peer.exchange()
+    assert peer.client.goaway is not None and peer.client.goaway.error_code == 0
+    await until(lambda: peer.tr.closed)
+    assert state.connections == set()
+
+
+async def test_forwarded_headers_and_root_path_apply_as_over_http1():
+    async def app(scope, receive, send):
+        text = f"{scope['client'][0]} {scope['scheme']} {scope['root_path']}"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": text.encode()})
+
+    # The fake peer is 127.0.0.1: trusted by the default forwarded_allow_ips.
+    peer = FakePeer(make_state(server={"root_path": "/api"}), app)
+    sid = peer.client.request(headers=[("x-forwarded-for", "10.1.2.3"),
+                                       ("x-forwarded-proto", "http")])
+    await peer.until(lambda: peer.client.responses[sid].ended)
+    assert peer.client.responses[sid].body == b"10.1.2.3 http /api"

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import zttp
 from zttp import H2ErrorCode
 
+from zion.http import forwarded
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl
 from zion.http.tls_scope import tls_extension
@@ -291,7 +292,7 @@ class H2Protocol(asyncio.Protocol):
         "streams", "closing", "goaway", "last_stream", "flush_pending", "paused_by",
         "read_paused", "deadline", "window_start", "resets", "settings", "pings",
         "accepted", "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
-        "max_header_list",
+        "max_header_list", "proxied",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -318,6 +319,7 @@ class H2Protocol(asyncio.Protocol):
         self.date_pairs: list[tuple[bytes, bytes]] = []
         self.date_pairs_own: list[tuple[bytes, bytes]] = []
         self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, with client certs
+        self.proxied = False  # the peer may speak for its clients (forwarded headers)
         self.max_streams = limits.h2_max_streams
         self.max_header_list = limits.max_header_size
 
@@ -334,6 +336,8 @@ class H2Protocol(asyncio.Protocol):
         self.state.connection_opened(self)
         if self.state.client_certs:
             self.tls = tls_extension(transport.get_extra_info("ssl_object"))
+        proxies = self.state.proxies
+        self.proxied = proxies is not None and proxies.trusts(self.client and self.client[0])
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.conn.initiate_connection()
         tr.write(_rewrite_settings(self.conn.data_to_send(), {
@@ -485,7 +489,7 @@ class H2Protocol(asyncio.Protocol):
             "client": self.client,
             "scheme": "https",
             "method": event.method.decode("ascii", "replace"),
-            "root_path": "",
+            "root_path": self.state.root_path,
             "path": path,
             "raw_path": raw_path,
             "query_string": event.query,
@@ -495,6 +499,9 @@ class H2Protocol(asyncio.Protocol):
         }
         if self.tls is not None:
             scope["extensions"]["tls"] = self.tls
+        if self.proxied:
+            assert self.state.proxies is not None
+            forwarded.apply(scope, self.state.proxies)
         ex = stream.exchange = H2Exchange(stream, scope, self.loop.time())
         self.streams[sid] = stream
         if event.end_stream:
