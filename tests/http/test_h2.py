@@ -12,7 +12,7 @@ import h2.settings
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, SettingsFrame
 
 from tests.support.fake_transport import FakeTransport, make_state, settle, until
-from tests.support.h2peer import FakePeer
+from tests.support.h2peer import Client, FakePeer
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
@@ -423,3 +423,35 @@ async def test_forwarded_headers_and_root_path_apply_as_over_http1():
                                        ("x-forwarded-proto", "http")])
     await peer.until(lambda: peer.client.responses[sid].ended)
     assert peer.client.responses[sid].body == b"10.1.2.3 http /api"
+
+
+async def test_expect_100_continue_gets_an_interim_100():
+    peer = FakePeer(make_state(), echo)
+    sid = peer.client.request("POST", headers=[("expect", "100-continue")], body=b"abc")
+    await peer.until(lambda: peer.client.responses[sid].ended)
+    assert peer.client.responses[sid].informational == [100]
+    assert peer.client.responses[sid].status == 200
+
+
+async def test_the_tls_extension_is_in_the_scope_when_client_certs_are_asked_for():
+    from zion.http.h2 import H2Protocol
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(scope["extensions"])
+        await echo(scope, receive, send)
+
+    state = make_state(tls={"cert_reqs": "optional"})
+    state.dispatch = lambda ex: ex.run(app, state.tasks)
+    proto = H2Protocol(state)
+    tr = FakeTransport(proto)
+    tr.extra["ssl_object"] = SimpleNamespace(getpeercert=lambda binary_form=False: None,
+                                             version=lambda: "TLSv1.3")
+    proto.connection_made(tr)  # type: ignore[arg-type]
+    client = Client()
+    sid = client.request()
+    tr.feed(client.h2.data_to_send())
+    await until(lambda: client.receive(tr.take()) is not None and client.responses[sid].ended)
+    assert seen["tls"]["tls_version"] == 0x0304 and seen["tls"]["client_cert_chain"] == []
+    assert "http.response.trailers" in seen

@@ -464,10 +464,15 @@ class H2Protocol(asyncio.Protocol):
             headers = list(headers)
         size = 0
         cookies = 0
+        expect_100 = False
         for name, value in headers:
             size += len(name) + len(value) + 32  # RFC 9113 6.5.2's header list size
             if name == b"cookie":
                 cookies += 1
+            elif name == b"expect":
+                # zttp's expect_continue is for HTTP/1.1 only. The 100 goes out
+                # at once: the body is what the app will read anyway.
+                expect_100 = value.lower() == b"100-continue"
         if cookies > 1:
             # RFC 9113 8.2.3: crumbs may arrive as separate fields; frameworks
             # read one cookie header, so they are joined as HTTP/1.1 sends them.
@@ -513,7 +518,7 @@ class H2Protocol(asyncio.Protocol):
         elif event.protocol is not None:
             ex.fail(501, "extended CONNECT (WebSocket over HTTP/2) is not supported")
         else:
-            if event.expect_continue:
+            if expect_100 and not event.end_stream:
                 stream.handle.send_informational(100)
             self.state.dispatch(ex)
         if self.accepted >= _STREAMS_PER_CONNECTION:
