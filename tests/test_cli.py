@@ -33,6 +33,8 @@ def test_version_and_help():
      "limits.max_body_size (from ZION_LIMITS_MAX_BODY_SIZE): expected int"),
     ([], {"ZION_SERVER_PROT": "1"}, "unknown key server.prot"),
     (["--root", "/does/not/exist"], {}, "is not a directory"),
+    (["--reload", "--reload-dir", "/does/not/exist"], {},
+     "server.reload_dirs (from command line): '/does/not/exist' is not a directory"),
     (["notanapp"], {}, "must be of the form module:attribute"),
 ])
 def test_bad_values_are_one_line_exit_2(args, env, expect):
@@ -48,6 +50,11 @@ def test_bad_config_file(tmp_path):
     bad.write_text("[server]\nport = \n")
     result = zion("serve", "--config", str(bad))
     assert result.returncode == 2 and f"{bad}: invalid TOML" in result.stderr
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"[server]\n# caf\xe9\n")
+    result = zion("serve", "--config", str(latin1))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"zion: config error: {latin1}: invalid TOML: byte 0xe9 is not UTF-8 (at line 2)")
     typo = tmp_path / "typo.toml"
     typo.write_text("[limits]\nmax_body = 5\n")
     result = zion("serve", "--config", str(typo))

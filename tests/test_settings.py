@@ -37,14 +37,17 @@ def test_every_declared_setting_has_an_environment_variable():
         assert env_overrides({name: "v"}) == {d.section: {d.name: "v"}}, name
 
 
-def test_flags_map_to_their_settings():
+def test_flags_map_to_their_settings(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
     args = _parser().parse_args([
         "serve", "pkg:app", "--port", "9999", "--factory", "--lifespan", "off",
-        "--reload-dir", "a", "--reload-dir", "b", "--no-bpf-demux", "--demux", "hash",
+        "--reload-dir", str(a), "--reload-dir", str(b), "--no-bpf-demux", "--demux", "hash",
         "--ws-max-size", "1000", "--no-ws-per-message-deflate", "--log-level", "debug"])
     s = load_settings(None, _cli_overrides(args), {})
     assert (s.server.app, s.server.port, s.server.factory) == ("pkg:app", 9999, True)
-    assert s.server.lifespan is LifespanMode.OFF and s.server.reload_dirs == "a:b"
+    assert s.server.lifespan is LifespanMode.OFF and s.server.reload_dirs == f"{a}:{b}"
     assert not s.demux.enabled and s.demux_disabled_by == "command line"
     assert s.demux.mode is DemuxMode.HASH
     assert (s.websocket.max_size, s.websocket.per_message_deflate) == (1000, False)
@@ -86,6 +89,26 @@ def test_broken_toml_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_settings(str(cfg), {}, {})
     assert str(cfg) in str(info.value) and "line 2" in str(info.value)
+
+
+def test_a_config_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    cfg = tmp_path / "latin1.toml"
+    cfg.write_bytes(b"[server]\nhost = \"127.0.0.1\"\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(cfg), {}, {})
+    assert str(info.value) == f"{cfg}: invalid TOML: byte 0xe9 is not UTF-8 (at line 3)"
+
+
+@pytest.mark.parametrize("key", ["app_dir", "reload_dirs"])
+def test_app_and_reload_dirs_must_exist(tmp_path, key):
+    env = f"ZION_SERVER_{key.upper()}"
+    ok = load_settings(None, {}, {env: str(tmp_path)})
+    assert getattr(ok.server, key) == str(tmp_path)
+    missing = tmp_path / "gone"
+    value = f"{tmp_path}:{missing}" if key == "reload_dirs" else str(missing)
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {}, {env: value})
+    assert str(info.value) == f"server.{key} (from {env}): {str(missing)!r} is not a directory"
 
 
 def test_uvicorn_names_web_concurrency_and_repeatable_headers():

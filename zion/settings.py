@@ -420,9 +420,16 @@ def _merge(merged: dict[str, dict[str, Any]], origins: dict[str, str],
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        # TOML is UTF-8 by definition (toml.io 1.0, "Spec").
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: invalid TOML: byte 0x{data[exc.start]:02x} is not UTF-8 "
+                          f"(at line {line})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -485,6 +492,13 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
     if server.root and not Path(server.root).is_dir():
         raise ConfigError(f"server.root (from {origins.get('server.root')}): "
                           f"{server.root!r} is not a directory")
+    # A directory that is not there would only show later, as an import error
+    # in every worker or as a watcher thread dying with --reload.
+    for key, dirs in (("server.app_dir", [server.app_dir]),
+                      ("server.reload_dirs", server.reload_dirs.split(os.pathsep))):
+        for d in dirs:
+            if d and not Path(d).is_dir():
+                raise ConfigError(f"{key} (from {origins.get(key)}): {d!r} is not a directory")
     if server.app and ":" not in server.app:
         raise ConfigError(f"server.app (from {origins.get('server.app')}): {server.app!r} "
                           "must be of the form module:attribute")
