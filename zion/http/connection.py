@@ -14,6 +14,14 @@ if TYPE_CHECKING:
     from zion.http.state import ServerState
 
 
+def endpoints(transport: asyncio.BaseTransport
+              ) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+    """(client, server) addresses of a connection, as ASGI scopes carry them."""
+    peer = transport.get_extra_info("peername")
+    sock = transport.get_extra_info("sockname")
+    return ((peer[0], peer[1]) if peer else None, (sock[0], sock[1]) if sock else None)
+
+
 class ClientDisconnected(OSError):
     """ASGI spec 2.4: `send()` on a connection the client has closed.
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from zion.http import forwarded, response
+from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
 from zion.http.h2 import H2Protocol
@@ -107,13 +108,9 @@ class H1Protocol(asyncio.Protocol):
             return
         self.transport = tr
         tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        self.client = (peer[0], peer[1]) if peer else None
-        self.server = (sock[0], sock[1]) if sock else None
+        self.client, self.server = endpoints(transport)
         state = self.state
-        proxies = state.proxies
-        self.proxied = proxies is not None and proxies.trusts(self.client and self.client[0])
+        self.proxied = state.speaks_for_clients(self.client)
         state.connection_opened(self)
         if len(state.connections) > self.limits.max_connections:
             self.overloaded = True

@@ -37,6 +37,7 @@ import zttp
 from zttp import H2ErrorCode
 
 from zion.http import forwarded
+from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl
 from zion.http.tls_scope import tls_extension
@@ -329,15 +330,11 @@ class H2Protocol(asyncio.Protocol):
         tr: Any = transport
         self.transport = tr
         tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        self.client = (peer[0], peer[1]) if peer else None
-        self.server = (sock[0], sock[1]) if sock else None
+        self.client, self.server = endpoints(transport)
         self.state.connection_opened(self)
         if self.state.client_certs:
             self.tls = tls_extension(transport.get_extra_info("ssl_object"))
-        proxies = self.state.proxies
-        self.proxied = proxies is not None and proxies.trusts(self.client and self.client[0])
+        self.proxied = self.state.speaks_for_clients(self.client)
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.conn.initiate_connection()
         tr.write(_rewrite_settings(self.conn.data_to_send(), {

@@ -68,6 +68,10 @@ class ServerState:
         self.dispatch: Dispatch = _unset_dispatch
         self.websocket_factory: WebSocketFactory | None = None
 
+    def speaks_for_clients(self, client: tuple[str, int] | None) -> bool:
+        """Whether this peer's forwarding headers are believed (once per connection)."""
+        return self.proxies is not None and self.proxies.trusts(client and client[0])
+
     @property
     def websocket_enabled(self) -> bool:
         return self.websocket_factory is not None
