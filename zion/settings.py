@@ -65,6 +65,15 @@ class LifespanMode(StrEnum):
     OFF = "off"
 
 
+class ProxyProtocol(StrEnum):
+    """Which PROXY protocol header every connection must start with."""
+
+    OFF = "off"
+    V1 = "v1"
+    V2 = "v2"
+    AUTO = "auto"  # v1 or v2, told apart by the first byte
+
+
 class TLSVersion(StrEnum):
     V1_2 = "1.2"
     V1_3 = "1.3"
@@ -162,6 +171,16 @@ class ServerSettings:
                                        'headers: addresses or networks, comma-separated; "*" '
                                        "for every peer.", check=_ip_list,
                                        flag=Flag("--forwarded-allow-ips", "LIST"))
+    proxy_protocol: ProxyProtocol = setting(
+        ProxyProtocol.OFF, 'Every connection starts with a PROXY protocol header (HAProxy '
+        'send-proxy/send-proxy-v2, AWS NLB), before TLS: "v1", "v2", "auto" (either) or '
+        '"off". The app sees the client the header names; a connection without a valid '
+        "header is closed.", flag="--proxy-protocol")
+    proxy_allow_ips: str = setting("127.0.0.1,::1", "Peers allowed to connect when "
+                                   "proxy_protocol is on (the balancers): addresses or "
+                                   'networks, comma-separated; "*" for every peer. Others are '
+                                   "closed at once.", check=_ip_list,
+                                   flag=Flag("--proxy-allow-ips", "LIST"))
     reload: bool = setting(False, "Development: reload the workers with no downtime when a "
                            "watched .py file changes.", flag="--reload")
     reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '
@@ -177,6 +196,9 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class TLSSettings:
+    enabled: bool = setting(True, "Serve HTTPS. --no-tls serves plain HTTP/1.1 (scheme http, "
+                            "ws://) for a TLS-terminating proxy in front; the rest of [tls] "
+                            "is then ignored.", flag="--tls")
     certfile: str = setting("", "PEM certificate chain. With keyfile; both empty = a "
                             "self-signed certificate for localhost, 127.0.0.1 and ::1, made "
                             "once in state_dir.", flag=Flag("--ssl-certfile", "PEM"))
@@ -484,7 +506,7 @@ def load_settings(
 
 def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> None:
     tls: TLSSettings = sections["tls"]
-    if bool(tls.certfile) != bool(tls.keyfile):
+    if tls.enabled and bool(tls.certfile) != bool(tls.keyfile):
         given = "tls.certfile" if tls.certfile else "tls.keyfile"
         raise ConfigError(f"{given} (from {origins.get(given)}): tls.certfile and tls.keyfile "
                           "must be given together")
@@ -511,7 +533,7 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
             key = "server.group" if server.group and "group" in str(exc) else "server.user"
             raise ConfigError(f"{key} (from {origins.get(key)}): no such "
                               f"{key.split('.')[1]}: {exc.args[0]}") from None
-    if tls.cert_reqs != CertReqs.NONE and not tls.ca_certs:
+    if tls.enabled and tls.cert_reqs != CertReqs.NONE and not tls.ca_certs:
         raise ConfigError(f"tls.cert_reqs (from {origins.get('tls.cert_reqs')}): "
                           f"{tls.cert_reqs} needs tls.ca_certs")
     sup: SupervisorSettings = sections["supervisor"]

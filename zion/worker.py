@@ -30,9 +30,10 @@ from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
 from zion.http.exchange import Exchange
 from zion.http.h1 import H1Protocol
+from zion.http.proxy_listener import ProxyListener
 from zion.http.state import ASGIApp, Dispatch, ServerState
 from zion.http.websocket import WebSocketProtocol, request_bytes
-from zion.settings import Settings
+from zion.settings import ProxyProtocol, Settings
 
 _TICK = 0.5  # seconds between Date refreshes and timeout sweeps
 _DRAIN_QUIET = 0.1  # seconds without connections before a draining worker exits
@@ -51,7 +52,8 @@ class WorkerSpec:
     close_fds: tuple[int, ...]  # master-only descriptors inherited through fork
 
 
-def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: StatusBoard,
+def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
+         board: StatusBoard,
          demux_info: dict[str, Any]) -> int:
     master_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -86,7 +88,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext, board: S
         loop.close()
 
 
-async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
+async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
                  board: StatusBoard, demux_info: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     slot = board.slots[spec.index]
@@ -118,7 +120,11 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
 
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
     state.dispatch = handler_chain(state, app, static,
-                                   Builtins(status, overloaded) if server_settings.builtins
+                                   Builtins(status, overloaded,
+                                            # Every connection came through a balancer.
+                                            behind_proxy_protocol=server_settings.proxy_protocol
+                                            is not ProxyProtocol.OFF)
+                                   if server_settings.builtins
                                    else None)
     if app is not None:
         state.websocket_factory = websocket_factory(state, app)
@@ -128,14 +134,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
         lifespan = Lifespan(app, state.lifespan_state)
         await lifespan.startup(settings.supervisor.boot_timeout,
                                required=lifespan_mode == "on")
-    server = await loop.create_server(
-        lambda: H1Protocol(state), sock=spec.sock, ssl=ssl_ctx,
-        ssl_handshake_timeout=settings.limits.handshake_timeout,
-        # uvloop waits 30 s by default for the peer's close_notify after we
-        # close; a closed connection should not linger that long.
-        ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
-        backlog=settings.server.backlog,
-    )
+    server = await _listen(state, spec.sock, ssl_ctx)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -173,7 +172,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
     # the worker is drained only once it has had no connection for a moment.
     # App tasks that outlive their response (background tasks) count too.
     while loop.time() < deadline:
-        if state.connections or state.tasks:
+        if state.connections or state.tasks or _accepted_not_served(server):
             quiet_since = None
         elif quiet_since is None:
             quiet_since = loop.time()
@@ -189,6 +188,38 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext,
         await lifespan.shutdown(settings.supervisor.drain_timeout)
     logger.info("worker_stopped", requests_total=state.requests_total, forced_closed=left)
     return ExitCode.RECYCLED if recycled else ExitCode.OK
+
+
+async def _listen(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLContext | None
+                  ) -> asyncio.Server | ProxyListener:
+    settings = state.settings
+    limits = settings.limits
+    mode = settings.server.proxy_protocol
+    if mode is not ProxyProtocol.OFF:
+        listener = ProxyListener(
+            state, sock, ssl_ctx, v1=mode in (ProxyProtocol.V1, ProxyProtocol.AUTO),
+            v2=mode in (ProxyProtocol.V2, ProxyProtocol.AUTO),
+            allow=settings.server.proxy_allow_ips, handshake_timeout=limits.handshake_timeout,
+            shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT)
+        listener.start()
+        return listener
+    loop = state.loop
+    if ssl_ctx is None:
+        return await loop.create_server(lambda: H1Protocol(state), sock=sock,
+                                        backlog=settings.server.backlog)
+    return await loop.create_server(
+        lambda: H1Protocol(state), sock=sock, ssl=ssl_ctx,
+        ssl_handshake_timeout=limits.handshake_timeout,
+        # uvloop waits 30 s by default for the peer's close_notify after we
+        # close; a closed connection should not linger that long.
+        ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
+        backlog=settings.server.backlog,
+    )
+
+
+def _accepted_not_served(server: asyncio.Server | ProxyListener) -> int:
+    """Connections still reading their PROXY header or in their handshake."""
+    return server.pending if isinstance(server, ProxyListener) else 0
 
 
 def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles | None,

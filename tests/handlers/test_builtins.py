@@ -74,7 +74,7 @@ def _netns_skip_reason() -> str | None:
     return None
 
 
-def test_status_is_forbidden_to_a_non_loopback_client(start_zion):
+def test_builtins_are_forbidden_to_a_non_loopback_client(start_zion):
     """A real client on another address: a test host in a network namespace
     of our own, joined to this one by a veth pair (10.213.x is ours alone)."""
     import os
@@ -112,11 +112,24 @@ def test_status_is_forbidden_to_a_non_loopback_client(start_zion):
             "        print(path, e.code)\n")
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", client,
                               str(srv.port)], capture_output=True, text=True, timeout=60)
-        assert out.stdout.split() == ["/_zion/status", "403", "/_zion/healthz", "200"], (
+        assert out.stdout.split() == ["/_zion/status", "403", "/_zion/healthz", "403"], (
             out.stdout + out.stderr)
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+async def test_builtins_are_forbidden_through_a_same_host_proxy(start_zion):
+    """A loopback peer that forwards for someone else is not a direct client,
+    whichever forwarding header it sends (trusted or not)."""
+    srv = start_zion()
+    for name, value in (("x-forwarded-for", "203.0.113.7"), ("forwarded", "for=203.0.113.7"),
+                        ("x-real-ip", "203.0.113.7"), ("x-forwarded-proto", "https"),
+                        ("x-forwarded-host", "example.com")):
+        for path in ("/_zion/healthz", "/_zion/status"):
+            resp = await get(srv.port, path, headers={name: value})
+            assert resp.status == 403, (name, path)
+    assert (await get(srv.port, "/_zion/healthz")).status == 200
 
 
 async def test_healthz_reports_a_worker_at_max_connections(start_zion):

@@ -1,5 +1,11 @@
 """Built-in endpoints under /_zion/ only, so they never shadow an app's own
-routes: /_zion/healthz, and /_zion/status (loopback clients only)."""
+routes: /_zion/healthz and /_zion/status, for direct loopback clients only.
+
+"Direct": a same-host reverse proxy or balancer is a loopback peer too, and
+its clients are not. A request with forwarding headers, or any connection of
+a listener that takes PROXY protocol headers (even a LOCAL one from a
+loopback HAProxy), came through one and gets 403. The whole server is seen
+from the master's admin listener instead."""
 
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ def is_loopback(client: tuple[str, int] | None) -> bool:
     return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
-_FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+_FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                         b"forwarded", b"x-real-ip"})
 
 
 def _came_through_a_proxy(ex: Exchange) -> bool:
@@ -36,14 +43,18 @@ def _came_through_a_proxy(ex: Exchange) -> bool:
 
 class Builtins:
     def __init__(self, status: Callable[[], dict[str, Any]],
-                 overloaded: Callable[[], bool]) -> None:
+                 overloaded: Callable[[], bool], *, behind_proxy_protocol: bool = False) -> None:
         self.status = status
         self.overloaded = overloaded
+        self.behind_proxy_protocol = behind_proxy_protocol
 
     def respond(self, ex: Exchange) -> None:
         """Answer a request whose path starts with PREFIX."""
         path = ex.scope["path"]
-        if ex.scope["method"] not in ("GET", "HEAD"):
+        if (self.behind_proxy_protocol or not is_loopback(ex.conn.client)
+                or _came_through_a_proxy(ex)):
+            ex.respond(403, b"403 Forbidden: /_zion/ is for direct loopback clients\n")
+        elif ex.scope["method"] not in ("GET", "HEAD"):
             ex.respond(405, b"405 Method Not Allowed\n", extra=ALLOW_GET)
         elif path == "/_zion/healthz":
             if self.overloaded():
@@ -52,9 +63,6 @@ class Builtins:
             else:
                 ex.respond(200, b"ok\n")
         elif path == "/_zion/status":
-            if not is_loopback(ex.conn.client) or _came_through_a_proxy(ex):
-                ex.respond(403, b"403 Forbidden: /_zion/status is for loopback clients\n")
-                return
             body = json.dumps(self.status(), indent=1).encode() + b"\n"
             ex.respond(200, body, b"application/json")
         else:

@@ -259,7 +259,7 @@ class H1Protocol(asyncio.Protocol):
             "http_version": parser.get_http_version(),
             "server": self.server,
             "client": self.client,
-            "scheme": "https",
+            "scheme": self.state.scheme,
             "method": parser.get_method().decode("ascii"),
             "root_path": self.state.root_path,
             "path": path,

@@ -58,8 +58,10 @@ class ServerState:
         self.draining = False
         self.requests_total = 0
         self.access_log = settings.log.access_log
+        tls = settings.tls.enabled
+        self.scheme = "https" if tls else "http"  # --no-tls: plain HTTP/1.1
         # Client certificates were asked for: scopes carry the ASGI TLS extension.
-        self.client_certs = settings.tls.cert_reqs != "none"
+        self.client_certs = tls and settings.tls.cert_reqs != "none"
         self.root_path = settings.server.root_path
         self.proxies = (TrustedProxies(settings.server.forwarded_allow_ips)
                         if settings.server.proxy_headers else None)

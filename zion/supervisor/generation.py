@@ -33,7 +33,7 @@ logger = get_logger("zion.master")
 class Generation:
     number: int
     settings: Settings
-    ssl_ctx: ssl.SSLContext
+    ssl_ctx: ssl.SSLContext | None  # None with --no-tls
     group: ListenerGroup
     demux: DemuxOutcome
     board: StatusBoard
@@ -49,13 +49,21 @@ class Generation:
 def first(settings: Settings) -> tuple[Generation, str]:
     """Generation 0: bind every listener, then attach the demux before any
     worker accepts, so the program decides from the very first connection."""
-    ssl_ctx, cert_source = build_context(settings.tls)
+    ssl_ctx, cert_source = _context(settings)
     count = worker_count(settings)
     group = bind_group(settings.server.host, settings.server.port, count,
                        settings.server.backlog)
     demux = policy.setup(settings, group)
     return Generation(0, settings, ssl_ctx, group, demux,
                       demux.board or StatusBoard.anonymous(count)), cert_source
+
+
+def _context(settings: Settings) -> tuple[ssl.SSLContext | None, str]:
+    """The generation's TLS context and where its certificate came from; with
+    --no-tls none, and no certificate is read or made."""
+    if not settings.tls.enabled:
+        return None, "off"
+    return build_context(settings.tls)
 
 
 class Step(Enum):
@@ -95,7 +103,7 @@ def begin(current: Generation, settings: Settings) -> Reload:
     # it, so a reload (and ticket_key_lifetime, which reloads) rotates them.
     # Within a generation every worker shares the context, so clients resume
     # whichever worker answers; across a rotation they do one full handshake.
-    ssl_ctx, _ = build_context(settings.tls)
+    ssl_ctx, _ = _context(settings)
     count = worker_count(settings)
     if count == current.count and settings.demux == old.demux:
         new = Generation(current.number + 1, settings, ssl_ctx, current.group, current.demux,
@@ -105,7 +113,7 @@ def begin(current: Generation, settings: Settings) -> Reload:
     return Reload(new, set(range(count)))
 
 
-def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext,
+def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext | None,
              count: int) -> Generation:
     old = current.group
     socks = list(old.sockets[:count])

@@ -123,7 +123,9 @@ class Master:
                     self._on_ready_fd(ready[fd])
 
     def _key_lifetime(self) -> float:
-        return self.settings.tls.ticket_key_lifetime
+        # Without TLS there are no ticket keys to rotate.
+        tls = self.settings.tls
+        return tls.ticket_key_lifetime if tls.enabled else 0.0
 
     def _next_rotation(self) -> float:
         lifetime = self._key_lifetime()

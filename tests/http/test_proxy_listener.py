@@ -1,0 +1,268 @@
+"""A real zion with --proxy-protocol: the header is written by the test on a
+raw socket before the TLS handshake, as HAProxy's send-proxy(-v2) does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.conftest import client_context, read_response, read_until_closed, wait_for
+from tests.support.h2peer import Client, pump
+from tests.test_proxy import inet, inet6, tlv, v2
+
+APP = "whoami_app:app"
+
+
+def v1(src: str, sport: int, proto: str = "TCP4", dst: str = "192.0.2.1") -> bytes:
+    return f"PROXY {proto} {src} {dst} {sport} 443\r\n".encode()
+
+
+def raw_socket(port: int, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def ask(sock: socket.socket, path: str = "/", ctx: ssl.SSLContext | None = None,
+              plain: bool = False) -> Any:
+    """One GET over `sock` (TLS unless plain), once the test wrote its header."""
+    reader, writer = await asyncio.open_connection(
+        sock=sock, **({} if plain else {"ssl": ctx or client_context(),
+                                         "server_hostname": "localhost"}))
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+        resp = await asyncio.wait_for(read_response(reader), 10)
+        return resp.json() if resp.status == 200 else resp
+    finally:
+        writer.close()
+
+
+def ask_in_one_write(port: int, header: bytes) -> dict[str, Any]:
+    """The header and the ClientHello in one segment, as balancers send them
+    when the client's first flight is already there: none of the hello may be
+    lost with the header."""
+    sock = raw_socket(port)
+    sock.settimeout(10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock.sendall(header + outgoing.read())
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "the server closed during the handshake"
+            incoming.write(data)
+    tls.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    sock.sendall(outgoing.read())
+    received = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        incoming.write(data)
+        try:
+            while chunk := tls.read(65536):
+                received += chunk
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+    sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), received
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+async def closed_without_answer(sock: socket.socket, tls: bool = True) -> bool:
+    """The server closes: the handshake fails, or no byte comes back."""
+    try:
+        reader, writer = await asyncio.open_connection(
+            sock=sock, **({"ssl": client_context(), "server_hostname": "localhost",
+                           "ssl_handshake_timeout": 10} if tls else {}))
+    except (ConnectionError, ssl.SSLError, OSError):
+        return True
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        return await read_until_closed(reader) == b""
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def proxied(start_zion):
+    def start(mode: str, *more: str) -> Any:
+        return start_zion(APP, "--proxy-protocol", mode, "--workers", "1", *more, workers=None)
+    return start
+
+
+async def test_v2_header_before_tls_gives_the_app_the_original_client(proxied):
+    srv = proxied("v2")
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 56324, 443)))
+    facts = await ask(sock)
+    assert facts["client"] == ["203.0.113.7", 56324]
+    assert facts["scheme"] == "https"
+    # IPv6 clients, and TLVs (AWS NLB's endpoint id) skipped.
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(family=0x21, addresses=inet6("2001:db8::7", "2001:db8::1", 4711, 443),
+                    tlvs=tlv(0xEA, b"\x01vpce-0123") + tlv(0x04, b"")))
+    assert (await ask(sock))["client"] == ["2001:db8::7", 4711]
+
+
+async def test_header_and_client_hello_in_one_write_or_split(proxied):
+    srv = proxied("v2")
+    header = v2(addresses=inet("198.51.100.9", "192.0.2.1", 1234, 443))
+    loop = asyncio.get_running_loop()
+    facts = await loop.run_in_executor(None, ask_in_one_write, srv.port, header)
+    assert facts["client"] == ["198.51.100.9", 1234]
+    # Split: the header in pieces, then the handshake in its own writes.
+    sock = raw_socket(srv.port)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for piece in (header[:5], header[5:14], header[14:]):
+        sock.sendall(piece)
+    assert (await ask(sock))["client"] == ["198.51.100.9", 1234]
+
+
+async def test_v1_header(proxied):
+    srv = proxied("v1")
+    sock = raw_socket(srv.port)
+    sock.sendall(v1("203.0.113.8", 40000))
+    assert (await ask(sock))["client"] == ["203.0.113.8", 40000]
+    loop = asyncio.get_running_loop()
+    facts = await loop.run_in_executor(None, ask_in_one_write, srv.port,
+                                       v1("2001:db8::8", 40001, "TCP6", "2001:db8::1"))
+    assert facts["client"] == ["2001:db8::8", 40001]
+    # A v2 header on a v1 listener is refused.
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+    assert await closed_without_answer(sock)
+    wait_for(lambda: srv.events("proxy_header_rejected"), 10, "the rejection logged")
+
+
+async def test_auto_takes_either_version(proxied):
+    srv = proxied("auto")
+    sock = raw_socket(srv.port)
+    sock.sendall(v1("203.0.113.8", 40000))
+    assert (await ask(sock))["client"] == ["203.0.113.8", 40000]
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.9", "192.0.2.1", 40002, 443)))
+    assert (await ask(sock))["client"] == ["203.0.113.9", 40002]
+
+
+async def test_local_and_unknown_keep_the_real_peer(proxied):
+    srv = proxied("auto")
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(command=0x0, family=0x00))  # HAProxy's check-send-proxy health check
+    local_port = sock.getsockname()[1]
+    assert (await ask(sock))["client"] == ["127.0.0.1", local_port]
+    sock = raw_socket(srv.port)
+    sock.sendall(b"PROXY UNKNOWN\r\n")
+    local_port = sock.getsockname()[1]
+    assert (await ask(sock))["client"] == ["127.0.0.1", local_port]
+
+
+async def test_untrusted_peer_is_closed(proxied):
+    srv = proxied("v2", "--proxy-allow-ips", "127.0.0.1")
+    sock = raw_socket(srv.port, source="127.0.0.2")
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+    assert await closed_without_answer(sock)
+    line = wait_for(lambda: srv.events("proxy_header_rejected"), 10, "the rejection logged")[-1]
+    assert line["peer"] == "127.0.0.2" and "proxy_allow_ips" in line["reason"]
+    # The trusted balancer still gets through, on the same worker.
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+    assert (await ask(sock))["client"] == ["203.0.113.7", 1]
+
+
+async def test_no_header_is_closed_and_the_worker_serves_the_next(proxied):
+    srv = proxied("v2", "--proxy-allow-ips", "127.0.0.0/8")
+    # A plain TLS client (no header): its ClientHello is not a header.
+    assert await closed_without_answer(raw_socket(srv.port))
+    # Garbage, a truncated header then EOF, a header claiming 64 KiB.
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", v2(addresses=inet("1.2.3.4", "5.6.7.8", 1, 2))[:20],
+                 b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff"):
+        sock = raw_socket(srv.port)
+        sock.sendall(junk)
+        with contextlib.suppress(OSError):  # the server may have reset it already
+            sock.shutdown(socket.SHUT_WR)
+        assert await closed_without_answer(sock, tls=False)
+    sock = raw_socket(srv.port, source="127.0.0.3")
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 2, 443)))
+    assert (await ask(sock))["client"] == ["203.0.113.7", 2]
+    assert len(srv.worker_pids()) == 1 and not srv.events("worker_exited")
+
+
+async def test_a_silent_peer_is_closed_after_the_header_timeout(start_zion):
+    srv = start_zion(APP, "--proxy-protocol", "v2", env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "0.5"})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection(sock=raw_socket(srv.port))
+    assert await read_until_closed(reader) == b""  # we never write a byte
+    writer.close()
+    assert loop.time() - started < 5
+    line = wait_for(lambda: srv.events("proxy_header_rejected"), 10, "the rejection logged")[-1]
+    assert "within 0.5 s" in line["reason"]
+
+
+async def test_http2_over_a_proxied_connection(proxied):
+    srv = proxied("v2", "--http2")
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.10", "192.0.2.1", 5555, 443)))
+    ctx = client_context(alpn=False)
+    ctx.set_alpn_protocols(["h2"])
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx,
+                                                   server_hostname="localhost")
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+    client = Client()
+    sid = client.request(path="/")
+    await pump(client, reader, writer, lambda: client.responses[sid].ended)
+    writer.close()
+    facts = json.loads(bytes(client.responses[sid].body))
+    assert facts["client"] == ["203.0.113.10", 5555] and facts["http_version"] == "2"
+
+
+async def test_builtins_refuse_proxied_connections_even_from_loopback(proxied):
+    srv = proxied("v2")
+    for header in (v2(addresses=inet("127.0.0.1", "127.0.0.1", 1, 443)),
+                   v2(command=0x0, family=0x00)):
+        sock = raw_socket(srv.port)
+        sock.sendall(header)
+        resp = await ask(sock, "/_zion/status")
+        assert resp.status == 403
+
+
+async def test_forwarded_headers_trust_the_real_peer_not_the_header(proxied):
+    """Behind a balancer that also adds X-Forwarded-For: the header names the
+    client; the forwarded headers are believed because the TCP peer (the
+    balancer, 127.0.0.1) is trusted, not because of the address the header
+    claims."""
+    srv = proxied("v2", "--forwarded-allow-ips", "127.0.0.1")
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(),
+                                                   server_hostname="localhost")
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 198.51.100.1\r\n"
+                 b"x-forwarded-proto: http\r\nconnection: close\r\n\r\n")
+    facts = (await read_response(reader)).json()
+    writer.close()
+    assert facts["client"][0] == "198.51.100.1" and facts["scheme"] == "http"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+async def test_curl_haproxy_protocol(proxied):
+    srv = proxied("v1")
+    out = subprocess.run(["curl", "-sk", "--haproxy-protocol", "--max-time", "10",
+                          f"https://127.0.0.1:{srv.port}/"], capture_output=True, timeout=30)
+    assert json.loads(out.stdout)["client"][0] == "127.0.0.1", out
