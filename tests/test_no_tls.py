@@ -12,8 +12,7 @@ import pytest
 import websockets
 
 from tests.conftest import read_response
-from tests.http.test_proxy_listener import ask, raw_socket, v1
-from tests.test_proxy import inet, v2
+from tests.support.proxy_headers import ask, inet, raw_socket, v1, v2
 
 APP = "whoami_app:app"
 

@@ -1,49 +1,20 @@
 """The PROXY protocol parser (zion/proxy.py): headers as HAProxy, AWS NLB and
-curl write them, every way they can be wrong, and a fuzz of its contract."""
+curl write them, and every way they can be wrong (tests/test_proxy_fuzz.py
+fuzzes its contract)."""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import struct
-
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
+from tests.support.proxy_headers import CLIENT_HELLO, inet, inet6, tlv, v2
 from zion.proxy import (
-    MAX_LENGTH,
     V1_MAX_LENGTH,
     V2_MAX_LENGTH,
-    V2_SIGNATURE,
     Command,
     ProxyHeader,
     ProxyProtocolError,
     parse,
 )
-
-CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
-
-
-def v2(command: int = 0x1, family: int = 0x11, addresses: bytes = b"", tlvs: bytes = b"",
-       length: int | None = None, version: int = 0x2) -> bytes:
-    body = addresses + tlvs
-    size = len(body) if length is None else length
-    return V2_SIGNATURE + bytes([version << 4 | command, family]) + struct.pack("!H", size) + body
-
-
-def inet(src: str, dst: str, sport: int, dport: int) -> bytes:
-    return socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
-
-
-def inet6(src: str, dst: str, sport: int, dport: int) -> bytes:
-    return (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
-            + struct.pack("!HH", sport, dport))
-
-
-def tlv(kind: int, value: bytes) -> bytes:
-    return bytes([kind]) + struct.pack("!H", len(value)) + value
-
 
 # -- v1 ------------------------------------------------------------------------
 
@@ -220,74 +191,3 @@ def test_only_the_versions_asked_for():
     with pytest.raises(ProxyProtocolError, match="v1 header"):
         parse(binary, v2=False)
     assert parse(b"", v1=False) is None and parse(b"P", v2=False) is None
-
-
-# -- fuzz ----------------------------------------------------------------------
-
-
-def _valid_headers() -> st.SearchStrategy[bytes]:
-    v4 = st.ip_addresses(v=4).map(str)
-    v6 = st.ip_addresses(v=6).map(str)
-    port = st.integers(0, 65535)
-    v1_line = st.one_of(
-        st.tuples(v4, v4, port, port).map(lambda t: f"PROXY TCP4 {t[0]} {t[1]} {t[2]} {t[3]}\r\n"),
-        st.tuples(v6, v6, port, port).map(lambda t: f"PROXY TCP6 {t[0]} {t[1]} {t[2]} {t[3]}\r\n"),
-    ).map(str.encode)
-    tlvs = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4).map(
-        lambda items: b"".join(tlv(k, v) for k, v in items))
-    v2_inet = st.tuples(v4, v4, port, port, tlvs).map(
-        lambda t: v2(addresses=inet(*t[:4]), tlvs=t[4]))
-    v2_inet6 = st.tuples(v6, v6, port, port, tlvs).map(
-        lambda t: v2(family=0x21, addresses=inet6(*t[:4]), tlvs=t[4]))
-    v2_local = st.binary(max_size=64).map(lambda b: v2(command=0, family=0, addresses=b))
-    return st.one_of(v1_line, v2_inet, v2_inet6, v2_local)
-
-
-def _outcome(data: bytes) -> ProxyHeader | str | None:
-    try:
-        return parse(data)
-    except ProxyProtocolError:
-        return "error"
-
-
-_FUZZ = settings(max_examples=400, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow])
-
-
-@_FUZZ
-@given(st.one_of(st.binary(max_size=300),
-                 _valid_headers().flatmap(lambda h: st.tuples(st.just(h), st.binary(max_size=40))
-                                          ).map(lambda t: t[0] + t[1]),
-                 _valid_headers().flatmap(lambda h: st.integers(0, len(h)).flatmap(
-                     lambda n: st.binary(max_size=20).map(lambda junk: h[:n] + junk)))))
-def test_fuzz_never_raises_anything_else_and_never_reads_past_the_buffer(data):
-    """Any input: a header, None or ProxyProtocolError, nothing else; a header
-    lies within the bytes given and does not depend on what follows it; None
-    only while fewer than MAX_LENGTH bytes have been seen; a verdict, once
-    reached, never changes as bytes are added."""
-    outcome = _outcome(data)
-    if isinstance(outcome, ProxyHeader):
-        assert 0 < outcome.length <= len(data)
-        assert _outcome(data[:outcome.length]) == outcome
-        assert _outcome(data + b"\r\n\x00junk") == outcome
-        for addr in (outcome.source, outcome.destination):
-            if addr is not None:
-                ipaddress.ip_address(addr[0])
-                assert 0 <= addr[1] <= 65535
-    elif outcome is None:
-        assert len(data) < MAX_LENGTH
-    else:
-        assert _outcome(data + b"\r\n" + bytes(range(256))) == "error"
-    # Prefixes of a None are None too: bytes are asked for, never guessed.
-    if outcome is None:
-        for end in range(0, len(data), 7):
-            assert _outcome(data[:end]) is None
-
-
-@_FUZZ
-@given(_valid_headers(), st.binary(min_size=1, max_size=60))
-def test_fuzz_valid_headers_parse_whatever_follows(header_bytes, rest):
-    header = parse(header_bytes + rest)
-    assert header is not None and header.length == len(header_bytes)
-    for end in range(len(header_bytes)):
-        assert parse(header_bytes[:end]) is None

@@ -16,34 +16,9 @@ import pytest
 
 from tests.conftest import client_context, read_response, read_until_closed, wait_for
 from tests.support.h2peer import Client, pump
-from tests.test_proxy import inet, inet6, tlv, v2
+from tests.support.proxy_headers import ask, inet, inet6, raw_socket, tlv, v1, v2
 
 APP = "whoami_app:app"
-
-
-def v1(src: str, sport: int, proto: str = "TCP4", dst: str = "192.0.2.1") -> bytes:
-    return f"PROXY {proto} {src} {dst} {sport} 443\r\n".encode()
-
-
-def raw_socket(port: int, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-async def ask(sock: socket.socket, path: str = "/", ctx: ssl.SSLContext | None = None,
-              plain: bool = False) -> Any:
-    """One GET over `sock` (TLS unless plain), once the test wrote its header."""
-    reader, writer = await asyncio.open_connection(
-        sock=sock, **({} if plain else {"ssl": ctx or client_context(),
-                                         "server_hostname": "localhost"}))
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
-        resp = await asyncio.wait_for(read_response(reader), 10)
-        return resp.json() if resp.status == 200 else resp
-    finally:
-        writer.close()
 
 
 def ask_in_one_write(port: int, header: bytes) -> dict[str, Any]:
