@@ -52,6 +52,24 @@ def wrk(port: int, conns: int, seconds: float, close: bool = False) -> dict:
     return result
 
 
+def tls_facts(port: int) -> dict:
+    """What one handshake negotiated, as OpenSSL's client reports it: the key
+    exchange group and the certificate's signature type decide most of a full
+    handshake's cost, so every server's row records them."""
+    res = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                          "-servername", "localhost", "-brief", "-alpn", "http/1.1"],
+                         input="", capture_output=True, text=True, timeout=10)
+    text = res.stdout + res.stderr
+    facts = {}
+    for key, pattern in {"protocol": r"Protocol version:\s*(\S+)",
+                         "cipher": r"Ciphersuite:\s*(\S+)",
+                         "signature": r"(?:Peer )?[Ss]ignature type:\s*(\S+)",
+                         "group": r"Server Temp Key:\s*([^,\n]+)"}.items():
+        m = re.search(pattern, text)
+        facts[key] = m.group(1) if m else "?"
+    return facts
+
+
 def resumption(port: int, n: int = 200) -> dict:
     """Sequential fresh connections offering the last session ticket, as wrk does."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

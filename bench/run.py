@@ -74,7 +74,7 @@ def throughput(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
         b["server_cpu_s"] = run.cpu_seconds() - cpu0
         b["server_cpu_per_conn_us"] = b["server_cpu_s"] / max(b["requests"], 1) * 1e6
         b.update(load.resumption(run.port, 100))
-        return {"A": a, "B": b, "argv": run.argv}
+        return {"A": a, "B": b, "argv": run.argv, "tls": load.tls_facts(run.port)}
     finally:
         run.stop()
 
@@ -161,7 +161,15 @@ def versions() -> dict:
     return {"peers": out, "zion_env": ours, "tools": tools}
 
 
+PINNED_OPENSSL_CONF = Path(__file__).resolve().parent / "openssl-x25519.cnf"
+
+
 def main() -> int:
+    if os.environ.get("OPENSSL_CONF") != str(PINNED_OPENSSL_CONF):
+        # OpenSSL reads its config once, at start: re-exec so this process's
+        # Python clients are pinned too, not only wrk and openssl.
+        os.environ["OPENSSL_CONF"] = str(PINNED_OPENSSL_CONF)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, short runs")

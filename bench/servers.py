@@ -40,7 +40,7 @@ class Ctx:
 @dataclass
 class ServerDef:
     name: str
-    family: str  # zion | uvicorn | gunicorn | granian | hypercorn | nginx
+    family: str  # zion | uvicorn | gunicorn | granian | hypercorn | nginx | floor
     extra: list[str] = field(default_factory=list)
     reload_signal: int | None = None
 
@@ -71,6 +71,9 @@ class ServerDef:
         if self.family == "hypercorn":
             return [str(bin_ / "hypercorn"), app, "-b", f"127.0.0.1:{port}", "-w", w,
                     "-k", "uvloop", "--keyfile", k, "--certfile", c, "--log-level", "warning"]
+        if self.family == "floor":
+            return [str(bin_ / "python"), str(BENCH / "floor_server.py"), "--port", str(port),
+                    "--workers", w, "--cert", c, "--key", k]
         if self.family == "nginx":
             conf = nginx_conf(ctx, port)
             return ["/usr/sbin/nginx", "-p", str(conf.parent), "-c", str(conf)]
@@ -91,6 +94,8 @@ SERVERS = [
     ServerDef("granian", "granian"),
     ServerDef("hypercorn", "hypercorn"),
     ServerDef("nginx", "nginx", reload_signal=signal.SIGHUP),
+    # The floor (bench/floor_server.py): bare uvloop TLS, constant answer, no ASGI.
+    ServerDef("uvloop-floor", "floor"),
 ]
 
 

@@ -40,3 +40,13 @@ async def test_a_worker_retires_after_limit_max_requests_and_is_replaced(start_z
     assert len(set(pids)) >= 2, "the worker never retired"
     recycled = srv.wait_event("worker_recycled")
     assert recycled["index"] == 0 and not srv.events("worker_died")
+
+
+async def test_startup_objects_are_frozen_out_of_the_collectors_reach(start_zion):
+    # What import and startup made lives as long as the worker: a full
+    # collection that walked it again on every cycle would be pure overhead.
+    srv = start_zion("gc_app:app", workers=1)
+    resp = await get(srv.port, "/")
+    facts = dict(part.split("=") for part in resp.body.decode().split())
+    assert int(facts["frozen"]) > 10_000  # zion, uvloop, the app: tens of thousands
+    assert int(facts["frozen"]) > 5 * int(facts["tracked"])

@@ -92,3 +92,19 @@ def test_forwarded_host_with_ipv6_and_default_ports():
     scope = _scope([(b"x-forwarded-host", b"example.org")])
     apply(scope, TrustedProxies("127.0.0.1"))
     assert scope["server"] == ("example.org", 443)
+
+
+def test_a_peers_answer_is_parsed_once_and_the_memory_is_bounded(monkeypatch):
+    import zion.http.forwarded as forwarded
+
+    proxies = TrustedProxies("10.0.0.0/8")
+    parsed: list[str] = []
+    real = forwarded.ipaddress.ip_address
+    monkeypatch.setattr(forwarded.ipaddress, "ip_address",
+                        lambda host: parsed.append(host) or real(host))
+    assert all(proxies.trusts("10.1.2.3") for _ in range(100))
+    assert not any(proxies.trusts("203.0.113.7") for _ in range(100))
+    assert parsed == ["10.1.2.3", "203.0.113.7"]  # once per peer, not per connection
+    for i in range(forwarded._REMEMBERED + 10):
+        proxies.trusts(f"10.0.{i // 256}.{i % 256}")
+    assert len(proxies._answers) <= forwarded._REMEMBERED
