@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 
 import pytest
 import websockets
 
-from tests.conftest import read_response
+from tests.conftest import read_response, wait_for
 from tests.support.proxy_headers import ask, inet, raw_socket, v1, v2
 
 APP = "whoami_app:app"
@@ -52,7 +53,7 @@ async def test_no_tls_serves_plain_http(start_zion, tmp_path):
 
 
 async def test_no_tls_websocket_is_ws(start_zion):
-    srv = start_zion(APP, "--no-tls")
+    srv = start_zion(APP, "--no-tls", "--no-bpf-demux")
     async with websockets.connect(f"ws://127.0.0.1:{srv.port}/ws", open_timeout=10) as ws:
         facts = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert facts["scheme"] == "ws" and facts["tls"] is False
@@ -60,7 +61,7 @@ async def test_no_tls_websocket_is_ws(start_zion):
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_no_tls_with_curl(start_zion):
-    srv = start_zion(APP, "--no-tls")
+    srv = start_zion(APP, "--no-tls", "--no-bpf-demux")
     out = subprocess.run(["curl", "-s", "--max-time", "10", f"http://127.0.0.1:{srv.port}/"],
                          capture_output=True, timeout=30)
     assert json.loads(out.stdout)["scheme"] == "http", out
@@ -71,8 +72,7 @@ def test_no_tls_with_curl(start_zion):
 
 
 async def test_no_tls_with_proxy_protocol(start_zion):
-    srv = start_zion(APP, "--no-tls", "--proxy-protocol", "auto", "--workers", "1",
-                     workers=None)
+    srv = start_zion(APP, "--no-tls", "--proxy-protocol", "auto", "--no-bpf-demux")
     sock = raw_socket(srv.port)
     # The header and the request in one write: the request is not lost.
     sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1111, 80))
@@ -88,7 +88,24 @@ async def test_no_tls_with_proxy_protocol(start_zion):
 
 
 async def test_https_stays_the_default(start_zion):
-    srv = start_zion(APP)
+    srv = start_zion(APP, "--no-bpf-demux")
     assert srv.events("listening")[-1]["tls"].startswith("self-signed:")
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError, ValueError)):
         await plain_get(srv.port)
+
+
+async def test_reload_switches_tls_and_proxy_protocol(start_zion, tmp_path):
+    config = tmp_path / "zion.toml"
+    config.write_text("[tls]\nenabled = false\n")
+    srv = start_zion(APP, "--config", str(config), "--workers", "1", "--no-bpf-demux",
+                     workers=None)
+    assert json.loads((await plain_get(srv.port))[1])["scheme"] == "http"
+    config.write_text('[tls]\nenabled = true\n[server]\nproxy_protocol = "v2"\n')
+    srv.signal(signal.SIGHUP)
+    await asyncio.to_thread(srv.wait_event, "reload_complete", 30)
+    # Once the old worker is gone, only the new settings answer.
+    await asyncio.to_thread(wait_for, lambda: len(srv.worker_pids()) == 1, 20, "one worker")
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+    facts = await ask(sock)
+    assert facts["scheme"] == "https" and facts["client"] == ["203.0.113.7", 1]

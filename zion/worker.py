@@ -166,6 +166,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     beat.stop()
     server.close()
     state.draining = True
+    logger.debug("worker_draining", connections=len(state.connections),
+                 not_yet_http=_accepted_not_served(server))
     for conn in list(state.connections):
         conn.shutdown()
     deadline = loop.time() + settings.supervisor.drain_timeout

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -78,7 +79,9 @@ async def closed_without_answer(sock: socket.socket, tls: bool = True) -> bool:
 @pytest.fixture
 def proxied(start_zion):
     def start(mode: str, *more: str) -> Any:
-        return start_zion(APP, "--proxy-protocol", mode, "--workers", "1", *more, workers=None)
+        # One worker, no demux (nothing here is about steering: no compile).
+        return start_zion(APP, "--proxy-protocol", mode, "--workers", "1", "--no-bpf-demux",
+                          *more, workers=None)
     return start
 
 
@@ -180,7 +183,8 @@ async def test_no_header_is_closed_and_the_worker_serves_the_next(proxied):
 
 
 async def test_a_silent_peer_is_closed_after_the_header_timeout(start_zion):
-    srv = start_zion(APP, "--proxy-protocol", "v2", env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "0.5"})
+    srv = start_zion(APP, "--proxy-protocol", "v2", "--no-bpf-demux",
+                     env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "0.5"})
     loop = asyncio.get_running_loop()
     started = loop.time()
     reader, writer = await asyncio.open_connection(sock=raw_socket(srv.port))
@@ -241,3 +245,20 @@ async def test_curl_haproxy_protocol(proxied):
     out = subprocess.run(["curl", "-sk", "--haproxy-protocol", "--max-time", "10",
                           f"https://127.0.0.1:{srv.port}/"], capture_output=True, timeout=30)
     assert json.loads(out.stdout)["client"][0] == "127.0.0.1", out
+
+
+async def test_drain_waits_for_a_connection_still_in_its_handshake(proxied):
+    """Accepted, header read, TLS not done when SIGTERM comes: it is a client
+    already taken from the queue, so the draining worker still serves it."""
+    srv = proxied("v2", "--log-level", "debug")
+    early = raw_socket(srv.port)
+    early.sendall(v2(addresses=inet("203.0.113.11", "192.0.2.1", 1, 443)))
+    # A later connection answered means the earlier one was accepted (FIFO).
+    sock = raw_socket(srv.port)
+    sock.sendall(v2(addresses=inet("203.0.113.12", "192.0.2.1", 2, 443)))
+    assert (await ask(sock))["client"] == ["203.0.113.12", 2]
+    srv.signal(signal.SIGTERM)
+    line = await asyncio.to_thread(srv.wait_event, "worker_draining", 20)
+    assert line["not_yet_http"] == 1
+    assert (await ask(early))["client"] == ["203.0.113.11", 1]
+    assert srv.proc.wait(30) == 0
