@@ -1,15 +1,19 @@
 /*
  * zion_demux: BPF_PROG_TYPE_SK_REUSEPORT program that picks, for every new
  * connection, which worker's listening socket in zion's SO_REUSEPORT group
- * receives it. Compiled at run time by bcc (zion/demux/).
+ * receives it; and, loaded as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, where the
+ * connections queued on a listener that closes go. Compiled at run time by
+ * bcc (zion/demux/).
  *
  * Reads
  *   md->hash        the kernel's flow hash of the connection (4-tuple)
+ *   md->migrating_sk  (ZION_MIGRATE) set when the kernel moves a queued or
+ *                   half-open connection off a listener being closed
  *   zion_slots[i]   one struct zion_slot per worker i (an mmapable array the
  *                   workers write with plain stores: heartbeat in
  *                   CLOCK_MONOTONIC ns, open connections, requests in
- *                   flight; the master writes the state and samples the
- *                   listener's accept queue; the program counts dispatches)
+ *                   flight, connections accepted; the master writes the
+ *                   state; the program counts dispatches)
  *   the sockarray   BPF_MAP_TYPE_REUSEPORT_SOCKARRAY created by userspace,
  *                   slot i = worker i's listener, 256 entries, created once
  *                   per master and shared by every program that replaces
@@ -23,25 +27,28 @@
  *                                    and zion_slots[i].dispatches += 1
  *   SK_PASS with nothing selected    no worker is healthy, or the selected
  *                                    slot held no socket: the kernel's own
- *                                    reuseport hash decides, and
+ *                                    reuseport hash decides (for a migration:
+ *                                    among the listeners still open), and
  *                                    zion_slots[ZION_WORKERS].dispatches += 1
  *   SK_DROP                          never returned: it refuses the
- *                                    connection, and a demux must not lose one
+ *                                    connection (or resets the migrating
+ *                                    one), and a demux must not lose one
  *
  * Healthy: state == READY, and for least-loaded and cpu the heartbeat is no
- * older than ZION_STALL_NS. Modes:
+ * older than ZION_STALL_NS. Load: open connections (TLS handshakes included)
+ * + requests in flight + connections dispatched and not accepted yet. Modes:
  *   ZION_MODE_HASH          slot hash % N if live, else the next live slot
- *   ZION_MODE_LEAST_LOADED  two hashed choices; of the healthy ones, the one
- *                           with less load (open connections + requests in
- *                           flight + the listener's accept queue);
- *                           if neither is healthy, the next healthy slot
+ *   ZION_MODE_LEAST_LOADED  the least-loaded healthy slot of all, the first
+ *                           idle one from slot hash % N on (so equal loads
+ *                           split by the hash)
  *   ZION_MODE_CPU           the worker pinned to the CPU that handled the SYN
- *                           (slot cpu % N) when healthy, else the hashed
- *                           choice, else the next healthy slot
+ *                           (slot cpu % N) when healthy, else least-loaded
+ * A migrating connection goes to the least-loaded healthy slot in every mode
+ * (the closing listener's slot is no longer READY by then).
  *
  * Kernel minimum: 5.5 (bounded loops 5.3, BPF_F_MMAPABLE arrays 5.5; the
- * reuseport sockarray and bpf_sk_select_reuseport 4.19). CAP_BPF (5.8+) or
- * CAP_SYS_ADMIN to load.
+ * reuseport sockarray and bpf_sk_select_reuseport 4.19); 5.14 for
+ * ZION_MIGRATE. CAP_BPF (5.8+) or CAP_SYS_ADMIN to load.
  *
  * -D parameters (zion/demux/program.py prepends them as #defines, so the text
  * printed by `zion doctor --ebpf` is exactly what was compiled):
@@ -49,6 +56,7 @@
  *   ZION_SOCKARRAY_FD   fd of the reuseport sockarray in the loading process
  *   ZION_MODE           ZION_MODE_HASH | ZION_MODE_LEAST_LOADED | ZION_MODE_CPU
  *   ZION_STALL_NS       heartbeat age beyond which a worker is stalled
+ *   ZION_MIGRATE        1: loaded as SELECT_OR_MIGRATE, reads md->migrating_sk
  */
 #include <uapi/linux/bpf.h>
 
@@ -63,23 +71,27 @@
 #define ZION_SLOT_DRAINING 3
 
 #if !defined(ZION_WORKERS) || !defined(ZION_SOCKARRAY_FD) || !defined(ZION_MODE) || \
-    !defined(ZION_STALL_NS)
-#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE and ZION_STALL_NS must be defined"
+    !defined(ZION_STALL_NS) || !defined(ZION_MIGRATE)
+#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE, ZION_STALL_NS, ZION_MIGRATE must be defined"
 #endif
 
 struct zion_slot {
-    u64 heartbeat_ns;
-    u64 dispatches;
-    u32 state;
-    u32 conns;
-    u32 inflight;
+    u64 heartbeat_ns; /* worker: CLOCK_MONOTONIC, as bpf_ktime_get_ns() */
+    u64 dispatches;   /* this program: connections sent to this slot's listener */
+    u64 accepted;     /* worker: connections it took from that listener */
+    u64 dropped;      /* master: dispatches that will never be accepted (see zion_pending) */
+    u32 state;        /* master: ZION_SLOT_* */
+    u32 conns;        /* worker: open connections, TLS handshakes in progress included */
+    u32 inflight;     /* worker: requests being handled */
     u32 pid;
-    u32 backlog;  /* the listener's accept queue: sampled by the master, +1 per dispatch */
+    u32 backlog;      /* master: the listener's accept queue as last sampled (status only) */
     u32 pad;
 };
 
 /* ZION_WORKERS worker slots, then one slot whose dispatches count fallbacks. */
 BPF_F_TABLE("array", u32, struct zion_slot, zion_slots, ZION_WORKERS + 1, BPF_F_MMAPABLE);
+/* One u64 per CPU: see zion_least_loaded. */
+BPF_PERCPU_ARRAY(zion_scratch, u64, 1);
 
 static __always_inline int zion_healthy(struct zion_slot *s, u64 now)
 {
@@ -93,14 +105,29 @@ static __always_inline int zion_healthy(struct zion_slot *s, u64 now)
     return 1;
 }
 
-/* Open connections + requests in flight + the accept queue. The master
- * writes the queue length it reads with TCP_INFO every few milliseconds and
- * we add one per dispatch in between, so a blocked or frozen worker, whose
- * queue only grows, loses the two-choice comparison from the first
- * connection it does not take, long before its heartbeat goes stale. */
+/* Connections sent to the slot that its worker has not accepted yet: they
+ * sit in the listener's SYN or accept queue. Exact from the first dispatch,
+ * with no sampling delay: a worker whose loop is blocked stops accepting, so
+ * this grows with every connection we send it and it loses the comparison
+ * at once. Signed: `dropped` (the master's correction for connections that
+ * died before accept) may briefly overshoot. */
+static __always_inline u64 zion_pending(struct zion_slot *s)
+{
+    s64 n = (s64)(s->dispatches - s->accepted - s->dropped);
+    s64 sign = n >> 63;
+
+    /* max(n, 0) without a branch (the empty asm keeps clang from turning the
+     * mask back into one): a branch would tell the verifier n >= 1 on one
+     * side, make the idle test decidable there, and cost its pruning. */
+    asm volatile("" : "+r"(sign));
+    return (u64)(n & ~sign);
+}
+
+/* Open connections (handshakes included) + requests in flight + not yet
+ * accepted. */
 static __always_inline u64 zion_load(struct zion_slot *s)
 {
-    return (u64)s->conns + s->inflight + s->backlog;
+    return (u64)s->conns + s->inflight + zion_pending(s);
 }
 
 static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
@@ -112,70 +139,109 @@ static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
     if (bpf_sk_select_reuseport(md, socks, &key, 0) != 0)
         return -1;
     s = zion_slots.lookup(&key);
-    if (s) {
+    if (s)
         __sync_fetch_and_add(&s->dispatches, 1);
-        __sync_fetch_and_add(&s->backlog, 1);
-    }
     return 0;
+}
+
+/* The least-loaded healthy slot, scanning every slot from `start` (so equal
+ * loads are broken by the connection hash) and stopping at the first idle
+ * one. Returns ZION_WORKERS when no slot is healthy.
+ *
+ * Every slot, not two hashed choices: with two of four workers blocked, one
+ * connection in six drew both blocked ones and waited behind one of them
+ * while two workers were idle (measured: 8-9 % of light requests over
+ * 100 ms in the mixed-load bench, all of them queued on a blocked worker).
+ *
+ * Verifier: the best candidate is kept as one scalar, load << 8 | position,
+ * never as a known index, so the states after each iteration are equal and
+ * pruned: linear in ZION_WORKERS (a path-dependent index made it explode). */
+static __always_inline u32 zion_least_loaded(u32 start, u64 now)
+{
+    u64 best, cand, *scratch;
+    struct zion_slot *s;
+    u32 i, j, zero = 0;
+
+    /* `best` starts and ends as a value read from memory: the verifier
+     * tracks nothing about it, so the states after each slot are equal and
+     * pruned (linear in ZION_WORKERS). A constant start would let it decide
+     * the first comparison, and a map key derived from it must be precise:
+     * either demand travels back into the loop and every path differs. */
+    scratch = zion_scratch.lookup(&zero);
+    if (!scratch)
+        return ZION_WORKERS;
+    *scratch = ~0ULL;
+    best = *(volatile u64 *)scratch;
+    for (j = 0; j < ZION_WORKERS; j++) {
+        /* A modulo, not a conditional subtraction: a branch on `start` would
+         * split its range in two at every slot, and the states with it. */
+        i = (start + j) % ZION_WORKERS;
+        s = zion_slots.lookup(&i);
+        if (!s || !zion_healthy(s, now))
+            continue;
+        cand = zion_load(s);
+        if (cand == 0) {
+            best = j; /* idle: nothing can beat it */
+            break;
+        }
+        /* Tested before it is compared with `best`, whose range would
+         * otherwise make the test decidable, which also costs the pruning. */
+        cand = (cand << 8) | j;
+        if (cand < best)
+            best = cand;
+    }
+    *scratch = best;
+    best = *(volatile u64 *)scratch;
+    if (best == ~0ULL)
+        return ZION_WORKERS;
+    return (start + (u32)(best & 0xff)) % ZION_WORKERS;
 }
 
 int zion_demux(struct sk_reuseport_md *md)
 {
     u64 now = bpf_ktime_get_ns();
-    u32 hash = md->hash;
-    u32 a = hash % ZION_WORKERS, b = a;
-    struct zion_slot *sa, *sb, *s;
-    int ha, hb;
-    u32 i, j;
+    u32 start = md->hash % ZION_WORKERS;
+    struct zion_slot *s;
+    u32 i;
 
-#if ZION_MODE == ZION_MODE_CPU
-    a = bpf_get_smp_processor_id() % ZION_WORKERS;
+#if ZION_MIGRATE
+    if (md->migrating_sk) {
+        /* A listener is closing (a shrink, a dead worker's socket): its
+         * queued and half-open connections need a healthy home. The CPU
+         * that runs this is the closer's, not the client's, and the hash is
+         * no reason to pick a busy worker: least-loaded in every mode. */
+        i = zion_least_loaded(start, now);
+        if (i < ZION_WORKERS && zion_select(md, i) == 0)
+            return SK_PASS;
+        goto fallback;
+    }
 #endif
-#if ZION_WORKERS > 1
-    /* The second choice: another slot, never a itself, picked by a second
-     * mix of the same hash (Knuth's multiplier), so a busy slot always has a
-     * different one to lose against. */
-    b = (a + 1 + ((hash * 2654435761u) >> 7) % (ZION_WORKERS - 1)) % ZION_WORKERS;
-#endif
-    sa = zion_slots.lookup(&a);
-    sb = zion_slots.lookup(&b);
-    ha = sa && zion_healthy(sa, now);
-    hb = sb && zion_healthy(sb, now);
 #if ZION_MODE == ZION_MODE_HASH
-    hb = 0; /* one choice: the hash, and probing only if it is not live */
-#elif ZION_MODE == ZION_MODE_CPU
-    if (ha && zion_select(md, a) == 0)
-        return SK_PASS; /* the CPU's own worker, whatever its load */
-    ha = 0;
-#endif
-    if (ha && hb && sa && sb) {
-        if (zion_load(sb) < zion_load(sa))
-            a = b;
-        if (zion_select(md, a) == 0)
-            return SK_PASS;
-    } else if (ha) {
-        if (zion_select(md, a) == 0)
-            return SK_PASS;
-    } else if (hb) {
-        if (zion_select(md, b) == 0)
-            return SK_PASS;
-    } else {
-        /* Both choices unhealthy: the next healthy slot after a. Exits at the
-         * first hit, so the verifier walks it in linear, not exponential, time
-         * (path-dependent counters across loops blew its 1M-insn budget). */
-        for (j = 1; j < ZION_WORKERS; j++) {
-            i = a + j;
-            if (i >= ZION_WORKERS)
-                i -= ZION_WORKERS;
-            s = zion_slots.lookup(&i);
-            if (s && zion_healthy(s, now)) {
-                if (zion_select(md, i) == 0)
-                    return SK_PASS;
-                break;
-            }
+    /* The hash, and probing only if its slot is not live. */
+    for (i = 0; i < ZION_WORKERS; i++) {
+        u32 k = start + i;
+        if (k >= ZION_WORKERS)
+            k -= ZION_WORKERS;
+        s = zion_slots.lookup(&k);
+        if (s && zion_healthy(s, now)) {
+            if (zion_select(md, k) == 0)
+                return SK_PASS;
+            break;
         }
     }
-
+#else
+#if ZION_MODE == ZION_MODE_CPU
+    i = bpf_get_smp_processor_id() % ZION_WORKERS;
+    s = zion_slots.lookup(&i);
+    if (s && zion_healthy(s, now) && zion_select(md, i) == 0)
+        return SK_PASS; /* the CPU's own worker, whatever its load */
+#endif
+    i = zion_least_loaded(start, now);
+    if (i < ZION_WORKERS && zion_select(md, i) == 0)
+        return SK_PASS;
+#endif
+    goto fallback;
+fallback:
     i = ZION_WORKERS;
     s = zion_slots.lookup(&i);
     if (s)

@@ -13,7 +13,7 @@ import re
 import socket
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zion.errors import BindError
 
@@ -34,6 +34,11 @@ class ListenerGroup:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
+
+    def with_socket(self, index: int, sock: socket.socket) -> ListenerGroup:
+        socks = list(self.sockets)
+        socks[index] = sock
+        return replace(self, sockets=tuple(socks))
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -321,6 +321,12 @@ class DemuxSettings:
                                   "<state_dir>/kernel-headers; never written to /lib/modules).")
     program: str = setting("", 'The program source ("" = the one shipped in the package, '
                            "bpf/zion_demux.c).")
+    migrate: bool = setting(True, "Load the program as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE "
+                            "(Linux 5.14+): a listener that closes (a shrinking reload, a "
+                            "dead worker's) hands its queued and half-open connections to "
+                            "a live worker the program picks. Off, or on older kernels: a "
+                            "dead worker's queue waits for its replacement, and a retired "
+                            "listener is drained by its worker.")
 
 
 @dataclass(frozen=True, slots=True)

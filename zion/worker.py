@@ -209,10 +209,10 @@ async def _listen(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLConte
         return listener
     loop = state.loop
     if ssl_ctx is None:
-        return await loop.create_server(lambda: H1Protocol(state), sock=sock,
+        return await loop.create_server(lambda: H1Protocol(state, accepted=True), sock=sock,
                                         backlog=settings.server.backlog)
     return await loop.create_server(
-        lambda: H1Protocol(state), sock=sock, ssl=ssl_ctx,
+        lambda: H1Protocol(state, accepted=True), sock=sock, ssl=ssl_ctx,
         ssl_handshake_timeout=limits.handshake_timeout,
         # uvloop waits 30 s by default for the peer's close_notify after we
         # close; a closed connection should not linger that long.

@@ -30,22 +30,36 @@ STATE_NAMES = {s: s.name.lower() for s in SlotState}
 
 
 class Slot(ctypes.Structure):
-    # Layout mirrors `struct zion_slot` in bpf/zion_demux.c: 40 bytes, no padding.
+    # Layout mirrors `struct zion_slot` in bpf/zion_demux.c: 56 bytes, no padding.
     _fields_ = [
         ("heartbeat_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
         ("dispatches", ctypes.c_uint64),    # incremented by the program
+        ("accepted", ctypes.c_uint64),      # connections the worker took from the listener
+        # dispatches that will never be accepted: the master's drift correction
+        ("dropped", ctypes.c_uint64),
         ("state", ctypes.c_uint32),         # written by the master
-        ("conns", ctypes.c_uint32),         # open connections, written by the worker
+        ("conns", ctypes.c_uint32),         # open connections (handshakes included): worker
         ("inflight", ctypes.c_uint32),      # requests being handled
         ("pid", ctypes.c_uint32),
-        # accept queue: the master's TCP_INFO sample, +1 per dispatch in between
-        ("backlog", ctypes.c_uint32),
+        ("backlog", ctypes.c_uint32),       # accept queue, as the master last sampled it
         ("pad", ctypes.c_uint32),
     ]
 
+    @property
+    def pending(self) -> int:
+        """Dispatched and not accepted yet, as the program computes it (u64
+        arithmetic read as signed, floored at 0)."""
+        return max(0, signed64(self.dispatches - self.accepted - self.dropped))
+
+
+def signed64(value: int) -> int:
+    """A difference of u64 counters as the program's (s64) cast reads it."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
 
 SLOT_SIZE = ctypes.sizeof(Slot)
-assert SLOT_SIZE == 40
+assert SLOT_SIZE == 56
 
 
 def mapping_size(count: int) -> int:
@@ -82,6 +96,12 @@ class StatusBoard:
             slot.pid = pid
         slot.state = state
 
+    def forget_pending(self, index: int) -> None:
+        """The slot's listener was replaced: nothing sent to the old one is
+        waiting on the new one."""
+        slot = self.slots[index]
+        slot.dropped = (slot.dispatches - slot.accepted) & ((1 << 64) - 1)
+
     @property
     def fallbacks(self) -> int:
         return int(self.slots[self.count].dispatches)
@@ -102,6 +122,7 @@ class StatusBoard:
                 "heartbeat_age_ms": None if age_ms is None else round(age_ms, 1),
                 "connections": slot.conns,
                 "backlog": slot.backlog,
+                "pending": slot.pending,
                 "inflight": slot.inflight,
                 "dispatches": slot.dispatches,
             })

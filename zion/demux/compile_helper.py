@@ -38,21 +38,24 @@ class Compiled:
     sockarray_fd: int
     slots_fd: int
     text: str
+    migrate: bool  # loaded as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE
+    no_migrate_why: str | None  # else what the kernel said
 
 
-def compile_and_fill(make_text: Callable[[int], str], kernel_source: str | None,
+def compile_and_fill(make_text: Callable[[int, bool], str], kernel_source: str | None,
                      sockets: Sequence[socket.socket], start: int,
-                     lender_sockarray_fd: int | None) -> Compiled:
+                     lender_sockarray_fd: int | None, want_migrate: bool = True) -> Compiled:
     """Run the helper; raise what it raised (Unavailable or ShimError).
 
-    `make_text(sockarray_fd)` is the program text: the sockarray is referred to
-    by its descriptor number in the process that loads the program."""
+    `make_text(sockarray_fd, migrate)` is the program text: the sockarray is
+    referred to by its descriptor number in the process that loads the
+    program, and `migrate` says whether it is loaded as SELECT_OR_MIGRATE."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         parent.close()
         _helper(child, make_text, kernel_source, [s.fileno() for s in sockets], start,
-                lender_sockarray_fd)
+                lender_sockarray_fd, want_migrate)
     child.close()
     try:
         parent.settimeout(_TIMEOUT)
@@ -76,7 +79,8 @@ def compile_and_fill(make_text: Callable[[int], str], kernel_source: str | None,
         for fd in fds:
             os.close(fd)
         raise Unavailable(FallbackReason.PROBE_FAILED, reply.get("error", "no descriptors"))
-    return Compiled(fds[0], fds[1], fds[2], reply["text"])
+    return Compiled(fds[0], fds[1], fds[2], reply["text"], reply["migrate"],
+                    reply["no_migrate_why"])
 
 
 def _reap(pid: int) -> None:
@@ -85,8 +89,10 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _helper(conn: socket.socket, make_text: Callable[[int], str], kernel_source: str | None,
-            fds: list[int], start: int, lender_fd: int | None) -> NoReturn:
+def _helper(conn: socket.socket, make_text: Callable[[int, bool], str],
+            kernel_source: str | None,
+            fds: list[int], start: int, lender_fd: int | None,
+            want_migrate: bool) -> NoReturn:
     # Nothing of the master's may run here: its handlers would write into the
     # master's wake-up pipe.
     signal.set_wakeup_fd(-1)
@@ -100,11 +106,11 @@ def _helper(conn: socket.socket, make_text: Callable[[int], str], kernel_source:
 
         sockarray = (ReuseportSockArray(lib, lender_fd) if lender_fd is not None
                      else ReuseportSockArray.create(lib, MAX_WORKERS))
-        text = make_text(sockarray.fd)
-        prog = SkReuseport.load(bcc, text, kernel_source)
+        prog, why = SkReuseport.load_migrating(bcc, lambda m: make_text(sockarray.fd, m),
+                                               kernel_source, want_migrate)
         for index in range(start, len(fds)):
             sockarray.set(index, socket.socket(fileno=fds[index]))
-        reply = {"text": text}
+        reply = {"text": prog.text, "migrate": prog.migrate, "no_migrate_why": why}
         send = [prog.fd, sockarray.fd, prog.slots_fd]
     except Unavailable as exc:
         reply = {"unavailable": [str(exc.reason), exc.detail, exc.errno]}

@@ -65,6 +65,10 @@ class Program:
     slots_fd: int
     text: str
     workers: int
+    # Loaded as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: a listener that closes
+    # hands its queue to the program's choice (else the reason it is not).
+    migrate: bool = False
+    no_migrate_why: str | None = None
 
     @property
     def prog_id(self) -> int | None:
@@ -84,7 +88,8 @@ class Program:
         self.prog_fd = self.sockarray_fd = self.slots_fd = -1
 
 
-def text_for(settings: Settings, workers: int, sockarray_fd: int) -> str:
+def text_for(settings: Settings, workers: int, sockarray_fd: int,
+             migrate: bool = False) -> str:
     path = Path(settings.demux.program) if settings.demux.program else source_path()
     try:
         source = path.read_text()
@@ -92,7 +97,7 @@ def text_for(settings: Settings, workers: int, sockarray_fd: int) -> str:
         raise Unavailable(FallbackReason.PROBE_FAILED,
                           f"cannot read {path}: {exc.strerror}") from None
     return program_text(source, workers, sockarray_fd, settings.demux.mode,
-                        settings.demux.stall_threshold_ms * 1_000_000)
+                        settings.demux.stall_threshold_ms * 1_000_000, migrate)
 
 
 def load(settings: Settings, group: ListenerGroup, kernel_source: str | None,
@@ -105,10 +110,11 @@ def load(settings: Settings, group: ListenerGroup, kernel_source: str | None,
         raise Unavailable(FallbackReason.PROBE_FAILED,
                           f"the demux supports 1..{MAX_WORKERS} workers")
     text_for(settings, count, -1)  # an unreadable source fails here, in the master
-    done = compile_and_fill(lambda fd: text_for(settings, count, fd), kernel_source,
+    done = compile_and_fill(lambda fd, m: text_for(settings, count, fd, m), kernel_source,
                             group.sockets, min(lender.workers, count) if lender else 0,
-                            lender.sockarray_fd if lender else None)
-    return Program(done.prog_fd, done.sockarray_fd, done.slots_fd, done.text, count)
+                            lender.sockarray_fd if lender else None, settings.demux.migrate)
+    return Program(done.prog_fd, done.sockarray_fd, done.slots_fd, done.text, count,
+                   done.migrate, done.no_migrate_why)
 
 
 @dataclass
@@ -138,10 +144,15 @@ class DemuxOutcome:
     def master_fds(self) -> tuple[int, ...]:
         return self.program.master_fds if self.program else ()
 
+    @property
+    def migrates(self) -> bool:
+        """A closing listener's queue goes to a worker the program picks."""
+        return self.routing and self.program is not None and self.program.migrate
+
     def info(self) -> dict[str, Any]:
         return {"state": str(self.state), "mode": self.mode if self.routing else None,
                 "reason": str(self.reason) if self.reason else None, "error": self.error,
-                "fd": self.fd, "prog_id": self.prog_id}
+                "fd": self.fd, "prog_id": self.prog_id, "migrate": self.migrates}
 
     def close(self) -> None:
         if self.program is not None:
@@ -194,9 +205,14 @@ def _fallback(mode: str, reason: FallbackReason, detail: str, errno: int | None,
 
 def _log_attached(outcome: DemuxOutcome, settings: Settings) -> None:
     assert outcome.program is not None
+    program = outcome.program
     logger.info("demux_attached", bpf_demux="attached", fd=outcome.fd, prog_id=outcome.prog_id,
-                mode=outcome.mode, workers=outcome.program.workers,
-                stall_threshold_ms=settings.demux.stall_threshold_ms)
+                mode=outcome.mode, workers=program.workers,
+                stall_threshold_ms=settings.demux.stall_threshold_ms,
+                # who re-homes a closing listener's queue: the program, or
+                # (without it) the kernel's hash if net.ipv4.tcp_migrate_req=1
+                migrate="select_or_migrate" if program.migrate else "none",
+                **({} if program.migrate else {"migrate_error": program.no_migrate_why}))
 
 
 def swap(old: DemuxOutcome, new: DemuxOutcome, sock: socket.socket,

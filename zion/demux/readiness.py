@@ -93,8 +93,12 @@ def probe(settings: Settings, workers: int = 2) -> Report:
         from bcc.libbcc import lib
 
         sockarray = ReuseportSockArray.create(lib, MAX_WORKERS)
-        text = policy.text_for(settings, workers, sockarray.fd)
-        prog = SkReuseport.load(bcc, text, kernel_source)
+        fd = sockarray.fd
+        text = policy.text_for(settings, workers, fd, False)  # reported if both loads fail
+        prog, _ = SkReuseport.load_migrating(
+            bcc, lambda m: policy.text_for(settings, workers, fd, m), kernel_source,
+            settings.demux.migrate)
+        text = prog.text
         for index, sock in enumerate(group):
             sockarray.set(index, sock)
         prog.attach(group[0])

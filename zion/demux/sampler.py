@@ -1,11 +1,17 @@
-"""The accept-queue sampler: each listener's real queue, for the program.
+"""The accept-queue sampler: each listener's real queue, and the correction
+that keeps the program's count of connections not yet accepted exact.
 
-The program adds one to a slot's `backlog` per connection it dispatches
-there; every `interval` the master overwrites that guess with the kernel's
-own count (TCP_INFO's tcpi_unacked on a listener is sk_ack_backlog). Only
-the master can see a frozen worker's queue grow (the worker is frozen), and
-a real sample also undoes guesses for clients that left before their
-handshake, so the load figure never drifts.
+The program counts a slot's `dispatches`, its worker counts `accepted`, and
+their difference is what the program weighs as queued, with no sampling
+delay. A dispatched connection that dies before it is accepted (a client
+that gives up during the handshake, a SYN the kernel then drops) is never
+accepted, so the difference would drift upward forever; connections the
+kernel's own hash placed (no program yet, or nothing selected) are accepted
+without a dispatch, and it would drift downward. Every `interval` the master
+compares it with the listener's real accept queue (TCP_INFO's tcpi_unacked
+on a listener is sk_ack_backlog): connections in the SYN queue are the only
+legitimate excess, and they live for a round trip, so an excess that never
+went away during a whole `window` is drift, and `dropped` absorbs it.
 """
 
 from __future__ import annotations
@@ -13,26 +19,62 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 
-from zion.demux.board import StatusBoard
+from zion.demux.board import StatusBoard, signed64
 from zion.listeners import accept_queue_len
 
 INTERVAL = 0.01  # seconds
+WINDOW = 1.0  # seconds an excess must persist before it counts as drift
+
+_U64 = (1 << 64) - 1
 
 
 class QueueSampler:
-    def __init__(self, interval: float = INTERVAL) -> None:
+    def __init__(self, interval: float = INTERVAL, window: float = WINDOW) -> None:
         self.interval = interval
+        self.window = window
         self.next_at = 0.0
+        self.window_ends = 0.0
+        # Per slot: the smallest excess seen in this window.
+        self.least: dict[int, int] = {}
 
     def maybe_sample(self, now: float, sockets: Sequence[socket.socket],
                      board: StatusBoard) -> None:
         if now < self.next_at:
             return
         self.next_at = now + self.interval
-        sample(sockets, board)
+        for index, excess in enumerate(sample(sockets, board)):
+            self.least[index] = min(excess, self.least.get(index, excess))
+        if now >= self.window_ends:
+            if self.window_ends:
+                correct(board, self.least)
+            self.least = {}
+            self.window_ends = now + self.window
+
+    def reset(self) -> None:
+        """Another group or board: what was seen says nothing about it."""
+        self.least = {}
+        self.window_ends = 0.0
 
 
-def sample(sockets: Sequence[socket.socket], board: StatusBoard) -> None:
+def sample(sockets: Sequence[socket.socket], board: StatusBoard) -> list[int]:
+    """Store each listener's accept queue; return, per slot, how many
+    connections the program counts as waiting beyond what is really queued.
+    Read in this order (accepted, queue, dispatches), a connection moving
+    along between two reads can only make the excess look larger, never
+    smaller, so its minimum over a window is not fooled."""
     slots = board.slots
+    out = []
     for index, sock in enumerate(sockets):
-        slots[index].backlog = accept_queue_len(sock)
+        slot = slots[index]
+        accepted = slot.accepted
+        queued = accept_queue_len(sock)
+        slot.backlog = queued
+        out.append(signed64(slot.dispatches - accepted - slot.dropped) - queued)
+    return out
+
+
+def correct(board: StatusBoard, least: dict[int, int]) -> None:
+    for index, excess in least.items():
+        if excess:
+            slot = board.slots[index]
+            slot.dropped = (slot.dropped + excess) & _U64

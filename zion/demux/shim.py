@@ -18,13 +18,19 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from types import ModuleType
 from typing import Any
 
 BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
+# enum bpf_attach_type; Linux 5.14 (bcc has no constant). A program loaded
+# with it also picks the new listener for connections queued on one that
+# closes (md->migrating_sk), whatever net.ipv4.tcp_migrate_req says.
+BPF_SK_REUSEPORT_SELECT_OR_MIGRATE = 40
+_BPF_MAP_UPDATE_ELEM = 2
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68  # Linux 5.8+
 
@@ -94,19 +100,39 @@ class ReuseportSockArray:
             self.fd = -1
 
 
+def sockarray_set(map_fd: int, index: int, sock: socket.socket) -> None:
+    """sockarray[index] = sock with the bpf(2) system call itself, for the
+    master, which never maps libbcc (a replaced listener joins the array)."""
+    import platform
+
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise ShimError(ShimOp.SET, errno_mod.ENOSYS, "", "bpf(2) number unknown here")
+    key = ctypes.c_uint32(index)
+    value = ctypes.c_uint64(sock.fileno())
+    # union bpf_attr for BPF_MAP_*_ELEM: map_fd u32, pad, key u64, value u64, flags u64
+    attr = (ctypes.c_uint64 * 4)(map_fd, ctypes.addressof(key), ctypes.addressof(value), 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(nr, _BPF_MAP_UPDATE_ELEM, attr, ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise ShimError(ShimOp.SET, err, "", f"sockarray[{index}] = listener fd "
+                        f"{sock.fileno()}: {os.strerror(err)}")
+
+
 class SkReuseport:
     """A compiled and loaded SK_REUSEPORT program: attach, detach, close."""
 
-    def __init__(self, bpf: Any, fn: Any, text: str) -> None:
+    def __init__(self, bpf: Any, fn: Any, text: str, migrate: bool = False) -> None:
         self._bpf = bpf
         self.text = text
+        self.migrate = migrate
         self.fd: int = fn.fd
         self.prog_id = prog_id_of(self.fd)
         self.slots_fd: int = bpf[b"zion_slots"].map_fd
 
     @classmethod
     def load(cls, bcc: ModuleType, text: str, kernel_source: str | None,
-             func: bytes = b"zion_demux") -> SkReuseport:
+             func: bytes = b"zion_demux", migrate: bool = False) -> SkReuseport:
         previous = os.environ.get("BCC_KERNEL_SOURCE")
         if kernel_source:
             os.environ["BCC_KERNEL_SOURCE"] = kernel_source
@@ -120,7 +146,9 @@ class SkReuseport:
                 raise ShimError(ShimOp.COMPILE, None, _last_lines(err[0]), str(failure))
             with _captured_stderr() as err:
                 try:
-                    fn = bpf.load_func(func, BPF_PROG_TYPE_SK_REUSEPORT)
+                    fn = bpf.load_func(func, BPF_PROG_TYPE_SK_REUSEPORT,
+                                       attach_type=BPF_SK_REUSEPORT_SELECT_OR_MIGRATE
+                                       if migrate else -1)
                 except Exception as exc:
                     fn, failure = None, exc
             if fn is None:
@@ -135,7 +163,22 @@ class SkReuseport:
                     os.environ.pop("BCC_KERNEL_SOURCE", None)
                 else:
                     os.environ["BCC_KERNEL_SOURCE"] = previous
-        return cls(bpf, fn, text)
+        return cls(bpf, fn, text, migrate)
+
+    @classmethod
+    def load_migrating(cls, bcc: ModuleType, make_text: Callable[[bool], str],
+                       kernel_source: str | None, want: bool = True
+                       ) -> tuple[SkReuseport, str | None]:
+        """Load as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE when wanted and the kernel
+        takes it (5.14+), else as a plain selector; the second value says why
+        not. `make_text(migrate)` is the program text for either."""
+        if not want:
+            return cls.load(bcc, make_text(False), kernel_source), "disabled by settings"
+        try:
+            return cls.load(bcc, make_text(True), kernel_source, migrate=True), None
+        except ShimError as exc:
+            why = exc.detail or exc.log_tail or str(exc)
+        return cls.load(bcc, make_text(False), kernel_source), why
 
     def attach(self, sock: socket.socket) -> None:
         attach(self.fd, sock)

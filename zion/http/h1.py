@@ -54,17 +54,25 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
-        "last_request", "held_for_drain", "write_blocked_at", "proxied",
+        "last_request", "held_for_drain", "write_blocked_at", "proxied", "handshaking",
     )
+    # Made in connection_made: the parser holds the protocol, and a protocol
+    # in no cycle is freed the moment uvloop drops it after a failed TLS
+    # handshake, which is how __del__ learns that the handshake ended.
+    parser: httptools.HttpRequestParser
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, accepted: bool = False) -> None:
         # connection state
         self.state = state
         self.loop = state.loop
         self.limits = state.limits
         self.transport: asyncio.Transport | None = None
         self.flow = FlowControl(self.loop)
-        self.parser = httptools.HttpRequestParser(self)
+        # Made by the listener for a connection it just accepted: counted as
+        # load from now on, not only once its TLS handshake is done.
+        self.handshaking = accepted
+        if accepted:
+            state.connection_accepted()
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
         self.read_paused = False
@@ -95,7 +103,15 @@ class H1Protocol(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------
 
+    def __del__(self) -> None:
+        if self.handshaking:  # uvloop dropped us: the TLS handshake failed
+            self.handshaking = False
+            self.state.handshake_ended()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            self.state.handshake_ended()
         # uvloop's SSL transport is not an asyncio.Transport subclass.
         tr: Any = transport
         ssl_object = transport.get_extra_info("ssl_object")
@@ -107,6 +123,7 @@ class H1Protocol(asyncio.Protocol):
             h2.connection_made(tr)
             return
         self.transport = tr
+        self.parser = httptools.HttpRequestParser(self)
         tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
         self.client, self.server = endpoints(transport)
         state = self.state

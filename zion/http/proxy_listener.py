@@ -121,6 +121,7 @@ class ProxyListener:
                 self._pause()
                 self.loop.call_later(_ACCEPT_RETRY, self._resume)
                 return
+            self.state.listener_accepted()
             if not self.allow.trusts(addr[0]):
                 _reject(conn, addr, "peer not in proxy_allow_ips")
                 continue

@@ -27,10 +27,11 @@ WebSocketFactory = Callable[[dict[str, Any], bytes, list[tuple[bytes, bytes]], b
 
 class LoadSlot(Protocol):
     """This worker's entry in the status board the demux reads: http/ only
-    keeps its two load counters current."""
+    keeps its load counters current."""
 
     conns: int
     inflight: int
+    accepted: int
 
 
 class OpenConnection(Protocol):
@@ -53,6 +54,9 @@ class ServerState:
         self.date = DateCache(server.server_header, server.date_header,
                               parse_headers(server.headers))
         self.connections: set[OpenConnection] = set()
+        # Accepted, TLS handshake not finished: load the demux must see (a
+        # worker that took a connection is busy with it before the app is).
+        self.handshaking = 0
         # Handed to every ASGI scope as scope["state"] (filled by lifespan).
         self.lifespan_state: dict[str, Any] = {}
         self.draining = False
@@ -85,13 +89,33 @@ class ServerState:
         for conn in list(self.connections):
             conn.check_deadline(now)
 
+    def listener_accepted(self) -> None:
+        """A connection was taken from the listener: the program's count of
+        connections sent here and not accepted yet goes down by one."""
+        self.slot.accepted += 1
+
+    def connection_accepted(self) -> None:
+        """Accepted, and its TLS handshake (or first read) starts: load from
+        now on. conns before accepted: the program may read the slot between
+        the two stores, and counting it twice for a moment is harmless, not
+        at all is not."""
+        self.handshaking += 1
+        self.slot.conns = len(self.connections) + self.handshaking
+        self.listener_accepted()
+
+    def handshake_ended(self) -> None:
+        """Its handshake finished, or failed (then nothing else follows)."""
+        if self.handshaking:
+            self.handshaking -= 1
+        self.slot.conns = len(self.connections) + self.handshaking
+
     def connection_opened(self, conn: OpenConnection) -> None:
         self.connections.add(conn)
-        self.slot.conns = len(self.connections)
+        self.slot.conns = len(self.connections) + self.handshaking
 
     def connection_closed(self, conn: OpenConnection) -> None:
         self.connections.discard(conn)
-        self.slot.conns = len(self.connections)
+        self.slot.conns = len(self.connections) + self.handshaking
 
 
 def _unset_dispatch(ex: Exchange) -> None:

@@ -11,6 +11,8 @@ same sockarray, to be swapped in atomically once the new workers are ready.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,8 +22,9 @@ from zion.demux import policy
 from zion.demux.board import StatusBoard
 from zion.demux.policy import DemuxOutcome
 from zion.demux.reasons import DemuxState
+from zion.demux.shim import ShimError, sockarray_set
 from zion.errors import BindError, ZionError
-from zion.listeners import ListenerGroup, bind_group, bind_one
+from zion.listeners import ListenerGroup, accept_queue_len, bind_group, bind_one
 from zion.log import get_logger
 from zion.settings import Settings, worker_count
 from zion.tls import build_context
@@ -136,6 +139,48 @@ def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext | 
                 "move them to the others when those listeners close")
     return Generation(current.number + 1, settings, ssl_ctx, group, demux,
                       demux.board or StatusBoard.anonymous(count))
+
+
+def stop_listening(sock: socket.socket) -> None:
+    """Take a listener out of the group now, whoever else holds it: shutdown(2)
+    on a listening socket runs inet_csk_listen_stop at once, and the kernel
+    migrates its accept queue (and, when their ACK comes, its half-open
+    connections) to the listener the SELECT_OR_MIGRATE program picks (or, with
+    no such program, the hash if net.ipv4.tcp_migrate_req=1; else resets them)."""
+    with contextlib.suppress(OSError):  # ENOTCONN: it was no longer listening
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def hand_over_queue(gen: Generation, index: int) -> bool:
+    """A worker died: give its slot a fresh listener and close the old one, so
+    the kernel migrates what was queued on it to a live worker through the
+    program instead of keeping it for the replacement (which may take a
+    respawn backoff and an app import to start). Only when the program was
+    loaded as SELECT_OR_MIGRATE; otherwise (False) the old listener stays and
+    the replacement serves its queue. The slot must no longer be READY."""
+    program = gen.demux.program
+    if not gen.demux.migrates or program is None:
+        return False
+    group = gen.group
+    try:
+        fresh = bind_one(group.host, group.port, group.family, gen.settings.server.backlog)
+    except BindError as exc:
+        logger.warning("listener_replace_failed", index=index, error=str(exc))
+        return False
+    try:
+        sockarray_set(program.sockarray_fd, index, fresh)
+    except ShimError as exc:
+        fresh.close()
+        logger.warning("listener_replace_failed", index=index, error=str(exc))
+        return False
+    old = group.sockets[index]
+    gen.group = group.with_socket(index, fresh)
+    gen.board.forget_pending(index)
+    queued = accept_queue_len(old)
+    stop_listening(old)
+    old.close()
+    logger.info("listener_replaced", index=index, migrated=queued)
+    return True
 
 
 def commit(old: Generation, new: Generation) -> None:

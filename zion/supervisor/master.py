@@ -228,6 +228,9 @@ class Master:
         if handle.index >= self.current.count:
             return
         self.current.board.set_state(handle.index, SlotState.EMPTY)
+        if self.reload is None and not self.stopping:
+            # With SELECT_OR_MIGRATE its queue moves to live workers now.
+            generation.hand_over_queue(self.current, handle.index)
         verdict = self.respawn.on_death(handle.index, handle.ready, code, time.monotonic())
         if isinstance(verdict, GiveUp):
             self._fatal(verdict.reason)
@@ -305,6 +308,8 @@ class Master:
         self.rotate_at = self._next_rotation()  # new context, new ticket keys
         generation.commit(old, new)
         self.current, self.settings = new, new.settings
+        if new.board is not old.board:
+            self.sampler.reset()
         now = time.monotonic()
         for handle in self.pool.handles():
             if handle.generation == new.number or handle.stopping:
@@ -313,8 +318,12 @@ class Master:
                 # Retired listener: its worker keeps accepting until the kernel
                 # queue on it is empty (the new program sends it nothing more).
                 old.board.set_state(handle.index, SlotState.DRAINING)
-                self.retiring.add(handle, old.group.sockets[handle.index],
-                                  now + self.settings.supervisor.drain_timeout)
+                retired = old.group.sockets[handle.index]
+                if new.demux.migrates:
+                    # The new program is in: the kernel moves this listener's
+                    # queue to the workers it picks, now, not as it drains.
+                    generation.stop_listening(retired)
+                self.retiring.add(handle, retired, now + self.settings.supervisor.drain_timeout)
             else:
                 self.pool.stop(handle)
         assert self.respawn is not None
