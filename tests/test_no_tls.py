@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import websockets
 
 from tests.conftest import read_response, wait_for
 from tests.support.proxy_headers import ask, inet, raw_socket, v1, v2
+from zion.errors import ConfigError
+from zion.settings import load_settings
 
 APP = "whoami_app:app"
 
@@ -109,3 +112,26 @@ async def test_reload_switches_tls_and_proxy_protocol(start_zion, tmp_path):
     sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
     facts = await ask(sock)
     assert facts["scheme"] == "https" and facts["client"] == ["203.0.113.7", 1]
+
+
+def test_no_tls_ignores_the_certificate_settings():
+    settings = load_settings(cli={"tls": {"enabled": False, "certfile": "/x.pem",
+                                          "cert_reqs": "required"}}, environ={})
+    assert not settings.tls.enabled
+    # With TLS the same keys are errors.
+    for tls in ({"certfile": "/x.pem"}, {"cert_reqs": "required"}):
+        with pytest.raises(ConfigError):
+            load_settings(cli={"tls": tls}, environ={})
+
+
+def test_no_tls_rotates_no_ticket_keys():
+    from zion.supervisor.master import Master
+
+    for enabled, rotates in ((False, False), (True, True)):
+        settings = load_settings(cli={"tls": {"enabled": enabled}}, environ={})
+        master = Master(settings, lambda s=settings: s)
+        try:
+            assert (master.rotate_at < float("inf")) is rotates
+        finally:
+            os.close(master.signals.wake_r)
+            os.close(master.signals.wake_w)
