@@ -135,3 +135,13 @@ def test_no_tls_rotates_no_ticket_keys():
         finally:
             os.close(master.signals.wake_r)
             os.close(master.signals.wake_w)
+
+
+async def test_websocket_over_a_proxied_plain_connection(start_zion):
+    srv = start_zion(APP, "--no-tls", "--proxy-protocol", "v1", "--no-bpf-demux")
+    sock = raw_socket(srv.port)
+    sock.sendall(v1("203.0.113.9", 3333))
+    async with websockets.connect(f"ws://127.0.0.1:{srv.port}/ws", sock=sock,
+                                  open_timeout=10) as ws:
+        facts = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert facts["scheme"] == "ws" and facts["client"] == ["203.0.113.9", 3333]

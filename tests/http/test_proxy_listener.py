@@ -262,3 +262,52 @@ async def test_drain_waits_for_a_connection_still_in_its_handshake(proxied):
     assert line["not_yet_http"] == 1
     assert (await ask(early))["client"] == ["203.0.113.11", 1]
     assert srv.proc.wait(30) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (Debian package)")
+async def test_haproxy_send_proxy_v2_in_front(proxied, tmp_path):
+    """The real HAProxy in TCP mode, TLS passed through: zion trusts only
+    HAProxy's own address, and the app sees each client's address and port."""
+    srv = proxied("v2", "--proxy-allow-ips", "127.0.0.1")
+    port = _free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(f"""\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend proxy_fe
+    bind 127.0.0.1:{port}
+    default_backend proxy_be
+backend proxy_be
+    source 127.0.0.1
+    server zion 127.0.0.1:{srv.port} send-proxy-v2
+""")
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            if haproxy.poll() is not None:
+                raise AssertionError(haproxy.stdout.read().decode() if haproxy.stdout else "")
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, 10, "haproxy listening")
+        for source in ("127.0.0.5", "127.0.0.6"):
+            sock = socket.socket()
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", port))
+            mine = sock.getsockname()
+            assert (await ask(sock))["client"] == [mine[0], mine[1]]
+        # The client is not loopback-direct any more: the built-ins say so.
+        sock = socket.create_connection(("127.0.0.1", port))
+        assert (await ask(sock, "/_zion/healthz")).status == 403
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
