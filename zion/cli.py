@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _GROUPS = {"server": "application and network", "tls": "TLS", "log": "logging",
-           "demux": "eBPF demux", "websocket": "WebSocket"}
+           "demux": "eBPF demux", "websocket": "WebSocket",
+           "admin": "admin listener and load balancer agent"}
 
 
 def _dest(d: Declared) -> str:
@@ -94,7 +95,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         default = ("on" if d.default else "off") if d.type is bool else (
             f"{d.default}" if d.default != "" else "none")
-        text = f"{d.help} (default: {default}; [{d.section}] {d.name})"
+        # argparse %-formats help strings (for %(default)s): a literal % is %%.
+        text = f"{d.help} (default: {default}; [{d.section}] {d.name})".replace("%", "%%")
         if d.flag.name == "app":
             group.add_argument("app", nargs="?", metavar="APP", help=text, default=None,
                                type=str)

@@ -109,6 +109,30 @@ def _ip_list(v: Any) -> str | None:
     return None
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """ "HOST:PORT" or "[V6]:PORT" -> (host, port); ValueError says what is wrong."""
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not host:
+        raise ValueError("must be HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address goes in brackets: [::1]:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("needs a port between 0 and 65535")
+    return host, int(port)
+
+
+def _host_port_or_off(v: Any) -> str | None:
+    if not v:
+        return None
+    try:
+        parse_host_port(str(v))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _header_lines(v: Any) -> str | None:
     for line in str(v).splitlines():
         name, colon, _value = line.partition(":")
@@ -345,6 +369,19 @@ class WebSocketSettings:
                              check=positive)
 
 
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: str = setting("", "HOST:PORT where the master serves plain HTTP to operators: GET "
+                          "/metrics (Prometheus), /status (every worker, JSON) and /ready (200 "
+                          'or 503, for readiness probes). "" = off. No authentication: bind a '
+                          "private address.", check=_host_port_or_off,
+                          flag=Flag("--admin", "HOST:PORT"))
+    agent: str = setting("", "HOST:PORT where HAProxy's agent-check reads one line about this "
+                         'host: "up ready weight:N%", "drain" (stopping or reloading) or "down '
+                         '#no healthy worker". "" = off.', check=_host_port_or_off,
+                         flag=Flag("--agent", "HOST:PORT"))
+
+
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "tls": TLSSettings,
@@ -353,6 +390,7 @@ SECTIONS: dict[str, type[Any]] = {
     "log": LogSettings,
     "demux": DemuxSettings,
     "websocket": WebSocketSettings,
+    "admin": AdminSettings,
 }
 
 
@@ -365,6 +403,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     demux: DemuxSettings = field(default_factory=DemuxSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     # Where the values came from, for error messages on reload and `zion doctor`.
     config_file: str | None = None
     # Where --no-bpf-demux / enabled=false came from, for the boot line.

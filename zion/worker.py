@@ -24,6 +24,7 @@ import uvloop
 
 from zion import log, privileges
 from zion.asgi import Lifespan, load_app
+from zion.counters import CounterBoard
 from zion.demux.board import StatusBoard
 from zion.errors import ExitCode, WorkerBootError
 from zion.handlers import default_page
@@ -54,8 +55,7 @@ class WorkerSpec:
 
 
 def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
-         board: StatusBoard,
-         demux_info: dict[str, Any]) -> int:
+         board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard) -> int:
     master_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -81,7 +81,8 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info))
+        return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info,
+                                              counters))
     except WorkerBootError as exc:
         logger.error("worker_boot_failed", error=str(exc))
         return ExitCode.WORKER_BOOT
@@ -90,7 +91,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
 
 
 async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
-                 board: StatusBoard, demux_info: dict[str, Any]) -> int:
+                 board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard) -> int:
     loop = asyncio.get_running_loop()
     slot = board.slots[spec.index]
     server_settings = settings.server
@@ -114,7 +115,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
                       "workers": board.snapshot(settings.demux.stall_threshold_ms)},
         }
 
-    state = ServerState(settings, spec.index, loop, slot)
+    state = ServerState(settings, spec.index, loop, slot,
+                        counters.for_worker(spec.index, spec.generation))
 
     def overloaded() -> bool:
         return len(state.connections) >= settings.limits.max_connections

@@ -26,6 +26,7 @@ from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
 from zion.http.h2 import H2Protocol
+from zion.http.state import count_response
 from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
@@ -115,6 +116,12 @@ class H1Protocol(asyncio.Protocol):
         # uvloop's SSL transport is not an asyncio.Transport subclass.
         tr: Any = transport
         ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            # The handshake is done by now (uvloop calls us after it).
+            counters = self.state.counters
+            counters.tls_handshakes += 1
+            if ssl_object.session_reused:
+                counters.tls_resumed += 1
         if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
             # ALPN chose HTTP/2 during the handshake: hand the transport over
             # before anything of ours runs on it, as the WebSocket switch does.
@@ -340,6 +347,7 @@ class H1Protocol(asyncio.Protocol):
     def exchange_done(self, exchange: Exchange) -> None:
         state = self.state
         state.requests_total += 1
+        count_response(state.counters, exchange.status)
         self.served += 1
         if state.access_log:
             self._access_log(exchange)
@@ -396,6 +404,7 @@ class H1Protocol(asyncio.Protocol):
         """Refuse the request being parsed and close the connection."""
         if self.current is None or not self.current.response_started:
             self.write(response.error(status, self.state.date, detail))
+            count_response(self.state.counters, status)
         for ex in (self.current, *self.pipeline):
             if ex is not None:
                 ex.lost()

@@ -40,6 +40,7 @@ from zion.http import forwarded
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl
+from zion.http.state import count_response
 from zion.http.tls_scope import tls_extension
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
@@ -535,6 +536,7 @@ class H2Protocol(asyncio.Protocol):
     def stream_done(self, stream: H2Stream, ex: Exchange) -> None:
         state = self.state
         state.requests_total += 1
+        count_response(state.counters, ex.status)
         if state.access_log:
             scope = ex.scope
             log.info("access", method=scope["method"], path=scope["path"], status=ex.status,

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from zion.counters import WorkerCounters
 from zion.http.forwarded import TrustedProxies
 from zion.http.response import DateCache
 
@@ -34,6 +35,18 @@ class LoadSlot(Protocol):
     accepted: int
 
 
+class RequestCounters(Protocol):
+    """This worker's counters in shared memory (zion/counters.py), read by
+    the master's /metrics: http/ only increments them."""
+
+    requests: int
+    responses_4xx: int
+    responses_5xx: int
+    tls_handshakes: int
+    tls_resumed: int
+    connections: int
+
+
 class OpenConnection(Protocol):
     def check_deadline(self, now: float) -> None: ...
 
@@ -44,12 +57,15 @@ class OpenConnection(Protocol):
 
 class ServerState:
     def __init__(self, settings: Settings, worker_index: int,
-                 loop: asyncio.AbstractEventLoop, slot: LoadSlot) -> None:
+                 loop: asyncio.AbstractEventLoop, slot: LoadSlot,
+                 counters: RequestCounters | None = None) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.worker_index = worker_index
         self.loop = loop
         self.slot = slot
+        # Private ones when nobody reads them (tests that build a state alone).
+        self.counters: RequestCounters = counters if counters is not None else WorkerCounters()
         server = settings.server
         self.date = DateCache(server.server_header, server.date_header,
                               parse_headers(server.headers))
@@ -111,11 +127,21 @@ class ServerState:
 
     def connection_opened(self, conn: OpenConnection) -> None:
         self.connections.add(conn)
+        self.counters.connections += 1
         self.slot.conns = len(self.connections) + self.handshaking
 
     def connection_closed(self, conn: OpenConnection) -> None:
         self.connections.discard(conn)
         self.slot.conns = len(self.connections) + self.handshaking
+
+
+def count_response(counters: RequestCounters, status: int) -> None:
+    """One answered request, for /metrics: plain stores into shared memory."""
+    counters.requests += 1
+    if status >= 500:
+        counters.responses_5xx += 1
+    elif status >= 400:
+        counters.responses_4xx += 1
 
 
 def _unset_dispatch(ex: Exchange) -> None:

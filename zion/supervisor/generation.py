@@ -102,6 +102,8 @@ def begin(current: Generation, settings: Settings) -> Reload:
     old = current.settings
     if (settings.server.host, settings.server.port) != (old.server.host, old.server.port):
         raise ZionError("changing host or port needs a restart")
+    if settings.admin != old.admin:
+        raise ZionError("changing [admin] listen or agent needs a restart")
     # A new context every reload: OpenSSL makes fresh session-ticket keys for
     # it, so a reload (and ticket_key_lifetime, which reloads) rotates them.
     # Within a generation every worker shares the context, so clients resume

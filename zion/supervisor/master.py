@@ -17,9 +17,15 @@ import time
 from collections.abc import Callable
 
 from zion import caps, log, privileges, worker
+from zion.admin import routes
+from zion.admin.health import Phase, StallWatch, agent_line
+from zion.admin.listener import AdminListeners, Kind
+from zion.admin.listener import bind as bind_admin
+from zion.admin.view import HostView, host_view, read_workers
+from zion.counters import CounterBoard, SupervisorCounters
 from zion.demux.board import SlotState
 from zion.demux.sampler import QueueSampler
-from zion.errors import ExitCode, ZionError
+from zion.errors import BindError, ExitCode, ZionError
 from zion.settings import Settings
 from zion.supervisor import generation, notify
 from zion.supervisor.generation import Generation, Reload, Step
@@ -52,6 +58,12 @@ class Master:
         self.announced_ready = False
         self.sampler = QueueSampler()
         self.rotate_at = self._next_rotation()
+        # Made before the first fork: every worker of every generation shares it.
+        self.counters = CounterBoard()
+        self.tallies = SupervisorCounters()
+        self.admin = AdminListeners(None, None)
+        self.stall_watch = StallWatch()
+        self.stall_check_at = 0.0
 
     # -- boot -------------------------------------------------------------------
 
@@ -63,6 +75,13 @@ class Master:
                     sockets=gen.count, tls=cert_source, app=settings.server.app or None,
                     root=settings.server.root or None)
         self.respawn = RespawnPolicy(settings.supervisor, gen.count)
+        try:
+            # Before the master gives up its capabilities (a port below 1024).
+            self.admin = _bind_admin(settings)
+        except BindError:
+            gen.group.close()
+            gen.demux.close()
+            raise
         try:
             kept = privileges.restrict_master()
             logger.debug("master_capabilities", kept=sorted(caps.name(c) for c in kept))
@@ -110,10 +129,12 @@ class Master:
                 if self.retiring:
                     self._check_retiring()
                 self._sample_queues()
+            self._watch_stalls()
             ready = self.pool.ready_fds()
+            admin_r, admin_w = self.admin.read_fds(), self.admin.write_fds()
             try:
-                readable, _, _ = select.select([self.signals.wake_r, *ready], [], [],
-                                               self._timeout())
+                readable, writable, _ = select.select(
+                    [self.signals.wake_r, *ready, *admin_r], admin_w, [], self._timeout())
             except InterruptedError:
                 continue
             for fd in readable:
@@ -121,6 +142,8 @@ class Master:
                     self.signals.drain_wakeups()
                 elif fd in ready:
                     self._on_ready_fd(ready[fd])
+            if self.admin:
+                self._serve_admin([fd for fd in readable if fd in admin_r], writable)
 
     def _key_lifetime(self) -> float:
         # Without TLS there are no ticket keys to rotate.
@@ -142,6 +165,10 @@ class Master:
             due.append(self.stop_deadline)
         if self.retiring:
             due.append(now + 0.02)  # poll the retiring listeners' queues
+        if self.admin:
+            due.append(self.stall_check_at)
+            if (at := self.admin.next_deadline()) is not None:
+                due.append(at)
         return max(0.0, min(due) - now)
 
     # -- signals ------------------------------------------------------------------
@@ -173,11 +200,12 @@ class Master:
             gen.board.set_state(index, SlotState.STARTING)
         mine = gen.group.sockets[index]
         close = [s.fileno() for s in self._held_sockets() if s is not mine]
-        close += [*self.signals.fds, *self._held_demux_fds()]
+        close += [*self.signals.fds, *self._held_demux_fds(), *self.admin.fds()]
         settings, ssl_ctx, board, info = gen.settings, gen.ssl_ctx, gen.board, gen.demux.info()
+        counters = self.counters
         handle = self.pool.spawn(
             index, gen.number, mine, close,
-            lambda spec: worker.main(spec, settings, ssl_ctx, board, info))
+            lambda spec: worker.main(spec, settings, ssl_ctx, board, info, counters))
         logger.debug("worker_spawned", index=index, child=handle.pid, generation=gen.number)
 
     def _held_sockets(self) -> list[socket.socket]:
@@ -244,6 +272,7 @@ class Master:
     def _respawn_due(self) -> None:
         assert self.respawn is not None and self.current is not None
         for index in self.respawn.take_due(time.monotonic()):
+            self.tallies.respawned(index)
             self._spawn(self.current, index)
 
     def _boot_deadlines(self) -> None:
@@ -262,6 +291,46 @@ class Master:
         gen = self.current
         if gen is not None and gen.demux.routing:
             self.sampler.maybe_sample(time.monotonic(), gen.group.sockets, gen.board)
+
+    # -- admin --------------------------------------------------------------------
+
+    def _phase(self) -> Phase:
+        if self.stopping:
+            return Phase.STOPPING
+        if self.reload is not None:
+            return Phase.RELOADING
+        return Phase.SERVING if self.announced_ready else Phase.STARTING
+
+    def _host_view(self) -> HostView:
+        gen = self.current
+        assert gen is not None
+        return host_view(self._phase(), gen.number, gen.board, gen.group.sockets, self.counters,
+                         self.tallies, gen.demux.info(), gen.demux.routing,
+                         gen.settings.demux.stall_threshold_ms,
+                         gen.settings.limits.max_connections)
+
+    def _serve_admin(self, readable: list[int], writable: list[int]) -> None:
+        for req in self.admin.on_ready(readable, writable, time.monotonic()):
+            view = self._host_view()
+            if req.kind is Kind.AGENT:
+                self.admin.reply_line(req, agent_line(view.phase, view.workers,
+                                                      view.max_connections))
+            else:
+                self.admin.reply(req, routes.answer(req.method, req.path, view))
+
+    def _watch_stalls(self) -> None:
+        """Counts stalls for /metrics: a worker that is ready but whose
+        heartbeat went stale, checked twice per stall threshold."""
+        now = time.monotonic()
+        if not self.admin or now < self.stall_check_at or self.current is None:
+            return
+        threshold = self.current.settings.demux.stall_threshold_ms
+        self.stall_check_at = now + max(0.01, threshold / 2000)
+        workers = read_workers(self.current.board, (), threshold)
+        for index in self.stall_watch.observe(workers):
+            self.tallies.stalls[index] = self.tallies.stalls.get(index, 0) + 1
+            logger.info("worker_stalled", index=index, child=workers[index].pid,
+                        heartbeat_age_ms=workers[index].heartbeat_age_ms)
 
     # -- stop ---------------------------------------------------------------------
 
@@ -292,6 +361,7 @@ class Master:
         try:
             self.reload = generation.begin(self.current, self.reload_settings())
         except ZionError as exc:
+            self.tallies.reload_failures += 1
             logger.error("reload_failed", error=str(exc))
             notify.notify("READY=1")
             return
@@ -305,6 +375,7 @@ class Master:
         assert self.reload is not None and self.current is not None
         old, new = self.current, self.reload.new
         self.reload = None
+        self.tallies.reloads += 1
         self.rotate_at = self._next_rotation()  # new context, new ticket keys
         generation.commit(old, new)
         self.current, self.settings = new, new.settings
@@ -337,6 +408,7 @@ class Master:
         assert self.reload is not None and self.current is not None
         new = self.reload.new
         self.reload = None
+        self.tallies.reload_failures += 1
         for handle in self.pool.of_generation(new.number):
             # A new worker that is ready has been accepting on a listener it
             # shares with the running generation: SIGTERM lets it finish what
@@ -364,6 +436,7 @@ class Master:
     def _cleanup(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        self.admin.close()
         self.retiring.close_all()
         if self.current is not None and self.reload is not None:
             # Stopped mid-reload: the new generation's extra sockets and program.
@@ -372,6 +445,22 @@ class Master:
             self.current.group.close()
             self.current.demux.close()
         logger.info("stopped", exit_code=int(self.exit_code))
+
+
+def _bind_admin(settings: Settings) -> AdminListeners:
+    admin = settings.admin
+    http = bind_admin(admin.listen, "admin") if admin.listen else None
+    try:
+        agent = bind_admin(admin.agent, "agent") if admin.agent else None
+    except BindError:
+        if http is not None:
+            http.close()
+        raise
+    listeners = AdminListeners(http, agent)
+    for kind, event in ((Kind.HTTP, "admin_listening"), (Kind.AGENT, "agent_listening")):
+        if (address := listeners.address(kind)) is not None:
+            logger.info(event, address=address[0], port=address[1])
+    return listeners
 
 
 def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
