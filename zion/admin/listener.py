@@ -25,7 +25,7 @@ from zion.settings import parse_host_port
 
 MAX_REQUEST_HEAD = 8192  # bytes; the request line and headers, no body
 CONNECTION_TIMEOUT = 5.0  # seconds from accept to the last byte of the answer
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 64  # per listener: scrapers cannot crowd out the agent-check
 _ACCEPTS_PER_WAKE = 16
 _BACKLOG = 64
 
@@ -109,8 +109,11 @@ class AdminListeners:
         return [*self.listeners, *self.conns]
 
     def read_fds(self) -> list[int]:
-        listening = list(self.listeners) if len(self.conns) < MAX_CONNECTIONS else []
+        listening = [fd for fd, (_, kind) in self.listeners.items() if not self._full(kind)]
         return listening + [fd for fd, c in self.conns.items() if c.out is None]
+
+    def _full(self, kind: Kind) -> bool:
+        return sum(1 for c in self.conns.values() if c.kind is kind) >= MAX_CONNECTIONS
 
     def write_fds(self) -> list[int]:
         return [fd for fd, c in self.conns.items() if c.out is not None]
@@ -160,7 +163,7 @@ class AdminListeners:
         sock, kind = self.listeners[fd]
         out = []
         for _ in range(_ACCEPTS_PER_WAKE):
-            if len(self.conns) >= MAX_CONNECTIONS:
+            if self._full(kind):
                 break
             try:
                 client, _addr = sock.accept()

@@ -73,10 +73,10 @@ class HostView:
 
 
 def host_view(phase: Phase, generation: int, board: StatusBoard,
-              sockets: Sequence[socket.socket], counters: CounterBoard,
+              workers: list[WorkerHealth], counters: CounterBoard,
               supervisor: SupervisorCounters, demux: dict[str, Any], routing: bool,
-              stall_threshold_ms: int, max_connections: int) -> HostView:
-    workers = read_workers(board, sockets, stall_threshold_ms)
+              max_connections: int) -> HostView:
+    """`workers` is read_workers() of the same board."""
     return HostView(
         phase=phase, generation=generation, workers=workers,
         counters=[counters.totals(w.index) for w in workers],

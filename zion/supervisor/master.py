@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from zion import caps, log, privileges, worker
 from zion.admin import routes
-from zion.admin.health import Phase, StallWatch, agent_line
+from zion.admin.health import Phase, StallWatch, WorkerHealth, agent_line
 from zion.admin.listener import AdminListeners, Kind
 from zion.admin.listener import bind as bind_admin
 from zion.admin.view import HostView, host_view, read_workers
@@ -304,9 +304,10 @@ class Master:
     def _host_view(self) -> HostView:
         gen = self.current
         assert gen is not None
-        return host_view(self._phase(), gen.number, gen.board, gen.group.sockets, self.counters,
+        workers = read_workers(gen.board, gen.group.sockets, gen.settings.demux.stall_threshold_ms)
+        self._count_stalls(workers)  # so a view that shows a stall has counted it
+        return host_view(self._phase(), gen.number, gen.board, workers, self.counters,
                          self.tallies, gen.demux.info(), gen.demux.routing,
-                         gen.settings.demux.stall_threshold_ms,
                          gen.settings.limits.max_connections)
 
     def _serve_admin(self, readable: list[int], writable: list[int]) -> None:
@@ -326,7 +327,9 @@ class Master:
             return
         threshold = self.current.settings.demux.stall_threshold_ms
         self.stall_check_at = now + max(0.01, threshold / 2000)
-        workers = read_workers(self.current.board, (), threshold)
+        self._count_stalls(read_workers(self.current.board, (), threshold))
+
+    def _count_stalls(self, workers: list[WorkerHealth]) -> None:
         for index in self.stall_watch.observe(workers):
             self.tallies.stalls[index] = self.tallies.stalls.get(index, 0) + 1
             logger.info("worker_stalled", index=index, child=workers[index].pid,

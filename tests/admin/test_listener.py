@@ -1,0 +1,139 @@
+"""The admin sockets on their own: real sockets, the master's select() done
+here, time passed in, so bounds and deadlines are checked without waiting."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from zion.admin import listener
+from zion.admin.listener import AdminListeners, Kind, Reply, Request
+from zion.errors import BindError
+
+
+@pytest.fixture
+def admin() -> Iterator[AdminListeners]:
+    listeners = AdminListeners(listener.bind("127.0.0.1:0", "admin"),
+                               listener.bind("127.0.0.1:0", "agent"))
+    yield listeners
+    listeners.close()
+
+
+def pump(admin: AdminListeners, now: float | None = None, rounds: int = 20,
+         answer: Reply | None = None) -> list[Request]:
+    """What the master's loop does, a few rounds: select, hand over, answer."""
+    seen = []
+    for _ in range(rounds):
+        r, w, _ = select.select(admin.read_fds(), admin.write_fds(), [], 0.05)
+        for req in admin.on_ready(r, w, time.monotonic() if now is None else now):
+            seen.append(req)
+            if req.kind is Kind.AGENT:
+                admin.reply_line(req, "up ready weight:100%\n")
+            else:
+                admin.reply(req, answer or Reply(200, f"{req.method} {req.path}\n".encode()))
+    return seen
+
+
+def connect(admin: AdminListeners, kind: Kind) -> socket.socket:
+    address = admin.address(kind)
+    assert address is not None
+    sock = socket.create_connection(address, timeout=5)
+    return sock
+
+
+def read_all(sock: socket.socket, admin: AdminListeners) -> bytes:
+    sock.setblocking(False)
+    out = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pump(admin, rounds=1)
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return out
+        out += chunk
+    raise AssertionError(f"not closed; got {out!r}")
+
+
+def test_a_request_becomes_an_event_and_gets_one_answer(admin: AdminListeners) -> None:
+    sock = connect(admin, Kind.HTTP)
+    sock.sendall(b"GET /metrics?x=1 HTTP/1.1\r\nhost: a\r\n\r\n")
+    answer = read_all(sock, admin)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close\r\n" in answer
+    assert answer.endswith(b"\r\n\r\nGET /metrics\n")
+    assert not admin.conns
+
+
+def test_head_gets_no_body(admin: AdminListeners) -> None:
+    sock = connect(admin, Kind.HTTP)
+    sock.sendall(b"HEAD /ready HTTP/1.0\r\n\r\n")
+    answer = read_all(sock, admin)
+    assert b"content-length: 12\r\n" in answer and answer.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"GET http://x/ HTTP/1.1\r\n\r\n", b"400"),
+    (b"GET / HTTP/2.0\r\n\r\n", b"505"),
+    (b"GET /" + b"a" * 9000, b"431"),
+])
+def test_bad_requests_are_answered_by_the_listener(admin: AdminListeners, request_bytes: bytes,
+                                                   status: bytes) -> None:
+    sock = connect(admin, Kind.HTTP)
+    sock.sendall(request_bytes)
+    answer = read_all(sock, admin)
+    assert answer.startswith(b"HTTP/1.1 " + status)
+
+
+def test_agent_gets_its_line_then_a_clean_close(admin: AdminListeners) -> None:
+    sock = connect(admin, Kind.AGENT)
+    # agent-send: bytes we never read must not turn the close into a reset.
+    sock.sendall(b"zion/a\n")
+    assert read_all(sock, admin) == b"up ready weight:100%\n"
+
+
+def test_a_silent_client_is_dropped_at_its_deadline(admin: AdminListeners) -> None:
+    sock = connect(admin, Kind.HTTP)
+    sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # never finishes
+    start = time.monotonic()
+    pump(admin, now=start, rounds=3)
+    assert len(admin.conns) == 1
+    deadline = admin.next_deadline()
+    assert deadline is not None and deadline <= start + listener.CONNECTION_TIMEOUT + 1
+    pump(admin, now=start + listener.CONNECTION_TIMEOUT + 1, rounds=1)
+    assert not admin.conns
+    sock.settimeout(5)
+    assert sock.recv(100) == b""
+
+
+def test_connections_are_capped_per_listener(admin: AdminListeners) -> None:
+    idle = []
+    for _ in range(listener.MAX_CONNECTIONS + 5):
+        idle.append(connect(admin, Kind.HTTP))
+        pump(admin, rounds=1)
+    http = [c for c in admin.conns.values() if c.kind is Kind.HTTP]
+    assert len(http) == listener.MAX_CONNECTIONS
+    http_fd = next(fd for fd, (_, k) in admin.listeners.items() if k is Kind.HTTP)
+    assert http_fd not in admin.read_fds()
+    # Scrapers that hog the HTTP side leave the agent-check alone.
+    agent = connect(admin, Kind.AGENT)
+    assert read_all(agent, admin) == b"up ready weight:100%\n"
+    for sock in idle:
+        sock.close()
+
+
+def test_bind_errors_are_typed() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(BindError, match=f"cannot bind the admin listener 127.0.0.1:{port}"):
+        listener.bind(f"127.0.0.1:{port}", "admin")
+    taken.close()
