@@ -377,7 +377,7 @@ class AdminSettings:
                           "private address.", check=_host_port_or_off,
                           flag=Flag("--admin", "HOST:PORT"))
     agent: str = setting("", "HOST:PORT where HAProxy's agent-check reads one line about this "
-                         'host: "up ready weight:N%", "drain" (stopping or reloading) or "down '
+                         'host: "up ready N%", "drain" (stopping or reloading) or "down '
                          '#no healthy worker". "" = off.', check=_host_port_or_off,
                          flag=Flag("--agent", "HOST:PORT"))
 

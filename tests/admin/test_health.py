@@ -23,7 +23,7 @@ def worker(index: int = 0, state: WorkerState = WorkerState.READY, conns: int = 
 
 def test_idle_healthy_host_weighs_100() -> None:
     assert weight_percent([worker(0), worker(1)], MAX) == 100
-    assert agent_line(Phase.SERVING, [worker(0), worker(1)], MAX) == "up ready weight:100%\n"
+    assert agent_line(Phase.SERVING, [worker(0), worker(1)], MAX) == "up ready 100%\n"
 
 
 def test_each_unhealthy_worker_takes_its_share() -> None:
@@ -49,7 +49,7 @@ def test_weight_falls_with_load() -> None:
 def test_a_healthy_host_never_weighs_zero() -> None:
     # 0% would stop HAProxy sending anything to a host that still serves.
     assert weight_percent([worker(0, conns=MAX - 1, inflight=10_000)], MAX) == 1
-    assert agent_line(Phase.SERVING, [worker(0, conns=MAX)], MAX) == "up ready weight:1%\n"
+    assert agent_line(Phase.SERVING, [worker(0, conns=MAX)], MAX) == "up ready 1%\n"
 
 
 def test_no_healthy_worker_is_down_with_a_reason_haproxy_reads() -> None:

@@ -32,7 +32,7 @@ def pump(admin: AdminListeners, now: float | None = None, rounds: int = 20,
         for req in admin.on_ready(r, w, time.monotonic() if now is None else now):
             seen.append(req)
             if req.kind is Kind.AGENT:
-                admin.reply_line(req, "up ready weight:100%\n")
+                admin.reply_line(req, "up ready 100%\n")
             else:
                 admin.reply(req, answer or Reply(200, f"{req.method} {req.path}\n".encode()))
     return seen
@@ -96,7 +96,7 @@ def test_agent_gets_its_line_then_a_clean_close(admin: AdminListeners) -> None:
     sock = connect(admin, Kind.AGENT)
     # agent-send: bytes we never read must not turn the close into a reset.
     sock.sendall(b"zion/a\n")
-    assert read_all(sock, admin) == b"up ready weight:100%\n"
+    assert read_all(sock, admin) == b"up ready 100%\n"
 
 
 def test_a_silent_client_is_dropped_at_its_deadline(admin: AdminListeners) -> None:
@@ -124,7 +124,7 @@ def test_connections_are_capped_per_listener(admin: AdminListeners) -> None:
     assert http_fd not in admin.read_fds()
     # Scrapers that hog the HTTP side leave the agent-check alone.
     agent = connect(admin, Kind.AGENT)
-    assert read_all(agent, admin) == b"up ready weight:100%\n"
+    assert read_all(agent, admin) == b"up ready 100%\n"
     for sock in idle:
         sock.close()
 

@@ -111,7 +111,7 @@ def test_master_counts_respawns_stalls_and_reloads(start_zion):
 def test_frozen_worker_queue_fallbacks_ready_and_agent(start_zion):
     srv = serve(start_zion, 1)
     assert admin_get(srv, "/ready") == (200, b"serving\n")
-    assert agent_line(srv) == "up ready weight:100%\n"
+    assert agent_line(srv) == "up ready 100%\n"
     (pid,) = srv.worker_pids()
     os.kill(pid, signal.SIGSTOP)
     queued = []
@@ -131,7 +131,7 @@ def test_frozen_worker_queue_fallbacks_ready_and_agent(start_zion):
         os.kill(pid, signal.SIGCONT)
         for sock in queued:
             sock.close()
-    wait_for(lambda: agent_line(srv) == "up ready weight:100%\n", what="the agent back up")
+    wait_for(lambda: agent_line(srv) == "up ready 100%\n", what="the agent back up")
 
 
 def test_agent_weight_follows_stalls_and_load(start_zion):
@@ -139,16 +139,16 @@ def test_agent_weight_follows_stalls_and_load(start_zion):
     first, second = srv.worker_pids()
     os.kill(first, signal.SIGSTOP)
     try:
-        wait_for(lambda: agent_line(srv) == "up ready weight:50%\n", what="half the weight")
+        wait_for(lambda: agent_line(srv) == "up ready 50%\n", what="half the weight")
         os.kill(second, signal.SIGSTOP)
         wait_for(lambda: agent_line(srv) == "down #no healthy worker\n", what="down")
     finally:
         os.kill(first, signal.SIGCONT)
         os.kill(second, signal.SIGCONT)
-    wait_for(lambda: agent_line(srv) == "up ready weight:100%\n", what="the weight back")
+    wait_for(lambda: agent_line(srv) == "up ready 100%\n", what="the weight back")
     slow = [background(srv.port, "/slow?2") for _ in range(8)]
     # 8 requests in flight over 2 workers: each at least a third below idle.
-    wait_for(lambda: int(agent_line(srv).split(":")[1].rstrip("%\n")) <= 67,
+    wait_for(lambda: int(agent_line(srv).split()[2].rstrip("%")) <= 67,
              what="the weight to fall under load")
     for thread, _ in slow:
         thread.join(10)

@@ -77,12 +77,14 @@ def healthy(workers: Sequence[WorkerHealth]) -> int:
 def agent_line(phase: Phase, workers: Sequence[WorkerHealth], max_connections: int) -> str:
     """The one line for HAProxy's agent-check (configuration.txt, 5.2
     "agent-check"): words separated by spaces; a reason starts at a "#" that
-    follows a space ("down#x" would be one unknown word, ignored)."""
+    follows a space ("down#x" would be one unknown word, ignored). The weight
+    is a bare "N%": HAProxy 2.6 (Debian 12) ignores "weight:N%" and keeps the
+    old weight (tests/admin/test_haproxy.py checks the weight HAProxy shows)."""
     if phase in (Phase.STOPPING, Phase.RELOADING):
         return "drain\n"
     if not healthy(workers):
         return "down #no healthy worker\n"
-    return f"up ready weight:{weight_percent(workers, max_connections)}%\n"
+    return f"up ready {weight_percent(workers, max_connections)}%\n"
 
 
 def readiness(phase: Phase, workers: Sequence[WorkerHealth]) -> tuple[bool, str]:
