@@ -13,7 +13,9 @@ python=${PYTHON:-python3}
 
 want=(python3-bpfcc bpftool libcap2-bin curl)
 # chromium: the browser test (a page that opens wss:// back to zion).
-if [[ ",$extras," == *",test,"* ]]; then want+=(chromium); fi
+# haproxy, iproute2: the load-balancer test (HAProxy in front of two zions, a
+# client in a network namespace of its own).
+if [[ ",$extras," == *",test,"* ]]; then want+=(chromium haproxy iproute2); fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
