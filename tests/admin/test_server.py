@@ -147,8 +147,8 @@ def test_agent_weight_follows_stalls_and_load(start_zion):
         os.kill(second, signal.SIGCONT)
     wait_for(lambda: agent_line(srv) == "up ready 100%\n", what="the weight back")
     slow = [background(srv.port, "/slow?2") for _ in range(8)]
-    # 8 requests in flight over 2 workers: each at least a third below idle.
-    wait_for(lambda: int(agent_line(srv).split()[2].rstrip("%")) <= 67,
+    # 8 requests in flight over 2 workers: 67% split evenly, 75% all on one.
+    wait_for(lambda: int(agent_line(srv).split()[2].rstrip("%")) <= 75,
              what="the weight to fall under load")
     for thread, _ in slow:
         thread.join(10)

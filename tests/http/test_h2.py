@@ -82,7 +82,8 @@ async def test_alpn_h2_switches_a_new_connection_from_http1():
     state = make_state()
     h1 = H1Protocol(state)
     tr = FakeTransport(h1)
-    tr.extra["ssl_object"] = SimpleNamespace(selected_alpn_protocol=lambda: "h2")
+    tr.extra["ssl_object"] = SimpleNamespace(selected_alpn_protocol=lambda: "h2",
+                                             session_reused=False)
     h1.connection_made(tr)  # type: ignore[arg-type]
     assert isinstance(tr.protocol, H2Protocol) and state.connections == {tr.protocol}
     assert tr.take()[3] == 0x4  # our SETTINGS frame, the server preface
