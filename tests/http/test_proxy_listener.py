@@ -11,13 +11,19 @@ import signal
 import socket
 import ssl
 import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import uvloop
 
 from tests.conftest import client_context, read_response, read_until_closed, wait_for
+from tests.support.fake_transport import make_state
 from tests.support.h2peer import Client, pump
 from tests.support.proxy_headers import ask, inet, inet6, raw_socket, tlv, v1, v2
+from zion.http.proxy_listener import ProxyListener
+from zion.tls import ensure_self_signed
 
 APP = "whoami_app:app"
 
@@ -311,3 +317,68 @@ backend proxy_be
     finally:
         haproxy.terminate()
         haproxy.wait(10)
+
+
+def test_connections_before_http_are_load_for_the_demux(tmp_path):
+    """In-process, real sockets: from accept until HTTP has it (header, then
+    TLS handshake) a connection counts in the slot's conns, as a handshake
+    does on the path without PROXY protocol; every accept is counted once.
+    On uvloop, as in a worker: it frees a protocol whose handshake failed at
+    once, which is how that handshake's load ends."""
+    uvloop.run(_load_accounting(tmp_path))
+
+
+async def _load_accounting(tmp_path: Path) -> None:
+    state = make_state()
+    slot = state.slot = SimpleNamespace(conns=0, inflight=0, accepted=0)  # type: ignore[assignment]
+    state.dispatch = lambda ex: ex.respond(200, b"ok\n")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(ensure_self_signed(tmp_path))
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    port = lsock.getsockname()[1]
+    listener = ProxyListener(state, lsock, server_ctx, v1=False, v2=True, allow="127.0.0.1",
+                             handshake_timeout=5, shutdown_timeout=1)
+    listener.start()
+    loop = asyncio.get_running_loop()
+
+    async def until(what: Any) -> None:
+        deadline = loop.time() + 10
+        while not what():
+            assert loop.time() < deadline, "timed out"
+            await asyncio.sleep(0.005)
+
+    try:
+        # No header yet: accepted, and load.
+        sock = raw_socket(port)
+        await until(lambda: slot.accepted == 1 and slot.conns == 1)
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not a header: closed, load no more
+        await until(lambda: slot.conns == 0)
+        sock.close()
+        # A header, then something that is not a ClientHello: the failed
+        # handshake ends its load too.
+        sock = raw_socket(port)
+        sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+        await until(lambda: slot.accepted == 2 and slot.conns == 1)
+        sock.sendall(b"\x00" * 64)
+        await until(lambda: slot.conns == 0 and not listener.pending)
+        sock.close()
+        # A good one: load through its handshake, then an open connection.
+        sock = raw_socket(port)
+        sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(),
+                                                       server_hostname="localhost")
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+        assert (slot.accepted, slot.conns, state.handshaking) == (3, 1, 0)
+        writer.close()
+        await until(lambda: slot.conns == 0)
+        # An untrusted peer is accepted (and counted so) but never load.
+        sock = raw_socket(port, source="127.0.0.2")
+        await until(lambda: slot.accepted == 4)
+        assert slot.conns == 0 and state.handshaking == 0
+        sock.close()
+    finally:
+        listener.close()
+        lsock.close()

@@ -52,6 +52,9 @@ class ProxiedH1Protocol(H1Protocol):
 
     def __init__(self, state: ServerState, origin: tuple[str, int] | None) -> None:
         super().__init__(state)
+        # The listener counted it (connection_accepted) when it took it;
+        # connection_made, or __del__ after a failed handshake, ends that.
+        self.handshaking = True
         self.origin = origin
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,13 +124,18 @@ class ProxyListener:
                 self._pause()
                 self.loop.call_later(_ACCEPT_RETRY, self._resume)
                 return
-            self.state.listener_accepted()
             if not self.allow.trusts(addr[0]):
+                self.state.listener_accepted()
                 _reject(conn, addr, "peer not in proxy_allow_ips")
                 continue
             if self.pending >= self.state.limits.max_connections:
+                self.state.listener_accepted()
                 _reject(conn, addr, "too many connections waiting for their PROXY header")
                 continue
+            # Load for the demux from now on, as a TLS handshake is on
+            # create_server's path: its header, then its handshake, until
+            # the protocol's connection_made (or its failure) ends it.
+            self.state.connection_accepted()
             self.reading.add(_HeaderReader(self, conn, addr))
 
     def header_read(self, reader: _HeaderReader, header: ProxyHeader) -> None:
@@ -139,19 +147,27 @@ class ProxyListener:
 
     async def _serve(self, sock: socket.socket, origin: tuple[str, int] | None) -> None:
         state = self.state
+        made = False
+
+        def protocol() -> ProxiedH1Protocol:
+            nonlocal made
+            made = True  # from here the protocol ends the handshake's load
+            return ProxiedH1Protocol(state, origin)
+
         try:
             if self.ssl_ctx is None:
-                await self.loop.connect_accepted_socket(
-                    lambda: ProxiedH1Protocol(state, origin), sock)
+                await self.loop.connect_accepted_socket(protocol, sock)
             else:
                 await self.loop.connect_accepted_socket(
-                    lambda: ProxiedH1Protocol(state, origin), sock, ssl=self.ssl_ctx,
+                    protocol, sock, ssl=self.ssl_ctx,
                     ssl_handshake_timeout=self.handshake_timeout,
                     ssl_shutdown_timeout=self.shutdown_timeout)
         except OSError as exc:  # ssl.SSLError and TimeoutError are OSErrors
             # A failed handshake, as create_server's path drops it.
             log.debug("handshake_failed", error=str(exc) or type(exc).__name__,
                       client=origin and origin[0])
+            if not made:
+                state.handshake_ended()
             sock.close()
 
 
@@ -208,6 +224,7 @@ class _HeaderReader:
     def _fail(self, reason: str) -> None:
         self._done()
         self.owner.reading.discard(self)
+        self.owner.state.handshake_ended()
         _reject(self.sock, self.peer, reason)
 
 
