@@ -36,7 +36,8 @@
  *
  * Healthy: state == READY, and for least-loaded and cpu the heartbeat is no
  * older than ZION_STALL_NS. Load: open connections (TLS handshakes included)
- * + requests in flight + connections dispatched and not accepted yet. Modes:
+ * + requests in flight + connections dispatched and not accepted yet, and a
+ * worker whose heartbeat is older than ZION_BUSY_NS loses to any other. Modes:
  *   ZION_MODE_HASH          slot hash % N if live, else the next live slot
  *   ZION_MODE_LEAST_LOADED  the least-loaded healthy slot of all, the first
  *                           idle one from slot hash % N on (so equal loads
@@ -56,6 +57,8 @@
  *   ZION_SOCKARRAY_FD   fd of the reuseport sockarray in the loading process
  *   ZION_MODE           ZION_MODE_HASH | ZION_MODE_LEAST_LOADED | ZION_MODE_CPU
  *   ZION_STALL_NS       heartbeat age beyond which a worker is stalled
+ *   ZION_BUSY_NS        heartbeat age beyond which its loop is taken to be
+ *                       blocked now (two heartbeat intervals)
  *   ZION_MIGRATE        1: loaded as SELECT_OR_MIGRATE, reads md->migrating_sk
  */
 #include <uapi/linux/bpf.h>
@@ -71,8 +74,8 @@
 #define ZION_SLOT_DRAINING 3
 
 #if !defined(ZION_WORKERS) || !defined(ZION_SOCKARRAY_FD) || !defined(ZION_MODE) || \
-    !defined(ZION_STALL_NS) || !defined(ZION_MIGRATE)
-#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE, ZION_STALL_NS, ZION_MIGRATE must be defined"
+    !defined(ZION_STALL_NS) || !defined(ZION_BUSY_NS) || !defined(ZION_MIGRATE)
+#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE, ZION_STALL_NS, ZION_BUSY_NS, ZION_MIGRATE must be defined"
 #endif
 
 struct zion_slot {
@@ -123,11 +126,29 @@ static __always_inline u64 zion_pending(struct zion_slot *s)
     return (u64)(n & ~sign);
 }
 
-/* Open connections (handshakes included) + requests in flight + not yet
- * accepted. */
-static __always_inline u64 zion_load(struct zion_slot *s)
+/* A heartbeat older than ZION_BUSY_NS (two heartbeat intervals) means the
+ * worker's loop has not run for that long: it is most likely inside a long
+ * synchronous call right now, and a connection sent to it waits for that
+ * call to end. Such a worker gets a load no count reaches, so it is chosen
+ * only when every healthy worker is in the same state; being stalled
+ * (ZION_STALL_NS, much longer) takes it out of the choice altogether. */
+#define ZION_BUSY_LOAD (1ULL << 32)
+
+static __always_inline u64 zion_busy(struct zion_slot *s, u64 now)
 {
-    return (u64)s->conns + s->inflight + zion_pending(s);
+    /* 1 when the age exceeds ZION_BUSY_NS, without a branch (see
+     * zion_pending). */
+    u64 busy = (u64)((s64)ZION_BUSY_NS - (s64)(now - s->heartbeat_ns)) >> 63;
+
+    asm volatile("" : "+r"(busy));
+    return busy * ZION_BUSY_LOAD;
+}
+
+/* Open connections (handshakes included) + requests in flight + not yet
+ * accepted, + ZION_BUSY_LOAD for a worker whose loop is not turning. */
+static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
+{
+    return (u64)s->conns + s->inflight + zion_pending(s) + zion_busy(s, now);
 }
 
 static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
@@ -179,7 +200,7 @@ static __always_inline u32 zion_least_loaded(u32 start, u64 now)
         s = zion_slots.lookup(&i);
         if (!s || !zion_healthy(s, now))
             continue;
-        cand = zion_load(s);
+        cand = zion_load(s, now);
         if (cand == 0) {
             best = j; /* idle: nothing can beat it */
             break;

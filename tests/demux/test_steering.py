@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+from collections import Counter
 
 import pytest
 
-from tests.conftest import get, wait_for
+from tests.conftest import connect, get, read_response, wait_for
 from tests.support.bpf import cannot_load_bpf
 
 pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
@@ -134,3 +136,92 @@ async def test_connections_queued_on_a_dead_worker_are_served_by_its_replacement
     assert str(victim) not in pids
     replacement = (await slot_view(srv.port))[victim_slot]["pid"]
     assert replacement != victim and str(replacement) in pids, "the replacement served the queue"
+
+
+async def _blocked_workers(port: int, count: int) -> set[int]:
+    """Poll until `count` workers each have a request in flight and have not
+    beaten for two heartbeat intervals (20 ms each), the program's sign that
+    their loop is blocked; their pids."""
+    for _ in range(500):
+        view = await view_avoiding_stall(port)
+        blocked = {w["pid"] for w in view if w["inflight"] >= 1
+                   and w["heartbeat_age_ms"] is not None and w["heartbeat_age_ms"] > 40}
+        if len(blocked) >= count:
+            return blocked
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never saw {count} blocked workers")
+
+
+async def test_two_held_workers_get_no_new_connection_while_two_are_free(start_zion, tmp_path):
+    # Two of four workers are blocked inside a synchronous handler. The stall
+    # threshold is far beyond the test, so nothing takes them out of the
+    # choice: what keeps connections off them is that the program weighs
+    # every worker (two hashed choices draw both held ones one time in six)
+    # and that a worker whose loop has not beaten for two intervals loses to
+    # any other, however loaded the free ones are.
+    flag = tmp_path / "hold"
+    flag.touch()
+    srv = start_zion("steer_app:app", workers=4,
+                     env={"STEER_HOLD": str(flag), "ZION_DEMUX_STALL_THRESHOLD_MS": "600000"})
+    held = [asyncio.create_task(get(srv.port, "/hold")) for _ in range(2)]
+    try:
+        busy = await _blocked_workers(srv.port, 2)
+        # Eight at a time: the free workers carry more connections than the
+        # held ones, so only the "not turning" signal keeps the held ones out.
+        pids: list[str] = []
+        for _ in range(6):
+            batch = await asyncio.gather(*(asyncio.wait_for(get(srv.port, "/"), 10)
+                                           for _ in range(8)))
+            pids += [r.headers["x-pid"] for r in batch]
+        assert len(pids) == 48
+        assert not {str(p) for p in busy} & set(pids), "a held worker got a connection"
+        assert len(set(pids)) == 2
+    finally:
+        flag.unlink()
+    served_held = {r.headers["x-pid"] for r in await asyncio.gather(*held)}
+    assert served_held == {str(p) for p in busy}
+
+
+async def test_a_burst_of_keepalive_connections_splits_evenly(start_zion):
+    # 64 keep-alive connections opened at once across 4 workers: the program
+    # counts each connection it sends a worker before that worker has even
+    # accepted it, so the split is as even as the count allows (max/min <= 1.2).
+    srv = start_zion("steer_app:app", workers=4)
+    conns = await asyncio.gather(*(connect(srv.port) for _ in range(64)))
+    try:
+        pids = []
+        for reader, writer in conns:
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            pids.append((await asyncio.wait_for(read_response(reader), 10)).headers["x-pid"])
+        split = sorted(Counter(pids).values())
+        assert len(split) == 4 and split[-1] / split[0] <= 1.2, split
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def test_a_tls_handshake_in_progress_counts_as_load(start_zion):
+    # Raw TCP connections that never send a ClientHello: accepted, handshake
+    # pending. They count as connections from the accept on (a worker busy
+    # with handshakes is busy), and stop counting when the handshake fails.
+    srv = start_zion("steer_app:app", workers=2)
+    socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(6)]
+    try:
+        async def counted() -> int:
+            # The status request itself is one open connection.
+            return sum(w["connections"] for w in await view_avoiding_stall(srv.port)) - 1
+
+        for _ in range(250):
+            if await counted() == 6:
+                break
+            await asyncio.sleep(0.02)
+        assert await counted() == 6
+    finally:
+        for sock in socks:
+            sock.sendall(b"not a TLS record\r\n\r\n")  # the handshake fails now
+            sock.close()
+    for _ in range(250):
+        if await counted() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await counted() == 0, "a failed handshake must stop counting"

@@ -96,8 +96,11 @@ def text_for(settings: Settings, workers: int, sockarray_fd: int,
     except OSError as exc:
         raise Unavailable(FallbackReason.PROBE_FAILED,
                           f"cannot read {path}: {exc.strerror}") from None
-    return program_text(source, workers, sockarray_fd, settings.demux.mode,
-                        settings.demux.stall_threshold_ms * 1_000_000, migrate)
+    demux = settings.demux
+    # Two heartbeat intervals without a beat: the loop is not turning now.
+    return program_text(source, workers, sockarray_fd, demux.mode,
+                        demux.stall_threshold_ms * 1_000_000,
+                        2 * demux.heartbeat_interval_ms * 1_000_000, migrate)
 
 
 def load(settings: Settings, group: ListenerGroup, kernel_source: str | None,

@@ -1,0 +1,25 @@
+"""For the steering tests: every answer names its worker (x-pid); /hold
+blocks its worker's loop (a synchronous handler, as CPU-bound code does)
+until the file named by $STEER_HOLD is gone, so a test decides when a busy
+worker is free again without sleeping."""
+
+import os
+import time
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    headers = [(b"content-type", b"text/plain"), (b"x-pid", str(os.getpid()).encode())]
+    if scope["path"] == "/hold":
+        flag = os.environ["STEER_HOLD"]
+        while os.path.exists(flag):
+            time.sleep(0.005)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
