@@ -10,6 +10,7 @@ import time
 import pytest
 import structlog
 
+from tests.conftest import wait_for
 from tests.support.bpf import cannot_load_bpf
 from zion.demux import policy, preflight
 from zion.demux.board import SlotState
@@ -147,3 +148,32 @@ def test_compiler_output_is_classified_in_one_place():
                            ) is FallbackReason.VERIFIER_REJECTED
     assert policy.classify(ShimError(ShimOp.CREATE_SOCKARRAY, 22, "")
                            ) is FallbackReason.KERNEL_UNSUPPORTED
+
+
+def test_a_closing_listeners_queue_goes_where_the_program_says(state_dir):
+    # Loaded as SELECT_OR_MIGRATE, the program picks the new home of each
+    # connection queued on a listener that stops listening: the least-loaded
+    # healthy worker, even in hash mode (where new connections follow the
+    # hash), and a busy one gets none.
+    settings = _settings(state_dir, mode="hash", stall_threshold_ms=60_000)
+    group = _group(3)
+    outcome = policy.setup(settings, group)
+    try:
+        assert outcome.state is DemuxState.ATTACHED and outcome.board is not None
+        assert outcome.migrates
+        board = outcome.board
+        _ready(board, [0, 0, 0])
+        for index in (1, 2):
+            board.set_state(index, SlotState.STARTING)  # only slot 0 takes new connections
+        clients = [socket.create_connection(("127.0.0.1", group.port)) for _ in range(12)]
+        wait_for(lambda: accept_queue_len(group.sockets[0]) == 12, 5, "12 queued on slot 0")
+        _ready(board, [0, 500, 0])  # slot 1 is far busier than slot 2
+        board.set_state(0, SlotState.DRAINING)
+        group.sockets[0].shutdown(socket.SHUT_RDWR)
+        wait_for(lambda: accept_queue_len(group.sockets[2]) == 12, 5, "12 moved to slot 2")
+        assert accept_queue_len(group.sockets[1]) == 0
+        for client in clients:
+            client.close()
+    finally:
+        outcome.close()
+        group.close()

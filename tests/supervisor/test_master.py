@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import APPS, get, inflight, wait_for
 from tests.support.bpf import cannot_load_bpf, prog_fds, zion_prog_ids
+from tests.support.netns import NetNS, unavailable
 from zion import caps
 
 
@@ -313,10 +318,11 @@ async def test_an_aborted_reload_lets_its_ready_workers_finish_their_requests(st
     assert {w["pid"] for w in status["demux"]["workers"]} == old
 
 
-def _listener_queues(port: int) -> list[int]:
+def _listener_queues(port: int, ns: str | None = None) -> list[int]:
     """Recv-Q of each listener on `port`: its accept queue, from the kernel."""
-    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
-                         check=True).stdout
+    where = ["ip", "netns", "exec", ns] if ns else []
+    out = subprocess.run([*where, "ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout
     return [int(line.split()[1]) for line in out.splitlines() if line.strip()]
 
 
@@ -325,7 +331,10 @@ async def test_connections_queued_on_a_retired_listener_are_served(start_zion, t
     cfg = tmp_path / "z.toml"
     cfg.write_text("[server]\nworkers = 4\n")
     # hash mode: the program keeps sending a stopped worker its share, so its queue fills
-    srv = start_zion("raw_app:app", "--config", str(cfg), "--demux", "hash", workers=None)
+    # Without SELECT_OR_MIGRATE (older kernels, or turned off) and with
+    # net.ipv4.tcp_migrate_req=0, the retired listener is kept until drained.
+    srv = start_zion("raw_app:app", "--config", str(cfg), "--demux", "hash", workers=None,
+                     env={"ZION_DEMUX_MIGRATE": "false"})
     status = (await get(srv.port, "/_zion/status")).json()
     doomed = next(w["pid"] for w in status["demux"]["workers"] if w["worker"] == 3)
     os.kill(doomed, signal.SIGSTOP)
@@ -350,3 +359,134 @@ async def test_connections_queued_on_a_retired_listener_are_served(start_zion, t
     assert [r.status for r in results] == [200] * 40
     await asyncio.to_thread(wait_for, lambda: len(srv.events("listener_retired")) == 2, 20,
                             "the second retired listener to close once drained")
+
+
+# -- closing listeners hand their queue over in the kernel -------------------------
+# Each runs in a network namespace of its own, where net.ipv4.tcp_migrate_req
+# (a per-namespace sysctl) is set as the case says.
+
+_MIGRATE_REQ = [pytest.param("0", id="tcp_migrate_req=0"),
+                pytest.param("1", id="tcp_migrate_req=1")]
+
+
+def cannot_make_netns() -> str | None:
+    return unavailable()
+
+
+@contextlib.contextmanager
+def netns(tag: int, sysctls: dict[str, str]) -> Iterator[str]:
+    """A namespace of this test's own with `sysctls` set; its name."""
+    ns = NetNS("steer", os.getpid() + tag).create()
+    try:
+        for key, value in sysctls.items():
+            subprocess.run(["ip", "netns", "exec", ns.name, "sysctl", "-q", "-w",
+                            f"{key}={value}"], check=True, capture_output=True, timeout=10)
+        yield ns.name
+    finally:
+        ns.remove()
+
+
+def run_inside(name: str, make: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine on a thread that joined namespace `name`, so the
+    client's sockets are the namespace's."""
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            ns = NetNS("steer", 0)
+            ns.name = name
+            ns.enter()
+            out["value"] = asyncio.run(make())  # type: ignore[arg-type]
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+async def _queue_behind_stopped(port: int, ns: str, count: int) -> list[asyncio.Task]:
+    """`count` clients; returns once those not answered all wait in accept
+    queues (a stopped worker's), as the kernel reports them."""
+    clients = [asyncio.create_task(get(port, "/")) for _ in range(count)]
+
+    def queued() -> bool:
+        waiting = sum(not c.done() for c in clients)
+        return waiting > 0 and sum(_listener_queues(port, ns)) == waiting
+
+    await asyncio.to_thread(wait_for, queued, 15, "connections queued behind a stopped worker")
+    return clients
+
+
+@pytest.mark.skipif(cannot_make_netns() is not None, reason=str(cannot_make_netns()))
+@pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+@pytest.mark.parametrize("migrate_req", _MIGRATE_REQ)
+def test_a_dead_workers_queue_moves_to_a_live_worker(start_zion, migrate_req):
+    # hash mode keeps sending a stopped worker its share, so its queue fills;
+    # then it dies. Its replacement is a minute away (respawn backoff), so
+    # only the migration can answer those connections in time.
+    with netns(1, {"net.ipv4.tcp_migrate_req": migrate_req}) as ns:
+        srv = start_zion("steer_app:app", "--demux", "hash", workers=2,
+                         wrapper=["ip", "netns", "exec", ns],
+                         env={"ZION_SUPERVISOR_RESPAWN_BACKOFF": "60",
+                              "ZION_SUPERVISOR_RESPAWN_BACKOFF_MAX": "60"})
+
+        async def body() -> tuple[int, set[str]]:
+            view = (await get(srv.port, "/_zion/status")).json()["demux"]["workers"]
+            victim, survivor = view[1]["pid"], view[0]["pid"]
+            os.kill(victim, signal.SIGSTOP)
+            clients = await _queue_behind_stopped(srv.port, ns, 30)
+            os.kill(victim, signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*clients), 20)
+            assert [r.status for r in results] == [200] * 30
+            return survivor, {r.headers["x-pid"] for r in results}
+
+        survivor, pids = run_inside(ns, body)
+        assert pids == {str(survivor)}
+        replaced = srv.wait_event("listener_replaced")
+        assert replaced["index"] == 1 and replaced["migrated"] > 0
+
+
+@pytest.mark.skipif(cannot_make_netns() is not None, reason=str(cannot_make_netns()))
+@pytest.mark.parametrize("demux,migrate_req", [
+    pytest.param("bpf", "0", id="select_or_migrate,tcp_migrate_req=0",
+                 marks=pytest.mark.skipif(cannot_load_bpf() is not None,
+                                          reason=str(cannot_load_bpf()))),
+    pytest.param("bpf", "1", id="select_or_migrate,tcp_migrate_req=1",
+                 marks=pytest.mark.skipif(cannot_load_bpf() is not None,
+                                          reason=str(cannot_load_bpf()))),
+    pytest.param("kernel", "1", id="kernel_hash,tcp_migrate_req=1"),
+])
+def test_a_retired_listeners_queue_moves_while_its_worker_is_stopped(start_zion, tmp_path,
+                                                                     demux, migrate_req):
+    # A shrink from 4 to 2 while the worker of a listener being retired is
+    # stopped: it cannot drain its queue, so only the kernel's migration
+    # (through the program, or its hash with tcp_migrate_req=1) answers it.
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[server]\nworkers = 4\n")
+    how = ["--demux", "hash"] if demux == "bpf" else ["--no-bpf-demux"]
+    with netns(2, {"net.ipv4.tcp_migrate_req": migrate_req}) as ns:
+        srv = start_zion("steer_app:app", "--config", str(cfg), *how, workers=None,
+                         wrapper=["ip", "netns", "exec", ns])
+
+        async def body() -> None:
+            pids = [int(p) for p in srv.worker_pids()]
+            status = (await get(srv.port, "/_zion/status")).json()["demux"]["workers"]
+            doomed = next(w["pid"] for w in status if w["worker"] == 3)
+            assert doomed in pids
+            os.kill(doomed, signal.SIGSTOP)
+            try:
+                clients = await _queue_behind_stopped(srv.port, ns, 40)
+                cfg.write_text("[server]\nworkers = 2\n")
+                srv.signal(signal.SIGHUP)
+                await asyncio.to_thread(srv.wait_event, "reload_complete", 20)
+                results = await asyncio.wait_for(asyncio.gather(*clients), 20)
+                assert [r.status for r in results] == [200] * 40
+                assert str(doomed) not in {r.headers["x-pid"] for r in results}
+            finally:
+                os.kill(doomed, signal.SIGCONT)
+
+        run_inside(ns, body)

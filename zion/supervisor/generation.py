@@ -31,6 +31,8 @@ from zion.tls import build_context
 
 logger = get_logger("zion.master")
 
+_TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
 
 @dataclass
 class Generation:
@@ -131,14 +133,13 @@ def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext | 
         raise
     group = ListenerGroup(tuple(socks), old.host, old.port, old.family)
     demux = policy.setup(settings, group, attach=False, previous=current.demux)
-    if count < current.count and demux.state is not DemuxState.PREPARED:
-        migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
-        if migrate.exists() and migrate.read_text().strip() == "0":
-            logger.warning(
-                "reload_shrink_without_demux",
-                hint="without the demux the kernel hash keeps queueing connections on the "
-                "listeners being retired; sysctl -w net.ipv4.tcp_migrate_req=1 makes the kernel "
-                "move them to the others when those listeners close")
+    if (count < current.count and demux.state is not DemuxState.PREPARED
+            and _TCP_MIGRATE_REQ.exists() and _TCP_MIGRATE_REQ.read_text().strip() == "0"):
+        logger.warning(
+            "reload_shrink_without_demux",
+            hint="without the demux the kernel hash keeps queueing connections on the "
+            "listeners being retired; sysctl -w net.ipv4.tcp_migrate_req=1 makes the kernel "
+            "move them to the others when those listeners close")
     return Generation(current.number + 1, settings, ssl_ctx, group, demux,
                       demux.board or StatusBoard.anonymous(count))
 
@@ -151,6 +152,19 @@ def stop_listening(sock: socket.socket) -> None:
     no such program, the hash if net.ipv4.tcp_migrate_req=1; else resets them)."""
     with contextlib.suppress(OSError):  # ENOTCONN: it was no longer listening
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def closing_migrates(gen: Generation) -> bool:
+    """Whether a listener of this generation that stops listening hands its
+    queue to the others instead of resetting it: the program was loaded as
+    SELECT_OR_MIGRATE, or net.ipv4.tcp_migrate_req=1 (per network
+    namespace; the kernel's hash then picks among the listeners left)."""
+    if gen.demux.migrates:
+        return True
+    try:
+        return _TCP_MIGRATE_REQ.read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def hand_over_queue(gen: Generation, index: int) -> bool:

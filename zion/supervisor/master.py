@@ -385,6 +385,7 @@ class Master:
         if new.board is not old.board:
             self.sampler.reset()
         now = time.monotonic()
+        migrates = new.group is not old.group and generation.closing_migrates(new)
         for handle in self.pool.handles():
             if handle.generation == new.number or handle.stopping:
                 continue
@@ -393,9 +394,10 @@ class Master:
                 # queue on it is empty (the new program sends it nothing more).
                 old.board.set_state(handle.index, SlotState.DRAINING)
                 retired = old.group.sockets[handle.index]
-                if new.demux.migrates:
+                if migrates:
                     # The new program is in: the kernel moves this listener's
-                    # queue to the workers it picks, now, not as it drains.
+                    # queue to the workers it (or its hash) picks, now, not
+                    # once its worker has drained it.
                     generation.stop_listening(retired)
                 self.retiring.add(handle, retired, now + self.settings.supervisor.drain_timeout)
             else:
