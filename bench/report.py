@@ -121,7 +121,10 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
         "",
         f"Machine: {meta['machine']['cpus']} vCPU {meta['machine']['cpu']}, kernel "
         f"{meta['machine']['kernel']}, Python {meta['machine']['python']}, commit "
-        f"{meta['commit']}. wrk -t1 runs on the same cores as the server.",
+        f"{meta['commit']}. wrk -t1 runs on the same cores as the server."
+        + (f" Load average (1 min) after the throughput runs: "
+           f"{min(meta['loadavg_1m']):.1f}–{max(meta['loadavg_1m']):.1f}."
+           if meta.get("loadavg_1m") else ""),
         "",
         "## Throughput (2 workers, HTTPS, ECDSA P-256)",
         "",

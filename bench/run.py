@@ -74,7 +74,8 @@ def throughput(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
         b["server_cpu_s"] = run.cpu_seconds() - cpu0
         b["server_cpu_per_conn_us"] = b["server_cpu_s"] / max(b["requests"], 1) * 1e6
         b.update(load.resumption(run.port, 100))
-        return {"A": a, "B": b, "argv": run.argv, "tls": load.tls_facts(run.port)}
+        return {"A": a, "B": b, "argv": run.argv, "tls": load.tls_facts(run.port),
+                "loadavg_1m": os.getloadavg()[0]}
     finally:
         run.stop()
 
@@ -234,7 +235,11 @@ def main() -> int:
             results["websocket"].setdefault(sdef.name, []).append(res)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    runs = [r for rs in results["throughput"].values() for r in rs]
     results["meta"] = {
+        # The 1-minute load average after each throughput run: other work on
+        # the machine shows up here (the bench itself keeps it near 2-3).
+        "loadavg_1m": [round(r["loadavg_1m"], 2) for r in runs if "loadavg_1m" in r],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "mode": "quick" if quick else "full", "rounds": rounds, "seconds_per_run": secs,
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
