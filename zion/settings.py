@@ -235,7 +235,8 @@ class TLSSettings:
                                     flag=Flag("--ssl-keyfile-password", "PASSWORD"))
     min_version: TLSVersion = setting(TLSVersion.V1_2, 'Oldest protocol accepted: "1.2" or '
                                       '"1.3". Nothing older is ever offered.')
-    http2: bool = setting(False, 'Offer HTTP/2 in ALPN ("h2" before "http/1.1"). Off: every '
+    http2: bool = setting(True, 'Offer HTTP/2 in ALPN ("h2" before "http/1.1"); clients that '
+                          "choose it get HTTP/2, the rest HTTP/1.1. --no-http2: every "
                           "connection is HTTP/1.1.", flag="--http2")
     ciphers: str = setting("", 'OpenSSL cipher list for TLS 1.2 ("" = OpenSSL\'s default); '
                            "TLS 1.3 suites are not affected.", flag=Flag("--ssl-ciphers", "LIST"))
@@ -292,6 +293,20 @@ class LimitsSettings:
                                        "may send per second on one connection (rapid reset, "
                                        "CVE-2023-44487). More: GOAWAY ENHANCE_YOUR_CALM.",
                                        check=positive)
+    h2_stream_window: int = setting(262144, "HTTP/2 receive window of each stream, bytes "
+                                    "(SETTINGS_INITIAL_WINDOW_SIZE): request body bytes a client "
+                                    "may send ahead of what the app has read.",
+                                    check=between(65535, 2**31 - 1))
+    h2_connection_window: int = setting(1048576, "HTTP/2 receive window of a whole connection, "
+                                        "bytes: the most request body one connection may have "
+                                        "buffered, unread, across its streams.",
+                                        check=between(65535, 2**31 - 1))
+    h2_ping_interval: float = setting(30.0, "Seconds an HTTP/2 connection with streams open "
+                                      "may be silent before zion sends a PING (0 = never).",
+                                      check=non_negative)
+    h2_ping_timeout: float = setting(15.0, "Seconds a PING may go unanswered (no byte at all "
+                                     "from the client) before the connection is closed.",
+                                     check=positive)
     max_requests: int = setting(0, "A worker that has served this many requests drains and "
                                 "is replaced (0 = never), against leaks in app code.",
                                 check=non_negative, flag=Flag("--limit-max-requests", "N"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from types import SimpleNamespace
 from typing import Any
@@ -333,31 +334,81 @@ def frames(data: bytes) -> list[Any]:
     return out
 
 
-async def test_an_unread_request_body_pauses_reading_until_the_app_reads():
+async def test_an_app_that_does_not_read_holds_its_own_window_and_nobody_elses():
     reading = []
 
     async def app(scope, receive, send):
-        while not reading:
+        while scope["path"] == "/slow" and not reading:
             await settle(1)
-        total = 0
-        while True:
-            msg = await receive()
-            total += len(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"%d" % total})
+        await echo(scope, receive, send)
 
-    peer = FakePeer(make_state(), app)
-    sid = peer.client.request("POST", end=False)
-    await peer.upload(sid, b"x" * 200000, end=False)
-    await peer.run(3)
-    assert peer.tr.read_paused
-    reading.append(1)
-    await peer.until(lambda: not peer.tr.read_paused)
-    peer.client.h2.end_stream(sid)
-    await peer.until(lambda: peer.client.responses[sid].ended)
-    assert peer.client.responses[sid].body == b"200000"
+    state = make_state(limits={"h2_stream_window": 65535, "h2_connection_window": 262144})
+    peer = FakePeer(state, app)
+    await peer.run(2)
+    assert peer.client.remote_settings[0x4] == 65535
+    slow = peer.client.request("POST", "/slow", end=False)
+    sent = await peer.push(slow, b"s" * 1_000_000)
+    # The slow stream got its window and no more: nothing buffered past it,
+    # and the socket is still read...
+    assert sent == 65535 and not peer.tr.read_paused
+    held = next(iter(peer.proto.streams.values())).exchange
+    assert held is not None and held.body_size == 65535
+    # ...so the other streams go on, each with many times its window.
+    bodies = {peer.client.request("POST", f"/{i}", end=False): bytes([i]) * 300_000
+              for i in range(3)}
+    for sid, body in bodies.items():
+        await peer.upload(sid, body)
+    rs = peer.client.responses
+    await peer.until(lambda: all(rs[s].ended for s in bodies))
+    for sid, body in bodies.items():
+        assert bytes(rs[sid].body) == hashlib.sha256(body).hexdigest().encode()
+    assert not rs[slow].ended and held.body_size == 65535
+    reading.append(1)  # the app reads: its window opens again
+    await peer.upload(slow, b"s" * 200_000)
+    await peer.until(lambda: rs[slow].ended)
+    assert bytes(rs[slow].body) == hashlib.sha256(b"s" * 265535).hexdigest().encode()
+
+
+async def _overrun(peer: FakePeer, sizes: list[int]) -> list[int]:
+    """Open a stream per size and send that much on it at once, whatever
+    the windows say (raw DATA frames the h2 client would refuse to send)."""
+    from hyperframe.frame import DataFrame
+
+    await peer.run(2)
+    sids = [peer.client.request("POST", end=False) for _ in sizes]
+    peer.exchange()
+    raw = b""
+    for sid, size in zip(sids, sizes, strict=True):
+        for off in range(0, size, 16384):
+            frame = DataFrame(sid)
+            frame.data = b"x" * min(16384, size - off)
+            raw += frame.serialize()
+    peer.tr.feed(raw)
+    await peer.run(2)
+    return sids
+
+
+async def test_a_client_that_sends_past_its_stream_window_is_reset():
+    async def never_reads(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    peer = FakePeer(make_state(limits={"h2_stream_window": 65535}), never_reads)
+    [sid] = await _overrun(peer, [100_000])
+    assert peer.client.responses[sid].reset == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+    assert not peer.tr.closed and peer.proto.streams == {}
+
+
+async def test_a_client_that_sends_past_the_connection_window_gets_goaway():
+    async def never_reads(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    state = make_state(limits={"h2_stream_window": 65535, "h2_connection_window": 100_000})
+    peer = FakePeer(state, never_reads)
+    await _overrun(peer, [60_000, 60_000])
+    assert peer.client.goaway is not None
+    assert peer.client.goaway.error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+    assert peer.tr.closed
+    await _next_client_is_served()
 
 
 async def test_an_app_that_fails_gets_500_and_the_connection_serves_on():
@@ -383,6 +434,7 @@ async def _next_client_is_served() -> None:
 
 
 async def test_a_long_connection_ends_with_a_graceful_goaway_not_zttps_flood_alarm():
+    # One request at a time: GOAWAY at the first quiet moment past 3000.
     peer = FakePeer(make_state(), echo)
     served = 0
     while peer.client.goaway is None and served < 5000:
@@ -391,9 +443,37 @@ async def test_a_long_connection_ends_with_a_graceful_goaway_not_zttps_flood_ala
         served += r.ended
         peer.client.responses.clear()
     assert peer.client.goaway is not None and peer.client.goaway.error_code == 0
-    assert 3000 < served < 4096
+    assert served == 3000 and peer.client.goaway.last_stream_id == 2 * 3000 - 1
     await peer.until(lambda: peer.tr.closed)
     await _next_client_is_served()
+
+
+async def test_a_connection_never_quiet_gets_goaway_before_zttps_stream_limit():
+    release = []
+
+    async def app(scope, receive, send):
+        while scope["path"] == "/held" and not release:
+            await settle(1)
+        await echo(scope, receive, send)
+
+    peer = FakePeer(make_state(), app)
+    held = peer.client.request(path="/held")
+    served = 0
+    while peer.client.goaway is None and served < 5000:
+        r = peer.client.responses[peer.client.request()]
+        await peer.until(lambda r=r: r.ended or peer.client.goaway is not None)
+        served += r.ended
+    assert peer.client.goaway is not None and peer.client.goaway.error_code == 0
+    # 3824 streams accepted, the held one among them; the h2 client drops
+    # frames after a GOAWAY, so the answer to the last one is not counted.
+    assert peer.client.goaway.last_stream_id == 2 * (4096 - 2 * 128 - 16) - 1
+    assert served == 4096 - 2 * 128 - 16 - 2
+    peer.tr.take()
+    release.append(1)  # the stream open all along still finishes
+    await until(lambda: peer.tr.closed)
+    answer = [f for f in frames(peer.tr.take()) if f.stream_id == held]
+    assert [type(f).__name__ for f in answer][0] == "HeadersFrame"
+    assert "END_STREAM" in answer[-1].flags
 
 
 async def test_an_idle_connection_gets_goaway_then_closes():
@@ -456,3 +536,61 @@ async def test_the_tls_extension_is_in_the_scope_when_client_certs_are_asked_for
     await until(lambda: client.receive(tr.take()) is not None and client.responses[sid].ended)
     assert seen["tls"]["tls_version"] == 0x0304 and seen["tls"]["client_cert_chain"] == []
     assert "http.response.trailers" in seen
+
+
+async def test_many_resets_over_a_long_connection_end_it_gracefully():
+    # zttp 0.0.35 calls a connection's 257th reset a flood, however slowly
+    # they came: zion says GOAWAY (NO_ERROR) first, and what is open finishes.
+    peer = FakePeer(make_state(limits={"h2_flood_per_second": 1000}), echo)
+    kept = peer.client.request("POST", end=False)
+    for _ in range(200):
+        if peer.client.goaway is not None:
+            break
+        sid = peer.client.request(end=False)
+        peer.exchange()
+        peer.client.h2.reset_stream(sid)
+        peer.exchange()
+    assert peer.client.goaway is not None and peer.client.goaway.error_code == 0
+    assert peer.client.goaway.last_stream_id >= kept
+    # The h2 client sends nothing after a GOAWAY: a raw frame finishes the body.
+    from hyperframe.frame import DataFrame
+
+    last = DataFrame(kept, flags=["END_STREAM"])
+    last.data = b"still served"
+    peer.tr.feed(last.serialize())
+    await until(lambda: peer.tr.closed)
+    answer = [f for f in frames(peer.tr.take()) if f.stream_id == kept]
+    assert type(answer[0]).__name__ == "HeadersFrame"
+    body = b"".join(f.data for f in answer[1:] if type(f).__name__ == "DataFrame")
+    assert body == hashlib.sha256(b"still served").hexdigest().encode()
+
+
+async def test_a_silent_connection_with_streams_open_is_pinged_then_closed():
+    async def hang(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    state = make_state(limits={"h2_ping_interval": 10.0, "h2_ping_timeout": 5.0})
+    peer = FakePeer(state, hang)
+    peer.client.request()
+    await peer.run(2)
+    proto = peer.proto
+    quiet = proto.heard_at + 10.0
+    proto.check_deadline(quiet - 0.1)
+    assert frames(peer.tr.take()) == []
+    proto.check_deadline(quiet)
+    [ping] = frames(peer.tr.take())
+    assert type(ping).__name__ == "PingFrame" and "ACK" not in ping.flags
+    proto.check_deadline(quiet + 4.9)
+    assert not peer.tr.closed
+    peer.client.receive(ping.serialize())  # the client answers: all is well
+    peer.exchange()
+    assert proto.ping_deadline == 0.0
+    proto.check_deadline(proto.heard_at + 9.9)
+    assert not peer.tr.closed and frames(peer.tr.take()) == []
+    # A client that never answers:
+    quiet = proto.heard_at + 10.0
+    proto.check_deadline(quiet)
+    assert frames(peer.tr.take())
+    proto.check_deadline(quiet + 5.0)
+    assert peer.tr.closed
+    await _next_client_is_served()

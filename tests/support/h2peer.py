@@ -133,6 +133,21 @@ class FakePeer:
             await self.run(1)
         raise AssertionError("the server never opened its window")
 
+    async def push(self, sid: int, body: bytes, rounds: int = 20) -> int:
+        """Send as much of `body` as the server's windows allow within
+        `rounds` exchanges (no END_STREAM); return how much went."""
+        c = self.client.h2
+        sent = 0
+        for _ in range(rounds):
+            while sent < len(body):
+                window = min(c.local_flow_control_window(sid), c.max_outbound_frame_size)
+                if not window:
+                    break
+                c.send_data(sid, body[sent:sent + window])
+                sent += window
+            await self.run(1)
+        return sent
+
     async def until(self, predicate: Any, timeout: float = 5.0) -> None:
         """Pump until predicate() holds; timers (send_timeout) need real
         time, so every hundred rounds the loop also waits a millisecond."""

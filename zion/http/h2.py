@@ -7,21 +7,35 @@ Python `h2`, which would make HTTP/2 many times dearer than HTTP/1.1.
 What zttp decides and what zion adds:
 - zttp refuses streams past its 128 concurrent (REFUSED_STREAM), bounds a
   header block (CONTINUATION flood, CVE-2024-27316) and detects some floods
-  of its own; it credits the receive window as it parses, so the only bound on
-  request bodies an app does not read is to stop reading the socket (which
-  stalls the connection's other streams until that app catches up).
+  of its own. Its limits are fixed (0.0.35 has no way to set them,
+  Kludex/zttp#49): a connection's 4096th stream or 257th reset is a fatal
+  ENHANCE_YOUR_CALM, so zion sends a graceful GOAWAY well before either, and
+  the client carries on over a new connection (as after nginx's
+  keepalive_requests).
+- Receive flow control is zion's. zttp credits the windows as it parses
+  (WINDOW_UPDATE for every ~32 KiB it surfaces), so an app that does not read
+  could only be bounded by not reading the socket - which stalls every other
+  stream. zion takes zttp's WINDOW_UPDATE frames out of what it sends, keeps
+  their increments (they count the frames' full length, padding included) and
+  gives back only what the app has read: a stream's unread body is bounded by
+  limits.h2_stream_window, a connection's by limits.h2_connection_window, and
+  the other streams go on. A peer that sends past the window it was given is
+  reset (FLOW_CONTROL_ERROR, RFC 9113 6.9.1). zttp itself never notices: it
+  refills its own windows after every frame.
 - zion counts, per connection and second, peer RST_STREAMs (rapid reset,
-  CVE-2023-44487), SETTINGS and PINGs; past limits.h2_flood_per_second of
-  any: GOAWAY ENHANCE_YOUR_CALM and close. It refuses streams past
-  limits.h2_max_streams, answers 431 past max_header_size / max_headers, and
-  resets a stream whose client leaves its window shut for send_timeout
-  (zero-window stall). A CONTINUATION flood is zttp's: it sends GOAWAY
-  ENHANCE_YOUR_CALM after 16 CONTINUATION frames or ~64 KiB of header block,
-  as long as it is asked for events after every read (it is, here).
+  CVE-2023-44487), SETTINGS and PINGs (zttp answers each itself); past
+  limits.h2_flood_per_second of any: GOAWAY ENHANCE_YOUR_CALM and close. It
+  refuses streams past limits.h2_max_streams, answers 431 past
+  max_header_size / max_headers, resets a stream whose client leaves its
+  window shut for send_timeout (zero-window stall), and PINGs a silent
+  connection with streams open, closing it if nothing comes back. A
+  CONTINUATION flood is zttp's: it sends GOAWAY ENHANCE_YOUR_CALM after 16
+  CONTINUATION frames or ~64 KiB of header block, as long as it is asked for
+  events after every read (it is, here).
 - zion rewrites the values of zttp's SETTINGS preface (same frame, same
-  ids): MAX_CONCURRENT_STREAMS and MAX_HEADER_LIST_SIZE from our limits, and
-  ENABLE_CONNECT_PROTOCOL off - there is no WebSocket over HTTP/2 (RFC 8441)
-  yet, and a browser told it is on would try it.
+  ids): MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE and INITIAL_WINDOW_SIZE
+  from our limits, and ENABLE_CONNECT_PROTOCOL off - there is no WebSocket
+  over HTTP/2 (RFC 8441) yet, and a browser told it is on would try it.
 """
 
 from __future__ import annotations
@@ -58,22 +72,33 @@ _DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"trans
 # Body bytes zttp may hold for a stream whose window is shut before the app's
 # send() waits for the client.
 _STREAM_HIGH = 65536
-# zttp 0.0.35 calls a connection's 4096th stream a flood (GOAWAY
-# ENHANCE_YOUR_CALM), however slowly they came. Past this many streams zion
-# sends a graceful GOAWAY instead and the client opens a new connection, as
-# nginx does after keepalive_requests (1000 by default); the margin covers the
-# streams a client may open before it sees our GOAWAY (h2_max_streams <= 128).
-_STREAMS_PER_CONNECTION = 4096 - 2 * 128 - 16
+# zttp 0.0.35 calls a connection's 4096th stream, or its 257th reset (its own
+# and the peer's, however slowly they came; browsers cancel streams as pages
+# change), a flood: GOAWAY ENHANCE_YOUR_CALM, and the streams in flight are
+# lost. zion ends such a connection itself, as nginx does after
+# keepalive_requests (1000 by default): past the QUIET counts, with a graceful
+# GOAWAY at the first moment no stream is open (httpx fails streams still in
+# flight when a GOAWAY arrives, however graceful); at the hard counts, at once.
+# The margins cover what a client may open or reset before it reads our
+# GOAWAY (h2_max_streams <= 128).
+_STREAMS_QUIET, _STREAMS_PER_CONNECTION = 3000, 4096 - 2 * 128 - 16
+_RESETS_QUIET, _RESETS_PER_CONNECTION = 64, 256 - 128 - 16
+# Seconds a connection stays open after its last GOAWAY once no stream is
+# left: requests the client sent before reading the GOAWAY are refused
+# (REFUSED_STREAM, safe to retry) instead of meeting a TCP reset.
+_LINGER = 1.0
 # SETTINGS ids (RFC 9113 6.5.2, RFC 8441 3).
-_MAX_CONCURRENT_STREAMS, _MAX_HEADER_LIST_SIZE, _ENABLE_CONNECT_PROTOCOL = 0x3, 0x6, 0x8
-_SETTINGS_FRAME = 0x4
+_MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE = 0x3, 0x4
+_MAX_HEADER_LIST_SIZE, _ENABLE_CONNECT_PROTOCOL = 0x6, 0x8
+_SETTINGS_FRAME, _PING_FRAME, _WINDOW_UPDATE_FRAME = 0x4, 0x6, 0x8
+_DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2, before any SETTINGS or WINDOW_UPDATE
 
 
 class H2Stream:
     """One stream as the Connection an Exchange talks to."""
 
     __slots__ = ("proto", "state", "loop", "client", "server", "stream_id", "handle",
-                 "exchange", "ended", "closed", "window")
+                 "exchange", "ended", "closed", "window", "received", "earned", "credited")
 
     def __init__(self, proto: H2Protocol, stream_id: int) -> None:
         self.proto = proto
@@ -87,6 +112,11 @@ class H2Stream:
         self.ended = False  # END_STREAM sent
         self.closed = False  # reset, or the connection is gone
         self.window = Wakeup(proto.loop)  # the client opened this stream's window
+        # Receive flow control: body bytes received, the credit zttp would have
+        # given back (frame bytes, padding included), the credit we gave back.
+        self.received = 0
+        self.earned = 0
+        self.credited = 0
 
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
                        more: bool, own_server: bool = False) -> None:
@@ -130,10 +160,14 @@ class H2Stream:
         await proto.flow.drain()
 
     def pause_reading(self) -> None:
-        self.proto.pause_for(self)
+        """Nothing to do: this stream's window, not the socket, bounds what
+        an app that does not read may be sent."""
 
     def resume_reading(self) -> None:
-        self.proto.resume_for(self)
+        # The app has read: it may be owed window.
+        proto = self.proto
+        if self.earned > self.credited or proto.conn_earned > proto.conn_credited:
+            proto.credit_later()
 
     def exchange_done(self, exchange: Exchange) -> None:
         self.proto.stream_done(self, exchange)
@@ -275,6 +309,14 @@ def _raw_headers(raw: bytes) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in _header_lines(raw) if n not in _DROPPED]
 
 
+def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return struct.pack("!BHBBI", length >> 16, length & 0xFFFF, kind, flags, stream_id)
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return _frame_header(4, _WINDOW_UPDATE_FRAME, 0, stream_id) + increment.to_bytes(4, "big")
+
+
 def _rewrite_settings(preface: bytes, values: dict[int, int]) -> bytes:
     """The server preface is one SETTINGS frame of 6-byte (id, value) pairs
     (RFC 9113 6.5.1): change the values of the given ids, add the missing."""
@@ -291,10 +333,12 @@ def _rewrite_settings(preface: bytes, values: dict[int, int]) -> bytes:
 class H2Protocol(asyncio.Protocol):
     __slots__ = (
         "state", "loop", "limits", "transport", "conn", "flow", "client", "server",
-        "streams", "closing", "goaway", "last_stream", "flush_pending", "paused_by",
-        "read_paused", "deadline", "window_start", "resets", "settings", "pings",
-        "accepted", "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
-        "max_header_list", "proxied",
+        "streams", "closing", "goaway", "last_stream", "flush_pending", "deadline",
+        "window_start", "resets", "settings", "pings", "accepted", "resets_total",
+        "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
+        "max_header_list", "proxied", "stream_window", "conn_window", "received",
+        "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard_at",
+        "ping_deadline", "retiring", "linger",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -312,11 +356,12 @@ class H2Protocol(asyncio.Protocol):
         self.last_stream = 0
         self.accepted = 0  # streams answered on this connection
         self.flush_pending = False
-        self.paused_by: set[int] = set()
-        self.read_paused = False
         self.deadline = 0.0  # idle deadline while no stream is open; 0 = none
         self.window_start = 0.0
         self.resets = self.settings = self.pings = 0
+        self.resets_total = 0
+        self.retiring = False  # GOAWAY at the next moment no stream is open
+        self.linger: asyncio.TimerHandle | None = None
         self.date_prefix = b""
         self.date_pairs: list[tuple[bytes, bytes]] = []
         self.date_pairs_own: list[tuple[bytes, bytes]] = []
@@ -324,6 +369,18 @@ class H2Protocol(asyncio.Protocol):
         self.proxied = False  # the peer may speak for its clients (forwarded headers)
         self.max_streams = limits.h2_max_streams
         self.max_header_list = limits.max_header_size
+        # Receive flow control (see the module docstring): the windows we
+        # advertise, body bytes received, credit zttp earned and we gave back.
+        self.stream_window = limits.h2_stream_window
+        self.conn_window = limits.h2_connection_window
+        self.received = 0
+        self.conn_earned = 0
+        self.conn_credited = 0
+        self.strip_updates = False  # zttp may have queued WINDOW_UPDATEs
+        self.credit_due = False  # an app read: work out the credit at the next flush
+        # Liveness: when the client last sent a byte; when an unanswered PING expires.
+        self.heard_at = 0.0
+        self.ping_deadline = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -337,14 +394,22 @@ class H2Protocol(asyncio.Protocol):
             self.tls = tls_extension(transport.get_extra_info("ssl_object"))
         self.proxied = self.state.speaks_for_clients(self.client)
         self.deadline = self.loop.time() + self.limits.header_timeout
+        self.heard_at = self.loop.time()
         self.conn.initiate_connection()
-        tr.write(_rewrite_settings(self.conn.data_to_send(), {
+        preface = _rewrite_settings(self.conn.data_to_send(), {
             _MAX_CONCURRENT_STREAMS: self.max_streams,
             _MAX_HEADER_LIST_SIZE: self.max_header_list,
+            _INITIAL_WINDOW_SIZE: self.stream_window,
             _ENABLE_CONNECT_PROTOCOL: 0,
-        }))
+        })
+        if self.conn_window > _DEFAULT_WINDOW:
+            # The connection window has no SETTINGS of its own (RFC 9113 6.9.2).
+            preface += _window_update(0, self.conn_window - _DEFAULT_WINDOW)
+        tr.write(preface)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.linger is not None:
+            self.linger.cancel()
         self.closing = True
         self.state.connection_closed(self)
         for stream in list(self.streams.values()):
@@ -364,6 +429,8 @@ class H2Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.heard_at = self.loop.time()
+        self.ping_deadline = 0.0
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -373,7 +440,7 @@ class H2Protocol(asyncio.Protocol):
             # for its floods and oversized header blocks).
             log.info("h2_protocol_error", client=self.client[0] if self.client else None,
                      error=str(exc))
-            self._flush()
+            self._flush(final=True)
             self.close()
             return
         self._flush()
@@ -387,9 +454,8 @@ class H2Protocol(asyncio.Protocol):
             if kind is zttp.NeedData:
                 return
             if kind is zttp.Data:
-                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
-                if stream is not None and stream.exchange is not None:
-                    self._body(stream, stream.exchange, event.data)  # type: ignore[union-attr]
+                if self._data(event):  # type: ignore[arg-type]
+                    return
             elif kind is zttp.Request:
                 self._request(event)  # type: ignore[arg-type]
             elif kind is zttp.EndOfMessage:
@@ -403,12 +469,14 @@ class H2Protocol(asyncio.Protocol):
                     stream.window.wake()
             elif kind is zttp.RstStream:
                 stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
-                self.paused_by.discard(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
                     stream.lost()
+                    self.credit_later()  # its unread body no longer holds the window
                 if self._flood("resets"):
                     return
-                self._maybe_resume()
+                self.resets_total += 1
+                if self.resets_total >= _RESETS_QUIET:
+                    self.retire(self.resets_total >= _RESETS_PER_CONNECTION)
             elif kind is zttp.Settings:
                 for stream in streams.values():
                     stream.window.wake()  # INITIAL_WINDOW_SIZE may have grown
@@ -443,7 +511,7 @@ class H2Protocol(asyncio.Protocol):
         log.warning("h2_flood", client=self.client[0] if self.client else None, reason=why)
         with contextlib.suppress(zttp.ProtocolError):
             self.conn.close(H2ErrorCode.ENHANCE_YOUR_CALM, self.last_stream)
-        self._flush()
+        self._flush(final=True)
         self.close()
 
     # -- requests ---------------------------------------------------------------
@@ -453,6 +521,9 @@ class H2Protocol(asyncio.Protocol):
         self.last_stream = max(self.last_stream, sid)
         if self.goaway or self.closing or len(self.streams) >= self.max_streams:
             self.conn.stream(sid).reset(H2ErrorCode.REFUSED_STREAM)
+            # Counted with the resets: a client that goes on opening streams
+            # after our GOAWAY (or past our limit) is flooding us.
+            self._flood("resets")
             return
         self.deadline = 0.0
         self.accepted += 1
@@ -519,19 +590,37 @@ class H2Protocol(asyncio.Protocol):
             if expect_100 and not event.end_stream:
                 stream.handle.send_informational(100)
             self.state.dispatch(ex)
-        if self.accepted >= _STREAMS_PER_CONNECTION:
-            self.shutdown()
+        if self.accepted >= _STREAMS_QUIET:
+            self.retire(self.accepted >= _STREAMS_PER_CONNECTION)
 
-    def _body(self, stream: H2Stream, ex: H2Exchange, data: bytes) -> None:
-        if ex.response_complete:
-            return
-        if ex.received + len(data) > self.limits.max_body_size:
-            if ex.response_started:
-                self.reset(stream, H2ErrorCode.CANCEL)
+    def _data(self, event: zttp.Data) -> bool:
+        """Request body bytes: check them against the windows we gave, then
+        hand them to the stream's exchange. True: the connection is done."""
+        data = event.data
+        size = len(data)
+        self.received += size
+        self.strip_updates = True
+        if self.received > self.conn_window + self.conn_credited:
+            self.fail_connection(H2ErrorCode.FLOW_CONTROL_ERROR, "sent past the connection window")
+            return True
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return False
+        stream.received += size
+        ex = stream.exchange
+        if stream.received > self.stream_window + stream.credited:
+            log.info("h2_flow_control_error", client=self.client[0] if self.client else None,
+                     stream=stream.stream_id)
+            self.reset(stream, H2ErrorCode.FLOW_CONTROL_ERROR)
+        elif ex is not None and not ex.response_complete:
+            if ex.received + size > self.limits.max_body_size:
+                if ex.response_started:
+                    self.reset(stream, H2ErrorCode.CANCEL)
+                else:
+                    ex.fail(413, f"body larger than {self.limits.max_body_size} bytes")
             else:
-                ex.fail(413, f"body larger than {self.limits.max_body_size} bytes")
-            return
-        ex.feed_body(data)
+                ex.feed_body(data)
+        return False
 
     def stream_done(self, stream: H2Stream, ex: Exchange) -> None:
         state = self.state
@@ -550,12 +639,11 @@ class H2Protocol(asyncio.Protocol):
             stream.closed = True
             self.conn.stream(sid).reset(H2ErrorCode.NO_ERROR)
         stream.closed = True
-        self.paused_by.discard(sid)
-        self._maybe_resume()
+        if stream.received:
+            self.credit_later()  # what the app left unread is given back
         if not self.streams:
-            if self.goaway or state.draining:
-                self._flush()
-                self.close()
+            if self.goaway or self.retiring or state.draining:
+                self.shutdown()
             else:
                 self.deadline = self.loop.time() + self.limits.keepalive_timeout
 
@@ -567,8 +655,8 @@ class H2Protocol(asyncio.Protocol):
                 stream.handle.reset(code)
             self.wrote()
         stream.lost()
-        self.paused_by.discard(stream.stream_id)
-        self._maybe_resume()
+        if stream.received:
+            self.credit_later()
 
     # -- output ---------------------------------------------------------------
 
@@ -589,35 +677,104 @@ class H2Protocol(asyncio.Protocol):
             self.flush_pending = True
             self.loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
+        """Send what zttp queued; `final`: it ends with a fatal GOAWAY, after
+        which nothing may follow."""
         self.flush_pending = False
         data = self.conn.data_to_send()
+        if self.strip_updates:
+            # Only after request body bytes can zttp have queued a WINDOW_UPDATE.
+            self.strip_updates = False
+            if data:
+                data = self._take_window_updates(data)
+        if self.credit_due and not final:
+            self.credit_due = False
+            data += self._credit()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def credit_later(self) -> None:
+        self.credit_due = True
+        self.wrote()
+
+    def _take_window_updates(self, data: bytes) -> bytes:
+        """Remove zttp's WINDOW_UPDATE frames from `data`, keeping what they
+        credit as earned: given back by _credit() once the app has read."""
+        kept = []
+        start = pos = 0
+        end = len(data)
+        streams = self.streams
+        while pos + 9 <= end:
+            length = int.from_bytes(data[pos:pos + 3], "big")
+            nxt = pos + 9 + length
+            if data[pos + 3] == _WINDOW_UPDATE_FRAME and length == 4:
+                sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                increment = int.from_bytes(data[pos + 9:nxt], "big") & 0x7FFFFFFF
+                if sid == 0:
+                    self.conn_earned += increment
+                else:
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream.earned += increment
+                kept.append(data[start:pos])
+                start = nxt
+                self.credit_due = True
+            pos = nxt
+        if start == 0:
+            return data
+        kept.append(data[start:])
+        return b"".join(kept)
+
+    def _credit(self) -> bytes:
+        """WINDOW_UPDATEs for what zttp earned less what the apps have not yet
+        read: an app that does not read holds its stream's window shut (and
+        that much of the connection's), nobody else's."""
+        frames = []
+        unread_total = 0
+        for stream in self.streams.values():
+            ex = stream.exchange
+            unread = ex.body_size if ex is not None else 0
+            unread_total += unread
+            if ex is not None and not ex.body_complete:
+                due = stream.earned - unread - stream.credited
+                if due > 0:
+                    stream.credited += due
+                    frames.append(_window_update(stream.stream_id, due))
+        due = self.conn_earned - unread_total - self.conn_credited
+        if due > 0:
+            self.conn_credited += due
+            frames.append(_window_update(0, due))
+        return b"".join(frames)
+
     # -- connection control -----------------------------------------------------
 
-    def pause_for(self, stream: H2Stream) -> None:
-        # zttp credits the window as it parses: the socket is the only tap.
-        self.paused_by.add(stream.stream_id)
-        if not self.read_paused and not self.closing and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
-
-    def resume_for(self, stream: H2Stream) -> None:
-        if self.paused_by:
-            self.paused_by.discard(stream.stream_id)
-            self._maybe_resume()
-
-    def _maybe_resume(self) -> None:
-        if self.read_paused and not self.paused_by and not self.closing:
-            self.read_paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
-
     def check_deadline(self, now: float) -> None:
-        if self.deadline and now >= self.deadline and not self.streams and not self.closing:
+        if self.closing:
+            return
+        if not self.streams:
+            if self.deadline and now >= self.deadline:
+                self.shutdown()
+            return
+        interval = self.limits.h2_ping_interval
+        if self.ping_deadline:
+            if now >= self.ping_deadline:
+                # Nothing at all from the client for interval + timeout while
+                # its streams wait: a dead peer (no RST, no FIN) holds them.
+                log.info("h2_ping_timeout", client=self.client[0] if self.client else None,
+                         streams=len(self.streams))
+                self.close()
+        elif interval and now - self.heard_at >= interval:
+            self.ping_deadline = now + self.limits.h2_ping_timeout
+            # zttp has no call that sends a PING: one 17-byte frame (RFC 9113 6.7).
+            if self.transport is not None:
+                self.transport.write(_frame_header(8, _PING_FRAME, 0, 0) + b"zionping")
+
+    def retire(self, now: bool) -> None:
+        """End this connection gracefully: at once, or once no stream is open."""
+        if now or not self.streams:
             self.shutdown()
+        else:
+            self.retiring = True
 
     def shutdown(self) -> None:
         """Drain: GOAWAY with the last stream we will answer; the streams in
@@ -629,10 +786,21 @@ class H2Protocol(asyncio.Protocol):
             with contextlib.suppress(zttp.ProtocolError):
                 self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
             self._flush()
-        if not self.streams:
-            self.close()
+        if not self.streams and self.linger is None:
+            self.linger = self.loop.call_later(_LINGER, self.close)
+
+    def fail_connection(self, code: H2ErrorCode, why: str) -> None:
+        """A connection error (RFC 9113 5.4.1): GOAWAY with its code, then close."""
+        log.info("h2_connection_error", client=self.client[0] if self.client else None,
+                 code=code.name, reason=why)
+        with contextlib.suppress(zttp.ProtocolError):
+            self.conn.close(code, self.last_stream)
+        self._flush(final=True)
+        self.close()
 
     def close(self) -> None:
+        if self.linger is not None:
+            self.linger.cancel()
         if not self.closing:
             self.closing = True
             self.state.connection_closed(self)
