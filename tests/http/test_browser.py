@@ -33,10 +33,13 @@ async def test_browser_page_round_trips_a_websocket_message(start_zion, tmp_path
     try:
         devtools = await asyncio.wait_for(asyncio.to_thread(_devtools_port, browser), 30)
         text = await asyncio.wait_for(_page_result(devtools), 30)
+        protocol = await asyncio.wait_for(_page_result(
+            devtools, "performance.getEntriesByType('navigation')[0].nextHopProtocol"), 30)
     finally:
         browser.kill()
         browser.wait(10)
     assert text == "got:echo:ping from the browser"
+    assert protocol == "h2"  # HTTP/2 is on by default and Chromium offers it first
 
 
 def _devtools_port(browser: subprocess.Popen[str]) -> int:
@@ -48,8 +51,12 @@ def _devtools_port(browser: subprocess.Popen[str]) -> int:
     raise AssertionError("chromium exited without opening DevTools")
 
 
-async def _page_result(port: int) -> str:
-    """Poll the page's #out element until the script has written its result."""
+_OUT = "document.getElementById('out') && document.getElementById('out').textContent"
+
+
+async def _page_result(port: int, expression: str = _OUT) -> str:
+    """Poll `expression` in the page (by default its #out element) until it
+    is a string other than "waiting"."""
     while True:
         targets = json.loads(await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5).read()))
@@ -59,9 +66,8 @@ async def _page_result(port: int) -> str:
         await asyncio.sleep(0.05)
     async with websockets.connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as cdp:
         for call in range(1, 10_000):
-            await cdp.send(json.dumps({"id": call, "method": "Runtime.evaluate", "params": {
-                "expression": "document.getElementById('out') && "
-                              "document.getElementById('out').textContent"}}))
+            await cdp.send(json.dumps({"id": call, "method": "Runtime.evaluate",
+                                       "params": {"expression": expression}}))
             while True:
                 reply = json.loads(await cdp.recv())
                 if reply.get("id") == call:
