@@ -24,7 +24,9 @@ async def page(request):
 async def echo(websocket: WebSocket) -> None:
     await websocket.accept()
     text = await websocket.receive_text()
-    await websocket.send_text("echo:" + text)
+    # Which HTTP the WebSocket came over: "2" is RFC 8441, a stream of the
+    # page's own HTTP/2 connection.
+    await websocket.send_text(f"echo:{text} (HTTP/{websocket.scope['http_version']})")
 
 
 app = Starlette(routes=[Route("/", page), WebSocketRoute("/ws", echo)])

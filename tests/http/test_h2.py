@@ -472,7 +472,7 @@ async def test_a_connection_never_quiet_gets_goaway_before_zttps_stream_limit():
     release.append(1)  # the stream open all along still finishes
     await until(lambda: peer.tr.closed)
     answer = [f for f in frames(peer.tr.take()) if f.stream_id == held]
-    assert [type(f).__name__ for f in answer][0] == "HeadersFrame"
+    assert type(answer[0]).__name__ == "HeadersFrame"
     assert "END_STREAM" in answer[-1].flags
 
 
@@ -594,3 +594,85 @@ async def test_a_silent_connection_with_streams_open_is_pinged_then_closed():
     proto.check_deadline(quiet + 5.0)
     assert peer.tr.closed
     await _next_client_is_served()
+
+
+def _ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (RFC 6455 5.2), as a browser sends it."""
+    from websockets.frames import Frame, Opcode
+
+    return Frame(Opcode(opcode), payload).serialize(mask=True, extensions=None)
+
+
+def _ws_frames(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    while len(data) >= 2:
+        length = data[1] & 0x7F
+        start = 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        out.append((data[0] & 0x0F, data[start:start + length]))
+        data = data[start + length:]
+    return out
+
+
+async def test_a_websocket_over_an_http2_stream_rfc_8441():
+    seen = {}
+
+    async def app(scope, receive, send):
+        if scope["type"] == "websocket":
+            seen.update(scope)
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept", "subprotocol": "chat"})
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                if msg.get("text") == "bye":
+                    await send({"type": "websocket.close", "code": 1000})
+                    continue
+                await send({"type": "websocket.send", "text": "echo:" + msg["text"]})
+        else:
+            await echo(scope, receive, send)
+
+    peer = FakePeer(make_state(websocket={"per_message_deflate": False}), app)
+    await peer.run(2)
+    assert peer.client.remote_settings[0x8] == 1  # SETTINGS_ENABLE_CONNECT_PROTOCOL
+    ws = peer.client.request("CONNECT", "/chat?room=1", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13"),
+        ("sec-websocket-protocol", "chat, other")])
+    plain = peer.client.request()  # an ordinary request beside it
+    rs = peer.client.responses
+    await peer.until(lambda: rs[ws].status and rs[plain].ended)
+    assert rs[ws].status == 200 and not rs[ws].ended
+    assert rs[ws].header(b"sec-websocket-protocol") == b"chat"
+    names = {n for n, _ in rs[ws].headers}
+    assert not names & {b"upgrade", b"connection", b"sec-websocket-accept"}
+    assert seen["http_version"] == "2" and seen["scheme"] == "wss"
+    assert seen["path"] == "/chat" and seen["query_string"] == b"room=1"
+    assert seen["subprotocols"] == ["chat", "other"]
+    for text in ("one", "two"):
+        peer.client.h2.send_data(ws, _ws_frame(1, text.encode()))
+    await peer.until(lambda: len(_ws_frames(bytes(rs[ws].body))) == 2)
+    assert _ws_frames(bytes(rs[ws].body)) == [(1, b"echo:one"), (1, b"echo:two")]
+    peer.client.h2.send_data(ws, _ws_frame(1, b"bye"))
+    await peer.until(lambda: _ws_frames(bytes(rs[ws].body))[-1][0] == 8)  # the app's close
+    peer.client.h2.send_data(ws, _ws_frame(8, b"\x03\xe8"), end_stream=True)  # and ours
+    await peer.until(lambda: rs[ws].ended)  # then END_STREAM
+    assert peer.proto.streams == {} and not peer.tr.closed
+    await peer.until(lambda: "type" in seen and len(peer.state.tasks) == 0)
+
+
+async def test_an_extended_connect_refused_by_the_app_gets_its_status():
+    async def app(scope, receive, send):
+        await send({"type": "websocket.http.response.start", "status": 401,
+                    "headers": [(b"www-authenticate", b"Bearer")]})
+        await send({"type": "websocket.http.response.body", "body": b"who are you"})
+
+    peer = FakePeer(make_state(), app)
+    await peer.run(2)
+    sid = peer.client.request("CONNECT", "/ws", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13")])
+    r = peer.client.responses[sid]
+    await peer.until(lambda: r.ended or r.reset is not None)
+    assert r.status == 401 and bytes(r.body) == b"who are you"
+    assert r.header(b"www-authenticate") == b"Bearer"

@@ -96,7 +96,16 @@ class FakePeer:
         from zion.http.h2 import H2Protocol
 
         if app is not None:
+            from zion.http.websocket import WebSocketProtocol, request_bytes
+
             state.dispatch = lambda ex: ex.run(app, state.tasks)
+
+            def ws_factory(scope: dict[str, Any], target: bytes,
+                           headers: list[tuple[bytes, bytes]], trailing: bytes) -> Any:
+                return WebSocketProtocol(state, app, scope,
+                                         request_bytes(target, headers) + trailing)
+
+            state.websocket_factory = ws_factory
         self.state = state
         self.proto = H2Protocol(state)
         self.tr = FakeTransport(self.proto)

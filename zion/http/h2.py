@@ -54,6 +54,7 @@ from zion.http import forwarded
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl
+from zion.http.h2_tunnel import StreamTransport, upgrade_headers
 from zion.http.state import count_response
 from zion.http.tls_scope import tls_extension
 from zion.http.wakeup import Wakeup
@@ -98,7 +99,8 @@ class H2Stream:
     """One stream as the Connection an Exchange talks to."""
 
     __slots__ = ("proto", "state", "loop", "client", "server", "stream_id", "handle",
-                 "exchange", "ended", "closed", "window", "received", "earned", "credited")
+                 "exchange", "tunnel", "ended", "closed", "window", "received", "earned",
+                 "credited", "client_ended")
 
     def __init__(self, proto: H2Protocol, stream_id: int) -> None:
         self.proto = proto
@@ -109,7 +111,9 @@ class H2Stream:
         self.stream_id = stream_id
         self.handle = proto.conn.stream(stream_id)
         self.exchange: H2Exchange | None = None
+        self.tunnel: StreamTransport | None = None  # a WebSocket's (RFC 8441), not an exchange
         self.ended = False  # END_STREAM sent
+        self.client_ended = False  # END_STREAM received
         self.closed = False  # reset, or the connection is gone
         self.window = Wakeup(proto.loop)  # the client opened this stream's window
         # Receive flow control: body bytes received, the credit zttp would have
@@ -190,6 +194,13 @@ class H2Stream:
         self.window.wake()
         if self.exchange is not None:
             self.exchange.lost()
+        elif self.tunnel is not None:
+            self.tunnel.lost()
+
+    def window_opened(self) -> None:
+        self.window.wake()
+        if self.tunnel is not None:
+            self.tunnel.window_opened()
 
 
 class H2Exchange(Exchange):
@@ -400,7 +411,8 @@ class H2Protocol(asyncio.Protocol):
             _MAX_CONCURRENT_STREAMS: self.max_streams,
             _MAX_HEADER_LIST_SIZE: self.max_header_list,
             _INITIAL_WINDOW_SIZE: self.stream_window,
-            _ENABLE_CONNECT_PROTOCOL: 0,
+            # RFC 8441 3: a client may open WebSockets as streams.
+            _ENABLE_CONNECT_PROTOCOL: int(self.state.websocket_enabled),
         })
         if self.conn_window > _DEFAULT_WINDOW:
             # The connection window has no SETTINGS of its own (RFC 9113 6.9.2).
@@ -425,6 +437,9 @@ class H2Protocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        for stream in list(self.streams.values()):
+            if stream.tunnel is not None:
+                stream.tunnel.window_opened()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -460,13 +475,17 @@ class H2Protocol(asyncio.Protocol):
                 self._request(event)  # type: ignore[arg-type]
             elif kind is zttp.EndOfMessage:
                 stream = streams.get(event.stream_id)  # type: ignore[union-attr]
-                if stream is not None and stream.exchange is not None:
-                    stream.exchange.message_complete()
+                if stream is not None:
+                    stream.client_ended = True
+                    if stream.exchange is not None:
+                        stream.exchange.message_complete()
+                    elif stream.tunnel is not None:
+                        stream.tunnel.feed_eof()
             elif kind is zttp.WindowUpdate:
                 sid = event.stream_id  # type: ignore[union-attr]
-                for stream in (streams.values() if sid == 0 else
+                for stream in (list(streams.values()) if sid == 0 else
                                filter(None, (streams.get(sid),))):
-                    stream.window.wake()
+                    stream.window_opened()
             elif kind is zttp.RstStream:
                 stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
                 if stream is not None:
@@ -576,22 +595,46 @@ class H2Protocol(asyncio.Protocol):
         if self.proxied:
             assert self.state.proxies is not None
             forwarded.apply(scope, self.state.proxies)
-        ex = stream.exchange = H2Exchange(stream, scope, self.loop.time())
         self.streams[sid] = stream
+        too_large = size > self.max_header_list or len(headers) > self.limits.max_headers
+        if (event.protocol == b"websocket" and event.method == b"CONNECT" and path
+                and not too_large and not event.end_stream
+                and self.state.websocket_factory is not None):
+            self._websocket(stream, scope, event.target, headers)
+            return
+        ex = stream.exchange = H2Exchange(stream, scope, self.loop.time())
         if event.end_stream:
+            stream.client_ended = True
             ex.message_complete()
-        if size > self.max_header_list or len(headers) > self.limits.max_headers:
+        if too_large:
             ex.fail(431, "header section too large")
         elif not path:
             ex.fail(400, "non-ASCII request target")
         elif event.protocol is not None:
-            ex.fail(501, "extended CONNECT (WebSocket over HTTP/2) is not supported")
+            ex.fail(501, f"extended CONNECT for {event.protocol!r} is not supported")
         else:
             if expect_100 and not event.end_stream:
                 stream.handle.send_informational(100)
             self.state.dispatch(ex)
         if self.accepted >= _STREAMS_QUIET:
             self.retire(self.accepted >= _STREAMS_PER_CONNECTION)
+
+    def _websocket(self, stream: H2Stream, scope: dict[str, Any], target: bytes,
+                   headers: list[tuple[bytes, bytes]]) -> None:
+        """RFC 8441: this stream is a WebSocket from here on."""
+        factory = self.state.websocket_factory
+        assert factory is not None
+        tunnel = stream.tunnel = StreamTransport(self, stream)
+        tunnel.start(factory(scope, target, upgrade_headers(headers), b""))
+
+    def tunnel_done(self, stream: H2Stream) -> None:
+        """The WebSocket on this stream is over: end our side, drop the stream."""
+        stream.end()
+        if self.streams.pop(stream.stream_id, None) is not None and not stream.client_ended:
+            with contextlib.suppress(zttp.LocalProtocolError):
+                stream.handle.reset(H2ErrorCode.NO_ERROR)
+        stream.closed = True
+        self._stream_gone(stream)
 
     def _data(self, event: zttp.Data) -> bool:
         """Request body bytes: check them against the windows we gave, then
@@ -612,6 +655,8 @@ class H2Protocol(asyncio.Protocol):
             log.info("h2_flow_control_error", client=self.client[0] if self.client else None,
                      stream=stream.stream_id)
             self.reset(stream, H2ErrorCode.FLOW_CONTROL_ERROR)
+        elif stream.tunnel is not None:
+            stream.tunnel.feed(data)
         elif ex is not None and not ex.response_complete:
             if ex.received + size > self.limits.max_body_size:
                 if ex.response_started:
@@ -639,10 +684,13 @@ class H2Protocol(asyncio.Protocol):
             stream.closed = True
             self.conn.stream(sid).reset(H2ErrorCode.NO_ERROR)
         stream.closed = True
+        self._stream_gone(stream)
+
+    def _stream_gone(self, stream: H2Stream) -> None:
         if stream.received:
             self.credit_later()  # what the app left unread is given back
         if not self.streams:
-            if self.goaway or self.retiring or state.draining:
+            if self.goaway or self.retiring or self.state.draining:
                 self.shutdown()
             else:
                 self.deadline = self.loop.time() + self.limits.keepalive_timeout
@@ -733,9 +781,15 @@ class H2Protocol(asyncio.Protocol):
         unread_total = 0
         for stream in self.streams.values():
             ex = stream.exchange
-            unread = ex.body_size if ex is not None else 0
+            if ex is not None:
+                unread = ex.body_size
+            elif stream.tunnel is not None and stream.tunnel.read_paused:
+                # A WebSocket whose app is not receiving: hold all it was sent.
+                unread = max(0, stream.received - stream.credited)
+            else:
+                unread = 0
             unread_total += unread
-            if ex is not None and not ex.body_complete:
+            if not stream.client_ended:
                 due = stream.earned - unread - stream.credited
                 if due > 0:
                     stream.credited += due
