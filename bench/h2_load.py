@@ -1,16 +1,24 @@
-"""HTTP/2 throughput: h2load (nghttp2-client) against zion, granian and
-hypercorn serving the same app (bench/app.py) with the same certificate and
-2 workers, plus zion over HTTP/1.1 (h2load --h1) for the ratio the issue asks
-for. Server CPU per request is the whole process tree's utime+stime over the
-run, divided by the requests answered.
+"""HTTP/2 throughput: h2load (nghttp2-client) against zion, granian, hypercorn
+and uvicorn (0.53+: `--http zttp --http2`) serving the same app
+(bench/app.py) with the same certificate and 2 workers, plus zion over
+HTTP/1.1 (h2load --h1) for the ratio the issue asks for.
 
-    .venv/bin/python bench/h2_load.py [--clients 16] [--out bench/results]
+Two shapes: one request at a time per connection (-m 1: the same work as
+HTTP/1.1 keep-alive, so "h2 -m 1 / h1" is the fair ratio), and 16 streams
+at a time per connection (-m 16: what HTTP/2 is for). Server CPU per request
+is the whole process tree's utime+stime over the run, divided by the
+requests answered. Rounds are interleaved (every case once, then again) and
+the median round is reported, with the load average before and after.
+
+    .venv/bin/python bench/h2_load.py [--clients 16] [--rounds 3] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import statistics
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -21,18 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import make_cert
 from servers import WORK, Ctx, Running, ServerDef
 
-# (label, server, h2load protocol flags)
+ZION = ServerDef("zion", "zion")
+# (label, server, h2load protocol flags, streams per connection)
 CASES = [
-    ("zion HTTP/2", ServerDef("zion", "zion", ["--http2"]), []),
-    ("zion HTTP/1.1", ServerDef("zion", "zion"), ["--h1"]),
-    ("granian HTTP/2", ServerDef("granian", "granian"), []),
-    ("hypercorn HTTP/2", ServerDef("hypercorn", "hypercorn"), []),
+    ("zion HTTP/1.1", ZION, ["--h1"], 1),
+    ("zion HTTP/2 -m 1", ZION, [], 1),
+    ("zion HTTP/2 -m 16", ZION, [], 16),
+    ("granian HTTP/2 -m 1", ServerDef("granian", "granian"), [], 1),
+    ("granian HTTP/2 -m 16", ServerDef("granian", "granian"), [], 16),
+    ("uvicorn (zttp) HTTP/2 -m 1", ServerDef("uvicorn", "uvicorn", ["--http", "zttp", "--http2"]),
+     [], 1),
+    ("uvicorn (zttp) HTTP/2 -m 16",
+     ServerDef("uvicorn", "uvicorn", ["--http", "zttp", "--http2"]), [], 16),
+    ("hypercorn HTTP/2 -m 16", ServerDef("hypercorn", "hypercorn"), [], 16),
 ]
 
-
-# h2load does not reconnect after a GOAWAY, and zion sends one after ~3800
-# streams (zttp's limit, see zion/http/h2.py): every run stays under that.
-PER_CONNECTION = 3500
+# h2load never reconnects after a GOAWAY, and zion ends a connection past
+# 3000 streams (zttp's per-connection limits, see zion/http/h2.py): every
+# connection here stays under that.
+PER_CONNECTION = 2900
 
 
 def h2load(port: int, requests: int, clients: int, streams: int, extra: list[str]) -> dict:
@@ -50,39 +65,64 @@ def h2load(port: int, requests: int, clients: int, streams: int, extra: list[str
             "protocol": proto.group(1) if proto else "?"}
 
 
+def run_case(sdef: ServerDef, ctx: Ctx, clients: int, streams: int,
+             extra: list[str]) -> tuple[dict, float]:
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        h2load(run.port, clients * 200, clients, streams, extra)  # warm-up
+        cpu0 = run.cpu_seconds()
+        result = h2load(run.port, clients * PER_CONNECTION, clients, streams, extra)
+        cpu = run.cpu_seconds() - cpu0
+    finally:
+        run.stop()
+    return result, (cpu / result["ok"] * 1e6 if result["ok"] else 0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--streams", type=int, default=16, help="h2load -m (HTTP/2 only)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated label prefixes, e.g. zion,granian")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     cert, key = make_cert()
     ctx = Ctx(cert, key)
+    cases = [c for c in CASES if not args.only
+             or any(c[0].startswith(p) for p in args.only.split(","))]
+    load_before = os.getloadavg()
+    runs: dict[str, list[tuple[dict, float]]] = {label: [] for label, *_ in cases}
+    for rnd in range(args.rounds):
+        for label, sdef, extra, streams in cases:
+            result, us = run_case(sdef, ctx, args.clients, streams, extra)
+            runs[label].append((result, us))
+            print(f"round {rnd + 1}", label, result, f"{us:.1f} µs/req", flush=True)
+    load_after = os.getloadavg()
     rows = []
-    for label, sdef, extra in CASES:
-        run = Running(sdef, ctx, WORK / "logs")
-        try:
-            streams = 1 if extra else args.streams
-            h2load(run.port, args.clients * 500, args.clients, streams, extra)  # warm-up
-            cpu0 = run.cpu_seconds()
-            result = h2load(run.port, args.clients * PER_CONNECTION, args.clients, streams,
-                            extra)
-            cpu = run.cpu_seconds() - cpu0
-        finally:
-            run.stop()
-        us = cpu / result["ok"] * 1e6 if result["ok"] else 0.0
-        rows.append((label, result, us))
-        print(label, result, f"{us:.1f} µs/req", flush=True)
+    for label, *_ in cases:
+        results = runs[label]
+        rps = statistics.median(r["rps"] for r, _ in results)
+        us = statistics.median(u for _, u in results)
+        failed = max(r["failed"] for r, _ in results)
+        rows.append((label, results[0][0]["protocol"], rps, us, failed,
+                     [round(r["rps"]) for r, _ in results]))
+    base = next((r for r in rows if r[0] == "zion HTTP/1.1"), None)
     lines = [
         f"# HTTP/2 load ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
-        f"h2load -n {args.clients * PER_CONNECTION} -c {args.clients} -t 1, HTTP/2 with -m "
-        f"{args.streams} streams per connection, HTTP/1.1 (--h1) one request at a time per "
-        "connection; "
-        "GET / of bench/app.py, 2 workers, loopback, the same certificate.", "",
-        "| server | protocol | req/s | server CPU µs/req | failed |", "|---|---|---|---|---|",
+        f"h2load -n {args.clients * PER_CONNECTION} -c {args.clients} -t 1 (-m as labelled; "
+        "HTTP/1.1 with --h1, one request at a time per connection); GET / of bench/app.py, "
+        f"2 workers, loopback, the same certificate. {args.rounds} interleaved rounds, "
+        "medians. Load average (1, 5, 15 min) before: "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}, after: "
+        f"{' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs, shared with other work).", "",
+        "| server | protocol | req/s | × zion h1 req/s | server CPU µs/req | × zion h1 CPU "
+        "| failed | rounds req/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for label, r, us in rows:
-        lines.append(f"| {label} | {r['protocol']} | {r['rps']:.0f} | {us:.1f} | {r['failed']} |")
+    for label, proto, rps, us, failed, each in rows:
+        ratio_rps = f"{rps / base[2]:.2f}" if base and base[2] else "-"
+        ratio_cpu = f"{us / base[3]:.2f}" if base and base[3] else "-"
+        lines.append(f"| {label} | {proto} | {rps:.0f} | {ratio_rps} | {us:.1f} | {ratio_cpu} "
+                     f"| {failed} | {', '.join(map(str, each))} |")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:

@@ -676,3 +676,41 @@ async def test_an_extended_connect_refused_by_the_app_gets_its_status():
     await peer.until(lambda: r.ended or r.reset is not None)
     assert r.status == 401 and bytes(r.body) == b"who are you"
     assert r.header(b"www-authenticate") == b"Bearer"
+
+
+async def test_a_websocket_app_that_does_not_receive_holds_its_stream_window():
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await asyncio.sleep(3600)  # never receives
+
+    state = make_state(websocket={"max_queue": 2, "per_message_deflate": False},
+                       limits={"h2_stream_window": 65535})
+    peer = FakePeer(state, app)
+    await peer.run(2)
+    ws = peer.client.request("CONNECT", "/ws", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13")])
+    await peer.until(lambda: peer.client.responses[ws].status == 200)
+    messages = b"".join(_ws_frame(2, b"m" * 10_000) for _ in range(100))
+    sent = await peer.push(ws, messages)
+    # Reading paused at 2 queued messages: the client had its window, no more.
+    assert 20_000 < sent <= 65535 + 16384 and not peer.tr.read_paused
+    plain = peer.client.request()  # the connection serves on
+    await peer.until(lambda: peer.client.responses[plain].ended)
+
+
+async def test_after_goaway_a_request_is_refused_not_reset_then_the_connection_closes():
+    peer = FakePeer(make_state(), echo)
+    sid = peer.client.request()
+    await peer.until(lambda: peer.client.responses[sid].ended)
+    peer.proto.check_deadline(peer.proto.deadline)  # idle: GOAWAY
+    assert not peer.tr.closed  # lingers: a request already sent meets REFUSED_STREAM
+    [goaway] = frames(peer.tr.take())
+    late = HeadersFrame(sid + 2, flags=["END_HEADERS", "END_STREAM"])
+    late.data = b"\x82\x87\x84\x41\x09localhost"  # GET https / localhost
+    peer.tr.feed(late.serialize())
+    await settle(2)
+    [refused] = frames(peer.tr.take())
+    assert type(refused).__name__ == "RstStreamFrame" and refused.stream_id == sid + 2
+    assert refused.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    await until(lambda: peer.tr.closed)  # after the linger
