@@ -114,7 +114,7 @@ def main() -> None:
         "medians. Load average (1, 5, 15 min) before: "
         f"{' '.join(f'{x:.2f}' for x in load_before)}, after: "
         f"{' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs, shared with other work).", "",
-        "| server | protocol | req/s | × zion h1 req/s | server CPU µs/req | × zion h1 CPU "
+        "| server | protocol | req/s | vs zion h1 req/s | server CPU µs/req | vs zion h1 CPU "
         "| failed | rounds req/s |",
         "|---|---|---|---|---|---|---|---|",
     ]

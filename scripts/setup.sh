@@ -15,7 +15,8 @@ want=(python3-bpfcc bpftool libcap2-bin curl)
 # chromium: the browser test (a page that opens wss:// back to zion).
 # haproxy, iproute2: the load-balancer test (HAProxy in front of two zions, a
 # client in a network namespace of its own).
-if [[ ",$extras," == *",test,"* ]]; then want+=(chromium haproxy iproute2); fi
+# nghttp2-client: h2load against zion's HTTP/2.
+if [[ ",$extras," == *",test,"* ]]; then want+=(chromium haproxy iproute2 nghttp2-client); fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

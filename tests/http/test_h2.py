@@ -706,6 +706,7 @@ async def test_after_goaway_a_request_is_refused_not_reset_then_the_connection_c
     peer.proto.check_deadline(peer.proto.deadline)  # idle: GOAWAY
     assert not peer.tr.closed  # lingers: a request already sent meets REFUSED_STREAM
     [goaway] = frames(peer.tr.take())
+    assert type(goaway).__name__ == "GoAwayFrame" and goaway.error_code == 0
     late = HeadersFrame(sid + 2, flags=["END_HEADERS", "END_STREAM"])
     late.data = b"\x82\x87\x84\x41\x09localhost"  # GET https / localhost
     peer.tr.feed(late.serialize())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import shutil
 import signal
 import subprocess
 from typing import Any
@@ -76,6 +78,17 @@ async def test_a_long_run_over_one_connection_loses_no_request(h2srv: ZionProces
     answers = out.split()
     assert answers[0::3].count("200") == answers[1::3].count("2") == 4000
     assert answers[2::3].count("1") == 2  # two connections, one GOAWAY
+
+
+# In CI a missing tool is a setup bug, not a reason to skip.
+@pytest.mark.skipif(shutil.which("h2load") is None and not os.environ.get("CI"),
+                    reason="needs h2load (Debian's nghttp2-client; scripts/setup.sh installs it)")
+async def test_h2load_many_streams_on_few_connections(h2srv: ZionProcess) -> None:
+    out = subprocess.run(["h2load", "-n", "3000", "-c", "2", "-m", "64", "-d", "/etc/hostname",
+                          f"https://127.0.0.1:{h2srv.port}/echo"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "Application protocol: h2" in out
+    assert "3000 succeeded, 0 failed, 0 errored" in out and "3000 2xx" in out
 
 
 async def test_many_concurrent_streams_and_large_bodies_both_ways(h2srv: ZionProcess) -> None:
@@ -167,6 +180,23 @@ async def test_drain_sends_goaway_and_finishes_the_stream_in_flight(start_zion: 
                     and type(f).__name__ == "DataFrame")
     assert body.startswith(b"2 GET 0 ")
     assert srv.proc.wait(20) == 0
+
+
+async def test_open_streams_count_as_load_for_the_demux(h2srv: ZionProcess) -> None:
+    # The status board the demux program reads: each stream an app is
+    # answering is in-flight load, on one connection as on many.
+    client, reader, writer = await open_tls(h2srv.port)
+    sids = [client.request(path="/slow?3") for _ in range(5)]
+    writer.write(client.h2.data_to_send())
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(
+        None, lambda: wait_for(lambda: _inflight(h2srv) == 5, what="5 streams in flight"))
+    rs = client.responses
+    await pump(client, reader, writer, lambda: all(rs[s].ended for s in sids))
+    await loop.run_in_executor(
+        None, lambda: wait_for(lambda: _inflight(h2srv) == 0, what="the streams done"))
+    writer.close()
 
 
 def _inflight(srv: ZionProcess) -> int:
