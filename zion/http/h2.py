@@ -45,6 +45,7 @@ import contextlib
 import http
 import struct
 import urllib.parse
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import zttp
@@ -115,7 +116,8 @@ class H2Stream:
         self.ended = False  # END_STREAM sent
         self.client_ended = False  # END_STREAM received
         self.closed = False  # reset, or the connection is gone
-        self.window = Wakeup(proto.loop)  # the client opened this stream's window
+        # Made when a writer waits: the client opened this stream's window.
+        self.window: Wakeup | None = None
         # Receive flow control: body bytes received, the credit zttp would have
         # given back (frame bytes, padding included), the credit we gave back.
         self.received = 0
@@ -141,7 +143,10 @@ class H2Stream:
                     self.ended = True
         except zttp.LocalProtocolError:
             raise ProtocolError(f"invalid response header for status {status}") from None
-        self.proto.wrote()
+        if more:
+            self.proto.wrote()
+        # else the stream is done: H2Protocol._stream_gone sends it, at once
+        # when no other stream is open (no extra loop iteration per request).
 
     def write(self, data: bytes) -> None:
         if not self.closed and data:
@@ -159,6 +164,8 @@ class H2Stream:
                     # stall would hold the app (and its memory) for ever.
                     proto.reset(self, H2ErrorCode.FLOW_CONTROL_ERROR)
                     break
+                if self.window is None:
+                    self.window = Wakeup(self.loop)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.window.wait(), left)
         await proto.flow.drain()
@@ -183,7 +190,7 @@ class H2Stream:
                 self.handle.end_message(trailers) if trailers else self.handle.end_message()
             except zttp.LocalProtocolError:
                 raise ProtocolError("invalid response trailers") from None
-            self.proto.wrote()
+            # Sent by H2Protocol._stream_gone, which follows.
 
     def close(self) -> None:
         """A response that cannot be finished: reset this stream only."""
@@ -191,14 +198,16 @@ class H2Stream:
 
     def lost(self) -> None:
         self.closed = True
-        self.window.wake()
+        if self.window is not None:
+            self.window.wake()
         if self.exchange is not None:
             self.exchange.lost()
         elif self.tunnel is not None:
             self.tunnel.lost()
 
     def window_opened(self) -> None:
-        self.window.wake()
+        if self.window is not None:
+            self.window.wake()
         if self.tunnel is not None:
             self.tunnel.window_opened()
 
@@ -213,26 +222,30 @@ class H2Exchange(Exchange):
         super().__init__(stream, scope, True, False, started_at)
         self.stream = stream
         self.want_trailers = False
-        self.trailers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] | None = None
 
-    async def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> Coroutine[Any, Any, None]:  # type: ignore[override]
+        """ASGI send: a plain function handing back Exchange.send's coroutine,
+        so a message costs no second coroutine frame (the app awaits it)."""
         kind = message["type"]
         if kind == "http.response.trailers":
-            if not self.want_trailers or self.response_complete:
-                raise ProtocolError("http.response.trailers without trailers: true")
-            self._check_open(kind)
-            self.trailers += _clean(message.get("headers", ()))
-            if not message.get("more_trailers", False):
-                self.want_trailers = False
-                self.stream.end(self.trailers)
-                self.complete()
-            return
+            return self._trailers(message)
         if kind == "http.response.start" and message.get("trailers"):
             self.want_trailers = True
         elif self.want_trailers and kind == "http.response.body":
             # The trailers, not the last body message, end the stream.
             message = {**message, "more_body": True}
-        await super().send(message)
+        return Exchange.send(self, message)
+
+    async def _trailers(self, message: dict[str, Any]) -> None:
+        if not self.want_trailers or self.response_complete:
+            raise ProtocolError("http.response.trailers without trailers: true")
+        self._check_open("http.response.trailers")
+        self.trailers = (self.trailers or []) + _clean(message.get("headers", ()))
+        if not message.get("more_trailers", False):
+            self.want_trailers = False
+            self.stream.end(self.trailers)
+            self.complete()
 
     def write_body(self, body: bytes, more: bool) -> None:
         if self.content_length is None:
@@ -348,7 +361,7 @@ class H2Protocol(asyncio.Protocol):
         "window_start", "resets", "settings", "pings", "accepted", "resets_total",
         "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
         "max_header_list", "proxied", "stream_window", "conn_window", "received",
-        "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard_at",
+        "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
         "ping_deadline", "retiring", "linger",
     )
 
@@ -389,7 +402,10 @@ class H2Protocol(asyncio.Protocol):
         self.conn_credited = 0
         self.strip_updates = False  # zttp may have queued WINDOW_UPDATEs
         self.credit_due = False  # an app read: work out the credit at the next flush
-        # Liveness: when the client last sent a byte; when an unanswered PING expires.
+        # Liveness: a byte came since the last tick; the tick that saw the
+        # last one (the worker's tick is twice a second: no clock read per
+        # read); when an unanswered PING expires.
+        self.heard = False
         self.heard_at = 0.0
         self.ping_deadline = 0.0
 
@@ -444,8 +460,7 @@ class H2Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.heard_at = self.loop.time()
-        self.ping_deadline = 0.0
+        self.heard = True
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -458,7 +473,10 @@ class H2Protocol(asyncio.Protocol):
             self._flush(final=True)
             self.close()
             return
-        self._flush()
+        # What zttp queued (SETTINGS and PING ACKs, resets); most reads queue nothing.
+        data = conn.data_to_send()
+        if data or self.strip_updates or self.credit_due:
+            self._send(data)
 
     def _events(self) -> None:
         conn = self.conn
@@ -498,7 +516,7 @@ class H2Protocol(asyncio.Protocol):
                     self.retire(self.resets_total >= _RESETS_PER_CONNECTION)
             elif kind is zttp.Settings:
                 for stream in streams.values():
-                    stream.window.wake()  # INITIAL_WINDOW_SIZE may have grown
+                    stream.window_opened()  # INITIAL_WINDOW_SIZE may have grown
                 if self._flood("settings"):
                     return
             elif kind is zttp.Ping:
@@ -537,7 +555,7 @@ class H2Protocol(asyncio.Protocol):
 
     def _request(self, event: zttp.Request) -> None:
         sid = event.stream_id
-        self.last_stream = max(self.last_stream, sid)
+        self.last_stream = sid  # zttp checks that stream ids only grow (RFC 9113 5.1.1)
         if self.goaway or self.closing or len(self.streams) >= self.max_streams:
             self.conn.stream(sid).reset(H2ErrorCode.REFUSED_STREAM)
             # Counted with the resets: a client that goes on opening streams
@@ -567,6 +585,9 @@ class H2Protocol(asyncio.Protocol):
             joined = b"; ".join(v for n, v in headers if n == b"cookie")
             headers = [(n, v) for n, v in headers if n != b"cookie"]
             headers.append((b"cookie", joined))
+        end_stream = event.end_stream
+        protocol = event.protocol
+        method = event.method
         raw_path = event.path or b"/"
         try:
             path = raw_path.decode("ascii")
@@ -581,7 +602,7 @@ class H2Protocol(asyncio.Protocol):
             "server": self.server,
             "client": self.client,
             "scheme": "https",
-            "method": event.method.decode("ascii", "replace"),
+            "method": method.decode("ascii", "replace"),
             "root_path": self.state.root_path,
             "path": path,
             "raw_path": raw_path,
@@ -597,23 +618,23 @@ class H2Protocol(asyncio.Protocol):
             forwarded.apply(scope, self.state.proxies)
         self.streams[sid] = stream
         too_large = size > self.max_header_list or len(headers) > self.limits.max_headers
-        if (event.protocol == b"websocket" and event.method == b"CONNECT" and path
-                and not too_large and not event.end_stream
+        if (protocol is not None and protocol == b"websocket" and method == b"CONNECT" and path
+                and not too_large and not end_stream
                 and self.state.websocket_factory is not None):
             self._websocket(stream, scope, event.target, headers)
             return
         ex = stream.exchange = H2Exchange(stream, scope, self.loop.time())
-        if event.end_stream:
+        if end_stream:
             stream.client_ended = True
             ex.message_complete()
         if too_large:
             ex.fail(431, "header section too large")
         elif not path:
             ex.fail(400, "non-ASCII request target")
-        elif event.protocol is not None:
-            ex.fail(501, f"extended CONNECT for {event.protocol!r} is not supported")
+        elif protocol is not None:
+            ex.fail(501, f"extended CONNECT for {protocol!r} is not supported")
         else:
-            if expect_100 and not event.end_stream:
+            if expect_100 and not end_stream:
                 stream.handle.send_informational(100)
             self.state.dispatch(ex)
         if self.accepted >= _STREAMS_QUIET:
@@ -676,7 +697,8 @@ class H2Protocol(asyncio.Protocol):
             log.info("access", method=scope["method"], path=scope["path"], status=ex.status,
                      bytes=ex.written, client=self.client[0] if self.client else None,
                      ms=round((self.loop.time() - ex.started_at) * 1000, 2), http="2")
-        stream.end()
+        if not stream.ended:
+            stream.end()
         sid = stream.stream_id
         if self.streams.pop(sid, None) is not None and not ex.body_complete:
             # RFC 9113 8.1: the answer is complete; the rest of the request is
@@ -688,8 +710,11 @@ class H2Protocol(asyncio.Protocol):
 
     def _stream_gone(self, stream: H2Stream) -> None:
         if stream.received:
-            self.credit_later()  # what the app left unread is given back
-        if not self.streams:
+            self.credit_due = True  # what the app left unread is given back, below
+        if self.streams:
+            self.wrote()  # with the other streams' answers, at the end of this iteration
+        else:
+            self._flush()
             if self.goaway or self.retiring or self.state.draining:
                 self.shutdown()
             else:
@@ -716,7 +741,8 @@ class H2Protocol(asyncio.Protocol):
             self.date_prefix = date.prefix
             self.date_pairs = _header_lines(date.prefix)
             self.date_pairs_own = _header_lines(date.without_server)
-        return list(self.date_pairs_own if own_server else self.date_pairs)
+        # Not a copy: callers only extend their own lists with it.
+        return self.date_pairs_own if own_server else self.date_pairs
 
     def wrote(self) -> None:
         """Frames were queued: send them once this loop iteration is over,
@@ -729,7 +755,9 @@ class H2Protocol(asyncio.Protocol):
         """Send what zttp queued; `final`: it ends with a fatal GOAWAY, after
         which nothing may follow."""
         self.flush_pending = False
-        data = self.conn.data_to_send()
+        self._send(self.conn.data_to_send(), final)
+
+    def _send(self, data: bytes, final: bool = False) -> None:
         if self.strip_updates:
             # Only after request body bytes can zttp have queued a WINDOW_UPDATE.
             self.strip_updates = False
@@ -809,6 +837,10 @@ class H2Protocol(asyncio.Protocol):
             if self.deadline and now >= self.deadline:
                 self.shutdown()
             return
+        if self.heard:
+            self.heard = False
+            self.heard_at = now
+            self.ping_deadline = 0.0
         interval = self.limits.h2_ping_interval
         if self.ping_deadline:
             if now >= self.ping_deadline:
