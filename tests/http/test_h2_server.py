@@ -199,6 +199,27 @@ async def test_open_streams_count_as_load_for_the_demux(h2srv: ZionProcess) -> N
     writer.close()
 
 
+async def test_reload_sends_goaway_and_the_stream_in_flight_finishes(start_zion: Any) -> None:
+    srv = start_zion("h2_app:app", workers=1)
+    client, reader, writer = await open_tls(srv.port)
+    sid = client.request(path="/slow?1.5")
+    writer.write(client.h2.data_to_send())
+    await writer.drain()
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: wait_for(lambda: _inflight(srv) >= 1, what="the request in flight"))
+    srv.signal(signal.SIGHUP)  # new workers start, the old one drains
+    data = await asyncio.wait_for(_read_to_eof(reader), 20)
+    frames = _frames(data)
+    goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
+    assert goaway.error_code == 0 and goaway.last_stream_id >= sid
+    body = b"".join(f.data for f in frames[frames.index(goaway):]
+                    if f.stream_id == sid and type(f).__name__ == "DataFrame")
+    assert body.startswith(b"2 GET 0 ")
+    async with _client(srv) as c:  # the new generation answers
+        resp = await c.get("/after")
+    assert resp.status_code == 200 and resp.http_version == "HTTP/2"
+
+
 def _inflight(srv: ZionProcess) -> int:
     from tests.conftest import inflight
 
