@@ -23,6 +23,7 @@ from tests.support.fake_transport import make_state
 from tests.support.h2peer import Client, pump
 from tests.support.proxy_headers import ask, inet, inet6, raw_socket, tlv, v1, v2
 from zion.http.proxy_listener import ProxyListener
+from zion.proxy import V2_SIGNATURE
 from zion.tls import ensure_self_signed
 
 APP = "whoami_app:app"
@@ -186,6 +187,19 @@ async def test_no_header_is_closed_and_the_worker_serves_the_next(proxied):
     sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 2, 443)))
     assert (await ask(sock))["client"] == ["203.0.113.7", 2]
     assert len(srv.worker_pids()) == 1 and not srv.events("worker_exited")
+
+
+def test_a_bare_connect_and_close_is_not_an_info_line(proxied):
+    """TCP health checks (AWS NLB's, HAProxy's plain check) connect and close
+    every few seconds: debug, not info; a started header that stops is info."""
+    srv = proxied("v2", "--log-level", "debug")
+    raw_socket(srv.port).close()
+    sock = raw_socket(srv.port)
+    sock.sendall(V2_SIGNATURE[:5])
+    sock.close()
+    lines = wait_for(lambda: len(srv.events("proxy_header_rejected")) == 2
+                     and srv.events("proxy_header_rejected"), 10, "two rejections")
+    assert sorted(line["level"] for line in lines) == ["debug", "info"]
 
 
 async def test_a_silent_peer_is_closed_after_the_header_timeout(start_zion):

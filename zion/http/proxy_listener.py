@@ -197,7 +197,10 @@ class _HeaderReader:
             self._fail(exc.strerror or str(exc))
             return
         if not peek:
-            self._fail("closed before its PROXY header was complete")
+            # Connected and closed without a byte: a TCP health check (AWS
+            # NLB's, HAProxy's plain `check`) or a port probe, every few
+            # seconds: not worth an info line each.
+            self._fail("closed before its PROXY header was complete", quiet=not self.got)
             return
         try:
             header = parse(self.got + peek, v1=self.owner.v1, v2=self.owner.v2)
@@ -221,13 +224,14 @@ class _HeaderReader:
         self.timer.cancel()
         self.owner.loop.remove_reader(self.sock.fileno())
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, quiet: bool = False) -> None:
         self._done()
         self.owner.reading.discard(self)
         self.owner.state.handshake_ended()
-        _reject(self.sock, self.peer, reason)
+        _reject(self.sock, self.peer, reason, quiet)
 
 
-def _reject(sock: socket.socket, peer: Any, reason: str) -> None:
-    log.info("proxy_header_rejected", peer=peer[0] if peer else None, reason=reason)
+def _reject(sock: socket.socket, peer: Any, reason: str, quiet: bool = False) -> None:
+    (log.debug if quiet else log.info)("proxy_header_rejected", peer=peer[0] if peer else None,
+                                       reason=reason)
     sock.close()
