@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import shutil
 import signal
@@ -392,6 +393,50 @@ async def _load_accounting(tmp_path: Path) -> None:
         sock = raw_socket(port, source="127.0.0.2")
         await until(lambda: slot.accepted == 4)
         assert slot.conns == 0 and state.handshaking == 0
+        sock.close()
+    finally:
+        listener.close()
+        lsock.close()
+
+
+def test_accept_out_of_file_descriptors_pauses_then_goes_on():
+    """EMFILE from accept(2) leaves the connection queued: the listener
+    stops for a moment instead of spinning on a readable socket, then takes
+    it once descriptors are back."""
+    uvloop.run(_emfile())
+
+
+class _Exhausted(socket.socket):
+    failing = True
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def _emfile() -> None:
+    state = make_state()
+    state.slot = SimpleNamespace(conns=0, inflight=0, accepted=0)  # type: ignore[assignment]
+    lsock = _Exhausted()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    listener = ProxyListener(state, lsock, None, v1=False, v2=True, allow="127.0.0.1",
+                             handshake_timeout=5, shutdown_timeout=1)
+    listener.start()
+    loop = asyncio.get_running_loop()
+
+    async def until(what: Any) -> None:
+        deadline = loop.time() + 10
+        while not what():
+            assert loop.time() < deadline, "timed out"
+            await asyncio.sleep(0.002)
+
+    try:
+        sock = raw_socket(lsock.getsockname()[1])
+        await until(lambda: not listener.accepting)
+        lsock.failing = False
+        await until(lambda: state.slot.accepted == 1)
         sock.close()
     finally:
         listener.close()

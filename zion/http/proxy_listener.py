@@ -41,6 +41,11 @@ _ACCEPT_BATCH = 64  # accepts per readable event, so one busy listener cannot st
 _ACCEPT_RETRY = 0.1  # seconds to stop accepting after EMFILE and the like
 # accept(2) failures that say "out of resources", not "bad connection".
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2), Linux: errors of the connection being accepted, already pending
+# on it, "should be treated like EAGAIN by retrying"; and ECONNABORTED.
+_RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOWN,
+                           errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                           errno.ENETUNREACH, errno.EPERM})
 
 
 class ProxiedH1Protocol(H1Protocol):
@@ -114,13 +119,14 @@ class ProxyListener:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue
             except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                log.warning("accept_failed", error=exc.strerror,
-                            hint="raise the open-files limit (ulimit -n)")
+                if exc.errno in _RETRY_ERRNOS:
+                    continue
+                log.warning("accept_failed", error=exc.strerror or str(exc),
+                            hint="raise the open-files limit (ulimit -n)"
+                            if exc.errno in _RESOURCE_ERRNOS else None)
+                # Stop for a moment rather than spin on a listener that is
+                # readable and cannot be accepted from.
                 self._pause()
                 self.loop.call_later(_ACCEPT_RETRY, self._resume)
                 return
