@@ -16,7 +16,7 @@ Nothing from the rest of zion is imported here (the parser is fuzzed alone).
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from dataclasses import dataclass
 from enum import Enum
 
@@ -118,12 +118,12 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 
 def _v1_address(raw: bytes, version: int) -> str:
+    # inet_pton is strict where inet_aton is not: four decimal octets, no
+    # leading zeroes, no zone index; inet_ntop gives the canonical text.
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
     try:
-        text = raw.decode("ascii")
-        if "%" in text:  # a zone index names an interface of the sender's
-            raise ValueError(text)
-        return str(ipaddress.IPv4Address(text) if version == 4 else ipaddress.IPv6Address(text))
-    except (UnicodeDecodeError, ValueError):
+        return socket.inet_ntop(family, socket.inet_pton(family, raw.decode("ascii")))
+    except (UnicodeDecodeError, ValueError, OSError):
         raise ProxyProtocolError(f"v1 header: bad IPv{version} address") from None
 
 
@@ -165,13 +165,15 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         # use the real connection endpoints.
         return ProxyHeader(2, command, None, None, total)
     source = destination = None
+    # inet_ntop, not ipaddress: a fifth of the cost, on every connection.
     if family == _AF_INET:
-        source = (str(ipaddress.IPv4Address(body[0:4])), int.from_bytes(body[8:10], "big"))
-        destination = (str(ipaddress.IPv4Address(body[4:8])),
+        source = (socket.inet_ntop(socket.AF_INET, body[0:4]), int.from_bytes(body[8:10], "big"))
+        destination = (socket.inet_ntop(socket.AF_INET, body[4:8]),
                        int.from_bytes(body[10:12], "big"))
     elif family == _AF_INET6:
-        source = (str(ipaddress.IPv6Address(body[0:16])), int.from_bytes(body[32:34], "big"))
-        destination = (str(ipaddress.IPv6Address(body[16:32])),
+        source = (socket.inet_ntop(socket.AF_INET6, body[0:16]),
+                  int.from_bytes(body[32:34], "big"))
+        destination = (socket.inet_ntop(socket.AF_INET6, body[16:32]),
                        int.from_bytes(body[34:36], "big"))
     tlvs = _tlvs(body[_ADDRESS_LENGTH[family]:])
     return ProxyHeader(2, command, source, destination, total, tlvs)

@@ -142,7 +142,9 @@ class ProxyListener:
             # create_server's path: its header, then its handshake, until
             # the protocol's connection_made (or its failure) ends it.
             self.state.connection_accepted()
-            self.reading.add(_HeaderReader(self, conn, addr))
+            reader = _HeaderReader(self, conn, addr)
+            self.reading.add(reader)
+            reader.start()
 
     def header_read(self, reader: _HeaderReader, header: ProxyHeader) -> None:
         self.reading.discard(reader)
@@ -180,18 +182,28 @@ class ProxyListener:
 class _HeaderReader:
     """Reads one connection's PROXY header, never a byte past it."""
 
-    __slots__ = ("owner", "sock", "peer", "got", "timer")
+    __slots__ = ("owner", "sock", "peer", "got", "timer", "watching")
 
     def __init__(self, owner: ProxyListener, sock: socket.socket, peer: Any) -> None:
         self.owner = owner
         self.sock = sock
         self.peer = peer
         self.got = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.watching = False
         sock.setblocking(False)
-        loop = owner.loop
-        loop.add_reader(sock.fileno(), self._readable)
-        self.timer = loop.call_later(owner.header_timeout, self._fail,
-                                     f"no complete PROXY header within {owner.header_timeout:g} s")
+
+    def start(self) -> None:
+        # A balancer's header is usually in by the time we accept: try it
+        # at once, and only wait (a reader and a timer) when it is not.
+        self._readable()
+        if self in self.owner.reading:  # neither served nor refused yet
+            owner = self.owner
+            self.watching = True
+            owner.loop.add_reader(self.sock.fileno(), self._readable)
+            self.timer = owner.loop.call_later(
+                owner.header_timeout, self._fail,
+                f"no complete PROXY header within {owner.header_timeout:g} s")
 
     def _readable(self) -> None:
         sock = self.sock
@@ -227,8 +239,11 @@ class _HeaderReader:
             self.owner.header_read(self, header)
 
     def _done(self) -> None:
-        self.timer.cancel()
-        self.owner.loop.remove_reader(self.sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.watching:
+            self.watching = False
+            self.owner.loop.remove_reader(self.sock.fileno())
 
     def _fail(self, reason: str, quiet: bool = False) -> None:
         self._done()
