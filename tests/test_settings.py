@@ -141,3 +141,23 @@ def test_env_file_feeds_settings_and_a_missing_one_is_a_config_error(tmp_path):
                           str(tmp_path / "missing.env")], capture_output=True, text=True,
                          timeout=60, cwd=REPO)
     assert out.returncode == 2 and "missing.env: no such file" in out.stderr
+
+
+def test_proxy_protocol_settings():
+    import subprocess
+    import sys
+
+    settings = load_settings(None, {"server": {"proxy_protocol": "v2",
+                                               "proxy_allow_ips": "10.0.0.0/8, ::1"}}, {})
+    assert settings.server.proxy_protocol == "v2"
+    with pytest.raises(ConfigError, match="must be one of off, v1, v2, auto"):
+        load_settings(None, {"server": {"proxy_protocol": "v3"}}, {})
+    with pytest.raises(ConfigError, match="not an address or a network"):
+        load_settings(None, {"server": {"proxy_allow_ips": "10.0.0.0/33"}}, {})
+    # Empty: nothing could connect, so it is an error only when the protocol is on.
+    assert load_settings(None, {"server": {"proxy_allow_ips": ""}}, {})
+    out = subprocess.run([sys.executable, "-m", "zion", "serve", "--proxy-protocol", "auto",
+                          "--proxy-allow-ips", ""], capture_output=True, text=True, timeout=60,
+                         cwd=REPO)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "server.proxy_allow_ips (from command line): empty" in out.stderr

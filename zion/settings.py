@@ -578,6 +578,10 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
         raise ConfigError(f"{given} (from {origins.get(given)}): tls.certfile and tls.keyfile "
                           "must be given together")
     server: ServerSettings = sections["server"]
+    if server.proxy_protocol != ProxyProtocol.OFF and not server.proxy_allow_ips.strip(" ,"):
+        raise ConfigError(f"server.proxy_allow_ips (from {origins.get('server.proxy_allow_ips')})"
+                          f": empty, so with proxy_protocol {server.proxy_protocol} no peer "
+                          'could connect; name the balancers (or "*")')
     if server.root and not Path(server.root).is_dir():
         raise ConfigError(f"server.root (from {origins.get('server.root')}): "
                           f"{server.root!r} is not a directory")

@@ -95,6 +95,7 @@ def proxied(start_zion):
 
 async def test_v2_header_before_tls_gives_the_app_the_original_client(proxied):
     srv = proxied("v2")
+    assert srv.events("listening")[-1]["proxy_protocol"] == "v2"
     sock = raw_socket(srv.port)
     sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 56324, 443)))
     facts = await ask(sock)

@@ -73,7 +73,9 @@ class Master:
         self.current = gen
         logger.info("listening", address=gen.group.display, port=gen.group.port,
                     sockets=gen.count, tls=cert_source, app=settings.server.app or None,
-                    root=settings.server.root or None)
+                    root=settings.server.root or None,
+                    proxy_protocol=(settings.server.proxy_protocol.value
+                                    if settings.server.proxy_protocol != "off" else None))
         self.respawn = RespawnPolicy(settings.supervisor, gen.count)
         try:
             # Before the master gives up its capabilities (a port below 1024).
