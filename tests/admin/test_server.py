@@ -4,6 +4,7 @@ comes from real requests, real worker processes and real signals."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -216,3 +217,41 @@ def test_admin_unknown_paths_are_404(start_zion, path):
     srv = serve_hash(start_zion, 1)
     code, body = admin_get(srv, path)
     assert code == 404 and b"/metrics" in body
+
+
+def holders(filter_args: list[str]) -> set[int]:
+    out = subprocess.run(["ss", "-Hnp", *filter_args], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def test_workers_hold_no_admin_socket(start_zion):
+    """The master's admin sockets (listeners and a client's connection) are
+    closed in every worker it forks, or a worker would keep them open."""
+    srv = serve_hash(start_zion)
+    port = int(srv.wait_event("admin_listening")["port"])
+    agent = int(srv.wait_event("agent_listening")["port"])
+    pending = socket.create_connection(("127.0.0.1", port), timeout=5)
+    pending.sendall(b"GET /metrics HTTP/1.1\r\n")
+    wait_for(lambda: holders(["-t", "state", "established", f"sport = :{port}"]),
+             what="the master to accept")
+    victim = srv.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)  # its replacement forks while the connection is open
+    wait_for(lambda: victim not in srv.worker_pids() and len(srv.worker_pids()) == 2,
+             what="the worker replaced")
+    assert holders(["-lt", f"sport = :{port}"]) == {srv.pid}
+    assert holders(["-lt", f"sport = :{agent}"]) == {srv.pid}
+    assert holders(["-t", "state", "established", f"sport = :{port}"]) == {srv.pid}
+    pending.close()
+
+
+def test_reload_cannot_move_the_admin_listener(start_zion, tmp_path):
+    cfg = tmp_path / "zion.toml"
+    cfg.write_text('[admin]\nlisten = "127.0.0.1:0"\n')
+    srv = start_zion("admin_app:app", "--config", str(cfg), "--no-bpf-demux")
+    cfg.write_text('[admin]\nlisten = "127.0.0.2:0"\n')
+    srv.signal(signal.SIGHUP)
+    failed = srv.wait_event("reload_failed")
+    assert "needs a restart" in failed["error"]
+    assert admin_get(srv, "/ready") == (200, b"serving\n")
+    assert total(metrics(srv), "zion_reload_failures_total") == 1
