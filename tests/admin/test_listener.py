@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -137,3 +138,39 @@ def test_bind_errors_are_typed() -> None:
     with pytest.raises(BindError, match=f"cannot bind the admin listener 127.0.0.1:{port}"):
         listener.bind(f"127.0.0.1:{port}", "admin")
     taken.close()
+
+
+def test_bytes_never_read_do_not_cut_a_long_answer(admin: AdminListeners) -> None:
+    """Closing a socket with unread input sends RST (RFC 2525, 2.17), and
+    the kernel drops what it had not sent yet: a slow scraper would get half
+    of /metrics. A small receive window keeps most of the answer queued on
+    our side when we close."""
+    address = admin.address(Kind.HTTP)
+    assert address is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(address)
+    sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+    body = b"m" * 16_000_000  # more than the kernel buffers (tcp_wmem max 4 MiB)
+    got: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while chunk := sock.recv(65536):
+                got.append(chunk)
+        except OSError as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not admin.write_fds() and time.monotonic() < deadline:
+        pump(admin, rounds=1, answer=Reply(200, body))  # answering, most of it still queued
+    sock.sendall(b"x" * 1000)  # bytes after the request that nobody reads
+    while admin.conns and time.monotonic() < deadline:
+        pump(admin, rounds=1, answer=Reply(200, body))
+    reader.join(10)
+    assert not errors, errors
+    assert b"".join(got).endswith(body)
