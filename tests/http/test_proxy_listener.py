@@ -292,14 +292,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _haproxy_says(sock_path: Path, command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as admin:
+        admin.settimeout(5)
+        admin.connect(str(sock_path))
+        admin.sendall(command.encode() + b"\n")
+        out = b""
+        while chunk := admin.recv(65536):
+            out += chunk
+    return out.decode()
+
+
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (Debian package)")
 async def test_haproxy_send_proxy_v2_in_front(proxied, tmp_path):
     """The real HAProxy in TCP mode, TLS passed through: zion trusts only
-    HAProxy's own address, and the app sees each client's address and port."""
-    srv = proxied("v2", "--proxy-allow-ips", "127.0.0.1")
+    HAProxy's own address, and the app sees each client's address and port.
+    HAProxy's health checks come as v2 LOCAL headers: accepted, the server
+    is UP, and no rejection is logged."""
+    srv = proxied("v2", "--proxy-allow-ips", "127.0.0.1", "--log-level", "debug")
     port = _free_port()
     config = tmp_path / "haproxy.cfg"
+    stats = tmp_path / "haproxy.sock"
     config.write_text(f"""\
+global
+    stats socket {stats} mode 600 level admin
 defaults
     mode tcp
     timeout connect 5s
@@ -310,7 +326,7 @@ frontend proxy_fe
     default_backend proxy_be
 backend proxy_be
     source 127.0.0.1
-    server zion 127.0.0.1:{srv.port} send-proxy-v2
+    server zion 127.0.0.1:{srv.port} send-proxy-v2 check inter 100ms rise 2
 """)
     haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
@@ -330,6 +346,13 @@ backend proxy_be
         # The client is not loopback-direct any more: the built-ins say so.
         sock = socket.create_connection(("127.0.0.1", port))
         assert (await ask(sock, "/_zion/healthz")).status == 403
+        wait_for(lambda: "proxy_be,zion," in (row := _haproxy_says(stats, "show stat"))
+                 and ",UP," in row.split("proxy_be,zion,")[1].split("\n")[0], 10,
+                 "HAProxy's checks to pass")
+        # A check connects, sends its LOCAL header and resets: no client named.
+        wait_for(lambda: len([e for e in srv.events("handshake_failed")
+                              if e["client"] is None]) >= 3, 10, "three LOCAL checks")
+        assert not srv.events("proxy_header_rejected")
     finally:
         haproxy.terminate()
         haproxy.wait(10)
