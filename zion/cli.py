@@ -38,6 +38,10 @@ examples:
   zion serve                              the default page on https://127.0.0.1:8443/
   zion serve myapp:app --workers 4        an ASGI app (Starlette, FastAPI, ...)
   zion serve --root ./public --port 9443  static files
+  zion serve myapp:app --no-tls --port 8000
+                                          plain HTTP behind a TLS-terminating proxy
+  zion serve myapp:app --proxy-protocol v2 --proxy-allow-ips 10.0.0.5
+                                          behind HAProxy send-proxy-v2 at 10.0.0.5
 """
 
 
