@@ -12,8 +12,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from tests.admin.support import admin_get, agent_line, metrics, status, tls_request, total
 from tests.conftest import APPS, wait_for
 
@@ -212,11 +210,11 @@ def test_admin_settings_errors_are_one_line(start_zion, zion_env):
     assert f"cannot bind the agent listener {busy}" in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("path", ["/nope", "/metrics/x"])
-def test_admin_unknown_paths_are_404(start_zion, path):
+def test_admin_unknown_paths_are_404(start_zion):
     srv = serve_hash(start_zion, 1)
-    code, body = admin_get(srv, path)
-    assert code == 404 and b"/metrics" in body
+    for path in ("/nope", "/metrics/x", "/"):
+        code, body = admin_get(srv, path)
+        assert code == 404 and b"/metrics" in body
 
 
 def holders(filter_args: list[str]) -> set[int]:
