@@ -41,7 +41,7 @@ def _outcome(data: bytes) -> ProxyHeader | str | None:
         return "error"
 
 
-_FUZZ = settings(max_examples=400, deadline=None,
+_FUZZ = settings(max_examples=400, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
 
 
