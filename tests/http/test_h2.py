@@ -702,19 +702,29 @@ async def test_a_websocket_app_that_does_not_receive_holds_its_stream_window():
     await peer.until(lambda: peer.client.responses[plain].ended)
 
 
-async def test_after_goaway_a_request_is_refused_not_reset_then_the_connection_closes():
-    peer = FakePeer(make_state(), echo)
-    sid = peer.client.request()
-    await peer.until(lambda: peer.client.responses[sid].ended)
-    peer.proto.check_deadline(peer.proto.deadline)  # idle: GOAWAY
-    assert not peer.tr.closed  # lingers: a request already sent meets REFUSED_STREAM
+async def test_a_stream_opened_after_our_goaway_is_ignored_not_reset():
+    release = []
+
+    async def app(scope, receive, send):
+        while not release:
+            await settle(1)
+        await echo(scope, receive, send)
+
+    peer = FakePeer(make_state(), app)
+    held = peer.client.request()
+    await peer.run(2)
+    peer.proto.shutdown()
     [goaway] = frames(peer.tr.take())
-    assert type(goaway).__name__ == "GoAwayFrame" and goaway.error_code == 0
-    late = HeadersFrame(sid + 2, flags=["END_HEADERS", "END_STREAM"])
+    assert type(goaway).__name__ == "GoAwayFrame" and goaway.last_stream_id == held
+    # The client sent this before it read the GOAWAY: it is above the last
+    # stream id, so the client sends it again elsewhere (RFC 9113 6.8); a
+    # reset on top makes curl 7.88 fail some such requests.
+    late = HeadersFrame(held + 2, flags=["END_HEADERS", "END_STREAM"])
     late.data = b"\x82\x87\x84\x41\x09localhost"  # GET https / localhost
     peer.tr.feed(late.serialize())
     await settle(2)
-    [refused] = frames(peer.tr.take())
-    assert type(refused).__name__ == "RstStreamFrame" and refused.stream_id == sid + 2
-    assert refused.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-    await until(lambda: peer.tr.closed)  # after the linger
+    assert frames(peer.tr.take()) == [] and peer.proto.resets == 1
+    release.append(1)
+    await until(lambda: peer.tr.closed)  # once the held stream is answered
+    answer = frames(peer.tr.take())
+    assert {f.stream_id for f in answer} == {held}

@@ -85,10 +85,6 @@ _STREAM_HIGH = 65536
 # GOAWAY (h2_max_streams <= 128).
 _STREAMS_QUIET, _STREAMS_PER_CONNECTION = 3000, 4096 - 2 * 128 - 16
 _RESETS_QUIET, _RESETS_PER_CONNECTION = 64, 256 - 128 - 16
-# Seconds a connection stays open after its last GOAWAY once no stream is
-# left: requests the client sent before reading the GOAWAY are refused
-# (REFUSED_STREAM, safe to retry) instead of meeting a TCP reset.
-_LINGER = 1.0
 # SETTINGS ids (RFC 9113 6.5.2, RFC 8441 3).
 _MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE = 0x3, 0x4
 _MAX_HEADER_LIST_SIZE, _ENABLE_CONNECT_PROTOCOL = 0x6, 0x8
@@ -362,7 +358,7 @@ class H2Protocol(asyncio.Protocol):
         "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
         "max_header_list", "proxied", "stream_window", "conn_window", "received",
         "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
-        "ping_deadline", "retiring", "linger",
+        "ping_deadline", "retiring",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -385,7 +381,6 @@ class H2Protocol(asyncio.Protocol):
         self.resets = self.settings = self.pings = 0
         self.resets_total = 0
         self.retiring = False  # GOAWAY at the next moment no stream is open
-        self.linger: asyncio.TimerHandle | None = None
         self.date_prefix = b""
         self.date_pairs: list[tuple[bytes, bytes]] = []
         self.date_pairs_own: list[tuple[bytes, bytes]] = []
@@ -436,8 +431,6 @@ class H2Protocol(asyncio.Protocol):
         tr.write(preface)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.linger is not None:
-            self.linger.cancel()
         self.closing = True
         self.state.connection_closed(self)
         for stream in list(self.streams.values()):
@@ -555,12 +548,18 @@ class H2Protocol(asyncio.Protocol):
 
     def _request(self, event: zttp.Request) -> None:
         sid = event.stream_id
-        self.last_stream = sid  # zttp checks that stream ids only grow (RFC 9113 5.1.1)
-        if self.goaway or self.closing or len(self.streams) >= self.max_streams:
-            self.conn.stream(sid).reset(H2ErrorCode.REFUSED_STREAM)
-            # Counted with the resets: a client that goes on opening streams
-            # after our GOAWAY (or past our limit) is flooding us.
+        if self.goaway or self.closing:
+            # Above the last stream id of our GOAWAY: the client knows it was
+            # not processed and sends it again elsewhere (RFC 9113 6.8). No
+            # RST_STREAM on top (curl 7.88 then fails some of those requests
+            # instead of retrying them). Counted with the resets: a client
+            # that goes on opening streams after our GOAWAY is flooding us.
             self._flood("resets")
+            return
+        self.last_stream = sid  # zttp checks that stream ids only grow (RFC 9113 5.1.1)
+        if len(self.streams) >= self.max_streams:
+            self.conn.stream(sid).reset(H2ErrorCode.REFUSED_STREAM)
+            self._flood("resets")  # past the limit we advertised: flooding us
             return
         self.deadline = 0.0
         self.accepted += 1
@@ -872,8 +871,12 @@ class H2Protocol(asyncio.Protocol):
             with contextlib.suppress(zttp.ProtocolError):
                 self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
             self._flush()
-        if not self.streams and self.linger is None:
-            self.linger = self.loop.call_later(_LINGER, self.close)
+        if not self.streams:
+            # A TLS close: close_notify, then uvloop reads (and drops) what the
+            # client still sends until its own close_notify - no reset for
+            # the requests it sent before it read our GOAWAY, which it sends
+            # again on a new connection (curl retries them all this way).
+            self.close()
 
     def fail_connection(self, code: H2ErrorCode, why: str) -> None:
         """A connection error (RFC 9113 5.4.1): GOAWAY with its code, then close."""
@@ -885,8 +888,6 @@ class H2Protocol(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        if self.linger is not None:
-            self.linger.cancel()
         if not self.closing:
             self.closing = True
             self.state.connection_closed(self)
