@@ -484,6 +484,8 @@ class H2Protocol(asyncio.Protocol):
                     return
             elif kind is zttp.Request:
                 self._request(event)  # type: ignore[arg-type]
+                if self.closing:  # a flood, or the last stream of a retired connection
+                    return
             elif kind is zttp.EndOfMessage:
                 stream = streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:

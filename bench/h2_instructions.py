@@ -1,0 +1,109 @@
+"""Instructions per request (valgrind callgrind), HTTP/1.1 against HTTP/2, in
+the shapes of bench/h2_exchange.py: zion's protocol, its Exchange and a
+trivial app in-process, no sockets, no TLS. Instruction counts do not move
+with the machine's load the way timings do (two CPUs shared by five people).
+
+Each shape runs twice, with N1 and N2 requests; (Ir(N2) - Ir(N1)) / (N2 - N1)
+is the cost of one request without start-up. The HTTP/2 client that makes
+the frames is pure-Python `h2`, far dearer than the server: its own cost is
+measured the same way (the "client only" rows) and taken off.
+
+    .venv/bin/python bench/h2_instructions.py [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+N1, N2 = 300, 1300
+
+
+def _frames(n: int, batch: int) -> None:
+    """The client's work alone: the frames _h2 would send."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.increment_flow_control_window(2**30)
+    client.data_to_send()
+    headers = [(":method", "GET"), (":path", "/api/items?page=2"), (":scheme", "https"),
+               (":authority", "localhost"), ("user-agent", "bench")]
+    for i in range(n // batch):
+        for j in range(batch):
+            client.send_headers(1 + 2 * (i * batch + j), headers, end_stream=True)
+        client.data_to_send()
+
+
+def _child(shape: str, n: int) -> None:
+    sys.path.insert(0, str(BENCH))
+    import h2_exchange
+
+    h2_exchange.N = n
+    if shape == "h1":
+        asyncio.run(h2_exchange._h1())
+    elif shape == "h2":
+        asyncio.run(h2_exchange._h2(1))
+    elif shape == "h2x16":
+        asyncio.run(h2_exchange._h2(16))
+    else:
+        _frames(n, 16 if shape == "client16" else 1)
+
+
+def _instructions(shape: str, n: int) -> int:
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         __file__, "--child", shape, str(n)], capture_output=True, text=True, check=True).stderr
+    found = re.search(r"Collected : (\d+)", out)
+    if not found:
+        raise RuntimeError(f"no instruction count from callgrind:\n{out[-2000:]}")
+    return int(found.group(1))
+
+
+def per_request(shape: str) -> float:
+    return (_instructions(shape, N2) - _instructions(shape, N1)) / (N2 - N1)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    shapes = ["h1", "h2", "client", "h2x16", "client16"]
+    with ThreadPoolExecutor(2) as pool:
+        ir = dict(zip(shapes, pool.map(per_request, shapes), strict=True))
+    h1 = ir["h1"]
+    h2_one = ir["h2"] - ir["client"]
+    h2_many = ir["h2x16"] - ir["client16"]
+    lines = [
+        f"# Instructions per request, in-process ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
+        f"valgrind callgrind, (Ir({N2}) - Ir({N1})) / {N2 - N1}; bench/h2_instructions.py. "
+        "GET with two headers, a 12-byte answer from a trivial ASGI app; asyncio loop, "
+        "no sockets, no TLS.", "",
+        "| path | instructions / request | vs HTTP/1.1 |", "|---|---|---|",
+        f"| HTTP/1.1 keep-alive | {h1:,.0f} | 1.00 |",
+        f"| HTTP/2, one stream at a time | {h2_one:,.0f} | {h2_one / h1:.2f} |",
+        f"| HTTP/2, 16 streams per read | {h2_many:,.0f} | {h2_many / h1:.2f} |",
+        f"| (h2 client only, taken off: 1 / 16 per read) | {ir['client']:,.0f} / "
+        f"{ir['client16']:,.0f} | |",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        path = args.out / f"h2_instructions-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.md"
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
