@@ -124,7 +124,11 @@ class H2Stream:
                        more: bool, own_server: bool = False) -> None:
         if self.closed:
             return
-        headers += self.proto.default_headers(own_server)
+        proto = self.proto
+        if proto.state.date.prefix is proto.date_prefix:  # the tick has not changed them
+            headers += proto.date_pairs_own if own_server else proto.date_pairs
+        else:
+            headers += proto.default_headers(own_server)
         handle = self.handle
         try:
             if not body and not more:
@@ -215,7 +219,7 @@ class H2Exchange(Exchange):
     __slots__ = ("stream", "want_trailers", "trailers")
 
     def __init__(self, stream: H2Stream, scope: dict[str, Any], started_at: float) -> None:
-        super().__init__(stream, scope, True, False, started_at)
+        Exchange.__init__(self, stream, scope, True, False, started_at)
         self.stream = stream
         self.want_trailers = False
         self.trailers: list[tuple[bytes, bytes]] | None = None
