@@ -728,3 +728,33 @@ async def test_a_stream_opened_after_our_goaway_is_ignored_not_reset():
     await until(lambda: peer.tr.closed)  # once the held stream is answered
     answer = frames(peer.tr.take())
     assert {f.stream_id for f in answer} == {held}
+
+
+async def test_drain_gives_an_http2_websocket_its_time_then_a_1001_close():
+    from zion.http.websocket import WebSocketProtocol
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    peer = FakePeer(make_state(websocket={"per_message_deflate": False}), app)
+    await peer.run(2)
+    ws = peer.client.request("CONNECT", "/ws", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13")])
+    await peer.until(lambda: peer.client.responses[ws].status == 200)
+    peer.state.draining = True
+    for conn in list(peer.state.connections):
+        conn.shutdown()  # drain begins: GOAWAY, the WebSocket keeps going
+    await settle(3)
+    assert not peer.tr.closed and ws in peer.proto.streams
+    [sock] = [c for c in peer.state.connections if isinstance(c, WebSocketProtocol)]
+    sock.close()  # drain timeout: 1001, then the stream and the connection end
+    await until(lambda: peer.tr.closed)
+    # The h2 client stops at a GOAWAY: the frames, raw.
+    sent = frames(peer.tr.take())
+    assert type(sent[0]).__name__ == "GoAwayFrame" and sent[0].last_stream_id == ws
+    body = b"".join(f.data for f in sent if type(f).__name__ == "DataFrame")
+    assert _ws_frames(body)[-1] == (8, b"\x03\xe9server shutting down")
+    assert any("END_STREAM" in f.flags for f in sent if f.stream_id == ws)
