@@ -25,7 +25,7 @@
  * Outcomes
  *   SK_PASS with a socket selected   the connection goes to that worker,
  *                                    and zion_slots[i].dispatches += 1
- *   SK_PASS with nothing selected    no worker is healthy, or the selected
+ *   SK_PASS with nothing selected    no worker is live, or the selected
  *                                    slot held no socket: the kernel's own
  *                                    reuseport hash decides (for a migration:
  *                                    among the listeners still open), and
@@ -34,17 +34,17 @@
  *                                    connection (or resets the migrating
  *                                    one), and a demux must not lose one
  *
- * Healthy: state == READY, and for least-loaded and cpu the heartbeat is no
- * older than ZION_STALL_NS. Load: open connections (TLS handshakes included)
- * + requests in flight + connections dispatched and not accepted yet, and a
- * worker whose heartbeat is older than ZION_BUSY_NS loses to any other. Modes:
+ * Live: state == READY. Healthy (hash and cpu modes): live, and for cpu the
+ * heartbeat is no older than ZION_STALL_NS. Modes:
  *   ZION_MODE_HASH          slot hash % N if live, else the next live slot
- *   ZION_MODE_LEAST_LOADED  the least-loaded healthy slot of all, the first
- *                           idle one from slot hash % N on (so equal loads
- *                           split by the hash)
+ *   ZION_MODE_LEAST_LOADED  the live slot where a connection waits least
+ *                           (zion_load: a turning worker by its load, then
+ *                           blocked ones, the one blocked longest first,
+ *                           then stalled ones), scanning every slot from
+ *                           hash % N on and stopping at the first idle one
  *   ZION_MODE_CPU           the worker pinned to the CPU that handled the SYN
  *                           (slot cpu % N) when healthy, else least-loaded
- * A migrating connection goes to the least-loaded healthy slot in every mode
+ * A migrating connection goes where least-loaded would send it, in every mode
  * (the closing listener's slot is no longer READY by then).
  *
  * Kernel minimum: 5.5 (bounded loops 5.3, BPF_F_MMAPABLE arrays 5.5; the
@@ -126,29 +126,48 @@ static __always_inline u64 zion_pending(struct zion_slot *s)
     return (u64)(n & ~sign);
 }
 
-/* A heartbeat older than ZION_BUSY_NS (two heartbeat intervals) means the
- * worker's loop has not run for that long: it is most likely inside a long
- * synchronous call right now, and a connection sent to it waits for that
- * call to end. Such a worker gets a load no count reaches, so it is chosen
- * only when every healthy worker is in the same state; being stalled
- * (ZION_STALL_NS, much longer) takes it out of the choice altogether. */
-#define ZION_BUSY_LOAD (1ULL << 32)
-
-static __always_inline u64 zion_busy(struct zion_slot *s, u64 now)
+/* 1 when `age` exceeds `limit`, without a branch (see zion_pending). */
+static __always_inline u64 zion_older(s64 age, s64 limit)
 {
-    /* 1 when the age exceeds ZION_BUSY_NS, without a branch (see
-     * zion_pending). */
-    u64 busy = (u64)((s64)ZION_BUSY_NS - (s64)(now - s->heartbeat_ns)) >> 63;
+    u64 over = (u64)(limit - age) >> 63;
 
-    asm volatile("" : "+r"(busy));
-    return busy * ZION_BUSY_LOAD;
+    asm volatile("" : "+r"(over));
+    return over;
 }
 
-/* Open connections (handshakes included) + requests in flight + not yet
- * accepted, + ZION_BUSY_LOAD for a worker whose loop is not turning. */
+/* Where a new connection would wait least, as one number (lower wins):
+ *
+ * - a worker whose loop turns (heartbeat younger than ZION_BUSY_NS, two
+ *   heartbeat intervals): its open connections (handshakes included) +
+ *   requests in flight + connections sent and not accepted yet; 0 is idle;
+ * - one whose loop has not turned for that long is inside a long
+ *   synchronous call now, and a connection sent to it waits for the call to
+ *   end: it comes after every turning worker, and among such workers the
+ *   one blocked longest first (a bounded call that started earliest ends
+ *   earliest: with every worker busy this approaches a shared queue, where
+ *   the first worker free takes the next connection), less
+ *   ZION_PENDING_COST_MS per connection already waiting for it;
+ * - a stalled one (older than ZION_STALL_NS) comes last of all, so a frozen
+ *   worker gets nothing while any other is alive, and only the stalled
+ *   share what arrives when all are.
+ * Ages are in units of 2^20 ns (about a millisecond). */
+#define ZION_PENDING_COST_MS 4
+#define ZION_TIER_BUSY (1ULL << 40)
+#define ZION_TIER_STALLED (1ULL << 50)
+#define ZION_AGE_BASE (1ULL << 30)
+
 static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
 {
-    return (u64)s->conns + s->inflight + zion_pending(s) + zion_busy(s, now);
+    s64 age = (s64)(now - s->heartbeat_ns);
+    u64 pending = zion_pending(s);
+    u64 busy = zion_older(age, (s64)ZION_BUSY_NS);
+    u64 stalled = zion_older(age, (s64)ZION_STALL_NS);
+    u64 turning = (u64)s->conns + s->inflight + pending;
+    /* Clamped so a heartbeat of days ago cannot wrap past the base. */
+    u64 age_ms = ((u64)age >> 20) & (ZION_AGE_BASE - 1);
+    u64 blocked = ZION_TIER_BUSY + ZION_AGE_BASE + pending * ZION_PENDING_COST_MS - age_ms;
+
+    return (1 - busy) * turning + busy * blocked + stalled * ZION_TIER_STALLED;
 }
 
 static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
@@ -198,7 +217,7 @@ static __always_inline u32 zion_least_loaded(u32 start, u64 now)
          * split its range in two at every slot, and the states with it. */
         i = (start + j) % ZION_WORKERS;
         s = zion_slots.lookup(&i);
-        if (!s || !zion_healthy(s, now))
+        if (!s || s->state != ZION_SLOT_READY)
             continue;
         cand = zion_load(s, now);
         if (cand == 0) {

@@ -7,9 +7,11 @@ of it (heartbeat age) instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -225,3 +227,95 @@ async def test_a_tls_handshake_in_progress_counts_as_load(start_zion):
             break
         await asyncio.sleep(0.02)
     assert await counted() == 0, "a failed handshake must stop counting"
+
+
+def _admin_workers(srv) -> list[dict]:
+    """Every worker's slot as the master's admin listener reads it: answered
+    even while every worker is blocked."""
+    port = int(srv.wait_event("admin_listening")["port"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+        return json.load(resp)["workers"]  # type: ignore[no-any-return]
+
+
+def test_with_every_worker_blocked_new_connections_wait_for_the_one_blocked_longest(
+        start_zion, tmp_path):
+    # Both workers are inside a long synchronous call, A for longer than B.
+    # A call that started earlier ends earlier, so the next connections queue
+    # behind A (as a shared queue would hand them to whoever is free first),
+    # not half behind B as their equal load alone would split them, until A's
+    # queue outweighs its head start (4 ms per waiting connection).
+    flag = tmp_path / "hold"
+    for name in ("a", "b"):
+        (tmp_path / f"hold{name}").touch()
+    srv = start_zion("steer_app:app", "--admin", "127.0.0.1:0", workers=2,
+                     env={"STEER_HOLD": str(flag), "ZION_DEMUX_STALL_THRESHOLD_MS": "600000"})
+    holds = []
+
+    async def held_since_beat(count: int, oldest_ms: float) -> list[dict]:
+        """The workers blocked (in flight, no beat for two 20 ms intervals),
+        oldest first, once `count` are and the oldest has not beaten for
+        `oldest_ms`."""
+        for _ in range(500):
+            ws = await asyncio.to_thread(_admin_workers, srv)
+            busy = sorted((w for w in ws if w["inflight"] >= 1 and w["heartbeat_age_ms"] > 40),
+                          key=lambda w: -w["heartbeat_age_ms"])
+            if len(busy) >= count and busy[0]["heartbeat_age_ms"] > oldest_ms:
+                return busy
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"never saw {count} blocked workers")
+
+    async def body() -> None:
+        holds.append(asyncio.create_task(get(srv.port, "/hold?a")))
+        # A head start of 150 ms: worth more than the 8 connections (32 ms).
+        first = (await held_since_beat(1, 150))[0]
+        holds.append(asyncio.create_task(get(srv.port, "/hold?b")))
+        busy = await held_since_beat(2, 0)
+        assert busy[0]["pid"] == first["pid"]
+        before = {w["pid"]: w["dispatches"] for w in busy}
+        clients = [asyncio.create_task(get(srv.port, "/")) for _ in range(8)]
+        for _ in range(500):
+            now = {w["pid"]: w["dispatches"] for w in await asyncio.to_thread(_admin_workers, srv)}
+            if sum(now.values()) - sum(before.values()) >= 8:
+                break
+            await asyncio.sleep(0.02)
+        got = {pid: now[pid] - before[pid] for pid in now}
+        assert got == {first["pid"]: 8, busy[1]["pid"]: 0}, got
+        for name in ("a", "b"):
+            (tmp_path / f"hold{name}").unlink()
+        results = await asyncio.gather(*clients, *holds)
+        assert {r.headers["x-pid"] for r in results[:8]} == {str(first["pid"])}
+
+    asyncio.run(body())
+
+
+def test_with_every_worker_stalled_the_program_still_chooses(start_zion):
+    # Both workers frozen past the stall threshold: rather than leave the
+    # connection to the kernel's hash, the program picks the one frozen
+    # longest (the same reasoning as for blocked ones), and nothing falls back.
+    srv = start_zion("steer_app:app", "--admin", "127.0.0.1:0", workers=2)
+    ws = _admin_workers(srv)
+    first, second = ws[0]["pid"], ws[1]["pid"]
+    os.kill(first, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _admin_workers(srv)[0]["heartbeat_age_ms"] > 150, 10, "a head start")
+        os.kill(second, signal.SIGSTOP)
+        wait_for(lambda: all(w["state"] == "stalled" for w in _admin_workers(srv)), 10,
+                 "both stalled")
+        port = int(srv.wait_event("admin_listening")["port"])
+
+        def status() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+                return json.load(r)  # type: ignore[no-any-return]
+
+        before = status()
+        clients = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+        after = status()
+        for c in clients:
+            c.close()
+    finally:
+        os.kill(first, signal.SIGCONT)
+        os.kill(second, signal.SIGCONT)
+    assert after["demux"]["fallbacks"] == before["demux"]["fallbacks"]
+    got = [a["dispatches"] - b["dispatches"] for a, b in zip(after["workers"],
+                                                              before["workers"], strict=True)]
+    assert got == [4, 0], got
