@@ -1,12 +1,11 @@
 """The floor: the least a uvloop TLS server can do per connection and request.
 
 N forked processes, each with its own SO_REUSEPORT listener (as zion's workers),
-uvloop, the same TLS settings as zion's defaults (TLS 1.2-1.3, ALPN, no
-compression, server cipher preference, one TLS 1.3 session ticket per
-handshake, one SSLContext made before fork so tickets resume anywhere), and
-a protocol that parses nothing: every blank line ends a request, the answer
-is a constant, `connection: close` closes. No ASGI, no status board, no
-timers. What zion spends above this per new connection or
+uvloop, the same TLS settings as zion (TLS 1.2-1.3, ALPN, no compression,
+server cipher preference, one SSLContext made before fork so tickets resume
+anywhere), and a protocol that parses nothing: every blank line ends a
+request, the answer is a constant, `connection: close` closes. No ASGI, no
+status board, no timers. What zion spends above this per new connection or
 per request is zion's own work (issue 12).
 
     python floor_server.py --port P --workers N --cert C --key K
@@ -57,7 +56,6 @@ def context(cert: str, key: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
-    ctx.num_tickets = 1
     ctx.load_cert_chain(cert, key)
     return ctx
 

@@ -245,13 +245,6 @@ class TLSSettings:
         "rotation is a zero-downtime reload: every reload makes new keys. A leaked key "
         "decrypts the tickets issued under it, and so (TLS 1.2) those sessions' traffic, "
         "for as long as it was in use.", check=non_negative)
-    session_tickets: int = setting(
-        1, "TLS 1.3 session tickets sent after each handshake (0 = none, no resumption; "
-        "OpenSSL's own default is 2). Each one costs the server about 12 % of a new "
-        "connection's CPU. One is enough for clients that open connections one after "
-        "another (API clients, wrk, browsers, whose TLS 1.3 tickets are single-use); raise "
-        "it for clients that open several at once and want each one resumed.",
-        check=between(0, 16))
     ca_certs: str = setting("", "CA bundle (PEM) that client certificates must chain to.",
                             flag=Flag("--ssl-ca-certs", "PEM"))
     cert_reqs: CertReqs = setting(CertReqs.NONE, 'Client certificates: "none", "optional" '

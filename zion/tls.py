@@ -54,9 +54,6 @@ def build_context(settings: TLSSettings) -> tuple[ssl.SSLContext, str]:
     )
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    # Tickets are sealed with this context's keys, which every worker shares:
-    # whichever worker a client reaches next resumes it.
-    ctx.num_tickets = settings.session_tickets
     ctx.set_alpn_protocols(["h2", "http/1.1"] if settings.http2 else ["http/1.1"])
     if settings.ciphers:
         try:
