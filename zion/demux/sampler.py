@@ -22,7 +22,11 @@ from collections.abc import Sequence
 from zion.demux.board import StatusBoard, signed64
 from zion.listeners import accept_queue_len
 
-INTERVAL = 0.01  # seconds
+# The program routes on dispatches - accepted, exact without sampling; the
+# sample only stores `backlog` for status and catches drift over WINDOW, for
+# which 10 samples suffice. At 100 Hz the master's wake-ups cost ~2 % of a
+# core on an idle server (19 clock ticks per 10 s), at 10 Hz 0.2 %.
+INTERVAL = 0.1  # seconds
 WINDOW = 1.0  # seconds an excess must persist before it counts as drift
 
 _U64 = (1 << 64) - 1
