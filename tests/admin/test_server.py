@@ -123,8 +123,11 @@ def test_frozen_worker_queue_fallbacks_ready_and_agent(start_zion):
         m = wait_for(lambda: (m := metrics(srv)) and total(
             m, "zion_accept_queue_length", worker="0") == 3 and m, what="3 queued")
         if status(srv)["demux"]["state"] == "attached":
-            # No healthy worker: the program leaves each to the kernel's hash.
-            assert total(m, "zion_demux_fallbacks_total") == 3
+            # No healthy worker: the program still picks among the ready ones
+            # (stalled ones rank last, they are not skipped), so nothing falls
+            # back to the kernel's hash and the dispatches say where they went.
+            assert total(m, "zion_demux_fallbacks_total") == 0
+            assert total(m, "zion_dispatches_total", worker="0") >= 3
         assert total(m, "zion_ready") == 0 and total(m, "zion_weight_percent") == 0
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -54,3 +54,34 @@ async def test_the_master_samples_so_dispatch_guesses_never_stick(start_zion):
     while seen[-1] != [0, 0] and len(seen) < 200:
         seen.append(await backlogs())
     assert seen[-1] == [0, 0], seen[-5:]
+
+
+def test_drift_in_the_not_yet_accepted_count_is_corrected_after_a_window():
+    # The program counted 7 dispatches, the worker accepted 3, and nothing is
+    # queued: 4 connections died before they were accepted. Once that excess
+    # has lasted a whole window it is written off (dropped), and the program's
+    # pending count is exact again; a real queue is never written off.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    board = StatusBoard.anonymous(1)
+    slot = board.slots[0]
+    slot.dispatches, slot.accepted = 7, 3
+    client = socket.create_connection(listener.getsockname())  # one really queued
+    wait_for(lambda: (sample([listener], board), slot.backlog == 1)[1], 5, "one queued")
+    slot.dispatches += 1  # the program counted that one too
+    sampler = QueueSampler(interval=0.01, window=1.0)
+    sampler.maybe_sample(100.0, [listener], board)  # opens the window
+    assert slot.pending == 5
+    sampler.maybe_sample(100.5, [listener], board)
+    assert slot.pending == 5, "not before the window ends"
+    sampler.maybe_sample(101.0, [listener], board)
+    assert slot.pending == 1, "the queued connection still counts, the dead ones do not"
+    # More accepted than dispatched (the kernel's hash placed some): the
+    # count comes back up to the real queue.
+    slot.accepted += 3
+    sampler.maybe_sample(101.5, [listener], board)
+    sampler.maybe_sample(102.0, [listener], board)
+    assert slot.pending == 1
+    client.close()
+    listener.close()
