@@ -230,13 +230,11 @@ def _accepted_not_served(server: asyncio.Server | ProxyListener) -> int:
 
 def _freeze_startup_objects() -> None:
     """Move what import and startup made (the app, its framework, zion) out of
-    the cyclic collector's reach: they live as long as the worker, and every
-    full collection would walk them again. Serving allocates and frees
-    per-connection objects (uvloop's SSL protocol and transport point at each
-    other, so the collector frees them), which keeps collections frequent.
-    The collector also writes to every object it walks, so freezing keeps
-    those pages from being touched again."""
-    gc.collect()
+    the cyclic collector's reach: it lives as long as the worker, and a full
+    collection would walk all of it again, writing to every object it visits.
+    No gc.collect() first: that walk is exactly what unshares the pages the
+    worker inherited from the master (measured: +21 MiB PSS over a 2-worker
+    tree, 78 against 57 MiB). Python's gc.freeze() documentation."""
     gc.freeze()
 
 
