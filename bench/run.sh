@@ -15,10 +15,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   systemctl stop nginx >/dev/null 2>&1 || pkill -x nginx || true
 fi
 work=bench/.work
-if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsproto' 2>/dev/null; then
+if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsproto, zttp' 2>/dev/null; then
   python3 -m venv "$work/venv"
   "$work/venv/bin/pip" install -q --disable-pip-version-check \
     'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian hypercorn matplotlib \
-    wsproto websockets
+    wsproto websockets zttp  # zttp: uvicorn's HTTP/2 (--http zttp --http2), bench/h2_load.py
 fi
 exec "$work/venv/bin/python" bench/run.py "$@"
