@@ -95,6 +95,9 @@ def stalled(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
     lat = [r.latency_ms for r in records if r.ok]
     return {"connections": len(records), "failed": sum(not r.ok for r in records),
             "slow_over_1s": sum(r.ok and r.latency_ms > 1000 for r in records),
+            # When the slow ones started (the freeze is at 1.0 s): connections the
+            # worker had accepted just before it froze wait for it whatever steers.
+            "slow_at_s": [round(r.start, 3) for r in records if r.ok and r.latency_ms > 1000],
             "p99_ms": load.percentile(lat, 99), "max_ms": max(lat, default=float("nan")),
             "timeline": [(round(r.start, 4), round(r.latency_ms, 2), r.ok) for r in records]}
 

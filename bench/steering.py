@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import datetime
 import gzip
@@ -47,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load
+from run import stalled
 from servers import REPO, SERVERS, WORK, Ctx, Running, ServerDef
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,28 +74,6 @@ def mixed(sdef: ServerDef, ctx: Ctx, pattern: str, secs: float) -> dict:
             "p50_ms": load.percentile(light, 50), "p99_ms": load.percentile(light, 99),
             "p999_ms": load.percentile(light, 99.9),
             "over_100ms_pct": 100 * sum(x > 100 for x in light) / max(len(light), 1)}
-
-
-# -- a stalled worker ----------------------------------------------------------------
-
-def stalled(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
-    run = Running(sdef, ctx, WORK / "logs")
-    victim = run.workers()[1]
-    try:
-        timeline = [(1.0, lambda: os.kill(victim, signal.SIGSTOP)),
-                    (3.0, lambda: os.kill(victim, signal.SIGCONT))]
-        records = load.fresh_connections(run.port, secs, 400, timeline=timeline, timeout=5.0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGCONT)
-        run.stop()
-    lat = [r.latency_ms for r in records if r.ok]
-    # When the slow ones started (the freeze is at 1.0 s): connections the
-    # worker had accepted just before it froze wait for it whatever steers.
-    return {"connections": len(records), "failed": sum(not r.ok for r in records),
-            "over_1s": sum(r.ok and r.latency_ms > 1000 for r in records),
-            "slow_at_s": [round(r.start, 3) for r in records if r.ok and r.latency_ms > 1000],
-            "p99_ms": load.percentile(lat, 99), "max_ms": max(lat, default=float("nan"))}
 
 
 # -- a worker killed, a shrink, in a namespace with tcp_migrate_req set --------------
@@ -308,7 +286,7 @@ def report(results: dict) -> str:
         for name, rows in results["stalled"].items():
             started = sorted(t for r in rows for t in r.get("slow_at_s", []))
             out.append(f"| {name} | {_median(rows, 'connections'):.0f} | "
-                       f"{[r['over_1s'] for r in rows]} | {sum(r['failed'] for r in rows)} | "
+                       f"{[r['slow_over_1s'] for r in rows]} | {sum(r['failed'] for r in rows)} | "
                        f"{_median(rows, 'p99_ms'):.1f} | "
                        f"{', '.join(f'{t:.3f}' for t in started[:8])} |")
         out.append("")
