@@ -14,7 +14,6 @@ remain, so compare servers within one run only.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,14 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load
-from run import PINNED_OPENSSL_CONF, make_cert
+from run import make_cert, pin_clients_to_x25519
 from servers import SERVERS, WORK, Ctx, Running
 
 
 def main() -> int:
-    if os.environ.get("OPENSSL_CONF") != str(PINNED_OPENSSL_CONF):
-        os.environ["OPENSSL_CONF"] = str(PINNED_OPENSSL_CONF)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    pin_clients_to_x25519()
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)

@@ -168,12 +168,17 @@ def versions() -> dict:
 PINNED_OPENSSL_CONF = Path(__file__).resolve().parent / "openssl-x25519.cnf"
 
 
-def main() -> int:
+def pin_clients_to_x25519() -> None:
+    """Every client offers only X25519 (bench/openssl-x25519.cnf). OpenSSL
+    reads its config once, at start: re-exec so this process's own Python
+    clients are pinned too, not only wrk and openssl that inherit it."""
     if os.environ.get("OPENSSL_CONF") != str(PINNED_OPENSSL_CONF):
-        # OpenSSL reads its config once, at start: re-exec so this process's
-        # Python clients are pinned too, not only wrk and openssl.
         os.environ["OPENSSL_CONF"] = str(PINNED_OPENSSL_CONF)
         os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def main() -> int:
+    pin_clients_to_x25519()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, short runs")
