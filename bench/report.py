@@ -85,7 +85,7 @@ def goals(s: dict[str, dict[str, Any]]) -> list[str]:
     if "zion" in s:
         z = s["zion"]
         lines.append(f"- resumed handshakes across workers: **{z['resumed'][0]:.0f} %** "
-                     f"(goal ≥ 95 %) — {'met' if z['resumed'][0] >= 95 else 'NOT met'}")
+                     f"(goal ≥ 95 %) — {_met(z['resumed'][0] >= 95)}")
     if "zion" in s and "zion-before" in s:
         z, b = s["zion"], s["zion-before"]
         ratio = z["a_rps"][0] / b["a_rps"][0]
