@@ -138,9 +138,10 @@ static __always_inline u64 zion_older(s64 age, s64 limit)
 /* Where a new connection would wait least, as one number (lower wins):
  *
  * - a worker whose loop turns (heartbeat younger than ZION_BUSY_NS, two
- *   heartbeat intervals): its open connections (handshakes included) +
- *   requests in flight + connections sent and not accepted yet; 0 is idle;
- * - one whose loop has not turned for that long is inside a long
+ *   heartbeat intervals), or that has nothing to do: its open connections
+ *   (handshakes included) + requests in flight + connections sent and not
+ *   accepted yet; 0 is idle;
+ * - one with work whose loop has not turned for that long is inside a long
  *   synchronous call now, and a connection sent to it waits for the call to
  *   end: it comes after every turning worker, and among such workers the
  *   one blocked longest first (a bounded call that started earliest ends
@@ -160,9 +161,14 @@ static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
 {
     s64 age = (s64)(now - s->heartbeat_ns);
     u64 pending = zion_pending(s);
-    u64 busy = zion_older(age, (s64)ZION_BUSY_NS);
     u64 stalled = zion_older(age, (s64)ZION_STALL_NS);
     u64 turning = (u64)s->conns + s->inflight + pending;
+    /* A worker with nothing to do beats less often (zion/worker.py), so an
+     * old heartbeat means "blocked" only when it has work (1 if turning > 0,
+     * without a branch), or when it is older than the stall threshold, far
+     * beyond the idle pace. */
+    u64 has_work = (u64)(-(s64)turning | (s64)turning) >> 63;
+    u64 busy = zion_older(age, (s64)ZION_BUSY_NS) & (has_work | stalled);
     /* Clamped so a heartbeat of days ago cannot wrap past the base. */
     u64 age_ms = ((u64)age >> 20) & (ZION_AGE_BASE - 1);
     u64 blocked = ZION_TIER_BUSY + ZION_AGE_BASE + pending * ZION_PENDING_COST_MS - age_ms;

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 from tests.conftest import get, wait_for
 from tests.support.bpf import zion_prog_ids
+from zion.worker import _Heartbeat
 
 
 def test_workers_die_with_a_sigkilled_master_and_nothing_stays_attached(start_zion):
@@ -50,3 +52,35 @@ async def test_startup_objects_are_frozen_out_of_the_collectors_reach(start_zion
     facts = dict(part.split("=") for part in resp.body.decode().split())
     assert int(facts["frozen"]) > 10_000  # zion, uvloop, the app: tens of thousands
     assert int(facts["frozen"]) > 5 * int(facts["tracked"])
+
+
+class _Loop:
+    """call_later recorded, nothing run."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.cancelled = 0
+
+    def call_later(self, delay: float, callback) -> _Loop:
+        self.delays.append(delay)
+        return self
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+
+def test_the_heartbeat_beats_every_interval_with_work_and_four_without():
+    slot = SimpleNamespace(heartbeat_ns=0, conns=0, inflight=0)
+    loop = _Loop()
+    beat = _Heartbeat(loop, slot, 0.005)  # type: ignore[arg-type]
+    assert slot.heartbeat_ns > 0 and loop.delays == [0.02]
+    slot.conns = 1
+    stamp = slot.heartbeat_ns
+    beat.wake()  # an idle worker took a connection: beat now, at the busy pace
+    assert loop.cancelled == 1 and slot.heartbeat_ns >= stamp and loop.delays[-1] == 0.005
+    slot.conns, slot.inflight = 0, 1
+    beat._beat()
+    assert loop.delays[-1] == 0.005
+    beat.stop()
+    beat.wake()  # a draining worker's heartbeat stays stopped
+    assert len(loop.delays) == 3

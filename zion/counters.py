@@ -66,8 +66,13 @@ class SupervisorCounters:
 
     respawns: dict[int, int] = field(default_factory=dict)  # worker slot -> respawns
     stalls: dict[int, int] = field(default_factory=dict)  # worker slot -> stalls seen
+    # worker slot -> connections moved from its accept queue while it was blocked
+    requeued: dict[int, int] = field(default_factory=dict)
     reloads: int = 0  # committed
     reload_failures: int = 0  # aborted: a new worker died, or the new settings were refused
 
     def respawned(self, index: int) -> None:
         self.respawns[index] = self.respawns.get(index, 0) + 1
+
+    def moved(self, index: int, connections: int) -> None:
+        self.requeued[index] = self.requeued.get(index, 0) + connections

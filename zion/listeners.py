@@ -125,13 +125,24 @@ def bind_group(host: str, port: int, count: int, backlog: int) -> ListenerGroup:
     if port:
         ensure_unserved(host, port, family)
     socks: list[socket.socket] = []
+    probe = None
     try:
+        if not port:
+            # The kernel picks the port for a socket bound to port 0 without
+            # SOCK_BINDPORT_LOCK, so shutdown(2) releases it and listen(2)
+            # picks another (the master shuts and re-listens a listener to
+            # move its queue): every socket of the group is bound to the port
+            # by number. The probe holds the port while the others bind (no
+            # client knows a port picked a moment ago).
+            probe = bind_one(host, 0, family, backlog)
+            port = probe.getsockname()[1]
         for _ in range(count):
-            sock = bind_one(host, port, family, backlog)
-            port = sock.getsockname()[1]
-            socks.append(sock)
+            socks.append(bind_one(host, port, family, backlog))
     except BindError:
         for sock in socks:
             sock.close()
         raise
+    finally:
+        if probe is not None:
+            probe.close()
     return ListenerGroup(tuple(socks), host, port, family)

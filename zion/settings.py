@@ -346,14 +346,20 @@ class DemuxSettings:
                             "for each new connection. Needs CAP_BPF (or CAP_SYS_ADMIN) in the "
                             "master only; without it, or if anything fails, zion logs why and "
                             "the kernel's reuseport hash is used.", flag="--bpf-demux")
-    mode: DemuxMode = setting(DemuxMode.LEAST_LOADED, '"least-loaded": skip stalled, draining '
-                              "and empty workers, then the less loaded of two hashed choices; "
-                              '"hash": the connection hash over live workers; "cpu": the '
-                              "worker pinned to the CPU that handled the SYN.", flag="--demux")
+    mode: DemuxMode = setting(DemuxMode.LEAST_LOADED, '"least-loaded": the worker where a new '
+                              "connection waits least, weighing every worker (its connections, "
+                              "requests in flight, connections not yet accepted; a blocked or "
+                              'stalled one comes last); "hash": the connection hash over live '
+                              'workers; "cpu": the worker pinned to the CPU that handled the '
+                              "SYN.", flag="--demux")
     stall_threshold_ms: int = setting(100, "A worker whose heartbeat is older than this, "
                                       "milliseconds, gets no new connections.", check=positive)
-    heartbeat_interval_ms: int = setting(20, "How often each worker publishes its heartbeat, "
-                                         "milliseconds.", check=positive)
+    heartbeat_interval_ms: int = setting(5, "How often a worker with open connections publishes "
+                                         "its heartbeat, milliseconds (an idle one: every four "
+                                         "intervals). Two intervals without one while it has "
+                                         "work: its loop is blocked, new connections go to "
+                                         "others and its accept queue moves to a free worker.",
+                                         check=positive)
     kernel_headers: str = setting("", 'Kernel headers bcc compiles against ("" = auto: the '
                                   "running kernel's /lib/modules/$(uname -r)/build, else a "
                                   "Debian linux-headers-* tree under /usr/src merged into "
@@ -600,6 +606,13 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
     if tls.enabled and tls.cert_reqs != CertReqs.NONE and not tls.ca_certs:
         raise ConfigError(f"tls.cert_reqs (from {origins.get('tls.cert_reqs')}): "
                           f"{tls.cert_reqs} needs tls.ca_certs")
+    demux: DemuxSettings = sections["demux"]
+    if 4 * demux.heartbeat_interval_ms >= demux.stall_threshold_ms:
+        # An idle worker beats every four intervals: it would look stalled.
+        raise ConfigError(f"demux.heartbeat_interval_ms (from "
+                          f"{origins.get('demux.heartbeat_interval_ms', 'default')}): "
+                          f"{demux.heartbeat_interval_ms} must be under a quarter of "
+                          f"demux.stall_threshold_ms ({demux.stall_threshold_ms})")
     sup: SupervisorSettings = sections["supervisor"]
     if sup.respawn_backoff_max < sup.respawn_backoff:
         raise ConfigError("supervisor.respawn_backoff_max: must be at least "

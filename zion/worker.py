@@ -25,7 +25,7 @@ import uvloop
 from zion import log, privileges
 from zion.asgi import Lifespan, load_app
 from zion.counters import CounterBoard
-from zion.demux.board import StatusBoard
+from zion.demux.board import IDLE_BEATS, StatusBoard
 from zion.errors import ExitCode, WorkerBootError
 from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
@@ -144,6 +144,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
     beat = _Heartbeat(loop, slot, settings.demux.heartbeat_interval_ms / 1000)
+    state.became_busy = beat.wake
     limits = settings.limits
     # --limit-max-requests: retire after this many (0 = never), jittered per worker.
     budget = (limits.max_requests + random.randint(0, limits.max_requests_jitter)
@@ -277,18 +278,36 @@ async def _finish_tasks(tasks: set[asyncio.Task[Any]]) -> None:
 
 
 class _Heartbeat:
-    """Publishes CLOCK_MONOTONIC ns to the slot: a plain store, no syscall."""
+    """Publishes CLOCK_MONOTONIC ns to the slot (a plain store, no syscall):
+    every `interval` while the worker has connections or requests, every
+    IDLE_BEATS intervals while it has none. The program takes an old
+    heartbeat for a blocked loop only in a worker with work (zion_load in
+    bpf/zion_demux.c), so an idle worker can sleep longer; work arriving
+    wakes the fast pace at once (`wake`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, slot: Any, interval: float) -> None:
         self.loop, self.slot, self.interval = loop, slot, interval
         self.handle: asyncio.TimerHandle | None = None
+        self.stopped = False
         self._beat()
 
     def _beat(self) -> None:
-        self.slot.heartbeat_ns = time.monotonic_ns()
-        self.handle = self.loop.call_later(self.interval, self._beat)
+        slot = self.slot
+        slot.heartbeat_ns = time.monotonic_ns()
+        busy = slot.conns or slot.inflight
+        self.handle = self.loop.call_later(
+            self.interval if busy else self.interval * IDLE_BEATS, self._beat)
+
+    def wake(self) -> None:
+        """An idle worker took a connection: beat now, and at the busy pace."""
+        if self.stopped:
+            return
+        if self.handle is not None:
+            self.handle.cancel()
+        self._beat()
 
     def stop(self) -> None:
+        self.stopped = True
         if self.handle is not None:
             self.handle.cancel()
 

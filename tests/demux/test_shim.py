@@ -97,6 +97,26 @@ def test_least_loaded_avoids_a_stale_heartbeat(state_dir):
     assert counts[1] == 0 and sum(counts) == 60, counts
 
 
+def test_an_old_heartbeat_is_blocked_only_in_a_worker_with_work(state_dir):
+    # An idle worker beats every four intervals, so its heartbeat may be older
+    # than the two intervals that mark a busy worker as blocked: with nothing
+    # to do it is still idle, and wins. The connection it then owes makes it
+    # a worker with work and an old heartbeat: blocked, passed over.
+    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
+    group = _group(3)
+    outcome = policy.setup(settings, group)
+    try:
+        assert outcome.board is not None
+        _ready(outcome.board, [0, 1, 1])
+        busy_ns = 2 * settings.demux.heartbeat_interval_ms * 1_000_000
+        outcome.board.slots[0].heartbeat_ns = time.monotonic_ns() - 3 * busy_ns
+        counts = _landing(group, 30)
+    finally:
+        outcome.close()
+        group.close()
+    assert counts[0] == 1 and sum(counts) == 30, counts
+
+
 def test_attach_to_socket_outside_a_reuseport_group(state_dir):
     plain = socket.socket()
     plain.bind(("127.0.0.1", 0))

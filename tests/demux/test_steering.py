@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import urllib.request
 from collections import Counter
 
@@ -75,13 +76,17 @@ async def test_least_loaded_steers_around_a_stopped_worker(start_zion):
     assert str(victim) in pids
 
 
-async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion):
-    srv = start_zion("starlette_app:app", "--demux", "hash", workers=4)
+@pytest.mark.parametrize("migrate", [True, False], ids=["moved", "no-migrate"])
+async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion, migrate):
+    # The hash ignores heartbeats, so a frozen worker keeps getting its share.
+    # With SELECT_OR_MIGRATE the master moves what queues on it to the others
+    # (nothing waits); without, those connections wait for it.
+    srv = start_zion("starlette_app:app", "--demux", "hash", "--admin", "127.0.0.1:0",
+                     workers=4, env={"ZION_DEMUX_MIGRATE": str(migrate).lower()})
     slots = await slot_view(srv.port)
     victim = slots[2]["pid"]
     os.kill(victim, signal.SIGSTOP)
     try:
-        await asyncio.sleep(0)  # no wait needed: hash mode ignores heartbeats
         before = (await view_avoiding_stall(srv.port))[2]["dispatches"]
         tasks = [asyncio.create_task(asyncio.wait_for(get(srv.port, "/"), 2))
                  for _ in range(40)]
@@ -89,7 +94,13 @@ async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion):
         stuck = [d for d in done if isinstance(d, (TimeoutError, asyncio.TimeoutError))]
         after = (await view_avoiding_stall(srv.port))[2]["dispatches"]
         assert after > before, "the kernel-style hash still picks the stopped worker"
-        assert stuck, "connections sent to a stopped worker wait"
+        requeued = (await asyncio.to_thread(_admin_workers, srv))[2]["requeued"]
+        if migrate:
+            assert not stuck, "a stopped worker's queue moves to the others"
+            assert requeued >= after - before
+        else:
+            assert stuck, "connections sent to a stopped worker wait"
+            assert requeued == 0
     finally:
         os.kill(victim, signal.SIGCONT)
 
@@ -229,12 +240,16 @@ async def test_a_tls_handshake_in_progress_counts_as_load(start_zion):
     assert await counted() == 0, "a failed handshake must stop counting"
 
 
-def _admin_workers(srv) -> list[dict]:
-    """Every worker's slot as the master's admin listener reads it: answered
-    even while every worker is blocked."""
+def _admin_status(srv) -> dict:
+    """The host as the master's admin listener reads it: answered even while
+    every worker is blocked."""
     port = int(srv.wait_event("admin_listening")["port"])
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
-        return json.load(resp)["workers"]  # type: ignore[no-any-return]
+        return json.load(resp)  # type: ignore[no-any-return]
+
+
+def _admin_workers(srv) -> list[dict]:
+    return _admin_status(srv)["workers"]  # type: ignore[no-any-return]
 
 
 def test_with_every_worker_blocked_new_connections_wait_for_the_one_blocked_longest(
@@ -286,6 +301,65 @@ def test_with_every_worker_blocked_new_connections_wait_for_the_one_blocked_long
         assert {r.headers["x-pid"] for r in results[:8]} == {str(first["pid"])}
 
     asyncio.run(body())
+
+
+def test_a_blocked_workers_queue_moves_to_the_first_worker_free(start_zion):
+    # Both workers stopped: a new connection waits in the accept queue of the
+    # one the program picked, as it would in a shared queue. Then the other
+    # comes back. A shared queue would hand it the connection; zion's master
+    # moves the stopped worker's queue to it in the kernel (shutdown and
+    # listen on its listener), and the connection is served while the
+    # worker it was sent to is still stopped.
+    srv = start_zion("steer_app:app", "--admin", "127.0.0.1:0", workers=2,
+                     env={"ZION_DEMUX_STALL_THRESHOLD_MS": "600000"})
+    pids = [w["pid"] for w in _admin_workers(srv)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        before = [w["dispatches"] for w in _admin_workers(srv)]
+        client = socket.create_connection(("127.0.0.1", srv.port))
+        wait_for(lambda: sum(w["dispatches"] for w in _admin_workers(srv)) > sum(before), 10,
+                 "the connection to be dispatched")
+        ws = _admin_workers(srv)
+        [chosen] = [i for i, w in enumerate(ws) if w["dispatches"] > before[i]]
+        wait_for(lambda: _admin_workers(srv)[chosen]["accept_queue"] == 1, 10,
+                 "the connection to wait in the stopped worker's accept queue")
+        other = 1 - chosen
+        os.kill(pids[other], signal.SIGCONT)
+        # The same connection, now answered by the worker that came back.
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        client.settimeout(10)
+        with ctx.wrap_socket(client, server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        assert f"x-pid: {pids[other]}".encode() in answer.lower()
+        ws = _admin_workers(srv)
+        assert ws[chosen]["requeued"] == 1 and ws[other]["requeued"] == 0
+        assert ws[chosen]["accept_queue"] == 0
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    # The listener that was shut and listened again is the stopped worker's
+    # still: once back, it is sent connections and serves them.
+    wait_for(lambda: all(w["state"] == "ready" for w in _admin_workers(srv)), 10, "both ready")
+    fallbacks = _admin_status(srv)["demux"]["fallbacks"]
+
+    async def spread() -> set[str]:
+        got: set[str] = set()
+        for _ in range(100):
+            got |= {r.headers["x-pid"] for r in await asyncio.gather(
+                *(get(srv.port, "/") for _ in range(4)))}
+            if len(got) == 2:
+                break
+        return got
+
+    assert asyncio.run(spread()) == {str(p) for p in pids}
+    # ...by the program's choice: the listener is back in the sockarray too.
+    assert _admin_status(srv)["demux"]["fallbacks"] == fallbacks
 
 
 def test_with_every_worker_stalled_the_program_still_chooses(start_zion):

@@ -73,6 +73,7 @@ class FakeTransport:
 class FakeSlot:
     conns = 0
     inflight = 0
+    accepted = 0
 
 
 def make_state(**sections: dict[str, Any]) -> ServerState:

@@ -64,6 +64,9 @@ class ViewCollector:
                                      "while it was ready.", labels=labels)
         respawns = CounterMetricFamily("zion_respawns", "Workers started again on the slot "
                                        "after one died.", labels=labels)
+        requeued = CounterMetricFamily("zion_requeued_connections", "Connections moved from "
+                                       "the worker's accept queue to free workers while its "
+                                       "loop was blocked.", labels=labels)
         for w in view.workers:
             index = str(w.index)
             conns.add_metric([index], w.connections)
@@ -75,7 +78,8 @@ class ViewCollector:
                 state.add_metric([index, s.value], 1.0 if w.state is s else 0.0)
             stalls.add_metric([index], view.stalls.get(w.index, 0))
             respawns.add_metric([index], view.respawns.get(w.index, 0))
-        yield from (conns, inflight, queue, age, state, stalls, respawns)
+            requeued.add_metric([index], view.requeued.get(w.index, 0))
+        yield from (conns, inflight, queue, age, state, stalls, respawns, requeued)
         if view.dispatches is not None:
             dispatches = CounterMetricFamily("zion_dispatches", "New connections the demux "
                                              "program sent to the worker.", labels=labels)

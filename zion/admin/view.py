@@ -59,6 +59,7 @@ class HostView:
     demux: dict[str, Any]  # DemuxOutcome.info()
     respawns: dict[int, int]
     stalls: dict[int, int]
+    requeued: dict[int, int]
     reloads: int
     reload_failures: int
     max_connections: int
@@ -83,6 +84,7 @@ def host_view(phase: Phase, generation: int, board: StatusBoard,
         dispatches=[int(board.slots[w.index].dispatches) for w in workers] if routing else None,
         fallbacks=board.fallbacks if routing else None,
         demux=demux, respawns=dict(supervisor.respawns), stalls=dict(supervisor.stalls),
+        requeued=dict(supervisor.requeued),
         reloads=supervisor.reloads, reload_failures=supervisor.reload_failures,
         max_connections=max_connections)
 
@@ -100,6 +102,7 @@ def status_document(view: HostView) -> dict[str, Any]:
             "accept_queue": w.accept_queue,
             "dispatches": view.dispatches[w.index] if view.dispatches is not None else None,
             "respawns": view.respawns.get(w.index, 0), "stalls": view.stalls.get(w.index, 0),
+            "requeued": view.requeued.get(w.index, 0),
             **counts,
         })
     return {

@@ -28,6 +28,13 @@ class SlotState(IntEnum):
 
 STATE_NAMES = {s: s.name.lower() for s in SlotState}
 
+# The heartbeat's contract. A worker with connections or requests beats every
+# interval, an idle one every IDLE_BEATS intervals (zion/worker.py); a worker
+# with work and no beat for BUSY_BEATS intervals is taken to be blocked now
+# (the program's ZION_BUSY_NS, the master's queue mover).
+IDLE_BEATS = 4
+BUSY_BEATS = 2
+
 
 class Slot(ctypes.Structure):
     # Layout mirrors `struct zion_slot` in bpf/zion_demux.c: 56 bytes, no padding.

@@ -120,6 +120,11 @@ class ProxyListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    # Not listening for a few microseconds: the master is
+                    # moving this listener's queue (zion/demux/requeue.py)
+                    # and listens again at once; the next readiness retries.
+                    return
                 if exc.errno in _RETRY_ERRNOS:
                     continue
                 log.warning("accept_failed", error=exc.strerror or str(exc),

@@ -89,6 +89,9 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatch: Dispatch = _unset_dispatch
         self.websocket_factory: WebSocketFactory | None = None
+        # Called when an idle worker takes a connection: the heartbeat goes
+        # to its busy pace at once (zion/worker.py).
+        self.became_busy: Callable[[], None] = _nothing
 
     def speaks_for_clients(self, client: tuple[str, int] | None) -> bool:
         """Whether this peer's forwarding headers are believed (once per connection)."""
@@ -115,9 +118,12 @@ class ServerState:
         now on. conns before accepted: the program may read the slot between
         the two stores, and counting it twice for a moment is harmless, not
         at all is not."""
+        was_idle = not self.handshaking and not self.connections
         self.handshaking += 1
         self.slot.conns = len(self.connections) + self.handshaking
         self.listener_accepted()
+        if was_idle:
+            self.became_busy()
 
     def handshake_ended(self) -> None:
         """Its handshake finished, or failed (then nothing else follows)."""
@@ -133,6 +139,10 @@ class ServerState:
     def connection_closed(self, conn: OpenConnection) -> None:
         self.connections.discard(conn)
         self.slot.conns = len(self.connections) + self.handshaking
+
+
+def _nothing() -> None:
+    pass
 
 
 def count_response(counters: RequestCounters, status: int) -> None:

@@ -199,6 +199,41 @@ def hand_over_queue(gen: Generation, index: int) -> bool:
     return True
 
 
+class RequeueError(ZionError):
+    """A listener whose queue was moved could not be put back: its worker
+    (accept(2) failing with EINVAL in a loop) must be replaced."""
+
+
+def requeue(gen: Generation, index: int) -> int:
+    """Move the connections waiting in slot `index`'s accept queue to the
+    workers the program picks, and put the listener straight back (see
+    zion/demux/requeue.py). Returns how many established connections were
+    queued. Needs a SELECT_OR_MIGRATE program: without one the kernel would
+    reset them (or, with net.ipv4.tcp_migrate_req, hash them anywhere).
+
+    Between the two calls the slot has no socket in the sockarray, so the
+    program's choice of it fails and the kernel hash places the connection
+    among the listeners still open: nothing is refused."""
+    program = gen.demux.program
+    assert gen.demux.migrates and program is not None
+    sock = gen.group.sockets[index]
+    queued = accept_queue_len(sock)
+    stop_listening(sock)
+    # Nothing sent to the slot before now is waiting for its worker any more,
+    # and nothing is sent to it until it is back in the sockarray.
+    gen.board.forget_pending(index)
+    try:
+        # The port stays: the group's sockets are bound to an explicit port
+        # (SOCK_BINDPORT_LOCK, see listeners.bind_group), which tcp_disconnect
+        # keeps; an auto-bound one would get a new port here.
+        sock.listen(gen.settings.server.backlog)
+        sockarray_set(program.sockarray_fd, index, sock)
+    except (OSError, ShimError) as exc:
+        raise RequeueError(f"listener {index} could not be put back after its queue "
+                           f"moved: {exc}") from None
+    return queued
+
+
 def commit(old: Generation, new: Generation) -> None:
     """Swap the new generation's program in (one setsockopt: the kernel
     replaces the group's program atomically) and release the old one."""

@@ -24,6 +24,7 @@ from zion.admin.listener import bind as bind_admin
 from zion.admin.view import HostView, host_view, read_workers
 from zion.counters import CounterBoard, SupervisorCounters
 from zion.demux.board import SlotState
+from zion.demux.requeue import QueueMover
 from zion.demux.sampler import QueueSampler
 from zion.errors import BindError, ExitCode, ZionError
 from zion.settings import Settings
@@ -57,6 +58,7 @@ class Master:
         self.exit_code = ExitCode.OK
         self.announced_ready = False
         self.sampler = QueueSampler()
+        self.mover = QueueMover(settings.demux.heartbeat_interval_ms / 1000)
         self.rotate_at = self._next_rotation()
         # Made before the first fork: every worker of every generation shares it.
         self.counters = CounterBoard()
@@ -131,6 +133,7 @@ class Master:
                 if self.retiring:
                     self._check_retiring()
                 self._sample_queues()
+                self._move_blocked_queues()
             self._watch_stalls()
             ready = self.pool.ready_fds()
             admin_r, admin_w = self.admin.read_fds(), self.admin.write_fds()
@@ -163,6 +166,8 @@ class Master:
             due.append(at)
         if self.current is not None and self.current.demux.routing:
             due.append(self.sampler.next_at)
+            if self.current.demux.migrates and self.reload is None:
+                due.append(self.mover.next_at)
         if self.stopping:
             due.append(self.stop_deadline)
         if self.retiring:
@@ -294,6 +299,30 @@ class Master:
         if gen is not None and gen.demux.routing:
             self.sampler.maybe_sample(time.monotonic(), gen.group.sockets, gen.board)
 
+    def _move_blocked_queues(self) -> None:
+        # Needs SELECT_OR_MIGRATE (the program re-homes what the listener
+        # held); not during a reload, whose commit may change the group.
+        gen = self.current
+        if gen is None or not gen.demux.migrates or self.reload is not None:
+            return
+        now = time.monotonic()
+        if now < self.mover.next_at:
+            return
+        for index in self.mover.poll(now, time.monotonic_ns(), gen.board, gen.group.sockets):
+            try:
+                moved = generation.requeue(gen, index)
+            except generation.RequeueError as exc:
+                # Its worker would spin on accept(2) failing: replace it; its
+                # death gives the slot a fresh listener (hand_over_queue).
+                logger.error("requeue_failed", index=index, error=str(exc),
+                             action="worker killed and replaced")
+                for handle in self.pool.handles():
+                    if handle.generation == gen.number and handle.index == index:
+                        kill(handle.pid, signal.SIGKILL)
+                continue
+            self.tallies.moved(index, moved)
+            logger.debug("queue_moved", index=index, connections=moved)
+
     # -- admin --------------------------------------------------------------------
 
     def _phase(self) -> Phase:
@@ -386,6 +415,7 @@ class Master:
         self.current, self.settings = new, new.settings
         if new.board is not old.board:
             self.sampler.reset()
+        self.mover = QueueMover(new.settings.demux.heartbeat_interval_ms / 1000)
         now = time.monotonic()
         migrates = new.group is not old.group and generation.closing_migrates(new)
         for handle in self.pool.handles():

@@ -1,0 +1,117 @@
+"""The master's choice of blocked workers whose accept queue it moves: the
+board and the accept queues as the master reads them, without a kernel."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from zion.demux.board import SlotState, StatusBoard
+from zion.demux.requeue import IDLE_POLL, QueueMover
+
+INTERVAL = 0.005  # seconds: the default heartbeat interval
+MS = 1_000_000
+NOW_NS = 10_000 * MS
+
+
+class _Queues:
+    """accept_queue_len, per fake socket."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.socks = [socket.socket() for _ in lengths]
+        self.lengths = dict(zip(self.socks, lengths, strict=True))
+
+    def __call__(self, sock: socket.socket) -> int:
+        return self.lengths[sock]
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.fixture
+def board():
+    return StatusBoard.anonymous(3)
+
+
+def _worker(board: StatusBoard, index: int, age_ms: float, conns: int = 0,
+            inflight: int = 0, pending: int = 0,
+            state: SlotState = SlotState.READY) -> None:
+    slot = board.slots[index]
+    slot.state = state
+    slot.heartbeat_ns = NOW_NS - int(age_ms * MS)
+    slot.conns, slot.inflight = conns, inflight
+    slot.dispatches, slot.accepted, slot.dropped = pending, 0, 0
+
+
+def _poll(board: StatusBoard, queues: list[int]) -> tuple[list[int], QueueMover]:
+    q = _Queues(queues)
+    try:
+        mover = QueueMover(INTERVAL, queue_len=q)
+        return mover.poll(100.0, NOW_NS, board, q.socks), mover
+    finally:
+        q.close()
+
+
+def test_a_blocked_worker_with_a_queue_loses_it_when_another_turns(board):
+    _worker(board, 0, age_ms=50, inflight=1, pending=2)  # inside a long call
+    _worker(board, 1, age_ms=1, conns=3)                 # busy but turning
+    _worker(board, 2, age_ms=12)                         # idle, slow beats
+    moved, mover = _poll(board, [2, 0, 0])
+    assert moved == [0]
+    assert mover.next_at == pytest.approx(100.0 + INTERVAL)
+
+
+def test_nothing_moves_while_every_worker_is_blocked(board):
+    # Moving would only trade one wait for another (a shared queue, too,
+    # waits for the first worker to come free).
+    for index in range(3):
+        _worker(board, index, age_ms=50 + index, inflight=1, pending=1)
+    assert _poll(board, [1, 1, 1])[0] == []
+
+
+def test_a_blocked_worker_with_nothing_queued_keeps_its_listener(board):
+    _worker(board, 0, age_ms=50, inflight=1)
+    _worker(board, 1, age_ms=1)
+    _worker(board, 2, age_ms=1)
+    assert _poll(board, [0, 0, 0])[0] == []
+
+
+def test_a_worker_that_was_idle_gets_its_idle_beat_before_its_queue_moves(board):
+    # It beat every four intervals (20 ms) while idle and may not have woken
+    # yet for the connection just queued: 25 ms is not blocked, 35 ms is.
+    _worker(board, 0, age_ms=25, pending=1)
+    _worker(board, 1, age_ms=1)
+    assert _poll(board, [1, 0, 0])[0] == []
+    _worker(board, 0, age_ms=35, pending=1)
+    assert _poll(board, [1, 0, 0])[0] == [0]
+
+
+def test_a_worker_with_connections_is_blocked_after_two_intervals(board):
+    _worker(board, 0, age_ms=9, conns=1, pending=1)
+    _worker(board, 1, age_ms=1)
+    assert _poll(board, [1, 0, 0])[0] == []
+    _worker(board, 0, age_ms=11, conns=1, pending=1)
+    assert _poll(board, [1, 0, 0])[0] == [0]
+
+
+@pytest.mark.parametrize("state", [SlotState.STARTING, SlotState.DRAINING, SlotState.EMPTY])
+def test_only_ready_workers_count(board, state):
+    # A draining worker's listener is being retired (its queue is handled
+    # there), an empty slot's is replaced: neither is moved here, nor is a
+    # starting worker a place for a queue to go.
+    _worker(board, 0, age_ms=50, inflight=1, pending=1, state=state)
+    _worker(board, 1, age_ms=1)
+    assert _poll(board, [1, 0, 0])[0] == []
+    _worker(board, 0, age_ms=50, inflight=1, pending=1)
+    _worker(board, 1, age_ms=1, state=state)
+    _worker(board, 2, age_ms=50, inflight=1, state=state)
+    assert _poll(board, [1, 0, 0])[0] == []
+
+
+def test_an_idle_host_is_polled_slowly(board):
+    for index in range(3):
+        _worker(board, index, age_ms=15)
+    moved, mover = _poll(board, [0, 0, 0])
+    assert moved == [] and mover.next_at == pytest.approx(100.0 + IDLE_POLL)

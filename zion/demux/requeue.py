@@ -1,0 +1,78 @@
+"""Which blocked workers' accept queues the master moves to the others.
+
+A worker whose event loop is inside a long synchronous call (an app that
+blocks, a stop signal) accepts nothing until the call ends. The program stops
+sending it connections once it looks blocked (bpf/zion_demux.c), but what it
+was sent just before, or while every worker was blocked, waits in its
+listener's accept queue behind a call of unknown length, while another worker
+may be free. One shared accept queue would hand those connections to whoever
+is free first; zion gets the same from the kernel (the move itself is
+`zion.supervisor.generation.requeue`): shutdown(2) on a listening socket runs
+inet_csk_listen_stop, which with a BPF_SK_REUSEPORT_SELECT_OR_MIGRATE program
+(Linux 5.14+) migrates each queued connection to the listener the program
+picks for `migrating_sk` (half-open ones follow when their ACK arrives), and
+listen(2) on the same socket puts it back into its reuseport group
+(reuseport_resurrect, net/core/sock_reuseport.c). The worker keeps its socket
+and its epoll registration.
+
+This module only decides, from the status board and the real accept queues,
+and says when to look again: every heartbeat interval while any worker has
+work, at IDLE_POLL otherwise (an idle master must sleep).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+
+from zion.demux.board import BUSY_BEATS, IDLE_BEATS, Slot, SlotState, StatusBoard
+from zion.listeners import accept_queue_len
+
+# With no connection anywhere nothing can wait behind a blocked worker; the
+# first dispatch makes the board show work and the next poll is fast again.
+IDLE_POLL = 0.1  # seconds
+
+
+class QueueMover:
+    """Polls every heartbeat `interval` (seconds). A worker with connections
+    or requests and no beat for BUSY_BEATS intervals is blocked (as the
+    program's ZION_BUSY_NS); an idle one may sleep IDLE_BEATS intervals
+    between beats, and gets that much longer."""
+
+    def __init__(self, interval: float,
+                 queue_len: Callable[[socket.socket], int] = accept_queue_len) -> None:
+        self.interval = interval
+        interval_ns = int(interval * 1e9)
+        self.busy_ns = BUSY_BEATS * interval_ns
+        self.idle_ns = IDLE_BEATS * interval_ns
+        self.queue_len = queue_len
+        self.next_at = 0.0
+
+    def poll(self, now: float, now_ns: int, board: StatusBoard,
+             sockets: Sequence[socket.socket]) -> list[int]:
+        """The slots whose queue should move now: READY, connections waiting
+        in the accept queue, the loop not turning, and some other READY
+        worker's loop turning (when every worker is blocked, moving the queue
+        only trades one wait for another)."""
+        self.next_at = now + IDLE_POLL
+        slots = board.slots
+        stuck, turning = [], False
+        for index in range(min(board.count, len(sockets))):
+            slot = slots[index]
+            if slot.state != SlotState.READY:
+                continue
+            if slot.conns or slot.inflight or slot.pending:
+                self.next_at = now + self.interval
+            if self._turning(slot, now_ns):
+                turning = True
+            elif self.queue_len(sockets[index]) > 0:
+                stuck.append(index)
+        return stuck if turning else []
+
+    def _turning(self, slot: Slot, now_ns: int) -> bool:
+        # A worker busy with connections or requests beats every interval; one
+        # that was idle may have slept up to `idle_ns` and not woken yet for
+        # what was just queued: give it that long before taking its queue.
+        age: int = now_ns - slot.heartbeat_ns
+        return age <= (self.busy_ns if slot.conns or slot.inflight
+                       else self.idle_ns + self.busy_ns)
