@@ -12,7 +12,7 @@
  *   zion_slots[i]   one struct zion_slot per worker i (an mmapable array the
  *                   workers write with plain stores: heartbeat in
  *                   CLOCK_MONOTONIC ns, open connections, requests in
- *                   flight, connections accepted; the master writes the
+ *                   flight, handshakes, connections accepted; the master writes the
  *                   state; the program counts dispatches)
  *   the sockarray   BPF_MAP_TYPE_REUSEPORT_SOCKARRAY created by userspace,
  *                   slot i = worker i's listener, 256 entries, created once
@@ -88,7 +88,7 @@ struct zion_slot {
     u32 inflight;     /* worker: requests being handled */
     u32 pid;
     u32 backlog;      /* master: the listener's accept queue as last sampled (status only) */
-    u32 pad;
+    u32 handshakes;   /* worker: TLS handshakes in progress (also in conns) */
 };
 
 /* ZION_WORKERS worker slots, then one slot whose dispatches count fallbacks. */
@@ -138,7 +138,8 @@ static __always_inline u64 zion_older(s64 age, s64 limit)
 /* Where a new connection would wait least, as one number (lower wins):
  *
  * - a worker whose loop turns (heartbeat younger than ZION_BUSY_NS, two
- *   heartbeat intervals), or that has nothing to do: its open connections
+ *   heartbeat intervals), or that has nothing in hand (no request in
+ *   flight, handshake or connection owed): its open connections
  *   (handshakes included) + requests in flight + connections sent and not
  *   accepted yet; 0 is idle;
  * - one with work whose loop has not turned for that long is inside a long
@@ -163,11 +164,13 @@ static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
     u64 pending = zion_pending(s);
     u64 stalled = zion_older(age, (s64)ZION_STALL_NS);
     u64 turning = (u64)s->conns + s->inflight + pending;
-    /* A worker with nothing to do beats less often (zion/worker.py), so an
-     * old heartbeat means "blocked" only when it has work (1 if turning > 0,
-     * without a branch), or when it is older than the stall threshold, far
-     * beyond the idle pace. */
-    u64 has_work = (u64)(-(s64)turning | (s64)turning) >> 63;
+    /* Work in hand: requests in flight, handshakes, connections owed. Idle
+     * keep-alive connections are none: a worker without work beats less often
+     * (zion/worker.py), so an old heartbeat means "blocked" only when it has
+     * work (1 if active > 0, without a branch), or when it is older than the
+     * stall threshold, far beyond the idle pace. */
+    u64 active = (u64)s->inflight + s->handshakes + pending;
+    u64 has_work = (u64)(-(s64)active | (s64)active) >> 63;
     u64 busy = zion_older(age, (s64)ZION_BUSY_NS) & (has_work | stalled);
     /* Clamped so a heartbeat of days ago cannot wrap past the base. */
     u64 age_ms = ((u64)age >> 20) & (ZION_AGE_BASE - 1);

@@ -70,17 +70,24 @@ class _Loop:
 
 
 def test_the_heartbeat_beats_every_interval_with_work_and_four_without():
-    slot = SimpleNamespace(heartbeat_ns=0, conns=0, inflight=0)
+    # Idle keep-alive connections are no work: only requests in flight and
+    # handshakes keep the fast pace (each beat of an idle worker is a wake-up).
+    slot = SimpleNamespace(heartbeat_ns=0, conns=5, inflight=0, handshakes=0)
     loop = _Loop()
     beat = _Heartbeat(loop, slot, 0.005)  # type: ignore[arg-type]
     assert slot.heartbeat_ns > 0 and loop.delays == [0.02]
-    slot.conns = 1
+    slot.handshakes = 1
     stamp = slot.heartbeat_ns
-    beat.wake()  # an idle worker took a connection: beat now, at the busy pace
+    beat.wake()  # a connection was taken: beat now, at the busy pace
     assert loop.cancelled == 1 and slot.heartbeat_ns >= stamp and loop.delays[-1] == 0.005
-    slot.conns, slot.inflight = 0, 1
+    beat.wake()  # already at it: nothing (called for every request started)
+    assert loop.cancelled == 1 and len(loop.delays) == 2
+    slot.handshakes, slot.inflight = 0, 1
     beat._beat()
     assert loop.delays[-1] == 0.005
+    slot.inflight = 0
+    beat._beat()
+    assert loop.delays[-1] == 0.02
     beat.stop()
     beat.wake()  # a draining worker's heartbeat stays stopped
-    assert len(loop.delays) == 3
+    assert len(loop.delays) == 4

@@ -279,28 +279,30 @@ async def _finish_tasks(tasks: set[asyncio.Task[Any]]) -> None:
 
 class _Heartbeat:
     """Publishes CLOCK_MONOTONIC ns to the slot (a plain store, no syscall):
-    every `interval` while the worker has connections or requests, every
-    IDLE_BEATS intervals while it has none. The program takes an old
-    heartbeat for a blocked loop only in a worker with work (zion_load in
-    bpf/zion_demux.c), so an idle worker can sleep longer; work arriving
-    wakes the fast pace at once (`wake`)."""
+    every `interval` while the worker has work in hand (requests in flight,
+    TLS handshakes), every IDLE_BEATS intervals while it has none, idle
+    keep-alive connections included. The program takes an old heartbeat for
+    a blocked loop only in a worker with work (zion_load in
+    bpf/zion_demux.c), so a worker without any can sleep longer; work
+    arriving brings the fast pace back at once (`wake`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, slot: Any, interval: float) -> None:
         self.loop, self.slot, self.interval = loop, slot, interval
         self.handle: asyncio.TimerHandle | None = None
+        self.fast = False
         self.stopped = False
         self._beat()
 
     def _beat(self) -> None:
         slot = self.slot
         slot.heartbeat_ns = time.monotonic_ns()
-        busy = slot.conns or slot.inflight
+        self.fast = bool(slot.inflight or slot.handshakes)
         self.handle = self.loop.call_later(
-            self.interval if busy else self.interval * IDLE_BEATS, self._beat)
+            self.interval if self.fast else self.interval * IDLE_BEATS, self._beat)
 
     def wake(self) -> None:
-        """An idle worker took a connection: beat now, and at the busy pace."""
-        if self.stopped:
+        """Work arrived: beat now and at the busy pace, unless already at it."""
+        if self.fast or self.stopped:
             return
         if self.handle is not None:
             self.handle.cancel()

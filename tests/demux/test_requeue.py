@@ -36,12 +36,12 @@ def board():
 
 
 def _worker(board: StatusBoard, index: int, age_ms: float, conns: int = 0,
-            inflight: int = 0, pending: int = 0,
+            inflight: int = 0, pending: int = 0, handshakes: int = 0,
             state: SlotState = SlotState.READY) -> None:
     slot = board.slots[index]
     slot.state = state
     slot.heartbeat_ns = NOW_NS - int(age_ms * MS)
-    slot.conns, slot.inflight = conns, inflight
+    slot.conns, slot.inflight, slot.handshakes = conns + handshakes, inflight, handshakes
     slot.dispatches, slot.accepted, slot.dropped = pending, 0, 0
 
 
@@ -56,11 +56,11 @@ def _poll(board: StatusBoard, queues: list[int]) -> tuple[list[int], QueueMover]
 
 def test_a_blocked_worker_with_a_queue_loses_it_when_another_turns(board):
     _worker(board, 0, age_ms=50, inflight=1, pending=2)  # inside a long call
-    _worker(board, 1, age_ms=1, conns=3)                 # busy but turning
+    _worker(board, 1, age_ms=1, inflight=3)              # busy but turning
     _worker(board, 2, age_ms=12)                         # idle, slow beats
     moved, mover = _poll(board, [2, 0, 0])
     assert moved == [0]
-    assert mover.next_at == pytest.approx(100.0 + INTERVAL)
+    assert mover.next_at == pytest.approx(100.0 + 2 * INTERVAL)
 
 
 def test_nothing_moves_while_every_worker_is_blocked(board):
@@ -88,11 +88,21 @@ def test_a_worker_that_was_idle_gets_its_idle_beat_before_its_queue_moves(board)
     assert _poll(board, [1, 0, 0])[0] == [0]
 
 
-def test_a_worker_with_connections_is_blocked_after_two_intervals(board):
-    _worker(board, 0, age_ms=9, conns=1, pending=1)
+def test_a_worker_with_a_handshake_is_blocked_after_two_intervals(board):
+    _worker(board, 0, age_ms=9, handshakes=1, pending=1)
     _worker(board, 1, age_ms=1)
     assert _poll(board, [1, 0, 0])[0] == []
-    _worker(board, 0, age_ms=11, conns=1, pending=1)
+    _worker(board, 0, age_ms=11, handshakes=1, pending=1)
+    assert _poll(board, [1, 0, 0])[0] == [0]
+
+
+def test_idle_keepalive_connections_are_no_work(board):
+    # A worker holding only idle keep-alive connections beats at the idle
+    # pace, so its heartbeat may be 20 ms old without its loop being blocked.
+    _worker(board, 0, age_ms=25, conns=40, pending=1)
+    _worker(board, 1, age_ms=1)
+    assert _poll(board, [1, 0, 0])[0] == []
+    _worker(board, 0, age_ms=35, conns=40, pending=1)
     assert _poll(board, [1, 0, 0])[0] == [0]
 
 
@@ -111,7 +121,8 @@ def test_only_ready_workers_count(board, state):
 
 
 def test_an_idle_host_is_polled_slowly(board):
+    # Idle keep-alive connections included: nothing waits behind them.
     for index in range(3):
-        _worker(board, index, age_ms=15)
+        _worker(board, index, age_ms=15, conns=10)
     moved, mover = _poll(board, [0, 0, 0])
     assert moved == [] and mover.next_at == pytest.approx(100.0 + IDLE_POLL)

@@ -73,6 +73,7 @@ class FakeTransport:
 class FakeSlot:
     conns = 0
     inflight = 0
+    handshakes = 0
     accepted = 0
 
 

@@ -28,10 +28,11 @@ class SlotState(IntEnum):
 
 STATE_NAMES = {s: s.name.lower() for s in SlotState}
 
-# The heartbeat's contract. A worker with connections or requests beats every
-# interval, an idle one every IDLE_BEATS intervals (zion/worker.py); a worker
-# with work and no beat for BUSY_BEATS intervals is taken to be blocked now
-# (the program's ZION_BUSY_NS, the master's queue mover).
+# The heartbeat's contract. A worker with work in hand (requests in flight,
+# TLS handshakes) beats every interval, one without (idle, or holding only
+# idle keep-alive connections) every IDLE_BEATS intervals (zion/worker.py);
+# a worker with work and no beat for BUSY_BEATS intervals is taken to be
+# blocked now (the program's ZION_BUSY_NS, the master's queue mover).
 IDLE_BEATS = 4
 BUSY_BEATS = 2
 
@@ -49,8 +50,14 @@ class Slot(ctypes.Structure):
         ("inflight", ctypes.c_uint32),      # requests being handled
         ("pid", ctypes.c_uint32),
         ("backlog", ctypes.c_uint32),       # accept queue, as the master last sampled it
-        ("pad", ctypes.c_uint32),
+        ("handshakes", ctypes.c_uint32),    # TLS handshakes in progress (in conns too): worker
     ]
+
+    @property
+    def active(self) -> bool:
+        """Work in hand, as the program sees it: a request in flight, a TLS
+        handshake, a connection sent and not accepted yet."""
+        return bool(self.inflight or self.handshakes or self.pending)
 
     @property
     def pending(self) -> int:
@@ -99,6 +106,7 @@ class StatusBoard:
         if state in (SlotState.STARTING, SlotState.EMPTY):
             slot.conns = 0
             slot.inflight = 0
+            slot.handshakes = 0
         if pid or state is SlotState.EMPTY:
             slot.pid = pid
         slot.state = state

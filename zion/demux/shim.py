@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from enum import StrEnum
+from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -100,6 +101,13 @@ class ReuseportSockArray:
             self.fd = -1
 
 
+@cache
+def _libc() -> ctypes.CDLL:
+    # Loaded once: the master calls sockarray_set every time it moves a
+    # blocked worker's queue, and dlopen is most of such a call.
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def sockarray_set(map_fd: int, index: int, sock: socket.socket) -> None:
     """sockarray[index] = sock with the bpf(2) system call itself, for the
     master, which never maps libbcc (a replaced listener joins the array)."""
@@ -112,8 +120,7 @@ def sockarray_set(map_fd: int, index: int, sock: socket.socket) -> None:
     value = ctypes.c_uint64(sock.fileno())
     # union bpf_attr for BPF_MAP_*_ELEM: map_fd u32, pad, key u64, value u64, flags u64
     attr = (ctypes.c_uint64 * 4)(map_fd, ctypes.addressof(key), ctypes.addressof(value), 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(nr, _BPF_MAP_UPDATE_ELEM, attr, ctypes.sizeof(attr)) != 0:
+    if _libc().syscall(nr, _BPF_MAP_UPDATE_ELEM, attr, ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         raise ShimError(ShimOp.SET, err, "", f"sockarray[{index}] = listener fd "
                         f"{sock.fileno()}: {os.strerror(err)}")

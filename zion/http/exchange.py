@@ -294,8 +294,11 @@ class Exchange:
             task.add_done_callback(background.discard)
 
     async def _guarded(self, app: ASGIApp) -> None:
-        slot = self.conn.state.slot
+        state = self.conn.state
+        slot = state.slot
         slot.inflight += 1
+        if slot.inflight == 1:
+            state.became_busy()
         try:
             await app(self.scope, self.receive, self.send)
         except ClientDisconnected:

@@ -32,6 +32,7 @@ class LoadSlot(Protocol):
 
     conns: int
     inflight: int
+    handshakes: int
     accepted: int
 
 
@@ -89,8 +90,9 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatch: Dispatch = _unset_dispatch
         self.websocket_factory: WebSocketFactory | None = None
-        # Called when an idle worker takes a connection: the heartbeat goes
-        # to its busy pace at once (zion/worker.py).
+        # Called when work arrives (a connection accepted, a request started):
+        # the heartbeat goes to its busy pace at once if it was not at it
+        # (zion/worker.py); a cheap no-op when it already is.
         self.became_busy: Callable[[], None] = _nothing
 
     def speaks_for_clients(self, client: tuple[str, int] | None) -> bool:
@@ -118,17 +120,17 @@ class ServerState:
         now on. conns before accepted: the program may read the slot between
         the two stores, and counting it twice for a moment is harmless, not
         at all is not."""
-        was_idle = not self.handshaking and not self.connections
         self.handshaking += 1
+        self.slot.handshakes = self.handshaking
         self.slot.conns = len(self.connections) + self.handshaking
         self.listener_accepted()
-        if was_idle:
-            self.became_busy()
+        self.became_busy()
 
     def handshake_ended(self) -> None:
         """Its handshake finished, or failed (then nothing else follows)."""
         if self.handshaking:
             self.handshaking -= 1
+        self.slot.handshakes = self.handshaking
         self.slot.conns = len(self.connections) + self.handshaking
 
     def connection_opened(self, conn: OpenConnection) -> None:

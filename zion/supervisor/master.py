@@ -164,7 +164,9 @@ class Master:
         due = [now + 0.5, self.rotate_at]
         if self.respawn is not None and (at := self.respawn.next_due()) is not None:
             due.append(at)
-        if self.current is not None and self.current.demux.routing:
+        # Both run only while serving: counted while stopping, their past
+        # due times would turn select into a busy loop until the workers exit.
+        if self.current is not None and self.current.demux.routing and not self.stopping:
             due.append(self.sampler.next_at)
             if self.current.demux.migrates and self.reload is None:
                 due.append(self.mover.next_at)
