@@ -354,12 +354,12 @@ class DemuxSettings:
                               "SYN.", flag="--demux")
     stall_threshold_ms: int = setting(100, "A worker whose heartbeat is older than this, "
                                       "milliseconds, gets no new connections.", check=positive)
-    heartbeat_interval_ms: int = setting(5, "How often a worker with open connections publishes "
-                                         "its heartbeat, milliseconds (an idle one: every four "
-                                         "intervals). Two intervals without one while it has "
-                                         "work: its loop is blocked, new connections go to "
-                                         "others and its accept queue moves to a free worker.",
-                                         check=positive)
+    heartbeat_interval_ms: int = setting(5, "How often a worker with work in hand (requests in "
+                                         "flight, TLS handshakes) publishes its heartbeat, "
+                                         "milliseconds; one without, every four intervals. Two "
+                                         "intervals without one while it has work: its loop is "
+                                         "blocked, new connections go to others and its accept "
+                                         "queue moves to a free worker.", check=positive)
     kernel_headers: str = setting("", 'Kernel headers bcc compiles against ("" = auto: the '
                                   "running kernel's /lib/modules/$(uname -r)/build, else a "
                                   "Debian linux-headers-* tree under /usr/src merged into "
