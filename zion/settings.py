@@ -372,6 +372,10 @@ class DemuxSettings:
                             "a live worker the program picks. Off, or on older kernels: a "
                             "dead worker's queue waits for its replacement, and a retired "
                             "listener is drained by its worker.")
+    requeue: bool = setting(True, "With migrate: the master moves the accept queue of a "
+                            "worker whose loop is blocked (a long synchronous call, a stop "
+                            "signal) to a free worker, as one shared queue would. It wakes "
+                            "every two heartbeat intervals while any worker has work.")
 
 
 @dataclass(frozen=True, slots=True)

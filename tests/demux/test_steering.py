@@ -76,13 +76,15 @@ async def test_least_loaded_steers_around_a_stopped_worker(start_zion):
     assert str(victim) in pids
 
 
-@pytest.mark.parametrize("migrate", [True, False], ids=["moved", "no-migrate"])
-async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion, migrate):
+@pytest.mark.parametrize("migrate,requeue", [(True, True), (False, True), (True, False)],
+                         ids=["moved", "no-migrate", "requeue-off"])
+async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion, migrate, requeue):
     # The hash ignores heartbeats, so a frozen worker keeps getting its share.
     # With SELECT_OR_MIGRATE the master moves what queues on it to the others
-    # (nothing waits); without, those connections wait for it.
+    # (nothing waits); without, or with [demux] requeue off, those wait for it.
     srv = start_zion("starlette_app:app", "--demux", "hash", "--admin", "127.0.0.1:0",
-                     workers=4, env={"ZION_DEMUX_MIGRATE": str(migrate).lower()})
+                     workers=4, env={"ZION_DEMUX_MIGRATE": str(migrate).lower(),
+                                     "ZION_DEMUX_REQUEUE": str(requeue).lower()})
     slots = await slot_view(srv.port)
     victim = slots[2]["pid"]
     os.kill(victim, signal.SIGSTOP)
@@ -95,7 +97,7 @@ async def test_hash_mode_keeps_sending_to_a_stopped_worker(start_zion, migrate):
         after = (await view_avoiding_stall(srv.port))[2]["dispatches"]
         assert after > before, "the kernel-style hash still picks the stopped worker"
         requeued = (await asyncio.to_thread(_admin_workers, srv))[2]["requeued"]
-        if migrate:
+        if migrate and requeue:
             assert not stuck, "a stopped worker's queue moves to the others"
             assert requeued >= after - before
         else:

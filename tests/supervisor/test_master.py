@@ -425,14 +425,16 @@ async def _queue_behind_stopped(port: int, ns: str, count: int) -> list[asyncio.
 @pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
 @pytest.mark.parametrize("migrate_req", _MIGRATE_REQ)
 def test_a_dead_workers_queue_moves_to_a_live_worker(start_zion, migrate_req):
-    # hash mode keeps sending a stopped worker its share, so its queue fills;
-    # then it dies. Its replacement is a minute away (respawn backoff), so
-    # only the migration can answer those connections in time.
+    # hash mode keeps sending a stopped worker its share, so its queue fills
+    # (the master would move a blocked worker's queue at once: not here, this
+    # is about the death); then it dies. Its replacement is a minute away
+    # (respawn backoff), so only the migration can answer those in time.
     with netns(1, {"net.ipv4.tcp_migrate_req": migrate_req}) as ns:
         srv = start_zion("steer_app:app", "--demux", "hash", workers=2,
                          wrapper=["ip", "netns", "exec", ns],
                          env={"ZION_SUPERVISOR_RESPAWN_BACKOFF": "60",
-                              "ZION_SUPERVISOR_RESPAWN_BACKOFF_MAX": "60"})
+                              "ZION_SUPERVISOR_RESPAWN_BACKOFF_MAX": "60",
+                              "ZION_DEMUX_REQUEUE": "false"})
 
         async def body() -> tuple[int, set[str]]:
             view = (await get(srv.port, "/_zion/status")).json()["demux"]["workers"]
@@ -469,8 +471,10 @@ def test_a_retired_listeners_queue_moves_while_its_worker_is_stopped(start_zion,
     cfg.write_text("[server]\nworkers = 4\n")
     how = ["--demux", "hash"] if demux == "bpf" else ["--no-bpf-demux"]
     with netns(2, {"net.ipv4.tcp_migrate_req": migrate_req}) as ns:
+        # Not the master's move of a blocked worker's queue: the shrink's.
         srv = start_zion("steer_app:app", "--config", str(cfg), *how, workers=None,
-                         wrapper=["ip", "netns", "exec", ns])
+                         wrapper=["ip", "netns", "exec", ns],
+                         env={"ZION_DEMUX_REQUEUE": "false"})
 
         async def body() -> None:
             pids = [int(p) for p in srv.worker_pids()]

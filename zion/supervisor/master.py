@@ -168,7 +168,8 @@ class Master:
         # due times would turn select into a busy loop until the workers exit.
         if self.current is not None and self.current.demux.routing and not self.stopping:
             due.append(self.sampler.next_at)
-            if self.current.demux.migrates and self.reload is None:
+            if (self.current.demux.migrates and self.current.settings.demux.requeue
+                    and self.reload is None):
                 due.append(self.mover.next_at)
         if self.stopping:
             due.append(self.stop_deadline)
@@ -305,7 +306,8 @@ class Master:
         # Needs SELECT_OR_MIGRATE (the program re-homes what the listener
         # held); not during a reload, whose commit may change the group.
         gen = self.current
-        if gen is None or not gen.demux.migrates or self.reload is not None:
+        if (gen is None or not gen.demux.migrates or not gen.settings.demux.requeue
+                or self.reload is not None):
             return
         now = time.monotonic()
         if now < self.mover.next_at:
