@@ -73,21 +73,22 @@ def test_the_heartbeat_beats_every_interval_with_work_and_four_without():
     # Idle keep-alive connections are no work: only requests in flight and
     # handshakes keep the fast pace (each beat of an idle worker is a wake-up).
     slot = SimpleNamespace(heartbeat_ns=0, conns=5, inflight=0, handshakes=0)
+    state = SimpleNamespace(slot=slot, became_busy=None, heartbeat_slow=False)
     loop = _Loop()
-    beat = _Heartbeat(loop, slot, 0.005)  # type: ignore[arg-type]
+    beat = _Heartbeat(loop, state, 0.005)  # type: ignore[arg-type]
     assert slot.heartbeat_ns > 0 and loop.delays == [0.02]
+    assert state.heartbeat_slow and state.became_busy == beat.wake
     slot.handshakes = 1
     stamp = slot.heartbeat_ns
-    beat.wake()  # a connection was taken: beat now, at the busy pace
+    state.became_busy()  # a connection was taken: beat now, at the busy pace
     assert loop.cancelled == 1 and slot.heartbeat_ns >= stamp and loop.delays[-1] == 0.005
-    beat.wake()  # already at it: nothing (called for every request started)
-    assert loop.cancelled == 1 and len(loop.delays) == 2
+    assert not state.heartbeat_slow  # so requests need not call it
     slot.handshakes, slot.inflight = 0, 1
     beat._beat()
-    assert loop.delays[-1] == 0.005
+    assert loop.delays[-1] == 0.005 and not state.heartbeat_slow
     slot.inflight = 0
     beat._beat()
-    assert loop.delays[-1] == 0.02
+    assert loop.delays[-1] == 0.02 and state.heartbeat_slow
     beat.stop()
     beat.wake()  # a draining worker's heartbeat stays stopped
-    assert len(loop.delays) == 4
+    assert len(loop.delays) == 4 and not state.heartbeat_slow

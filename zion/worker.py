@@ -143,8 +143,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
-    beat = _Heartbeat(loop, slot, settings.demux.heartbeat_interval_ms / 1000)
-    state.became_busy = beat.wake
+    beat = _Heartbeat(loop, state, settings.demux.heartbeat_interval_ms / 1000)
     limits = settings.limits
     # --limit-max-requests: retire after this many (0 = never), jittered per worker.
     budget = (limits.max_requests + random.randint(0, limits.max_requests_jitter)
@@ -284,25 +283,29 @@ class _Heartbeat:
     keep-alive connections included. The program takes an old heartbeat for
     a blocked loop only in a worker with work (zion_load in
     bpf/zion_demux.c), so a worker without any can sleep longer; work
-    arriving brings the fast pace back at once (`wake`)."""
+    arriving at the idle pace (`state.heartbeat_slow`) brings the fast pace
+    back at once (`wake`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, slot: Any, interval: float) -> None:
-        self.loop, self.slot, self.interval = loop, slot, interval
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: ServerState,
+                 interval: float) -> None:
+        self.loop, self.state, self.interval = loop, state, interval
+        self.slot: Any = state.slot  # the board's Slot: heartbeat_ns too
         self.handle: asyncio.TimerHandle | None = None
-        self.fast = False
         self.stopped = False
+        state.became_busy = self.wake
         self._beat()
 
     def _beat(self) -> None:
         slot = self.slot
         slot.heartbeat_ns = time.monotonic_ns()
-        self.fast = bool(slot.inflight or slot.handshakes)
+        fast = bool(slot.inflight or slot.handshakes)
+        self.state.heartbeat_slow = not fast
         self.handle = self.loop.call_later(
-            self.interval if self.fast else self.interval * IDLE_BEATS, self._beat)
+            self.interval if fast else self.interval * IDLE_BEATS, self._beat)
 
     def wake(self) -> None:
-        """Work arrived: beat now and at the busy pace, unless already at it."""
-        if self.fast or self.stopped:
+        """Work arrived at the idle pace: beat now, and at the busy pace."""
+        if self.stopped:
             return
         if self.handle is not None:
             self.handle.cancel()
@@ -310,6 +313,7 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self.stopped = True
+        self.state.heartbeat_slow = False
         if self.handle is not None:
             self.handle.cancel()
 

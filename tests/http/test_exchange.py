@@ -264,3 +264,32 @@ async def test_operator_headers_and_no_server_or_date_header():
     head = tr.take().split(b"\r\n\r\n")[0].lower()
     assert b"x-frame-options: deny" in head
     assert b"server:" not in head and b"date:" not in head
+
+
+async def test_a_request_at_the_heartbeats_idle_pace_wakes_it_once():
+    # A request makes the worker busy: if the heartbeat was at its idle pace,
+    # it is woken (the demux would take its old heartbeat for a blocked loop);
+    # at the busy pace the per-request path only reads a flag.
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(state.slot.inflight)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    state = make_state()
+    woken = []
+
+    def wake() -> None:
+        woken.append(state.slot.inflight)
+        state.heartbeat_slow = False
+
+    state.became_busy = wake
+    state.heartbeat_slow = True
+    tr = connect(state, app)
+    tr.feed(GET)
+    await settle()
+    tr.feed(GET)
+    await settle()
+    assert seen == [1, 1] and woken == [1]
+    assert state.slot.inflight == 0

@@ -296,8 +296,9 @@ class Exchange:
     async def _guarded(self, app: ASGIApp) -> None:
         state = self.conn.state
         slot = state.slot
-        slot.inflight += 1
-        if slot.inflight == 1:
+        inflight = slot.inflight + 1
+        slot.inflight = inflight
+        if inflight == 1 and state.heartbeat_slow:  # work again: the busy pace
             state.became_busy()
         try:
             await app(self.scope, self.receive, self.send)

@@ -90,10 +90,12 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatch: Dispatch = _unset_dispatch
         self.websocket_factory: WebSocketFactory | None = None
-        # Called when work arrives (a connection accepted, a request started):
-        # the heartbeat goes to its busy pace at once if it was not at it
-        # (zion/worker.py); a cheap no-op when it already is.
+        # Called when work arrives (a connection accepted, a request started)
+        # while the heartbeat is at its idle pace (zion/worker.py keeps
+        # heartbeat_slow): the busy pace starts at once. A request checks the
+        # flag, not a call, on the per-request path.
         self.became_busy: Callable[[], None] = _nothing
+        self.heartbeat_slow = False
 
     def speaks_for_clients(self, client: tuple[str, int] | None) -> bool:
         """Whether this peer's forwarding headers are believed (once per connection)."""
@@ -124,7 +126,8 @@ class ServerState:
         self.slot.handshakes = self.handshaking
         self.slot.conns = len(self.connections) + self.handshaking
         self.listener_accepted()
-        self.became_busy()
+        if self.heartbeat_slow:
+            self.became_busy()
 
     def handshake_ended(self) -> None:
         """Its handshake finished, or failed (then nothing else follows)."""
