@@ -126,3 +126,29 @@ def test_an_idle_host_is_polled_slowly(board):
         _worker(board, index, age_ms=15, conns=10)
     moved, mover = _poll(board, [0, 0, 0])
     assert moved == [] and mover.next_at == pytest.approx(100.0 + IDLE_POLL)
+
+
+def test_an_idle_worker_that_takes_nothing_for_a_whole_look_is_blocked(board):
+    # Its heartbeat is young enough for the idle pace, but a loop that turns
+    # takes its whole queue at every turn: a queue still there at the next
+    # look, with nothing accepted since, means the loop has stopped.
+    _worker(board, 0, age_ms=12, pending=1)
+    _worker(board, 1, age_ms=1)
+    q = _Queues([1, 0, 0])
+    try:
+        mover = QueueMover(INTERVAL, queue_len=q)
+        assert mover.poll(100.0, NOW_NS, board, q.socks) == []
+        board.slots[0].dispatches += 1  # another one sent: still none taken
+        assert mover.poll(100.01, NOW_NS, board, q.socks) == [0]
+        # One that accepted in between is turning, however slowly.
+        mover = QueueMover(INTERVAL, queue_len=q)
+        assert mover.poll(100.0, NOW_NS, board, q.socks) == []
+        board.slots[0].accepted += 1
+        assert mover.poll(100.01, NOW_NS, board, q.socks) == []
+        # And a queue that emptied in between starts the watch again.
+        q.lengths[q.socks[0]] = 0
+        assert mover.poll(100.02, NOW_NS, board, q.socks) == []
+        q.lengths[q.socks[0]] = 1
+        assert mover.poll(100.03, NOW_NS, board, q.socks) == []
+    finally:
+        q.close()

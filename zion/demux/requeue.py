@@ -29,7 +29,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 
-from zion.demux.board import BUSY_BEATS, IDLE_BEATS, Slot, SlotState, StatusBoard
+from zion.demux.board import BUSY_BEATS, IDLE_BEATS, SlotState, StatusBoard
 from zion.listeners import accept_queue_len
 
 # With no connection anywhere nothing can wait behind a blocked worker; the
@@ -40,8 +40,11 @@ IDLE_POLL = 0.1  # seconds
 class QueueMover:
     """`interval`: the heartbeat interval (seconds). A worker with requests or
     handshakes and no beat for BUSY_BEATS intervals is blocked (as the
-    program's ZION_BUSY_NS); one without may sleep IDLE_BEATS intervals
-    between beats, and gets that much longer."""
+    program's ZION_BUSY_NS). One without may sleep IDLE_BEATS intervals
+    between beats, so its heartbeat says less: it is blocked when its queue
+    was not empty at the last look and it has accepted nothing since (a loop
+    that turns takes its whole queue at every turn), or when it has not beaten
+    for that long either."""
 
     def __init__(self, interval: float,
                  queue_len: Callable[[socket.socket], int] = accept_queue_len) -> None:
@@ -51,6 +54,9 @@ class QueueMover:
         self.idle_ns = IDLE_BEATS * interval_ns
         self.queue_len = queue_len
         self.next_at = 0.0
+        # Slot -> its `accepted` count when the last look found its queue not
+        # empty.
+        self.waiting: dict[int, int] = {}
 
     def poll(self, now: float, now_ns: int, board: StatusBoard,
              sockets: Sequence[socket.socket]) -> list[int]:
@@ -61,22 +67,26 @@ class QueueMover:
         self.next_at = now + IDLE_POLL
         slots = board.slots
         stuck, turning = [], False
+        waiting, self.waiting = self.waiting, {}
         for index in range(min(board.count, len(sockets))):
             slot = slots[index]
             if slot.state != SlotState.READY:
                 continue
             if slot.active:
                 self.next_at = now + self.period
-            if self._turning(slot, now_ns):
+            age: int = now_ns - slot.heartbeat_ns
+            if slot.inflight or slot.handshakes:
+                blocked = age > self.busy_ns
+            else:
+                blocked = age > self.idle_ns + self.busy_ns
+                if not blocked and slot.pending:
+                    queued = self.queue_len(sockets[index]) > 0
+                    if queued:
+                        accepted = int(slot.accepted)
+                        blocked = waiting.get(index) == accepted
+                        self.waiting[index] = accepted
+            if not blocked:
                 turning = True
             elif self.queue_len(sockets[index]) > 0:
                 stuck.append(index)
         return stuck if turning else []
-
-    def _turning(self, slot: Slot, now_ns: int) -> bool:
-        # A worker with requests or handshakes in hand beats every interval;
-        # one without may have slept up to `idle_ns` and not woken yet for
-        # what was just queued: give it that long before taking its queue.
-        age: int = now_ns - slot.heartbeat_ns
-        return age <= (self.busy_ns if slot.inflight or slot.handshakes
-                       else self.idle_ns + self.busy_ns)
