@@ -152,3 +152,23 @@ def test_an_idle_worker_that_takes_nothing_for_a_whole_look_is_blocked(board):
         assert mover.poll(100.03, NOW_NS, board, q.socks) == []
     finally:
         q.close()
+
+
+def test_a_worker_that_accepted_since_the_last_look_is_turning_whatever_its_heartbeat(board):
+    # Under CPU contention heartbeat timers run late and every worker can
+    # look blocked; one that took connections since the last look turns.
+    _worker(board, 0, age_ms=50, inflight=1, pending=2)
+    _worker(board, 1, age_ms=15, inflight=1)
+    _worker(board, 2, age_ms=15, inflight=1)
+    q = _Queues([2, 0, 0])
+    try:
+        mover = QueueMover(INTERVAL, queue_len=q)
+        assert mover.poll(100.0, NOW_NS, board, q.socks) == []  # all look blocked
+        board.slots[1].accepted += 1
+        assert mover.poll(100.01, NOW_NS, board, q.socks) == [0]
+        # Worker 0 itself took one since: not blocked, its queue stays.
+        board.slots[0].accepted += 1
+        board.slots[1].accepted += 1
+        assert mover.poll(100.02, NOW_NS, board, q.socks) == []
+    finally:
+        q.close()

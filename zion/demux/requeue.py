@@ -38,13 +38,14 @@ IDLE_POLL = 0.1  # seconds
 
 
 class QueueMover:
-    """`interval`: the heartbeat interval (seconds). A worker with requests or
-    handshakes and no beat for BUSY_BEATS intervals is blocked (as the
-    program's ZION_BUSY_NS). One without may sleep IDLE_BEATS intervals
-    between beats, so its heartbeat says less: it is blocked when its queue
-    was not empty at the last look and it has accepted nothing since (a loop
-    that turns takes its whole queue at every turn), or when it has not beaten
-    for that long either."""
+    """`interval`: the heartbeat interval (seconds). A worker that accepted a
+    connection since the last look is turning, whatever its heartbeat says
+    (under CPU contention timers run late; accepts do not lie). Otherwise one
+    with requests or handshakes and no beat for BUSY_BEATS intervals is
+    blocked (as the program's ZION_BUSY_NS). One without may sleep IDLE_BEATS
+    intervals between beats, so its heartbeat says less: it is blocked when
+    its queue was there at the last look and is still (a loop that turns
+    takes its whole queue at every turn), or when it missed that beat too."""
 
     def __init__(self, interval: float,
                  queue_len: Callable[[socket.socket], int] = accept_queue_len) -> None:
@@ -54,9 +55,10 @@ class QueueMover:
         self.idle_ns = IDLE_BEATS * interval_ns
         self.queue_len = queue_len
         self.next_at = 0.0
-        # Slot -> its `accepted` count when the last look found its queue not
-        # empty.
-        self.waiting: dict[int, int] = {}
+        # At the last look: each slot's `accepted`, and the slots without
+        # work in hand whose queue was not empty.
+        self.accepted: dict[int, int] = {}
+        self.queued: set[int] = set()
 
     def poll(self, now: float, now_ns: int, board: StatusBoard,
              sockets: Sequence[socket.socket]) -> list[int]:
@@ -67,24 +69,26 @@ class QueueMover:
         self.next_at = now + IDLE_POLL
         slots = board.slots
         stuck, turning = [], False
-        waiting, self.waiting = self.waiting, {}
+        accepted_then, queued_then = self.accepted, self.queued
+        self.accepted, self.queued = {}, set()
         for index in range(min(board.count, len(sockets))):
             slot = slots[index]
             if slot.state != SlotState.READY:
                 continue
             if slot.active:
                 self.next_at = now + self.period
+            accepted = int(slot.accepted)
+            self.accepted[index] = accepted
             age: int = now_ns - slot.heartbeat_ns
-            if slot.inflight or slot.handshakes:
+            if accepted_then.get(index, accepted) != accepted:
+                blocked = False
+            elif slot.inflight or slot.handshakes:
                 blocked = age > self.busy_ns
             else:
                 blocked = age > self.idle_ns + self.busy_ns
-                if not blocked and slot.pending:
-                    queued = self.queue_len(sockets[index]) > 0
-                    if queued:
-                        accepted = int(slot.accepted)
-                        blocked = waiting.get(index) == accepted
-                        self.waiting[index] = accepted
+                if not blocked and slot.pending and self.queue_len(sockets[index]) > 0:
+                    blocked = index in queued_then
+                    self.queued.add(index)
             if not blocked:
                 turning = True
             elif self.queue_len(sockets[index]) > 0:
