@@ -172,3 +172,20 @@ def test_a_worker_that_accepted_since_the_last_look_is_turning_whatever_its_hear
         assert mover.poll(100.02, NOW_NS, board, q.socks) == []
     finally:
         q.close()
+
+
+def test_traffic_keeps_the_looks_fast_even_between_connections(board):
+    # A look that finds every worker between two connections (nothing in
+    # hand) must not wait IDLE_POLL while connections keep arriving.
+    for index in range(3):
+        _worker(board, index, age_ms=1)
+    q = _Queues([0, 0, 0])
+    try:
+        mover = QueueMover(INTERVAL, queue_len=q)
+        mover.poll(100.0, NOW_NS, board, q.socks)
+        assert mover.next_at == pytest.approx(100.0 + IDLE_POLL)
+        board.slots[2].accepted += 1
+        mover.poll(100.1, NOW_NS, board, q.socks)
+        assert mover.next_at == pytest.approx(100.1 + 2 * INTERVAL)
+    finally:
+        q.close()

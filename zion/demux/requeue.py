@@ -17,7 +17,8 @@ and its epoll registration.
 
 This module only decides, from the status board and the real accept queues,
 and says when to look again: every BUSY_BEATS heartbeat intervals (10 ms)
-while any worker has work in hand, at IDLE_POLL otherwise (an idle master
+while any worker has work in hand or took a connection since the last look,
+at IDLE_POLL otherwise (an idle master
 must sleep). Each look is a wake-up of the master, which costs tens of
 microseconds of CPU on a VM whatever the loop does: 100 a second cost the
 master about 1 % of a core under load, and a connection waits at most one
@@ -75,12 +76,15 @@ class QueueMover:
             slot = slots[index]
             if slot.state != SlotState.READY:
                 continue
-            if slot.active:
-                self.next_at = now + self.period
             accepted = int(slot.accepted)
             self.accepted[index] = accepted
+            took = accepted_then.get(index, accepted) != accepted
+            if took or slot.active:
+                # Connections are arriving: a look that happened to find
+                # every worker between two of them must not wait IDLE_POLL.
+                self.next_at = now + self.period
             age: int = now_ns - slot.heartbeat_ns
-            if accepted_then.get(index, accepted) != accepted:
+            if took:
                 blocked = False
             elif slot.inflight or slot.handshakes:
                 blocked = age > self.busy_ns
