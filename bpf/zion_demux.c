@@ -45,7 +45,9 @@
  *   ZION_MODE_CPU           the worker pinned to the CPU that handled the SYN
  *                           (slot cpu % N) when healthy, else least-loaded
  * A migrating connection goes where least-loaded would send it, in every mode
- * (the closing listener's slot is no longer READY by then).
+ * (the closing listener's slot is no longer READY by then: a dead worker's is
+ * EMPTY, a retired one DRAINING, and while the master moves blocked workers'
+ * queues it marks every blocked slot DRAINING).
  *
  * Kernel minimum: 5.5 (bounded loops 5.3, BPF_F_MMAPABLE arrays 5.5; the
  * reuseport sockarray and bpf_sk_select_reuseport 4.19); 5.14 for
@@ -57,8 +59,11 @@
  *   ZION_SOCKARRAY_FD   fd of the reuseport sockarray in the loading process
  *   ZION_MODE           ZION_MODE_HASH | ZION_MODE_LEAST_LOADED | ZION_MODE_CPU
  *   ZION_STALL_NS       heartbeat age beyond which a worker is stalled
- *   ZION_BUSY_NS        heartbeat age beyond which its loop is taken to be
- *                       blocked now (two heartbeat intervals)
+ *   ZION_BUSY_NS        heartbeat age beyond which the loop of a worker with
+ *                       work in hand is taken to be blocked now (two
+ *                       heartbeat intervals)
+ *   ZION_IDLE_NS        the same for a worker without work, which beats at
+ *                       its idle pace (four intervals, plus two)
  *   ZION_MIGRATE        1: loaded as SELECT_OR_MIGRATE, reads md->migrating_sk
  */
 #include <uapi/linux/bpf.h>
@@ -74,8 +79,9 @@
 #define ZION_SLOT_DRAINING 3
 
 #if !defined(ZION_WORKERS) || !defined(ZION_SOCKARRAY_FD) || !defined(ZION_MODE) || \
-    !defined(ZION_STALL_NS) || !defined(ZION_BUSY_NS) || !defined(ZION_MIGRATE)
-#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE, ZION_STALL_NS, ZION_BUSY_NS, ZION_MIGRATE must be defined"
+    !defined(ZION_STALL_NS) || !defined(ZION_BUSY_NS) || !defined(ZION_IDLE_NS) || \
+    !defined(ZION_MIGRATE)
+#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE, ZION_STALL_NS, ZION_BUSY_NS, ZION_IDLE_NS, ZION_MIGRATE must be defined"
 #endif
 
 struct zion_slot {
@@ -126,6 +132,16 @@ static __always_inline u64 zion_pending(struct zion_slot *s)
     return (u64)(n & ~sign);
 }
 
+/* 1 when `x` is not 0, without a branch (clang folds the arithmetic into a
+ * compare and a jump unless the empty asm hides it; see zion_pending). */
+static __always_inline u64 zion_nonzero(u64 x)
+{
+    u64 nz = (u64)(-(s64)x | (s64)x) >> 63;
+
+    asm volatile("" : "+r"(nz));
+    return nz;
+}
+
 /* 1 when `age` exceeds `limit`, without a branch (see zion_pending). */
 static __always_inline u64 zion_older(s64 age, s64 limit)
 {
@@ -164,14 +180,16 @@ static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
     u64 pending = zion_pending(s);
     u64 stalled = zion_older(age, (s64)ZION_STALL_NS);
     u64 turning = (u64)s->conns + s->inflight + pending;
-    /* Work in hand: requests in flight, handshakes, connections owed. Idle
-     * keep-alive connections are none: a worker without work beats less often
-     * (zion/worker.py), so an old heartbeat means "blocked" only when it has
-     * work (1 if active > 0, without a branch), or when it is older than the
-     * stall threshold, far beyond the idle pace. */
-    u64 active = (u64)s->inflight + s->handshakes + pending;
-    u64 has_work = (u64)(-(s64)active | (s64)active) >> 63;
-    u64 busy = zion_older(age, (s64)ZION_BUSY_NS) & (has_work | stalled);
+    /* Work in hand: requests in flight, handshakes. Idle keep-alive
+     * connections are none, and neither are connections owed: the count is
+     * exact only once the master has corrected drift (a reload's old worker
+     * may accept what the new program sent), and a phantom one must not make
+     * an idle worker look blocked. A worker without work beats at its idle
+     * pace (zion/worker.py), so its heartbeat means "blocked" only once it
+     * is older than that pace allows (ZION_IDLE_NS). */
+    u64 has_work = zion_nonzero((u64)s->inflight + s->handshakes);
+    u64 busy = (zion_older(age, (s64)ZION_BUSY_NS) & has_work) |
+               zion_older(age, (s64)ZION_IDLE_NS) | stalled;
     /* Clamped so a heartbeat of days ago cannot wrap past the base. */
     u64 age_ms = ((u64)age >> 20) & (ZION_AGE_BASE - 1);
     u64 blocked = ZION_TIER_BUSY + ZION_AGE_BASE + pending * ZION_PENDING_COST_MS - age_ms;

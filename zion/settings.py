@@ -358,8 +358,9 @@ class DemuxSettings:
                                          "flight, TLS handshakes) publishes its heartbeat, "
                                          "milliseconds; one without, every four intervals. Two "
                                          "intervals without one while it has work: its loop is "
-                                         "blocked, new connections go to others and its accept "
-                                         "queue moves to a free worker.", check=positive)
+                                         "blocked, and new connections go to others (and, with "
+                                         "migrate and requeue, its accept queue moves to a free "
+                                         "worker).", check=positive)
     kernel_headers: str = setting("", 'Kernel headers bcc compiles against ("" = auto: the '
                                   "running kernel's /lib/modules/$(uname -r)/build, else a "
                                   "Debian linux-headers-* tree under /usr/src merged into "
@@ -374,8 +375,9 @@ class DemuxSettings:
                             "listener is drained by its worker.")
     requeue: bool = setting(True, "With migrate: the master moves the accept queue of a "
                             "worker whose loop is blocked (a long synchronous call, a stop "
-                            "signal) to a free worker, as one shared queue would. It wakes "
-                            "every two heartbeat intervals while any worker has work.")
+                            "signal) to a free worker, as one shared queue would. It looks "
+                            "every two heartbeat intervals while connections arrive or any "
+                            "worker has work, every 100 ms otherwise.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,11 +614,14 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
                           f"{tls.cert_reqs} needs tls.ca_certs")
     demux: DemuxSettings = sections["demux"]
     if 4 * demux.heartbeat_interval_ms >= demux.stall_threshold_ms:
-        # An idle worker beats every four intervals: it would look stalled.
-        raise ConfigError(f"demux.heartbeat_interval_ms (from "
-                          f"{origins.get('demux.heartbeat_interval_ms', 'default')}): "
-                          f"{demux.heartbeat_interval_ms} must be under a quarter of "
-                          f"demux.stall_threshold_ms ({demux.stall_threshold_ms})")
+        # A worker without work beats every four intervals (IDLE_BEATS in
+        # zion/demux/board.py): past the threshold it would look stalled.
+        raise ConfigError(
+            f"demux.heartbeat_interval_ms = {demux.heartbeat_interval_ms} (from "
+            f"{origins.get('demux.heartbeat_interval_ms', 'default')}) must be under a "
+            f"quarter of demux.stall_threshold_ms = {demux.stall_threshold_ms} (from "
+            f"{origins.get('demux.stall_threshold_ms', 'default')}): an idle worker beats "
+            "every four intervals")
     sup: SupervisorSettings = sections["supervisor"]
     if sup.respawn_backoff_max < sup.respawn_backoff:
         raise ConfigError("supervisor.respawn_backoff_max: must be at least "

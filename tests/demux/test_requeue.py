@@ -49,7 +49,7 @@ def _poll(board: StatusBoard, queues: list[int]) -> tuple[list[int], QueueMover]
     q = _Queues(queues)
     try:
         mover = QueueMover(INTERVAL, queue_len=q)
-        return mover.poll(100.0, NOW_NS, board, q.socks), mover
+        return mover.poll(100.0, NOW_NS, board, q.socks).move, mover
     finally:
         q.close()
 
@@ -60,6 +60,15 @@ def test_a_blocked_worker_with_a_queue_loses_it_when_another_turns(board):
     _worker(board, 2, age_ms=12)                         # idle, slow beats
     moved, mover = _poll(board, [2, 0, 0])
     assert moved == [0]
+    q = _Queues([2, 0, 0])
+    try:
+        # Judged blocked, queue or not: the master marks them DRAINING while
+        # queues move, so nothing migrates to them.
+        _worker(board, 2, age_ms=50, inflight=1)
+        assert QueueMover(INTERVAL, queue_len=q).poll(100.0, NOW_NS, board, q.socks).blocked \
+            == [0, 2]
+    finally:
+        q.close()
     assert mover.next_at == pytest.approx(100.0 + 2 * INTERVAL)
 
 
@@ -137,19 +146,19 @@ def test_an_idle_worker_that_takes_nothing_for_a_whole_look_is_blocked(board):
     q = _Queues([1, 0, 0])
     try:
         mover = QueueMover(INTERVAL, queue_len=q)
-        assert mover.poll(100.0, NOW_NS, board, q.socks) == []
+        assert mover.poll(100.0, NOW_NS, board, q.socks).move == []
         board.slots[0].dispatches += 1  # another one sent: still none taken
-        assert mover.poll(100.01, NOW_NS, board, q.socks) == [0]
+        assert mover.poll(100.01, NOW_NS, board, q.socks).move == [0]
         # One that accepted in between is turning, however slowly.
         mover = QueueMover(INTERVAL, queue_len=q)
-        assert mover.poll(100.0, NOW_NS, board, q.socks) == []
+        assert mover.poll(100.0, NOW_NS, board, q.socks).move == []
         board.slots[0].accepted += 1
-        assert mover.poll(100.01, NOW_NS, board, q.socks) == []
+        assert mover.poll(100.01, NOW_NS, board, q.socks).move == []
         # And a queue that emptied in between starts the watch again.
         q.lengths[q.socks[0]] = 0
-        assert mover.poll(100.02, NOW_NS, board, q.socks) == []
+        assert mover.poll(100.02, NOW_NS, board, q.socks).move == []
         q.lengths[q.socks[0]] = 1
-        assert mover.poll(100.03, NOW_NS, board, q.socks) == []
+        assert mover.poll(100.03, NOW_NS, board, q.socks).move == []
     finally:
         q.close()
 
@@ -163,13 +172,13 @@ def test_a_worker_that_accepted_since_the_last_look_is_turning_whatever_its_hear
     q = _Queues([2, 0, 0])
     try:
         mover = QueueMover(INTERVAL, queue_len=q)
-        assert mover.poll(100.0, NOW_NS, board, q.socks) == []  # all look blocked
+        assert mover.poll(100.0, NOW_NS, board, q.socks).move == []  # all look blocked
         board.slots[1].accepted += 1
-        assert mover.poll(100.01, NOW_NS, board, q.socks) == [0]
+        assert mover.poll(100.01, NOW_NS, board, q.socks).move == [0]
         # Worker 0 itself took one since: not blocked, its queue stays.
         board.slots[0].accepted += 1
         board.slots[1].accepted += 1
-        assert mover.poll(100.02, NOW_NS, board, q.socks) == []
+        assert mover.poll(100.02, NOW_NS, board, q.socks).move == []
     finally:
         q.close()
 

@@ -85,3 +85,23 @@ def test_drift_in_the_not_yet_accepted_count_is_corrected_after_a_window():
     assert slot.pending == 1
     client.close()
     listener.close()
+
+
+def test_a_slot_whose_count_was_set_anew_is_not_corrected_by_the_old_window():
+    # The master moved the slot's queue and wrote its count off
+    # (forget_pending): what the window saw before says nothing now, and
+    # applying it would invent connections that are not there.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    board = StatusBoard.anonymous(1)
+    slot = board.slots[0]
+    slot.dispatches, slot.accepted = 3, 5  # two placed by the kernel's hash
+    sampler = QueueSampler(interval=0.01, window=1.0)
+    sampler.maybe_sample(100.0, [listener], board)
+    sampler.maybe_sample(100.5, [listener], board)
+    board.forget_pending(0)
+    sampler.forget(0)
+    sampler.maybe_sample(101.0, [listener], board)
+    assert slot.pending == 0 and slot.dropped == (slot.dispatches - slot.accepted) % (1 << 64)
+    listener.close()

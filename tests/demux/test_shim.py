@@ -100,8 +100,7 @@ def test_least_loaded_avoids_a_stale_heartbeat(state_dir):
 def test_an_old_heartbeat_is_blocked_only_in_a_worker_with_work(state_dir):
     # An idle worker beats every four intervals, so its heartbeat may be older
     # than the two intervals that mark a busy worker as blocked: with nothing
-    # to do it is still idle, and wins. The connection it then owes makes it
-    # a worker with work and an old heartbeat: blocked, passed over.
+    # in hand it is not blocked, and gets its share by load.
     settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
     group = _group(3)
     outcome = policy.setup(settings, group)
@@ -109,12 +108,58 @@ def test_an_old_heartbeat_is_blocked_only_in_a_worker_with_work(state_dir):
         assert outcome.board is not None
         _ready(outcome.board, [0, 1, 1])
         busy_ns = 2 * settings.demux.heartbeat_interval_ms * 1_000_000
-        outcome.board.slots[0].heartbeat_ns = time.monotonic_ns() - 3 * busy_ns
+        outcome.board.slots[0].heartbeat_ns = time.monotonic_ns() - 2 * busy_ns
         counts = _landing(group, 30)
     finally:
         outcome.close()
         group.close()
-    assert counts[0] == 1 and sum(counts) == 30, counts
+    assert counts[0] >= 5 and sum(counts) == 30, counts
+
+
+def test_a_worker_without_work_past_its_idle_pace_is_blocked(state_dir):
+    # No beat for longer than the idle pace allows (four intervals, plus
+    # two): frozen with nothing in hand, it is passed over at once, not only
+    # at the stall threshold.
+    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
+    group = _group(3)
+    outcome = policy.setup(settings, group)
+    try:
+        assert outcome.board is not None
+        _ready(outcome.board, [0, 3, 3])
+        idle_ns = 6 * settings.demux.heartbeat_interval_ms * 1_000_000
+        outcome.board.slots[0].heartbeat_ns = time.monotonic_ns() - idle_ns - 10_000_000
+        counts = _landing(group, 30)
+    finally:
+        outcome.close()
+        group.close()
+    assert counts[0] == 0 and sum(counts) == 30, counts
+
+
+def test_a_migrating_connection_goes_to_a_ready_slot_not_a_draining_one(state_dir):
+    # What the master relies on while it moves blocked queues: the slots it
+    # marks DRAINING (the source, and every other blocked one) get nothing,
+    # even when they look the best choice (here: idle).
+    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
+    group = _group(3)
+    outcome = policy.setup(settings, group)
+    try:
+        board = outcome.board
+        assert board is not None and outcome.migrates
+        _ready(board, [0, 9, 9])
+        clients = [socket.create_connection(("127.0.0.1", group.port)) for _ in range(3)]
+        wait_for(lambda: accept_queue_len(group.sockets[0]) == 3, 5, "queued on slot 0")
+        _ready(board, [0, 0, 9])
+        board.set_state(0, SlotState.DRAINING)
+        board.set_state(1, SlotState.DRAINING)  # blocked too, and idle-looking
+        fallbacks = board.fallbacks
+        group.sockets[0].shutdown(socket.SHUT_RDWR)
+        queues = [accept_queue_len(s) for s in group.sockets]
+        assert queues == [0, 0, 3] and board.fallbacks == fallbacks, queues
+        for c in clients:
+            c.close()
+    finally:
+        outcome.close()
+        group.close()
 
 
 def test_attach_to_socket_outside_a_reuseport_group(state_dir):

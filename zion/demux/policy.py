@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zion.demux import preflight
-from zion.demux.board import BUSY_BEATS, StatusBoard
+from zion.demux.board import BUSY_BEATS, IDLE_BEATS, StatusBoard
 from zion.demux.compile_helper import compile_and_fill
 from zion.demux.program import MAX_WORKERS, program_text, source_path
 from zion.demux.reasons import DemuxState, FallbackReason, Unavailable
@@ -97,9 +97,10 @@ def text_for(settings: Settings, workers: int, sockarray_fd: int,
         raise Unavailable(FallbackReason.PROBE_FAILED,
                           f"cannot read {path}: {exc.strerror}") from None
     demux = settings.demux
+    beat_ns = demux.heartbeat_interval_ms * 1_000_000
     return program_text(source, workers, sockarray_fd, demux.mode,
-                        demux.stall_threshold_ms * 1_000_000,
-                        BUSY_BEATS * demux.heartbeat_interval_ms * 1_000_000, migrate)
+                        demux.stall_threshold_ms * 1_000_000, BUSY_BEATS * beat_ns,
+                        (IDLE_BEATS + BUSY_BEATS) * beat_ns, migrate)
 
 
 def load(settings: Settings, group: ListenerGroup, kernel_source: str | None,

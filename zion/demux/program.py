@@ -22,7 +22,7 @@ def source_path() -> Path:
 
 
 def program_text(source: str, workers: int, sockarray_fd: int, mode: str,
-                 stall_ns: int, busy_ns: int, migrate: bool = False) -> str:
+                 stall_ns: int, busy_ns: int, idle_ns: int, migrate: bool = False) -> str:
     return (
         f"/* parameters set by zion/demux/program.py */\n"
         f"#define ZION_WORKERS {workers}\n"
@@ -30,6 +30,7 @@ def program_text(source: str, workers: int, sockarray_fd: int, mode: str,
         f"#define ZION_MODE {MODES[mode]} /* {mode} */\n"
         f"#define ZION_STALL_NS {stall_ns}ULL\n"
         f"#define ZION_BUSY_NS {busy_ns}ULL\n"
+        f"#define ZION_IDLE_NS {idle_ns}ULL\n"
         f"#define ZION_MIGRATE {int(migrate)}\n"
         f"#line 1 \"zion_demux.c\"\n"
         f"{source}"

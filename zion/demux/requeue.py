@@ -10,25 +10,28 @@ is free first; zion gets the same from the kernel (the move itself is
 `zion.supervisor.generation.requeue`): shutdown(2) on a listening socket runs
 inet_csk_listen_stop, which with a BPF_SK_REUSEPORT_SELECT_OR_MIGRATE program
 (Linux 5.14+) migrates each queued connection to the listener the program
-picks for `migrating_sk` (half-open ones follow when their ACK arrives), and
-listen(2) on the same socket puts it back into its reuseport group
-(reuseport_resurrect, net/core/sock_reuseport.c). The worker keeps its socket
-and its epoll registration.
+picks for `migrating_sk`, and listen(2) on the same socket puts it back into
+its reuseport group (reuseport_resurrect, net/core/sock_reuseport.c). The
+worker keeps its socket and its epoll registration. A half-open connection
+whose ACK comes after that stays (tcp_v4_rcv migrates a request only while
+its listener is not listening): the next look moves it. While the queues
+move, every blocked slot is DRAINING, so the program sends what migrates, and
+new connections, to the workers that turn.
 
 This module only decides, from the status board and the real accept queues,
 and says when to look again: every BUSY_BEATS heartbeat intervals (10 ms)
 while any worker has work in hand or took a connection since the last look,
-at IDLE_POLL otherwise (an idle master
-must sleep). Each look is a wake-up of the master, which costs tens of
-microseconds of CPU on a VM whatever the loop does: 100 a second cost the
-master about 1 % of a core under load, and a connection waits at most one
-more period before it moves.
+at IDLE_POLL otherwise (an idle master must sleep). Each look is a wake-up
+of the master, which costs tens of microseconds of CPU on a VM whatever the
+loop does: 100 a second cost the master about 1 % of a core under load, and
+a connection waits at most one more period before it moves.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from zion.demux.board import BUSY_BEATS, IDLE_BEATS, SlotState, StatusBoard
 from zion.listeners import accept_queue_len
@@ -36,6 +39,15 @@ from zion.listeners import accept_queue_len
 # With no connection anywhere nothing can wait behind a blocked worker; the
 # first dispatch makes the board show work and the next poll is fast again.
 IDLE_POLL = 0.1  # seconds
+
+
+@dataclass
+class Look:
+    """What a look found: the blocked slots whose queue should move now, and
+    every slot it judged blocked (none of them is a place to move it to)."""
+
+    move: list[int] = field(default_factory=list)
+    blocked: list[int] = field(default_factory=list)
 
 
 class QueueMover:
@@ -62,14 +74,14 @@ class QueueMover:
         self.queued: set[int] = set()
 
     def poll(self, now: float, now_ns: int, board: StatusBoard,
-             sockets: Sequence[socket.socket]) -> list[int]:
-        """The slots whose queue should move now: READY, connections waiting
-        in the accept queue, the loop not turning, and some other READY
-        worker's loop turning (when every worker is blocked, moving the queue
+             sockets: Sequence[socket.socket]) -> Look:
+        """Slots whose queue should move now: READY, connections waiting in
+        the accept queue, the loop not turning, while some other READY
+        worker's loop turns (when every worker is blocked, moving the queue
         only trades one wait for another)."""
         self.next_at = now + IDLE_POLL
         slots = board.slots
-        stuck, turning = [], False
+        look, turning = Look(), False
         accepted_then, queued_then = self.accepted, self.queued
         self.accepted, self.queued = {}, set()
         for index in range(min(board.count, len(sockets))):
@@ -95,6 +107,8 @@ class QueueMover:
                     self.queued.add(index)
             if not blocked:
                 turning = True
-            elif self.queue_len(sockets[index]) > 0:
-                stuck.append(index)
-        return stuck if turning else []
+                continue
+            look.blocked.append(index)
+            if self.queue_len(sockets[index]) > 0:
+                look.move.append(index)
+        return look if turning else Look()

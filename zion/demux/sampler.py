@@ -54,6 +54,11 @@ class QueueSampler:
             self.least = {}
             self.window_ends = now + self.window
 
+    def forget(self, index: int) -> None:
+        """The slot's count of connections not yet accepted was set anew
+        (StatusBoard.forget_pending): what this window saw of it is void."""
+        self.least.pop(index, None)
+
     def reset(self) -> None:
         """Another group or board: what was seen says nothing about it."""
         self.least = {}

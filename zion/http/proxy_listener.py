@@ -39,6 +39,7 @@ log = get_logger("zion.http")
 HEADER_TIMEOUT = 5.0
 _ACCEPT_BATCH = 64  # accepts per readable event, so one busy listener cannot starve the loop
 _ACCEPT_RETRY = 0.1  # seconds to stop accepting after EMFILE and the like
+_NOT_LISTENING_RETRY = 0.001  # seconds, after accept(2) says EINVAL
 # accept(2) failures that say "out of resources", not "bad connection".
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept(2), Linux: errors of the connection being accepted, already pending
@@ -121,9 +122,12 @@ class ProxyListener:
                 return
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
-                    # Not listening for a few microseconds: the master is
-                    # moving this listener's queue (zion/demux/requeue.py)
-                    # and listens again at once; the next readiness retries.
+                    # Not listening: for microseconds while the master moves
+                    # this listener's queue (zion/demux/requeue.py), or for
+                    # good once a shrink retired it. A shut listener stays
+                    # readable (EPOLLHUP): look again shortly, do not spin.
+                    self._pause()
+                    self.loop.call_later(_NOT_LISTENING_RETRY, self._resume)
                     return
                 if exc.errno in _RETRY_ERRNOS:
                     continue

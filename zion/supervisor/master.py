@@ -266,9 +266,10 @@ class Master:
         if handle.index >= self.current.count:
             return
         self.current.board.set_state(handle.index, SlotState.EMPTY)
-        if self.reload is None and not self.stopping:
-            # With SELECT_OR_MIGRATE its queue moves to live workers now.
-            generation.hand_over_queue(self.current, handle.index)
+        # With SELECT_OR_MIGRATE its queue moves to live workers now.
+        if (self.reload is None and not self.stopping
+                and generation.hand_over_queue(self.current, handle.index)):
+            self.sampler.forget(handle.index)
         verdict = self.respawn.on_death(handle.index, handle.ready, code, time.monotonic())
         if isinstance(verdict, GiveUp):
             self._fatal(verdict.reason)
@@ -312,20 +313,44 @@ class Master:
         now = time.monotonic()
         if now < self.mover.next_at:
             return
-        for index in self.mover.poll(now, time.monotonic_ns(), gen.board, gen.group.sockets):
-            try:
-                moved = generation.requeue(gen, index)
-            except generation.RequeueError as exc:
-                # Its worker would spin on accept(2) failing: replace it; its
-                # death gives the slot a fresh listener (hand_over_queue).
-                logger.error("requeue_failed", index=index, error=str(exc),
-                             action="worker killed and replaced")
-                for handle in self.pool.handles():
-                    if handle.generation == gen.number and handle.index == index:
-                        kill(handle.pid, signal.SIGKILL)
-                continue
-            self.tallies.moved(index, moved)
-            logger.debug("queue_moved", index=index, connections=moved)
+        look = self.mover.poll(now, time.monotonic_ns(), gen.board, gen.group.sockets)
+        if not look.move:
+            return
+        # Not READY while the queues move: the program sends what migrates
+        # (and new connections) to the workers that turn, not back to a
+        # blocked one, nor to a slot whose socket is out of the sockarray.
+        board = gen.board
+        for index in look.blocked:
+            board.set_state(index, SlotState.DRAINING)
+        failed = set()
+        try:
+            for index in look.move:
+                try:
+                    moved = generation.requeue(gen, index)
+                except generation.RequeueError as exc:
+                    failed.add(index)
+                    self._replace_broken_listener(gen, index, str(exc))
+                    continue
+                self.sampler.forget(index)
+                self.tallies.moved(index, moved)
+                logger.debug("queue_moved", index=index, connections=moved)
+        finally:
+            for index in look.blocked:
+                if index not in failed:
+                    board.set_state(index, SlotState.READY)
+
+    def _replace_broken_listener(self, gen: Generation, index: int, error: str) -> None:
+        # Its worker would spin on accept(2) failing on a socket that does not
+        # listen: the slot gets a fresh listener now (hand_over_queue, as for
+        # a dead worker) and the worker is replaced; its death sets the slot
+        # EMPTY, and the respawn serves the fresh socket.
+        logger.error("requeue_failed", index=index, error=error,
+                     action="listener and worker replaced")
+        generation.hand_over_queue(gen, index)
+        self.sampler.forget(index)
+        for handle in self.pool.handles():
+            if handle.generation == gen.number and handle.index == index:
+                kill(handle.pid, signal.SIGKILL)
 
     # -- admin --------------------------------------------------------------------
 
