@@ -96,19 +96,24 @@ class QueueMover:
                 # every worker between two of them must not wait IDLE_POLL.
                 self.next_at = now + self.period
             age: int = now_ns - slot.heartbeat_ns
+            queued: int | None = None  # read once per look, and only if needed
             if took:
                 blocked = False
             elif slot.inflight or slot.handshakes:
                 blocked = age > self.busy_ns
             else:
                 blocked = age > self.idle_ns + self.busy_ns
-                if not blocked and slot.pending and self.queue_len(sockets[index]) > 0:
-                    blocked = index in queued_then
-                    self.queued.add(index)
+                if not blocked and slot.pending:
+                    queued = self.queue_len(sockets[index])
+                    if queued:
+                        blocked = index in queued_then
+                        self.queued.add(index)
             if not blocked:
                 turning = True
                 continue
             look.blocked.append(index)
-            if self.queue_len(sockets[index]) > 0:
+            if queued is None:
+                queued = self.queue_len(sockets[index])
+            if queued > 0:
                 look.move.append(index)
         return look if turning else Look()

@@ -168,9 +168,8 @@ class Master:
         # due times would turn select into a busy loop until the workers exit.
         if self.current is not None and self.current.demux.routing and not self.stopping:
             due.append(self.sampler.next_at)
-            if (self.current.demux.migrates and self.current.settings.demux.requeue
-                    and self.reload is None):
-                due.append(self.mover.next_at)
+        if self._moving_queues():
+            due.append(self.mover.next_at)
         if self.stopping:
             due.append(self.stop_deadline)
         if self.retiring:
@@ -303,12 +302,16 @@ class Master:
         if gen is not None and gen.demux.routing:
             self.sampler.maybe_sample(time.monotonic(), gen.group.sockets, gen.board)
 
-    def _move_blocked_queues(self) -> None:
+    def _moving_queues(self) -> bool:
         # Needs SELECT_OR_MIGRATE (the program re-homes what the listener
         # held); not during a reload, whose commit may change the group.
         gen = self.current
-        if (gen is None or not gen.demux.migrates or not gen.settings.demux.requeue
-                or self.reload is not None):
+        return (gen is not None and gen.demux.migrates and gen.settings.demux.requeue
+                and self.reload is None and not self.stopping)
+
+    def _move_blocked_queues(self) -> None:
+        gen = self.current
+        if gen is None or not self._moving_queues():
             return
         now = time.monotonic()
         if now < self.mover.next_at:
