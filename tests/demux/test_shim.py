@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
 
 import pytest
 import structlog
@@ -55,6 +56,21 @@ def _landing(group: ListenerGroup, connections: int) -> list[int]:
     return counts
 
 
+@contextmanager
+def _attached(state_dir, count: int = 3, **demux):
+    """A plain reuseport group of `count` listeners with the program attached;
+    yields the settings, the group and the outcome, and releases all. A long
+    stall threshold: heartbeats written once stay fresh for the test."""
+    settings = _settings(state_dir, stall_threshold_ms=60_000, **demux)
+    group = _group(count)
+    outcome = policy.setup(settings, group)
+    try:
+        yield settings, group, outcome
+    finally:
+        outcome.close()
+        group.close()
+
+
 def _ready(board, loads: list[int]) -> None:
     for index, load in enumerate(loads):
         board.set_state(index, SlotState.READY, pid=1000 + index)
@@ -64,17 +80,10 @@ def _ready(board, loads: list[int]) -> None:
 
 @pytest.mark.parametrize("mode", ["least-loaded", "hash"])
 def test_the_program_weighs_load_in_least_loaded_and_not_in_hash(state_dir, mode):
-    # A long stall threshold: the heartbeats written once stay fresh for the test.
-    settings = _settings(state_dir, mode=mode, stall_threshold_ms=60_000)
-    group = _group(3)
-    outcome = policy.setup(settings, group)
-    try:
+    with _attached(state_dir, mode=mode) as (_, group, outcome):
         assert outcome.state is DemuxState.ATTACHED and outcome.board is not None
         _ready(outcome.board, [500, 0, 0])  # worker 0 is far busier than the others
         counts = _landing(group, 60)
-    finally:
-        outcome.close()
-        group.close()
     if mode == "least-loaded":
         # two hashed choices, the less loaded wins: the busy worker never does
         assert counts[0] == 0 and counts[1] + counts[2] == 60, counts
@@ -83,17 +92,11 @@ def test_the_program_weighs_load_in_least_loaded_and_not_in_hash(state_dir, mode
 
 
 def test_least_loaded_avoids_a_stale_heartbeat(state_dir):
-    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
-    group = _group(3)
-    outcome = policy.setup(settings, group)
-    try:
+    with _attached(state_dir, mode="least-loaded") as (_, group, outcome):
         assert outcome.board is not None
         _ready(outcome.board, [0, 0, 0])
         outcome.board.slots[1].heartbeat_ns = 1  # a worker that stopped beating long ago
         counts = _landing(group, 60)
-    finally:
-        outcome.close()
-        group.close()
     assert counts[1] == 0 and sum(counts) == 60, counts
 
 
@@ -101,18 +104,12 @@ def test_an_old_heartbeat_is_blocked_only_in_a_worker_with_work(state_dir):
     # An idle worker beats every four intervals, so its heartbeat may be older
     # than the two intervals that mark a busy worker as blocked: with nothing
     # in hand it is not blocked, and gets its share by load.
-    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
-    group = _group(3)
-    outcome = policy.setup(settings, group)
-    try:
+    with _attached(state_dir, mode="least-loaded") as (settings, group, outcome):
         assert outcome.board is not None
         _ready(outcome.board, [0, 1, 1])
         busy_ns = 2 * settings.demux.heartbeat_interval_ms * 1_000_000
         outcome.board.slots[0].heartbeat_ns = time.monotonic_ns() - 2 * busy_ns
         counts = _landing(group, 30)
-    finally:
-        outcome.close()
-        group.close()
     assert counts[0] >= 5 and sum(counts) == 30, counts
 
 
@@ -120,18 +117,12 @@ def test_a_worker_without_work_past_its_idle_pace_is_blocked(state_dir):
     # No beat for longer than the idle pace allows (four intervals, plus
     # two): frozen with nothing in hand, it is passed over at once, not only
     # at the stall threshold.
-    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
-    group = _group(3)
-    outcome = policy.setup(settings, group)
-    try:
+    with _attached(state_dir, mode="least-loaded") as (settings, group, outcome):
         assert outcome.board is not None
         _ready(outcome.board, [0, 3, 3])
         idle_ns = 6 * settings.demux.heartbeat_interval_ms * 1_000_000
         outcome.board.slots[0].heartbeat_ns = time.monotonic_ns() - idle_ns - 10_000_000
         counts = _landing(group, 30)
-    finally:
-        outcome.close()
-        group.close()
     assert counts[0] == 0 and sum(counts) == 30, counts
 
 
@@ -139,10 +130,7 @@ def test_a_migrating_connection_goes_to_a_ready_slot_not_a_draining_one(state_di
     # What the master relies on while it moves blocked queues: the slots it
     # marks DRAINING (the source, and every other blocked one) get nothing,
     # even when they look the best choice (here: idle).
-    settings = _settings(state_dir, mode="least-loaded", stall_threshold_ms=60_000)
-    group = _group(3)
-    outcome = policy.setup(settings, group)
-    try:
+    with _attached(state_dir, mode="least-loaded") as (_, group, outcome):
         board = outcome.board
         assert board is not None and outcome.migrates
         _ready(board, [0, 9, 9])
@@ -157,9 +145,6 @@ def test_a_migrating_connection_goes_to_a_ready_slot_not_a_draining_one(state_di
         assert queues == [0, 0, 3] and board.fallbacks == fallbacks, queues
         for c in clients:
             c.close()
-    finally:
-        outcome.close()
-        group.close()
 
 
 def test_attach_to_socket_outside_a_reuseport_group(state_dir):
@@ -220,10 +205,7 @@ def test_a_closing_listeners_queue_goes_where_the_program_says(state_dir):
     # connection queued on a listener that stops listening: the least-loaded
     # healthy worker, even in hash mode (where new connections follow the
     # hash), and a busy one gets none.
-    settings = _settings(state_dir, mode="hash", stall_threshold_ms=60_000)
-    group = _group(3)
-    outcome = policy.setup(settings, group)
-    try:
+    with _attached(state_dir, mode="hash") as (_, group, outcome):
         assert outcome.state is DemuxState.ATTACHED and outcome.board is not None
         assert outcome.migrates
         board = outcome.board
@@ -239,6 +221,3 @@ def test_a_closing_listeners_queue_goes_where_the_program_says(state_dir):
         assert accept_queue_len(group.sockets[1]) == 0
         for client in clients:
             client.close()
-    finally:
-        outcome.close()
-        group.close()
