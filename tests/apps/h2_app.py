@@ -4,16 +4,13 @@ large bodies, waits on request, sends trailers."""
 import asyncio
 import hashlib
 
+from lifespan_accept import accept_lifespan
+
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await accept_lifespan(receive, send)
+        return
     path = scope["path"]
     digest = hashlib.sha256()
     size = 0

@@ -2,16 +2,13 @@
 
 import os
 
+from lifespan_accept import accept_lifespan
+
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await accept_lifespan(receive, send)
+        return
     path = scope["path"]
     if path == "/disconnect":
         # Read the body until the client goes away; record what we saw.

@@ -6,16 +6,13 @@ worker is free again without sleeping."""
 import os
 import time
 
+from lifespan_accept import accept_lifespan
+
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await accept_lifespan(receive, send)
+        return
     headers = [(b"content-type", b"text/plain"), (b"x-pid", str(os.getpid()).encode())]
     if scope["path"] == "/hold":
         # /hold?x waits for $STEER_HOLD + "x" to go, so holds end one by one.
