@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import get
+from tests.conftest import APPS, get
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start workers as "
                                 "root and to switch them to another user")
@@ -38,14 +39,20 @@ async def test_a_root_started_worker_has_no_capability_and_cannot_reach_its_mast
 
 async def test_user_and_group_switch_the_workers(start_zion):
     nobody = pwd.getpwnam("nobody")
-    srv = start_zion("introspect_app:app", "--user", "nobody", workers=1)
-    assert not srv.events("workers_run_as_root")
-    worker = _status(srv.worker_pids()[0])
-    assert worker["Uid"].split()[0] == str(nobody.pw_uid)
-    assert worker["Gid"].split()[0] == str(nobody.pw_gid)
-    assert int(worker["CapBnd"], 16) == 0
-    body = (await get(srv.port, "/")).body.decode()
-    assert body.startswith(f"uid={nobody.pw_uid} ") and "ptrace=Operation not permitted" in body
+    # The worker imports the app once it is nobody: from a directory nobody
+    # can read, not from the checkout, which may sit under a private one
+    # (mktemp -d makes 0700 directories).
+    with tempfile.TemporaryDirectory() as apps:
+        os.chmod(apps, 0o755)
+        shutil.copy(APPS / "introspect_app.py", apps)
+        srv = start_zion("introspect_app:app", "--user", "nobody", workers=1, cwd=Path(apps))
+        assert not srv.events("workers_run_as_root")
+        worker = _status(srv.worker_pids()[0])
+        assert worker["Uid"].split()[0] == str(nobody.pw_uid)
+        assert worker["Gid"].split()[0] == str(nobody.pw_gid)
+        assert int(worker["CapBnd"], 16) == 0
+        body = (await get(srv.port, "/")).body.decode()
+        assert body.startswith(f"uid={nobody.pw_uid} ") and "ptrace=Operation not permitted" in body
 
 
 def test_an_unknown_user_is_one_config_line(start_zion):
