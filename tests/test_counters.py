@@ -43,7 +43,7 @@ def ctypes_address(counters: WorkerCounters) -> int:
 
 def test_counting_a_response_costs_well_under_a_microsecond() -> None:
     # The per-request price of /metrics: a function call and two increments
-    # in shared memory; a request costs ~10 us (README figures), so this must
+    # in shared memory; a request costs ~10 us (docs/benchmarks.md figures), so this must
     # stay a small fraction of it. A generous bound: CI machines are noisy.
     mine = CounterBoard().for_worker(0, 0)
     per_call = min(timeit.repeat(lambda: count_response(mine, 404), number=20_000,

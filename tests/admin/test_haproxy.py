@@ -4,7 +4,7 @@ a host of its own (a network namespace joined by a veth pair).
 HAProxy runs in TCP mode, so TLS goes end to end, and asks each zion's
 agent port every 200 ms how much traffic it wants: the health and load the
 demux uses inside one host weight the host in the balancer. This is the
-configuration the README's "Behind a load balancer" section shows.
+configuration docs/deployment.md's "Behind a load balancer" section shows.
 """
 
 from __future__ import annotations
