@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load
-from run import make_cert, pin_clients_to_x25519
 from servers import SERVERS, WORK, Ctx, Running
+from tls_setup import make_cert, pin_clients_to_x25519
 
 
 def main() -> int:

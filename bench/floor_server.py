@@ -1,12 +1,18 @@
 """The floor: the least a uvloop TLS server can do per connection and request.
 
-N forked processes, each with its own SO_REUSEPORT listener (as zion's workers),
-uvloop, the same TLS settings as zion (TLS 1.2-1.3, ALPN, no compression,
-server cipher preference, one SSLContext made before fork so tickets resume
-anywhere), and a protocol that parses nothing: every blank line ends a
-request, the answer is a constant, `connection: close` closes. No ASGI, no
-status board, no timers. What zion spends above this per new connection or
-per request is zion's own work (issue 12).
+It is the floor issue 23 describes, and imports nothing of zion: two forked
+processes (--workers 2, as every server here gets), one SO_REUSEPORT
+listener each (as zion's workers), uvloop, one SSLContext made before fork
+(so a session ticket resumes on either process) with zion's TLS settings
+(TLS 1.2-1.3, ALPN, no compression, server cipher preference), and a
+protocol that parses nothing: every blank line (the end of a request head)
+is answered with the same response, a 13-byte body. One exception: a head
+that says `connection: close` gets the same response with `connection:
+close` and the connection is closed, because wrk opens a new connection
+only when the response says so; without it the new-connection runs (wrk -H
+'Connection: close') would measure keep-alive. No ASGI, no status board, no
+timers. What zion spends above this per new connection or per request is
+zion's own work.
 
     python floor_server.py --port P --workers N --cert C --key K
 """

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import make_cert
 from servers import WORK, Ctx, Running, ServerDef
+from tls_setup import make_cert
 
 ZION = ServerDef("zion", "zion")
 # (label, server, h2load protocol flags, streams per connection)

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tls_setup import client_context
+
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
@@ -72,9 +74,7 @@ def tls_facts(port: int) -> dict:
 
 def resumption(port: int, n: int = 200) -> dict:
     """Sequential fresh connections offering the last session ticket, as wrk does."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = client_context()
     session = None
     resumed = 0
     version = None
@@ -96,13 +96,6 @@ class Record:
     latency_ms: float
     ok: bool
     kind: str
-
-
-def _client_ctx() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 async def _one(port: int, path: str, ctx: ssl.SSLContext, timeout: float) -> bool:
@@ -134,7 +127,7 @@ def fresh_connections(port: int, seconds: float, rate: float,
     choose = choose or (lambda rng: ("/", "light"))
 
     async def main() -> list[Record]:
-        ctx = _client_ctx()
+        ctx = client_context()
         records: list[Record] = []
         rng = random.Random(7)
         t0 = time.monotonic()
@@ -187,9 +180,7 @@ def ws_echo(port: int, conns: int, seconds: float, size: int) -> dict:
 async def _ws_echo(port: int, conns: int, seconds: float, size: int) -> dict:
     import websockets
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = client_context()
     payload = "x" * size
     counts = [0] * conns
     errors = 0

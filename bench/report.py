@@ -99,6 +99,65 @@ def goals(s: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def round_ratios(results: dict, key: str, ref: str) -> dict[str, tuple[float, float, float]]:
+    """Each server's A or B req/s over `ref`'s in the same round (rounds
+    interleave the servers, so both saw the same machine), as median [min-max]."""
+    rows = results.get("throughput") or {}
+    base = rows.get(ref) or []
+    out = {}
+    for name, runs in rows.items():
+        pairs = [r[key]["rps"] / b[key]["rps"] for r, b in zip(runs, base, strict=False)
+                 if b[key]["rps"]]
+        if pairs:
+            out[name] = _med(pairs)
+    return out
+
+
+def ratios_text(results: dict) -> list[str]:
+    """What `bench/run.sh --quick` prints: every server against the floor and
+    uvicorn, keep-alive (A) and new connections (B)."""
+    s = summarise(results)
+    if not s:
+        return ["no throughput runs: nothing to compare"]
+    meta = results["meta"]
+    load = meta.get("loadavg_1m") or [float("nan")]
+    refs = [r for r in ("uvloop-floor", "uvicorn") if r in s]
+    ratio = {(key, ref): round_ratios(results, key, ref) for key in "AB" for ref in refs}
+    cols = [("keep-alive req/s", 16)] + [(f"A ×{_short(r)}", 18) for r in refs] + [
+        ("µs CPU/req", 10), ("new conn/s", 10)] + [(f"B ×{_short(r)}", 18) for r in refs] + [
+        ("µs CPU/conn", 11)]
+    lines = [
+        f"zion bench, {meta['mode']}: {meta['rounds']} interleaved round(s) of "
+        f"{meta['seconds_per_run']:.0f} s per run, commit {meta['commit']}, "
+        f"{meta['machine']['cpus']} CPUs, 1-min load average {min(load):.1f}–{max(load):.1f} "
+        "after the runs.",
+        "Ratios are taken within each round, then the median [min–max]; on a shared "
+        "machine the absolute figures move with other work, the ratios less.",
+        "",
+        f"{'server':<16}" + "".join(f"  {c:>{w}}" for c, w in cols),
+    ]
+    for name, v in s.items():
+        cells = [f"{v['a_rps'][0]:,.0f}"]
+        cells += [_ratio(ratio[("A", r)].get(name)) for r in refs]
+        cells += [f"{v['a_cpu_us'][0]:.1f}", f"{v['b_rps'][0]:,.0f}"]
+        cells += [_ratio(ratio[("B", r)].get(name)) for r in refs]
+        cells += [f"{v['b_cpu_us'][0]:.0f}"]
+        lines.append(f"{name:<16}" + "".join(f"  {c:>{w}}" for c, (_, w) in zip(cells, cols,
+                                                                                 strict=True)))
+    return lines
+
+
+def _short(name: str) -> str:
+    return "floor" if name == "uvloop-floor" else name
+
+
+def _ratio(triple: tuple[float, float, float] | None) -> str:
+    if triple is None:
+        return "–"
+    med, lo, hi = triple
+    return f"{med:.2f}" if lo == hi else f"{med:.2f} [{lo:.2f}–{hi:.2f}]"
+
+
 def _scenario(rows: dict | None, title: str, method: str, columns: list[str],
               cells: Callable[[dict], list[Any]]) -> list[str]:
     """One scenario's section: title, how it was measured, a row per server."""
@@ -148,6 +207,7 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
             f"{v['b_cores'][0]:.2f} / {v['b_wrk_cores'][0]:.2f} | {_fmt(v['resumed'])} | "
             f"{v['tls']} | {v['kx']} | {v['errors']} | {v['rss'][0]:.1f} / {v['pss'][0]:.1f} | "
             f"{v['pss_total'][0]:.1f} |")
+    lines += ["", "### Against the floor and uvicorn", "", "```", *ratios_text(results), "```"]
     lines += ["", "### Goals", "", *goals(s), ""]
     lines += _scenario(
         results.get("stalled"), "One of 4 workers stopped (SIGSTOP) for 2 s under load",

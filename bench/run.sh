@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the bench: installs what it needs, then runs it.
-#   bench/run.sh --quick    (about 2-3 minutes)    bench/run.sh    (full, ~20 minutes)
+#   bench/run.sh --quick    (zion, uvicorn, the floor: under 3 minutes)
+#   bench/run.sh            (every server and scenario, ~25 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -11,8 +12,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  # Debian starts nginx as a service on install; the bench runs its own.
-  systemctl stop nginx >/dev/null 2>&1 || pkill -x nginx || true
+  # Debian starts nginx as a service on install. It is left alone: the bench
+  # runs its own nginx on a free port with its own pid file and stops only
+  # the processes it started (servers.py: each server in a session of its own).
 fi
 work=bench/.work
 if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsproto, zttp' 2>/dev/null; then

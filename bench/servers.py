@@ -8,11 +8,12 @@ import contextlib
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tls_setup import client_context
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -45,39 +46,48 @@ class ServerDef:
     reload_signal: int | None = None
 
     def argv(self, ctx: Ctx, port: int) -> list[str]:
-        w, c, k, app = str(ctx.workers), str(ctx.cert), str(ctx.key), ctx.app
-        bin_ = VENV / "bin"
-        if self.family == "zion":
-            # zion-before: the same venv running another checkout's zion package.
-            src = os.environ.get("ZION_BENCH_BEFORE") if self.name == "zion-before" else None
-            head = (["env", f"PYTHONPATH={src}", str(REPO / ".venv/bin/python"), "-m", "zion"]
-                    if src else [str(REPO / ".venv/bin/zion")])
-            return [*head, "serve", app, "--host", "127.0.0.1", "--port",
-                    str(port), "--workers", w, "--ssl-certfile", c, "--ssl-keyfile", k,
-                    "--log-level", "warning", *self.extra]
-        if self.family == "uvicorn":
-            return [str(bin_ / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", w, "--loop", "uvloop", "--http", "httptools",
-                    "--ssl-keyfile", k, "--ssl-certfile", c, "--no-access-log",
-                    "--log-level", "warning", *self.extra]
-        if self.family == "gunicorn":
-            return [str(bin_ / "gunicorn"), app, "-k", "uvicorn_worker.UvicornWorker", "-w", w,
-                    "-b", f"127.0.0.1:{port}", "--keyfile", k, "--certfile", c,
-                    "--log-level", "warning", *self.extra]
-        if self.family == "granian":
-            return [str(bin_ / "granian"), "--interface", "asgi", "--host", "127.0.0.1",
-                    "--port", str(port), "--workers", w, "--ssl-keyfile", k,
-                    "--ssl-certificate", c, "--log-level", "warning", app]
-        if self.family == "hypercorn":
-            return [str(bin_ / "hypercorn"), app, "-b", f"127.0.0.1:{port}", "-w", w,
-                    "-k", "uvloop", "--keyfile", k, "--certfile", c, "--log-level", "warning"]
-        if self.family == "floor":
-            return [str(bin_ / "python"), str(BENCH / "floor_server.py"), "--port", str(port),
-                    "--workers", w, "--cert", c, "--key", k]
+        values = {"bin": str(VENV / "bin"), "bench": str(BENCH), "app": ctx.app,
+                  "port": str(port), "workers": str(ctx.workers), "cert": str(ctx.cert),
+                  "key": str(ctx.key)}
         if self.family == "nginx":
             conf = nginx_conf(ctx, port)
-            return ["/usr/sbin/nginx", "-p", str(conf.parent), "-c", str(conf)]
-        raise ValueError(self.family)
+            values.update(conf=str(conf), prefix=str(conf.parent))
+        out: list[str] = []
+        for token in ARGV[self.family]:
+            out += self._zion_head() if token == "{zion}" else [token.format(**values)]
+        return [*out, *self.extra]
+
+    def _zion_head(self) -> list[str]:
+        # zion-before: the same venv running another checkout's zion package.
+        src = os.environ.get("ZION_BENCH_BEFORE") if self.name == "zion-before" else None
+        if src:
+            return ["env", f"PYTHONPATH={src}", str(REPO / ".venv/bin/python"), "-m", "zion"]
+        return [str(REPO / ".venv/bin/zion")]
+
+
+# How each family is started: one command line per family, the same workers,
+# certificate and app for all ({zion} is zion's own venv, or zion-before's).
+ARGV: dict[str, tuple[str, ...]] = {
+    "zion": ("{zion}", "serve", "{app}", "--host", "127.0.0.1", "--port", "{port}",
+             "--workers", "{workers}", "--ssl-certfile", "{cert}", "--ssl-keyfile", "{key}",
+             "--log-level", "warning"),
+    "uvicorn": ("{bin}/uvicorn", "{app}", "--host", "127.0.0.1", "--port", "{port}",
+                "--workers", "{workers}", "--loop", "uvloop", "--http", "httptools",
+                "--ssl-keyfile", "{key}", "--ssl-certfile", "{cert}", "--no-access-log",
+                "--log-level", "warning"),
+    "gunicorn": ("{bin}/gunicorn", "{app}", "-k", "uvicorn_worker.UvicornWorker",
+                 "-w", "{workers}", "-b", "127.0.0.1:{port}", "--keyfile", "{key}",
+                 "--certfile", "{cert}", "--log-level", "warning"),
+    "granian": ("{bin}/granian", "--interface", "asgi", "--host", "127.0.0.1",
+                "--port", "{port}", "--workers", "{workers}", "--ssl-keyfile", "{key}",
+                "--ssl-certificate", "{cert}", "--log-level", "warning", "{app}"),
+    "hypercorn": ("{bin}/hypercorn", "{app}", "-b", "127.0.0.1:{port}", "-w", "{workers}",
+                  "-k", "uvloop", "--keyfile", "{key}", "--certfile", "{cert}",
+                  "--log-level", "warning"),
+    "floor": ("{bin}/python", "{bench}/floor_server.py", "--port", "{port}",
+              "--workers", "{workers}", "--cert", "{cert}", "--key", "{key}"),
+    "nginx": ("/usr/sbin/nginx", "-p", "{prefix}", "-c", "{conf}"),
+}
 
 
 SERVERS = [
@@ -137,17 +147,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _client_ctx() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def answers(port: int) -> bool:
     try:
         with (socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
-              _client_ctx().wrap_socket(raw, server_hostname="localhost") as tls):
+              client_context().wrap_socket(raw, server_hostname="localhost") as tls):
             tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             return tls.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -46,8 +45,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load
-from run import stalled
+from scenarios import stalled
 from servers import REPO, SERVERS, WORK, Ctx, Running, ServerDef
+from tls_setup import client_context, make_cert
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BY_NAME = {s.name: s for s in SERVERS}
@@ -172,9 +172,7 @@ def burst(sdef: ServerDef, ctx: Ctx, count: int = 64) -> dict:
 
 
 async def _burst(port: int, count: int) -> list[str]:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = client_context()
     opened = await asyncio.gather(*(asyncio.open_connection(
         "127.0.0.1", port, ssl=ctx, server_hostname="localhost") for _ in range(count)),
         return_exceptions=True)
@@ -208,8 +206,6 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, short runs")
     parser.add_argument("--scenarios", default="mixed,stalled,disrupted,burst")
     args = parser.parse_args()
-    from run import make_cert
-
     rounds = 1 if args.quick else args.rounds
     secs = 4.0 if args.quick else 10.0
     wanted = set(args.scenarios.split(","))

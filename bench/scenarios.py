@@ -1,0 +1,162 @@
+"""Every scenario bench/run.py measures, declared in one place: what it
+does, how long it runs (--quick and full), with how many workers, which app,
+which servers it applies to, and whether its rounds interleave the servers.
+
+A scenario is a function (server, start context, seconds) -> a dict of raw
+figures; report.py renders them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import load
+from servers import WORK, Ctx, Running, ServerDef
+
+
+def throughput(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """A: wrk keep-alive, 64 connections; B: wrk with `Connection: close`, a new
+    TCP+TLS connection per request, 32 connections; then resumption."""
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        load.wrk(run.port, 64, max(1, secs / 2))                 # warm-up, keep-alive
+        load.wrk(run.port, 32, max(1, secs / 3), close=True)     # warm-up, new connections
+        cpu0 = run.cpu_seconds()
+        a = load.wrk(run.port, 64, secs)
+        a["server_cpu_s"] = run.cpu_seconds() - cpu0
+        a["server_cpu_per_req_us"] = a["server_cpu_s"] / max(a["requests"], 1) * 1e6
+        mem = run.memory_mib()
+        workers = [str(p) for p in run.workers()]
+        a["rss_worker_mib"] = statistics.mean(mem[p][0] for p in workers if p in mem)
+        a["pss_worker_mib"] = statistics.mean(mem[p][1] for p in workers if p in mem)
+        a["pss_total_mib"] = sum(v[1] for v in mem.values())
+        time.sleep(1)
+        cpu0 = run.cpu_seconds()
+        b = load.wrk(run.port, 32, secs, close=True)
+        b["server_cpu_s"] = run.cpu_seconds() - cpu0
+        b["server_cpu_per_conn_us"] = b["server_cpu_s"] / max(b["requests"], 1) * 1e6
+        b.update(load.resumption(run.port, 100))
+        return {"A": a, "B": b, "argv": run.argv, "tls": load.tls_facts(run.port),
+                "loadavg_1m": os.getloadavg()[0]}
+    finally:
+        run.stop()
+
+
+def stalled(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """4 workers; one SIGSTOPped for 2 s from t=1 s; fresh connections throughout."""
+    run = Running(sdef, ctx, WORK / "logs")
+    victim = run.workers()[1]
+    try:
+        timeline = [(1.0, lambda: os.kill(victim, signal.SIGSTOP)),
+                    (3.0, lambda: os.kill(victim, signal.SIGCONT))]
+        records = load.fresh_connections(run.port, secs, 400, timeline=timeline, timeout=5.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+        run.stop()
+    lat = [r.latency_ms for r in records if r.ok]
+    return {"connections": len(records), "failed": sum(not r.ok for r in records),
+            "slow_over_1s": sum(r.ok and r.latency_ms > 1000 for r in records),
+            # When the slow ones started (the freeze is at 1.0 s): connections the
+            # worker had accepted just before it froze wait for it whatever steers.
+            "slow_at_s": [round(r.start, 3) for r in records if r.ok and r.latency_ms > 1000],
+            "p99_ms": load.percentile(lat, 99), "max_ms": max(lat, default=float("nan")),
+            "timeline": [(round(r.start, 4), round(r.latency_ms, 2), r.ok) for r in records]}
+
+
+def mixed(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """5 % of requests hold their worker for 200 ms; p99 of the others."""
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        records = load.fresh_connections(
+            run.port, secs, 150, choose=lambda rng: ("/heavy", "heavy") if rng.random() < 0.05
+            else ("/", "light"))
+    finally:
+        run.stop()
+    light = [r.latency_ms for r in records if r.kind == "light" and r.ok]
+    return {"light_requests": len(light), "heavy_requests": sum(r.kind == "heavy"
+                                                                for r in records),
+            "failed": sum(not r.ok for r in records),
+            "light_p50_ms": load.percentile(light, 50), "light_p99_ms": load.percentile(light, 99)}
+
+
+def reloads(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """Reloads evenly spaced (one per 1.5 s, at least 3) under 300 new connections/s."""
+    count = max(3, int(secs / 1.5))
+    run = Running(sdef, ctx, WORK / "logs")
+    sig = sdef.reload_signal
+    assert sig is not None
+    try:
+        step = secs / (count + 1)
+        timeline = [(step * (i + 1), lambda: run.proc.send_signal(sig)) for i in range(count)]
+        records = load.fresh_connections(run.port, secs, 300, timeline=timeline)
+        alive = run.proc.poll() is None
+    finally:
+        run.stop()
+    return {"requests": len(records), "failed": sum(not r.ok for r in records),
+            "reloads": count, "server_survived": alive}
+
+
+def websocket(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """WebSocket echo over wss: small and 16 KiB text messages, 16 connections."""
+    run = Running(sdef, ctx, WORK / "logs")
+    out = {}
+    try:
+        for size in (64, 16384):
+            load.ws_echo(run.port, 16, 1.0, size)  # warm-up
+            cpu0 = run.cpu_seconds()
+            res = load.ws_echo(run.port, 16, secs, size)
+            res["server_cpu_s"] = run.cpu_seconds() - cpu0
+            res["server_cpu_per_msg_us"] = res["server_cpu_s"] / max(res["messages"], 1) * 1e6
+            out[str(size)] = res
+    finally:
+        run.stop()
+    return out
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    measure: Callable[[ServerDef, Ctx, float], dict]
+    seconds: tuple[float, float]  # (--quick, full) per run
+    applies: Callable[[ServerDef], bool]
+    workers: int = 2
+    app: str = "app:app"
+    # Rounds alternate the servers (A B C A B C ...) and keep every round, so
+    # machine noise falls on all of them alike; otherwise one run per server.
+    interleaved: bool = False
+    # Errors are a result ("unsupported"), not the end of the run.
+    may_fail: bool = False
+
+    def seconds_for(self, quick: bool) -> float:
+        return self.seconds[0] if quick else self.seconds[1]
+
+
+def _http(s: ServerDef) -> bool:
+    # uvicorn-wsproto differs from uvicorn only in its WebSocket implementation.
+    return s.name != "uvicorn-wsproto"
+
+
+def _app_server(s: ServerDef) -> bool:
+    # The floor answers every path at once and nginx does not run the Python app.
+    return _http(s) and s.family not in ("floor", "nginx")
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("throughput", throughput, (3.0, 10.0), _http, interleaved=True),
+    Scenario("stalled", stalled, (4.0, 6.0), lambda s: _http(s) and s.family != "floor",
+             workers=4),
+    Scenario("mixed", mixed, (4.0, 10.0), _app_server, workers=4, app="app:app_mixed"),
+    Scenario("reload", reloads, (6.0, 15.0),
+             lambda s: _http(s) and s.family != "floor" and s.reload_signal is not None),
+    Scenario("websocket", websocket, (3.0, 10.0),
+             lambda s: s.family in ("zion", "uvicorn", "granian", "hypercorn")
+             and s.name not in ("zion-hash", "zion-nodemux"),
+             interleaved=True, may_fail=True),
+)
+BY_NAME = {s.name: s for s in SCENARIOS}
