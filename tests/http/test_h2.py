@@ -176,6 +176,45 @@ async def test_a_zero_window_stall_resets_the_stream_after_send_timeout():
     await peer.until(lambda: peer.client.responses[ok].ended)
 
 
+async def test_streams_whose_windows_stay_shut_hold_about_write_buffer_high_together():
+    """Issue 19.1, per connection: fifty streams' windows stay shut (the
+    client takes the bytes but never sends WINDOW_UPDATE); what waits in zttp
+    for those windows stays near write_buffer_high for the whole connection,
+    not fifty times a stream's share."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(100):
+            await send({"type": "http.response.body", "body": b"x" * 4096, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    state = make_state(limits={"write_buffer_high": 65536, "h2_max_streams": 64})
+    peer = FakePeer(state, app)
+    peer.client.auto_ack = False
+    peer.client.h2.increment_flow_control_window(2**30)
+    sids = [peer.client.request(path=f"/{i}") for i in range(50)]
+    await peer.run(40)
+    rs = peer.client.responses
+    assert all(len(rs[s].body) == 65535 for s in sids)  # each stream's first window
+    parked = sum(s.handle.pending_bytes or 0 for s in peer.proto.streams.values())
+    assert 0 < parked <= 65536 + 50 * 4096, parked
+    for s in sids:  # and each finishes once its window opens
+        peer.client.h2.increment_flow_control_window(2**20, s)
+    peer.client.auto_ack = True
+    await peer.until(lambda: all(rs[s].ended for s in sids))
+    assert all(len(rs[s].body) == 409600 for s in sids)
+
+
+async def test_a_client_that_does_not_take_our_bytes_is_not_read_either():
+    """A whole answer sent in one send() never waits in drain(): were zion to
+    go on reading, a client that asks and never reads would pile answers up
+    in the transport. pause_writing stops reading; resume_writing restarts it."""
+    peer = FakePeer(make_state(), echo)
+    peer.proto.pause_writing()
+    assert peer.tr.read_paused
+    peer.proto.resume_writing()
+    assert not peer.tr.read_paused
+
+
 async def test_trailers_head_204_and_304():
     async def app(scope, receive, send):
         path = scope["path"]

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import h2.errors
@@ -280,3 +281,54 @@ async def test_fastapi_answers_the_same_over_http2_and_http1(start_zion: Any,
                             r.headers.get("content-range"), hashlib.sha256(r.content).hexdigest()))
             answers[http2] = out
     assert answers[True] == answers[False]
+
+
+def _rss_and_cpu(pid: int) -> tuple[int, int]:
+    """Resident bytes and CPU ticks of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return rss, int(fields[11]) + int(fields[12])
+
+
+async def _growth_once_idle(pid: int, before: int, bound: int) -> int:
+    """Watch a worker until its CPU stops (every writer waits) - not for a
+    time; fail as soon as it grows by `bound`. Returns the growth."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    last_cpu, still, peak = -1, 0, before
+    while still < 5:  # five looks in a row with no CPU used
+        assert loop.time() < deadline, f"the worker never went idle (rss {peak >> 20} MiB)"
+        rss, cpu = _rss_and_cpu(pid)
+        peak = max(peak, rss)
+        assert peak - before < bound, f"worker grew by {(peak - before) >> 20} MiB"
+        still = still + 1 if cpu == last_cpu else 0
+        last_cpu = cpu
+        await asyncio.sleep(0.2)
+    return peak - before
+
+
+async def _huge_window_client(srv: ZionProcess) -> tuple[int, int, Any, asyncio.StreamWriter]:
+    (worker,) = await asyncio.to_thread(wait_for, lambda: srv.worker_pids() or None, 20,
+                                        "the worker")
+    before, _ = _rss_and_cpu(worker)
+    client, _reader, writer = await open_tls(srv.port, window=2**31 - 1)
+    client.h2.increment_flow_control_window(2**31 - 1 - 65535)
+    return worker, before, client, writer
+
+
+async def test_a_huge_window_that_is_never_read_does_not_grow_the_worker(
+        h2srv: ZionProcess) -> None:
+    """Issue 19.1: the client advertises 2^31-1 windows (stream and connection)
+    and reads nothing; ten 20 MiB answers (200 MiB) must stay where the
+    server's write_buffer_high puts them, not in the worker's memory."""
+    worker, before, client, writer = await _huge_window_client(h2srv)
+    for _ in range(10):
+        client.request(path=f"/big?{20 * 1024 * 1024}")
+    writer.write(client.h2.data_to_send())
+    grew = await _growth_once_idle(worker, before, 48 << 20)
+    print(f"worker grew by {grew >> 10} KiB")
+    writer.transport.abort()
+    async with _client(h2srv) as c:  # and the worker serves on
+        assert (await c.get("/after")).status_code == 200
+

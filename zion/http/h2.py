@@ -74,6 +74,15 @@ _DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"trans
 # Body bytes zttp may hold for a stream whose window is shut before the app's
 # send() waits for the client.
 _STREAM_HIGH = 65536
+# Send back-pressure whatever window the client advertises (up to 2^31-1, RFC
+# 9113 6.9.1): zttp moves what the window allows into its output queue at
+# once, and that queue reaches the transport only when we flush it. Past this
+# many unflushed bytes a writer's drain() flushes at once, so the transport's
+# own high-water mark (write_buffer_high -> pause_writing) sees them and the
+# writer waits; and a writer yields to the loop after every write_buffer_high
+# bytes the transport took, so one fast reader (nghttp -w30 -W30) cannot hold
+# the loop, and every other client of the worker, for a whole download.
+_FLUSH_HIGH = 65536
 # zttp 0.0.35 calls a connection's 4096th stream, or its 257th reset (its own
 # and the peer's, however slowly they came; browsers cancel streams as pages
 # change), a flood: GOAWAY ENHANCE_YOUR_CALM, and the streams in flight are
@@ -138,6 +147,7 @@ class H2Stream:
                 handle.send_response(status, headers)
                 if body:
                     handle.send_data(body)
+                    proto.unflushed += len(body)
                 if not more:
                     handle.end_message()
                     self.ended = True
@@ -151,13 +161,19 @@ class H2Stream:
     def write(self, data: bytes) -> None:
         if not self.closed and data:
             self.handle.send_data(data)
-            self.proto.wrote()
+            proto = self.proto
+            proto.unflushed += len(data)
+            proto.wrote()
 
     async def drain(self) -> None:
+        """Wait while this response has about write_buffer_high queued in
+        zion, zttp and the transport together, whatever the client's window."""
         proto = self.proto
-        if not self.closed and (self.handle.pending_bytes or 0) > _STREAM_HIGH:
+        if proto.unflushed >= _FLUSH_HIGH:
+            proto.flush_now()  # the transport sees them: it may pause_writing now
+        if not self.closed and self._parked():
             deadline = self.loop.time() + proto.limits.send_timeout
-            while not self.closed and (self.handle.pending_bytes or 0) > _STREAM_HIGH:
+            while not self.closed and self._parked():
                 left = deadline - self.loop.time()
                 if left <= 0:
                     # The client keeps this stream's window shut: a zero-window
@@ -168,7 +184,26 @@ class H2Stream:
                     self.window = Wakeup(self.loop)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.window.wait(), left)
-        await proto.flow.drain()
+        if proto.flow.write_paused:
+            await proto.flow.drain()
+        elif proto.since_yield >= proto.limits.write_buffer_high:
+            # The transport took it all at once (a fast reader): let the
+            # loop serve the worker's other clients before the next chunk.
+            proto.since_yield = 0
+            await asyncio.sleep(0)
+
+    def _parked(self) -> bool:
+        """Too much of this stream waits for the client's window: over
+        _STREAM_HIGH of its own, or any while the connection's streams
+        together hold over write_buffer_high (a client that opens many
+        streams and their windows not at all)."""
+        pending = self.handle.pending_bytes or 0
+        if pending > _STREAM_HIGH:
+            return True
+        if not pending:
+            return False
+        total = sum(s.handle.pending_bytes or 0 for s in self.proto.streams.values())
+        return total > self.proto.limits.write_buffer_high
 
     def pause_reading(self) -> None:
         """Nothing to do: this stream's window, not the socket, bounds what
@@ -362,7 +397,7 @@ class H2Protocol(asyncio.Protocol):
         "date_prefix", "date_pairs", "date_pairs_own", "tls", "max_streams",
         "max_header_list", "proxied", "stream_window", "conn_window", "received",
         "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
-        "ping_deadline", "retiring",
+        "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -407,6 +442,12 @@ class H2Protocol(asyncio.Protocol):
         self.heard = False
         self.heard_at = 0.0
         self.ping_deadline = 0.0
+        # Send back-pressure: body bytes queued in zttp since the last flush;
+        # bytes the transport took since a writer last yielded to the loop;
+        # since when the client has not taken our bytes (send_timeout).
+        self.unflushed = 0
+        self.since_yield = 0
+        self.write_blocked_at = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -446,10 +487,19 @@ class H2Protocol(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
+        # The client does not take what we send: stop reading too, so it
+        # cannot go on opening streams whose answers pile up (a whole answer
+        # sent in one send() never waits in drain()).
         self.flow.pause_writing()
+        self.write_blocked_at = self.loop.time()
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        self.write_blocked_at = 0.0
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
         for stream in list(self.streams.values()):
             if stream.tunnel is not None:
                 stream.tunnel.window_opened()
@@ -760,7 +810,14 @@ class H2Protocol(asyncio.Protocol):
         """Send what zttp queued; `final`: it ends with a fatal GOAWAY, after
         which nothing may follow."""
         self.flush_pending = False
+        self.unflushed = 0
         self._send(self.conn.data_to_send(), final)
+
+    def flush_now(self) -> None:
+        """A writer's drain(): what zttp holds goes to the transport now (the
+        flush already scheduled, if any, then finds little or nothing)."""
+        self.unflushed = 0
+        self._send(self.conn.data_to_send())
 
     def _send(self, data: bytes, final: bool = False) -> None:
         if self.strip_updates:
@@ -772,6 +829,7 @@ class H2Protocol(asyncio.Protocol):
             self.credit_due = False
             data += self._credit()
         if data and self.transport is not None and not self.transport.is_closing():
+            self.since_yield += len(data)
             self.transport.write(data)
 
     def credit_later(self) -> None:
@@ -838,6 +896,11 @@ class H2Protocol(asyncio.Protocol):
     def check_deadline(self, now: float) -> None:
         if self.closing:
             return
+        if self.write_blocked_at and now - self.write_blocked_at > self.limits.send_timeout:
+            # It never reads: close() would wait to flush for ever.
+            log.info("h2_send_timeout", client=self.client[0] if self.client else None)
+            self.abort()
+            return
         if not self.streams:
             if self.deadline and now >= self.deadline:
                 self.shutdown()
@@ -899,4 +962,11 @@ class H2Protocol(asyncio.Protocol):
             self.state.connection_closed(self)
             if self.transport is not None:
                 self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.state.connection_closed(self)
+            if self.transport is not None:
+                self.transport.abort()
 

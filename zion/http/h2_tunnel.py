@@ -100,6 +100,10 @@ class StreamTransport(asyncio.Transport):
             self.body_left -= len(data)
         if data:
             self.stream.write(data)
+            if self.proto.unflushed >= _HIGH:
+                # Whatever the client's window: the transport must see it to
+                # push back (h2.py, _FLUSH_HIGH).
+                self.proto.flush_now()
             if not self.write_paused and self._busy():
                 self.write_paused = True
                 self.protocol.pause_writing()
