@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,79 @@ def test_precedence(tmp_path):
         load_settings(None, {"demux": {"mode": "random"}}, {})
     disabled = load_settings(None, {"demux": {"enabled": False}}, {})
     assert disabled.demux_disabled_by == "command line"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--http", "httptools"], "--http httptools: zion parses HTTP/1.1 with httptools"),
+    (["--loop", "asyncio"], "--loop asyncio: zion always runs uvloop"),
+    (["--ws", "wsproto"], "--ws wsproto: zion's WebSocket is built in"),
+    (["--interface=wsgi"], "--interface wsgi: zion tells ASGI 3 from ASGI 2 apps itself"),
+])
+def test_uvicorn_only_options_say_what_zion_does_instead(args, says):
+    result = zion("serve", *args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"zion: {says}"), result.stderr
+
+
+def test_every_flag_shows_its_config_key():
+    from zion.settings import declared
+
+    help_text = " ".join(zion("serve", "--help").stdout.split())
+    for d in declared():
+        if d.flag is not None:
+            assert f"[{d.section}] {d.name})" in help_text, d.key
+    for flag in ("--limit-max-body-size", "--ws-max-queue", "--log-config",
+                 "--proxy-protocol-trust-forwarded", "--ssl-groups"):
+        assert flag in help_text
+
+
+def test_argument_and_config_errors_are_json_lines_with_log_format_json(tmp_path):
+    """With --log-format json (or ZION_LOG_FORMAT=json), the errors that come
+    before the configuration is read are JSON lines too."""
+    import json
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nport = \n")
+    for args, env, event, says in (
+        (["--log-format", "json", "--bogus"], {}, "usage_error", "unrecognized arguments"),
+        (["--log-format=json", "--http", "h11"], {}, "usage_error", "--http h11"),
+        (["--port", "99999"], {"ZION_LOG_FORMAT": "json"}, "config_error", "server.port"),
+        (["--log-format", "json", "--config", str(bad)], {}, "config_error", "invalid TOML"),
+        (["--log-format", "json", "--log-config", str(tmp_path)], {}, "config_error",
+         "log.config"),
+    ):
+        result = zion("serve", *args, env=env)
+        assert result.returncode == 2, result
+        lines = [json.loads(line) for line in result.stderr.splitlines()]
+        assert len(lines) == 1 and lines[0]["event"] == event and lines[0]["level"] == "error"
+        assert says in lines[0]["error"], lines
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_limit_max_body_size_flag_and_zero_is_no_limit(start_zion, tmp_path, http):
+    """--limit-max-body-size BYTES; 0 = no limit (it used to mean no body at
+    all: a 5-byte POST got 413). The default stays 10 MiB."""
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (12 * 1024 * 1024))
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 2000)
+
+    def post(port: int, body: Path) -> str:
+        return subprocess.run(
+            ["curl", "-sk", http, "--max-time", "20", "--data-binary", f"@{body}",
+             "-w", " %{http_code}", f"https://127.0.0.1:{port}/"],
+            capture_output=True, text=True, timeout=30).stdout
+
+    unlimited = start_zion("raw_app:app", "--limit-max-body-size", "0", workers=1)
+    assert post(unlimited.port, big).endswith(f"got {12 * 1024 * 1024} bytes 200")
+    assert post(unlimited.port, small).endswith("got 2000 bytes 200")
+    unlimited.stop()
+    limited = start_zion("raw_app:app", "--limit-max-body-size", "1000", workers=1)
+    assert post(limited.port, small).endswith(" 413")
+    if http == "--http1.1":
+        # (Over HTTP/2 curl reports the 12 MiB upload to the default limit as
+        # a stream closed with no status: the exchange's concern, not the flag's.)
+        default = start_zion("raw_app:app", workers=1)
+        assert post(default.port, big).endswith(" 413")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,7 @@ from tests.conftest import (
     read_response,
     wait_for,
 )
-from tests.support.certs import client_ca, encrypted_server_key
+from tests.support.certs import client_ca, encrypted_server_key, rsa_server_cert
 from zion.errors import TLSConfigError
 from zion.settings import TLSSettings
 from zion.tls import build_context, ensure_self_signed
@@ -209,3 +210,74 @@ def test_a_sighup_reload_gets_fresh_ticket_keys(start_zion):
     wait_for(lambda: srv.events("reload_complete"), 20, "the reload")
     wait_for(lambda: len(srv.worker_pids()) == 1, 20, "the old worker to leave")
     assert not _session(srv.port, ctx, session)[1]
+
+
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+
+
+def s_client(port: int, *args: str) -> str:
+    """One openssl s_client connection that sends a request: its whole output."""
+    assert OPENSSL is not None
+    out = subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+         "-ign_eof", *args],
+        input=b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        capture_output=True, timeout=20)
+    return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
+
+
+def _handshook(output: str) -> bool:
+    return "HTTP/1.1 200" in output
+
+
+@needs_openssl
+def test_tls12_offers_only_mozilla_intermediate_ciphers_and_groups(start_zion, tmp_path):
+    """What sslyze's Mozilla "intermediate" check asks: ECDHE with AES-GCM or
+    ChaCha20 (no CBC suite, no DHE), and groups X25519, P-256, P-384 only
+    (OpenSSL's default list adds X448 and P-521). An RSA certificate, so each
+    group can be offered alone in TLS 1.2 too."""
+    cert = rsa_server_cert(tmp_path)
+    srv = start_zion("--ssl-certfile", str(cert["cert"]), "--ssl-keyfile", str(cert["key"]),
+                     workers=1)
+    for cipher in ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+                   "ECDHE-RSA-CHACHA20-POLY1305"):
+        assert _handshook(s_client(srv.port, "-tls1_2", "-cipher", cipher)), cipher
+    for cipher in ("ECDHE-RSA-AES128-SHA256", "ECDHE-RSA-AES256-SHA384",
+                   "ECDHE-RSA-AES128-SHA", "DHE-RSA-AES128-GCM-SHA256", "AES128-GCM-SHA256"):
+        assert not _handshook(s_client(srv.port, "-tls1_2", "-cipher", cipher)), cipher
+    for version in ("-tls1_2", "-tls1_3"):
+        for group in ("X25519", "P-256", "P-384"):
+            assert _handshook(s_client(srv.port, version, "-groups", group)), (version, group)
+        for group in ("X448", "P-521"):
+            assert not _handshook(s_client(srv.port, version, "-groups", group)), (version,
+                                                                                   group)
+
+
+@needs_openssl
+def test_tls12_resumption_is_the_same_on_every_worker(start_zion, tmp_path):
+    """Session IDs: OpenSSL's server cache is per process, so an ID resumed
+    only on the worker that made it (13-15 of 20 with 2 workers). The cache
+    is off: the server sends no session ID (RFC 5246 7.4.1.3: empty = not
+    resumable), so no client waits on one and every worker answers alike.
+    Tickets, whose keys the workers share, resume on all 20."""
+    srv = start_zion(workers=2)
+    reused: dict[str, int] = {}
+    workers: set[str] = set()
+    for kind, extra in (("ids", ["-no_ticket"]), ("tickets", [])):
+        sess = tmp_path / f"{kind}.pem"
+        first = s_client(srv.port, "-tls1_2", *extra, "-sess_out", str(sess))
+        assert _handshook(first), first
+        if kind == "ids":
+            assert re.search(r"Session-ID: *\n", first), "a session ID was offered"
+            assert not sess.exists()
+            continue
+        reused[kind] = 0
+        for _ in range(20):
+            out = s_client(srv.port, "-tls1_2", *extra, "-sess_in", str(sess))
+            assert _handshook(out), out
+            reused[kind] += "\nReused," in out
+            workers.update(line.split(":", 1)[1].strip() for line in out.splitlines()
+                           if line.lower().startswith("x-zion-worker:"))
+    assert len(workers) == 2, workers
+    assert reused["tickets"] == 20, f"{reused['tickets']}/20 tickets resumed"

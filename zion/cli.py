@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from zion import __version__, log, privileges
 from zion.errors import ConfigError, ExitCode, ZionError
@@ -45,8 +45,50 @@ examples:
 """
 
 
+# uvicorn options with no zion counterpart: what zion does instead, in the
+# one error line (argparse alone says "unrecognized arguments: httptools").
+UVICORN_ONLY = {
+    "--http": "zion parses HTTP/1.1 with httptools and speaks HTTP/2 (h2) when ALPN "
+              "picks it; drop --http (--no-http2 turns HTTP/2 off)",
+    "--loop": "zion always runs uvloop; drop --loop",
+    "--ws": "zion's WebSocket is built in (the websockets library's sans-I/O protocol); "
+            "drop --ws (--ws-max-size, --ws-max-queue, --ws-ping-interval tune it)",
+    "--interface": "zion tells ASGI 3 from ASGI 2 apps itself and serves no WSGI (wrap a "
+                   "WSGI app in a2wsgi's WSGIMiddleware); drop --interface",
+}
+
+# The log format asked for on the command line or in the environment, for
+# errors that come before the configuration is read (argparse's own, a bad
+# config file): with json, they are JSON lines too.
+_early_format = "logfmt"
+
+
+def _format_from(argv: Sequence[str]) -> str:
+    fmt = os.environ.get("ZION_LOG_FORMAT", "logfmt").strip().lower()
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            fmt = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.partition("=")[2]
+    return fmt
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line (argparse prints the usage first), JSON with --log-format json."""
+        log.early_error(_early_format, "usage_error", f"{message} (see {self.prog} --help)")
+        sys.exit(ExitCode.CONFIG)
+
+
+class _UvicornOnly(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given = f"{option_string} {values}" if values else str(option_string)
+        parser.error(f"{given}: {UVICORN_ONLY[str(option_string)]}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zion", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"zion {__version__}")
@@ -60,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="KEY=VALUE lines put into the environment first (ZION_* settings "
                        "and the app's own variables; the real environment wins)")
     _add_setting_flags(serve)
+    for option in UVICORN_ONLY:
+        serve.add_argument(option, nargs="?", action=_UvicornOnly, help=argparse.SUPPRESS)
 
     doctor = sub.add_parser(
         "doctor", help="check whether the eBPF demux can load here, and how to fix it",
@@ -134,6 +178,8 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _early_format
+    _early_format = _format_from(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -154,18 +200,18 @@ def _serve(args: argparse.Namespace) -> int:
     cli = _cli_overrides(args)
     if args.env_file:
         if not os.path.isfile(args.env_file):
-            print(f"zion: config error: --env-file {args.env_file}: no such file",
-                  file=sys.stderr)
+            log.early_error(_early_format, "config_error",
+                            f"config error: --env-file {args.env_file}: no such file")
             return ExitCode.CONFIG
         from dotenv import load_dotenv
 
         load_dotenv(args.env_file, override=False)
     try:
         settings = _load(args, cli)
+        log.configure(settings.log.format, settings.log.level, log_config=settings.log.config)
     except ConfigError as exc:
-        print(f"zion: config error: {exc}", file=sys.stderr)
+        log.early_error(_early_format, "config_error", f"config error: {exc}")
         return exc.exit_code
-    log.configure(settings.log.format, settings.log.level)
     logger = log.get_logger("zion")
     privileges.protect_master()
     try:

@@ -31,7 +31,8 @@ def _renderer(fmt: str) -> Any:
     )
 
 
-def configure(fmt: str, level: str, worker: int | str = "master") -> None:
+def configure(fmt: str, level: str, worker: int | str = "master",
+              log_config: str = "") -> None:
     """(Re)configure logging for this process. Called after fork in workers."""
     identity: dict[str, Any] = {"worker": worker, "pid": os.getpid()}
 
@@ -71,6 +72,67 @@ def configure(fmt: str, level: str, worker: int | str = "master") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    # `warnings` go to the "py.warnings" logger, so through the handler above
+    # (JSON with --log-format json), not to stderr as plain text.
+    logging.captureWarnings(True)
+    if log_config:
+        apply_log_config(log_config)
+
+
+def apply_log_config(path: str) -> None:
+    """--log-config: a logging dictConfig for the app's own loggers, as JSON,
+    YAML (.yaml/.yml) or an INI fileConfig, like uvicorn's. zion's loggers
+    exist already: unless the file says otherwise they stay enabled
+    (disable_existing_loggers defaults to False, not dictConfig's True).
+    ConfigError names the file and what is wrong."""
+    import logging.config
+
+    from zion.errors import ConfigError
+
+    try:
+        if path.endswith((".json", ".yaml", ".yml")):
+            with open(path, encoding="utf-8") as fh:
+                if path.endswith(".json"):
+                    import json
+
+                    config = json.load(fh)
+                else:
+                    try:
+                        import yaml  # type: ignore[import-untyped]
+                    except ImportError:
+                        raise ConfigError(f"log.config {path}: a YAML file needs PyYAML "
+                                          "(pip install pyyaml)") from None
+                    config = yaml.safe_load(fh)
+            if not isinstance(config, dict):
+                raise ConfigError(f"log.config {path}: not a mapping (a logging dictConfig)")
+            config.setdefault("version", 1)
+            config.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(config)
+        else:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+    except ConfigError:
+        raise
+    except FileNotFoundError:
+        raise ConfigError(f"log.config {path}: no such file") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
+        # json/yaml parse errors are ValueError subclasses (yaml.YAMLError is
+        # not: caught by its base below); dictConfig raises ValueError naming
+        # the part it could not configure.
+        raise ConfigError(f"log.config {path}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError, configparser.Error
+        raise ConfigError(f"log.config {path}: {type(exc).__name__}: {exc}") from None
+
+
+def early_error(fmt: str, event: str, message: str) -> None:
+    """One error line before the configuration is known (argument and config
+    errors): JSON when the format asked for is json, else `zion: message`."""
+    if fmt == "json":
+        configure("json", "info")
+        get_logger("zion").error(event, error=message)
+    else:
+        print(f"zion: {message}", file=sys.stderr)
 
 
 def get_logger(name: str = "zion") -> Any:

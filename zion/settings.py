@@ -205,6 +205,11 @@ class ServerSettings:
                                    'networks, comma-separated; "*" for every peer. Others are '
                                    "closed at once.", check=_ip_list,
                                    flag=Flag("--proxy-allow-ips", "LIST"))
+    proxy_protocol_trust_forwarded: bool = setting(
+        False, "With proxy_protocol: also believe X-Forwarded-For/Forwarded (from a balancer "
+        "in forwarded_allow_ips) over the PROXY header's client. Off: a TCP-mode balancer "
+        "passes those headers through from the client, who can write any address in them.",
+        flag="--proxy-protocol-trust-forwarded")
     reload: bool = setting(False, "Development: reload the workers with no downtime when a "
                            "watched .py file changes.", flag="--reload")
     reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '
@@ -238,8 +243,16 @@ class TLSSettings:
     http2: bool = setting(True, 'Offer HTTP/2 in ALPN ("h2" before "http/1.1"); clients that '
                           "choose it get HTTP/2, the rest HTTP/1.1. --no-http2: every "
                           "connection is HTTP/1.1.", flag="--http2")
-    ciphers: str = setting("", 'OpenSSL cipher list for TLS 1.2 ("" = OpenSSL\'s default); '
-                           "TLS 1.3 suites are not affected.", flag=Flag("--ssl-ciphers", "LIST"))
+    ciphers: str = setting(
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+        "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+        "OpenSSL cipher list for TLS 1.2 (the default is Mozilla's \"intermediate\": ECDHE "
+        "with AES-GCM or ChaCha20, no CBC); TLS 1.3 suites are not affected.",
+        flag=Flag("--ssl-ciphers", "LIST"))
+    groups: str = setting("X25519:P-256:P-384", "Key-exchange groups offered and accepted "
+                          "(TLS 1.2 and 1.3), OpenSSL names separated by \":\" (the default "
+                          "is Mozilla's \"intermediate\"; OpenSSL's own adds X448 and P-521).",
+                          flag=Flag("--ssl-groups", "LIST"))
     ticket_key_lifetime: float = setting(
         14400.0, "Seconds between session-ticket key rotations (0 = only on reload). A "
         "rotation is a zero-downtime reload: every reload makes new keys. A leaked key "
@@ -260,8 +273,9 @@ class LimitsSettings:
                                    "431.", check=positive)
     max_headers: int = setting(100, "Most header fields in one request. More: 431.",
                                check=positive)
-    max_body_size: int = setting(10485760, "Largest request body, bytes. Larger: 413.",
-                                 check=non_negative)
+    max_body_size: int = setting(10485760, "Largest request body, bytes (0 = no limit). "
+                                 "Larger: 413.", check=non_negative,
+                                 flag=Flag("--limit-max-body-size", "BYTES"))
     header_timeout: float = setting(10.0, "Seconds a client has to send a complete header "
                                     "section (slowloris). Then: 408.", check=positive)
     body_timeout: float = setting(8.0, "Seconds a request body may go without a byte (cuts "
@@ -338,6 +352,10 @@ class LogSettings:
     level: LogLevel = setting(LogLevel.INFO, "Lowest level logged.", flag="--log-level")
     access_log: bool = setting(False, "One line per request. Off by default: it costs about a "
                                "third of the throughput.", flag="--access-log")
+    config: str = setting("", "A logging configuration for the app's own loggers (uvicorn's "
+                          "--log-config): a dictConfig as JSON or YAML (.json, .yaml, .yml), "
+                          'or an INI fileConfig. Applied in every process after zion\'s own. "" '
+                          "= none.", flag=Flag("--log-config", "FILE"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +411,7 @@ class WebSocketSettings:
                                         "7692).", flag="--ws-per-message-deflate")
     max_queue: int = setting(32, "Messages buffered for an app that is not receiving; past "
                              "this the socket is not read until the app catches up.",
-                             check=positive)
+                             check=positive, flag=Flag("--ws-max-queue", "N"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,6 +630,10 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
     if tls.enabled and tls.cert_reqs != CertReqs.NONE and not tls.ca_certs:
         raise ConfigError(f"tls.cert_reqs (from {origins.get('tls.cert_reqs')}): "
                           f"{tls.cert_reqs} needs tls.ca_certs")
+    log: LogSettings = sections["log"]
+    if log.config and not Path(log.config).is_file():
+        raise ConfigError(f"log.config (from {origins.get('log.config')}): {log.config!r} is "
+                          "not a file")
     demux: DemuxSettings = sections["demux"]
     if 4 * demux.heartbeat_interval_ms >= demux.stall_threshold_ms:
         # A worker without work beats every four intervals (IDLE_BEATS in

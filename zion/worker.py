@@ -60,7 +60,8 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    log.configure(settings.log.format, settings.log.level, worker=spec.index)
+    log.configure(settings.log.format, settings.log.level, worker=spec.index,
+                  log_config=settings.log.config)
     for fd in spec.close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -244,21 +244,38 @@ async def test_builtins_refuse_proxied_connections_even_from_loopback(proxied):
         assert resp.status == 403
 
 
-async def test_forwarded_headers_trust_the_real_peer_not_the_header(proxied):
-    """Behind a balancer that also adds X-Forwarded-For: the header names the
-    client; the forwarded headers are believed because the TCP peer (the
-    balancer, 127.0.0.1) is trusted, not because of the address the header
-    claims."""
-    srv = proxied("v2", "--forwarded-allow-ips", "127.0.0.1")
+async def _forwarded_behind_header(srv: Any) -> dict[str, Any]:
+    """A PROXY header naming 203.0.113.7, then a request whose client wrote
+    its own X-Forwarded-For and X-Forwarded-Proto."""
     sock = raw_socket(srv.port)
     sock.sendall(v2(addresses=inet("203.0.113.7", "192.0.2.1", 1, 443)))
     reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(),
                                                    server_hostname="localhost")
     writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 198.51.100.1\r\n"
+                 b"forwarded: for=198.51.100.2\r\n"
                  b"x-forwarded-proto: http\r\nconnection: close\r\n\r\n")
-    facts = (await read_response(reader)).json()
+    facts: dict[str, Any] = (await read_response(reader)).json()
     writer.close()
-    assert facts["client"][0] == "198.51.100.1" and facts["scheme"] == "http"
+    return facts
+
+
+async def test_forwarded_headers_behind_a_proxy_header_are_the_clients_own(proxied):
+    """A TCP-mode balancer (the one that writes PROXY headers) passes the
+    request through: an X-Forwarded-For/Forwarded in it came from the client.
+    The PROXY header's address wins, though the balancer (127.0.0.1) is in
+    forwarded_allow_ips."""
+    srv = proxied("v2", "--forwarded-allow-ips", "127.0.0.1")
+    facts = await _forwarded_behind_header(srv)
+    assert facts["client"] == ["203.0.113.7", 1] and facts["scheme"] == "https"
+
+
+async def test_forwarded_headers_behind_a_proxy_header_when_the_operator_trusts_them(proxied):
+    """--proxy-protocol-trust-forwarded: the balancer adds them itself (an
+    HTTP-mode balancer that also sends PROXY), and trusted as from its TCP
+    address, not the address the header claims."""
+    srv = proxied("v2", "--forwarded-allow-ips", "127.0.0.1", "--proxy-protocol-trust-forwarded")
+    facts = await _forwarded_behind_header(srv)
+    assert facts["client"][0] == "198.51.100.2" and facts["scheme"] == "http"
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")

@@ -56,3 +56,23 @@ def encrypted_server_key(directory: Path, password: bytes) -> dict[str, Path]:
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths["key"].write_bytes(_pem_key(key, password))
     return paths
+
+
+def rsa_server_cert(directory: Path) -> dict[str, Path]:
+    """An RSA-2048 self-signed server certificate: with it, a TLS 1.2 ECDHE
+    group is free of the certificate's own curve (RFC 8422 5.1: an ECDSA
+    certificate's curve must be one the client offered)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(
+        _name("localhost")).public_key(key.public_key()).serial_number(
+        x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2)).sign(key, hashes.SHA256()))
+    paths = {"cert": directory / "rsa.pem", "key": directory / "rsa.key"}
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths

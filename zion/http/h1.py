@@ -258,7 +258,7 @@ class H1Protocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self.deadline_kind = _NONE
-        if self.content_length > self.limits.max_body_size:
+        if 0 < self.limits.max_body_size < self.content_length:  # 0: no limit
             raise _Reject(413, f"body larger than {self.limits.max_body_size} bytes")
         parser = self.parser
         url = self.url
@@ -316,7 +316,7 @@ class H1Protocol(asyncio.Protocol):
         ex = self.parsing
         if ex is None:
             return
-        if ex.received + len(body) > self.limits.max_body_size:
+        if 0 < self.limits.max_body_size < ex.received + len(body):
             raise _Reject(413, f"body larger than {self.limits.max_body_size} bytes")
         if not ex.response_complete:
             ex.feed_body(body)

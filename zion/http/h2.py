@@ -734,7 +734,7 @@ class H2Protocol(asyncio.Protocol):
         elif stream.tunnel is not None:
             stream.tunnel.feed(data)
         elif ex is not None and not ex.response_complete:
-            if ex.received + size > self.limits.max_body_size:
+            if 0 < self.limits.max_body_size < ex.received + size:  # 0: no limit
                 if ex.response_started:
                     self.reset(stream, H2ErrorCode.CANCEL)
                 else:

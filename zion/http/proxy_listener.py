@@ -51,17 +51,25 @@ _RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, 
 
 class ProxiedH1Protocol(H1Protocol):
     """HTTP/1.1 (or the HTTP/2 that ALPN hands over to) for a connection whose
-    client is the one its PROXY header named. Forwarding headers are still
-    believed according to the real TCP peer (the balancer), as before."""
+    client is the one its PROXY header named.
 
-    __slots__ = ("origin",)
+    Its X-Forwarded-*/Forwarded headers are not believed unless the operator
+    asked (server.proxy_protocol_trust_forwarded): a balancer that writes a
+    PROXY header passes the bytes after it through untouched (TCP mode), so
+    those headers came from the client, who can write any address there.
+    A LOCAL header (the balancer's own health check) names no client: the
+    peer is judged as any other, by forwarded_allow_ips."""
 
-    def __init__(self, state: ServerState, origin: tuple[str, int] | None) -> None:
+    __slots__ = ("origin", "trust_forwarded")
+
+    def __init__(self, state: ServerState, origin: tuple[str, int] | None,
+                 trust_forwarded: bool = False) -> None:
         super().__init__(state)
         # The listener counted it (connection_accepted) when it took it;
         # connection_made, or __del__ after a failed handshake, ends that.
         self.handshaking = True
         self.origin = origin
+        self.trust_forwarded = trust_forwarded
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -70,6 +78,7 @@ class ProxiedH1Protocol(H1Protocol):
             # a byte yet, so every scope sees the original client.
             proto: Any = transport.get_protocol()
             proto.client = self.origin
+            proto.proxied = proto.proxied and self.trust_forwarded
 
 
 class ProxyListener:
@@ -82,6 +91,7 @@ class ProxyListener:
         self.ssl_ctx = ssl_ctx
         self.v1, self.v2 = v1, v2
         self.allow = TrustedProxies(allow)
+        self.trust_forwarded = state.settings.server.proxy_protocol_trust_forwarded
         self.handshake_timeout = handshake_timeout
         self.header_timeout = min(HEADER_TIMEOUT, handshake_timeout)
         self.shutdown_timeout = shutdown_timeout
@@ -169,7 +179,7 @@ class ProxyListener:
         def protocol() -> ProxiedH1Protocol:
             nonlocal made
             made = True  # from here the protocol ends the handshake's load
-            return ProxiedH1Protocol(state, origin)
+            return ProxiedH1Protocol(state, origin, self.trust_forwarded)
 
         try:
             if self.ssl_ctx is None:
