@@ -61,7 +61,9 @@ def configure(fmt: str, level: str, worker: int | str = "master",
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+            # Records of stdlib loggers (the app's, "py.warnings") say whose they are.
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), structlog.stdlib.add_logger_name,
+                               *shared],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
@@ -77,13 +79,18 @@ def configure(fmt: str, level: str, worker: int | str = "master",
     logging.captureWarnings(True)
     if log_config:
         apply_log_config(log_config)
+        if not root.handlers:
+            # An INI file must name a root logger, often with no handler:
+            # zion's lines (and the app's, propagated) keep zion's.
+            root.addHandler(handler)
 
 
 def apply_log_config(path: str) -> None:
     """--log-config: a logging dictConfig for the app's own loggers, as JSON,
     YAML (.yaml/.yml) or an INI fileConfig, like uvicorn's. zion's loggers
     exist already: unless the file says otherwise they stay enabled
-    (disable_existing_loggers defaults to False, not dictConfig's True).
+    (disable_existing_loggers defaults to False, not dictConfig's True), and
+    a root logger left with no handler keeps zion's.
     ConfigError names the file and what is wrong."""
     import logging.config
 
