@@ -141,6 +141,12 @@ def _header_lines(v: Any) -> str | None:
     return None
 
 
+def _access_log_format(v: Any) -> str | None:
+    from zion.http.access_log import check_format
+
+    return check_format(str(v))
+
+
 def positive(v: Any) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
@@ -352,6 +358,13 @@ class LogSettings:
     level: LogLevel = setting(LogLevel.INFO, "Lowest level logged.", flag="--log-level")
     access_log: bool = setting(False, "One line per request. Off by default: it costs about a "
                                "third of the throughput.", flag="--access-log")
+    access_log_format: str = setting(
+        "", "The access line as a %-format of gunicorn's atoms (%(h)s %(l)s %(u)s %(t)s "
+        '"%(r)s" %(s)s %(b)s "%(f)s" "%(a)s", %(D)s microseconds, %({name}i)s a request '
+        "header) or uvicorn's (%(client_addr)s %(request_line)s %(status_code)s), logged as "
+        '"line" of the access event. "" = the structured event: method, path with query, '
+        "status, http version, client, port, bytes, duration_us.", check=_access_log_format,
+        flag=Flag("--access-log-format", "FORMAT"))
     config: str = setting("", "A logging configuration for the app's own loggers (uvicorn's "
                           "--log-config): a dictConfig as JSON or YAML (.json, .yaml, .yml), "
                           'or an INI fileConfig. Applied in every process after zion\'s own. "" '

@@ -30,6 +30,7 @@ from zion.errors import ExitCode, WorkerBootError
 from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
+from zion.http import access_log
 from zion.http.exchange import Exchange
 from zion.http.h1 import H1Protocol
 from zion.http.proxy_listener import ProxyListener
@@ -62,6 +63,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     signal.set_wakeup_fd(-1)
     log.configure(settings.log.format, settings.log.level, worker=spec.index,
                   log_config=settings.log.config)
+    access_log.configure(settings.log.access_log_format)
     for fd in spec.close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -44,7 +44,7 @@ async def test_access_log_off_by_default_and_on_with_flag(start_zion):
     await get(loud.port, "/_zion/healthz?x=1")
     from tests.conftest import wait_for
     line = wait_for(lambda: loud.events("access"), 10, "an access line")[0]
-    assert (line["method"], line["path"], line["status"]) == ("GET", "/_zion/healthz", 200)
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/_zion/healthz?x=1", 200)
 
 
 def test_doctor_shows_running_workers(start_zion, state_dir):

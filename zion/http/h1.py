@@ -15,13 +15,14 @@ per-request path.
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.parse
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from zion.http import forwarded, response
+from zion.http import access_log, forwarded, response
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
 from zion.http.flow_control import FlowControl
@@ -302,7 +303,9 @@ class H1Protocol(asyncio.Protocol):
             # (HttpParserUpgrade in data_received); no HTTP exchange for it.
             self.ws_pending = scope
             return
-        ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, self.loop.time())
+        # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
+        # uvloop's is libuv's cached millisecond, and a request takes microseconds.
+        ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, time.monotonic())
         self.parsing = ex
         self.pipeline.append(ex)
         # Until on_message_complete (at once, for a request without a body).
@@ -372,9 +375,10 @@ class H1Protocol(asyncio.Protocol):
 
     def _access_log(self, ex: Exchange) -> None:
         scope = ex.scope
-        log.info("access", method=scope["method"], path=scope["path"], status=ex.status,
-                 bytes=ex.written, client=self.client[0] if self.client else None,
-                 ms=round((self.loop.time() - ex.started_at) * 1000, 2))
+        access_log.write(access_log.AccessRecord(
+            scope["method"], scope["path"], scope["query_string"], ex.status, ex.written,
+            scope["client"], scope["http_version"], time.monotonic() - ex.started_at,
+            scope["scheme"], scope["headers"]))
 
     def _tls_extension(self) -> dict[str, Any] | None:
         assert self.transport is not None

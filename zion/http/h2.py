@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import http
 import struct
+import time
 import urllib.parse
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import zttp
 from zttp import H2ErrorCode
 
-from zion.http import forwarded
+from zion.http import access_log, forwarded
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl
@@ -678,7 +679,7 @@ class H2Protocol(asyncio.Protocol):
                 and self.state.websocket_factory is not None):
             self._websocket(stream, scope, event.target, headers)
             return
-        ex = stream.exchange = H2Exchange(stream, scope, self.loop.time())
+        ex = stream.exchange = H2Exchange(stream, scope, time.monotonic())  # as in h1.py
         if end_stream:
             stream.client_ended = True
             ex.message_complete()
@@ -749,9 +750,10 @@ class H2Protocol(asyncio.Protocol):
         count_response(state.counters, ex.status)
         if state.access_log:
             scope = ex.scope
-            log.info("access", method=scope["method"], path=scope["path"], status=ex.status,
-                     bytes=ex.written, client=self.client[0] if self.client else None,
-                     ms=round((self.loop.time() - ex.started_at) * 1000, 2), http="2")
+            access_log.write(access_log.AccessRecord(
+                scope["method"], scope["path"], scope["query_string"], ex.status, ex.written,
+                scope["client"], "2", time.monotonic() - ex.started_at, scope["scheme"],
+                scope["headers"]))
         if not stream.ended:
             stream.end()
         sid = stream.stream_id
