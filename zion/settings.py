@@ -221,6 +221,15 @@ class ServerSettings:
     reload_dirs: str = setting("", 'Directories --reload watches, separated by ":" ("" = '
                                "app_dir or the working directory).",
                                flag=Flag("--reload-dir", "DIR", repeat=":"))
+    reload_include: str = setting("", 'Globs --reload watches besides "*.py", separated by '
+                                  '":" (--reload-include is repeatable): "*.html" anywhere, '
+                                  '"templates/*.html" in a directory of that name. As with '
+                                  'uvicorn, --reload-exclude "*.py" drops the Python files.',
+                                  flag=Flag("--reload-include", "GLOB", repeat=":"))
+    reload_exclude: str = setting("", 'Globs --reload ignores even when included, separated '
+                                  'by ":" (--reload-exclude is repeatable); .git, __pycache__, '
+                                  ".venv, node_modules and editor swap files always are.",
+                                  flag=Flag("--reload-exclude", "GLOB", repeat=":"))
     headers: str = setting("", 'Headers added to every response, one "Name: value" per line '
                            "(--header is repeatable).", check=_header_lines,
                            flag=Flag("--header", "NAME:VALUE", repeat="\n"))

@@ -90,3 +90,41 @@ def test_a_python_file_change_raises_the_flag_and_wakes_the_loop(tmp_path):
         watcher.stop()
         os.close(wake_r)
         os.close(wake_w)
+
+
+def test_reload_include_and_exclude_globs(tmp_path):
+    """--reload-include "*.html" adds templates; --reload-exclude drops a
+    directory's Python files and whatever else it names."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "generated").mkdir()
+    watcher = FileWatcher([str(tmp_path)], wake_w, ["*.py", "*.html"],
+                          ["generated/*.py", "*.min.html"])
+    try:
+        with capture_logs() as logs:
+            watcher.start()
+            wait_for(watcher.watching.is_set, 10, "the watch to be in place")
+            (tmp_path / "generated" / "out.py").write_text("x = 1\n")
+            (tmp_path / "templates" / "app.min.html").write_text("<p>")
+            (tmp_path / "notes.txt").write_text("not code")
+            (tmp_path / "templates" / "page.html").write_text("<p>")
+            wait_for(watcher.take, 10, "the template change to be seen")
+        changed = [f for e in logs if e["event"] == "reload_files_changed" for f in e["files"]]
+        assert [Path(f).name for f in changed] == ["page.html"], changed
+    finally:
+        watcher.stop()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def test_reload_globs_from_the_command_line(start_zion, tmp_path):
+    (tmp_path / "live_app.py").write_text(APP_V1.replace("VERSION", "v1"))
+    srv = start_zion("live_app:app", "--reload", "--app-dir", str(tmp_path), "--reload-include",
+                     "*.html", "--reload-include", "*.toml", "--reload-exclude", "skip_*.py",
+                     cwd=tmp_path, workers=1)
+    line = srv.wait_event("reload_watching")
+    assert line["include"] == ["*.py", "*.html", "*.toml"] and line["exclude"] == ["skip_*.py"]
+    (tmp_path / "skip_me.py").write_text("x = 1\n")
+    (tmp_path / "page.html").write_text("<p>")
+    done = srv.wait_event("reload_files_changed")
+    assert done["files"] == ["page.html"], done

@@ -31,7 +31,7 @@ from zion.settings import Settings
 from zion.supervisor import generation, notify
 from zion.supervisor.generation import Generation, Reload, Step
 from zion.supervisor.pool import WorkerHandle, WorkerPool, kill
-from zion.supervisor.reloader import FileWatcher, watch_dirs
+from zion.supervisor.reloader import FileWatcher, globs, watch_dirs
 from zion.supervisor.respawn import GiveUp, RespawnPolicy, describe
 from zion.supervisor.retiring import Retiring
 from zion.supervisor.signals import SignalQueue
@@ -97,7 +97,8 @@ class Master:
         if settings.server.reload:
             self.watcher = FileWatcher(
                 watch_dirs(settings.server.reload_dirs, settings.server.app_dir),
-                self.signals.wake_w)
+                self.signals.wake_w, ["*.py", *globs(settings.server.reload_include)],
+                globs(settings.server.reload_exclude))
             self.watcher.start()
         try:
             self._loop()

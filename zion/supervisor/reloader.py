@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from watchfiles import PythonFilter, watch
+from watchfiles import Change, DefaultFilter, watch
 
 from zion.log import get_logger
 
@@ -25,9 +25,34 @@ logger = get_logger("zion.reloader")
 _SETUP_PROBE_MS = 500
 
 
+class GlobFilter(DefaultFilter):
+    """--reload-include / --reload-exclude (uvicorn's): a change counts when
+    its path matches an include glob and no exclude glob. A glob matches from
+    the right (pathlib's PurePath.match): "*.html" anywhere, "templates/*.html"
+    in a directory of that name. watchfiles' defaults still apply underneath
+    (.git, __pycache__, .venv, node_modules, editor swap files)."""
+
+    def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
+        super().__init__()
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+
+    def __call__(self, change: Change, path: str) -> bool:
+        p = Path(path)
+        return (any(p.match(g) for g in self.include)
+                and not any(p.match(g) for g in self.exclude)
+                and super().__call__(change, path))
+
+
+def globs(text: str) -> list[str]:
+    return [g for g in text.split(os.pathsep) if g]
+
+
 class FileWatcher:
-    def __init__(self, dirs: Sequence[str], wake_fd: int) -> None:
+    def __init__(self, dirs: Sequence[str], wake_fd: int, include: Sequence[str] = ("*.py",),
+                 exclude: Sequence[str] = ()) -> None:
         self.dirs = [str(Path(d).resolve()) for d in dirs]
+        self.filter = GlobFilter(include, exclude)
         self.wake_fd = wake_fd
         self.changed = threading.Event()
         self.watching = threading.Event()  # set once changes are being seen
@@ -55,12 +80,13 @@ class FileWatcher:
         # The first yield, a timeout or a change, comes from a watcher that is
         # set up; announcing it earlier would let a test (or a person) save a
         # file that is never seen.
-        for changes in watch(*self.dirs, watch_filter=PythonFilter(), stop_event=self._stop,
+        for changes in watch(*self.dirs, watch_filter=self.filter, stop_event=self._stop,
                              raise_interrupt=False, rust_timeout=_SETUP_PROBE_MS,
                              yield_on_timeout=True):
             if not self.watching.is_set():
                 self.watching.set()
-                logger.info("reload_watching", dirs=self.dirs)
+                logger.info("reload_watching", dirs=self.dirs, include=list(self.filter.include),
+                            exclude=list(self.filter.exclude))
             if not changes:
                 continue
             paths = sorted({os.path.relpath(p) for _, p in changes})
