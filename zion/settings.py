@@ -434,6 +434,11 @@ class WebSocketSettings:
     max_queue: int = setting(32, "Messages buffered for an app that is not receiving; past "
                              "this the socket is not read until the app catches up.",
                              check=positive, flag=Flag("--ws-max-queue", "N"))
+    max_queue_bytes: int = setting(1048576, "Decoded bytes of messages buffered for an app "
+                                   "that is not receiving; past this the socket is not read "
+                                   "(nor more input inflated) until the app takes half. One "
+                                   "connection holds at most this plus max_size decoded.",
+                                   check=positive)
 
 
 @dataclass(frozen=True, slots=True)

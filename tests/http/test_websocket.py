@@ -69,7 +69,8 @@ class Client:
 
 def _ws_settings(**overrides: Any) -> dict[str, Any]:
     values = {"max_size": 16 * 1024 * 1024, "ping_interval": 0.0, "ping_timeout": 20.0,
-              "per_message_deflate": True, "max_queue": 32}
+              "per_message_deflate": True, "max_queue": 32,
+              "max_queue_bytes": 1 << 20}
     values.update(overrides)
     return values
 
@@ -270,3 +271,250 @@ async def test_a_client_that_does_not_read_makes_the_apps_send_wait():
     assert sent == []  # the first message is written, then the app waits
     ws.resume_writing()
     await until(lambda: len(sent) == 5)
+
+
+# -- bounds set by the server (issue 19 points 2 and 6) ----------------------------
+
+
+def _deaf(started: asyncio.Event, go: asyncio.Event, got: list[Any]) -> Any:
+    """Accepts, then receives nothing until `go`; then takes everything."""
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        started.set()
+        await go.wait()
+        while True:
+            msg = await receive()
+            got.append(msg)
+            if msg["type"] == "websocket.disconnect":
+                return
+
+    return app
+
+
+def _ws(client: Client) -> Any:
+    return client.tr.protocol
+
+
+async def test_the_queue_is_bounded_in_decoded_bytes_and_nothing_decoded_is_dropped():
+    # Compressed, each message is about 1 KB on the wire and 1 MiB once
+    # inflated: a count of messages bounds nothing, decoded bytes do.
+    started, go, got = asyncio.Event(), asyncio.Event(), []
+    client = Client(_deaf(started, go, got), deflate=True, max_size=1 << 20,
+                    max_queue=1000, max_queue_bytes=100_000)
+    await client.open()
+    await started.wait()
+    for i in range(20):
+        client.proto.send_binary(bytes([i]) * (1 << 20))
+    await client.pump()
+    ws = _ws(client)
+    # The first message crossed the line: reading stopped at once, the rest
+    # waits undecoded (about 20 KB), not inflated (20 MiB).
+    assert client.tr.read_paused
+    assert ws.queued_bytes <= 100_000 + (1 << 20)
+    assert sum(1 for m in ws.queue if m["type"] == "websocket.receive") == 1
+    assert len(ws.pending) - ws.pending_at > 0
+    await settle(20)
+    assert ws.queued_bytes <= 100_000 + (1 << 20) and client.tr.read_paused
+    go.set()
+    await client.until(lambda: len(got) == 20)
+    assert [m["bytes"] for m in got] == [bytes([i]) * (1 << 20) for i in range(20)]
+    assert not client.tr.read_paused and ws.queued_bytes == 0
+
+
+async def test_inflating_is_bounded_per_loop_turn():
+    # A queue big enough for everything: the per-turn budget alone stops
+    # decoding; the rest is decoded on later turns, reading paused meanwhile.
+    started, go, got = asyncio.Event(), asyncio.Event(), []
+    client = Client(_deaf(started, go, got), deflate=True, max_size=1 << 20,
+                    max_queue=1000, max_queue_bytes=64 << 20)
+    await client.open()
+    await started.wait()
+    for i in range(8):
+        client.proto.send_binary(bytes([i]) * (1 << 20))
+    data = b"".join(client.proto.data_to_send())
+    ws = _ws(client)
+    client.tr.feed(data)  # one read: decoding stops after one 1 MiB message
+    assert sum(1 for m in ws.queue if m["type"] == "websocket.receive") == 1
+    assert client.tr.read_paused and ws.paused
+    await until(lambda: sum(1 for m in ws.queue if m["type"] == "websocket.receive") == 8)
+    await settle(3)
+    assert not client.tr.read_paused
+    go.set()
+    await until(lambda: len(got) == 8)
+
+
+class PausingTransport(FakeTransport):
+    """Calls pause_writing() past `high` buffered bytes, as asyncio's do."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__()
+        self.high = high
+        self.write_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.buffer) > self.high and not self.write_paused:
+            self.write_paused = True
+            assert self.protocol is not None
+            self.protocol.pause_writing()  # type: ignore[attr-defined]
+
+    def take(self) -> bytes:
+        data = super().take()
+        if self.write_paused:
+            self.write_paused = False
+            assert self.protocol is not None
+            self.protocol.resume_writing()  # type: ignore[attr-defined]
+        return data
+
+
+def _open_on(transport: FakeTransport, app: Any, **ws_settings: Any) -> tuple[Any, ClientProtocol]:
+    """A WebSocket straight on `transport` (no H1 switch), handshake done."""
+    from zion.http.websocket import WebSocketProtocol, request_bytes
+
+    state = make_state(websocket=_ws_settings(**ws_settings))
+    client = ClientProtocol(parse_uri("wss://x/ws"), max_size=None)  # type: ignore[arg-type]
+    request = client.connect()
+    headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.raw_items()]
+    ws = WebSocketProtocol(state, app, _http_scope(), request_bytes(b"/ws", headers))
+    transport.protocol = ws
+    ws.connection_made(transport)
+    client.send_request(request)
+    client.data_to_send()
+    return ws, client
+
+
+def _http_scope() -> dict[str, Any]:
+    return {"asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "scheme": "https", "server": ("127.0.0.1", 8443), "client": ("127.0.0.1", 40000),
+            "root_path": "", "path": "/ws", "raw_path": b"/ws", "query_string": b"",
+            "headers": [], "state": {}}
+
+
+async def test_pongs_stop_the_reading_while_the_transport_is_paused():
+    started, go, got = asyncio.Event(), asyncio.Event(), []
+    tr = PausingTransport(high=4096)
+    ws, client = _open_on(tr, _deaf(started, go, got))
+    await started.wait()
+    client.receive_data(tr.take())
+    client.events_received()  # the 101
+    for _ in range(20_000):
+        client.send_ping(b"")
+    flood = b"".join(client.data_to_send())  # 120 KB: 20,000 pings
+    tr.feed(flood)
+    # Writing paused once 4 KiB of pongs were buffered: no more pings were
+    # decoded, so no more pongs; the rest of the flood waits, undecoded.
+    assert tr.read_paused and len(tr.buffer) < 4096 + 64
+    assert len(ws.pending) - ws.pending_at > len(flood) - 8192
+    await settle(10)
+    assert len(tr.buffer) < 4096 + 64
+    # The client reads: pongs flow again, a bounded batch at a time.
+    pongs = 0
+    while pongs < 20_000:
+        client.receive_data(tr.take())
+        pongs += sum(1 for e in client.events_received()
+                     if isinstance(e, Frame) and e.opcode is Opcode.PONG)
+        assert len(tr.buffer) < 4096 + 64
+        await settle(2)
+    assert not tr.read_paused
+
+
+async def test_send_timeout_closes_a_websocket_whose_client_never_reads():
+    result: dict[str, Any] = {}
+
+    async def talker(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            while True:
+                await send({"type": "websocket.send", "bytes": b"x" * 1000})
+        except OSError as exc:
+            result["exc"] = exc
+
+    tr = PausingTransport(high=10_000)
+    ws, _client = _open_on(tr, talker)
+    await until(lambda: tr.write_paused)
+    timeout = ws.state.limits.send_timeout
+    ws.check_deadline(ws.loop.time() + timeout / 2)
+    assert not tr.closed
+    ws.check_deadline(ws.loop.time() + timeout + 1)
+    assert tr.aborted
+    await until(lambda: "exc" in result)
+    assert isinstance(result["exc"], OSError)
+
+
+async def test_a_protocol_error_after_a_good_message_is_a_disconnect_not_an_app_error():
+    from structlog.testing import capture_logs
+
+    result: dict[str, Any] = {}
+    go = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        result["first"] = await receive()
+        await go.wait()
+        await send({"type": "websocket.send", "text": "reply"})  # raises: the client broke it
+        result["unreachable"] = True
+
+    with capture_logs() as logs:
+        client = Client(app)
+        await client.open()
+        client.proto.send_text(b"good")
+        await client.until(lambda: "first" in result)
+        # The app runs before the transport reports the close (over TLS that
+        # waits for the TLS shutdown): it sees a connection still open whose
+        # client broke the protocol. An unmasked frame from a client: RFC
+        # 6455 5.1, the server must close (1002).
+        go.set()
+        client.tr.feed(b"\x81\x03bad")
+        await client.until(lambda: client.proto.close_rcvd is not None)
+        await settle(10)
+    assert client.proto.close_rcvd.code == 1002
+    assert "unreachable" not in result
+    assert [e for e in logs if e["log_level"] == "error"] == []
+    assert any(e["event"] == "websocket_app_ended_by_disconnect" and e["log_level"] == "debug"
+               for e in logs)
+
+
+def _alive(kind: type) -> int:
+    import gc
+
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+async def test_a_closed_websocket_is_freed_without_the_cyclic_gc():
+    import gc
+    import weakref
+
+    from zion.http.websocket import WebSocketProtocol
+
+    done = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            await send({"type": "websocket.send", "text": "ok"})
+        done.set()
+
+    gc.collect()
+    gc.disable()
+    try:
+        client = Client(app, deflate=True)
+        await client.open()
+        client.proto.send_text(b"hello" * 1000)
+        await client.until(lambda: client.messages())
+        ws = client.tr.protocol
+        library = weakref.ref(ws.ws)
+        assert _alive(WebSocketProtocol) == 1
+        client.tr.close()  # the client leaves: connection_lost
+        await done.wait()
+        await settle(5)
+        client.tr.protocol = None  # as asyncio's transports drop it after connection_lost
+        del ws
+        # Not collected (the collector is off): freed by reference counts.
+        assert (_alive(WebSocketProtocol), library()) == (0, None)
+    finally:
+        gc.enable()

@@ -3,7 +3,12 @@ demux's connection count, and drain (SIGTERM -> the drain timeout -> 1001)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
 
 import websockets
 
@@ -30,3 +35,166 @@ async def test_wss_echo_counts_as_a_connection_and_drain_closes_with_1001(start_
             assert closed.rcvd is not None and closed.rcvd.code == 1001
     assert srv.proc.wait(15) == 0
     wait_for(lambda: "ws_app_disconnect code=1001" in srv.log_text(), what="app saw 1001")
+
+
+# -- bounds set by the server, against real attacks (issue 19 points 2 and 6) ----
+
+_MAX_SIZE = 4 << 20  # --ws-max-size for these tests: each message is 4 MiB inflated
+_QUEUE_BYTES = 1 << 20  # [websocket] max_queue_bytes (the default)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _deaf_server(start_zion: Any, *args: str, env: dict[str, str] | None = None) -> Any:
+    # No demux: one worker, and the program's compile is not what is tested.
+    return start_zion("ws_deaf_app:app", "--no-bpf-demux", "--ws-max-size", str(_MAX_SIZE),
+                      *args, env=env, workers=1)
+
+
+async def _deflate_attack(port: int, messages: int = 40) -> Any:
+    """The deflate attack: `messages` messages of about 4 KB compressed, 4 MiB
+    inflated, to an app that never receives. Returns the open connection."""
+    ws = await websockets.connect(f"wss://127.0.0.1:{port}/ws", ssl=client_context(alpn=False),
+                                  server_hostname="localhost", compression="deflate",
+                                  max_size=None, ping_interval=None)
+    payload = b"\0" * (_MAX_SIZE - 1024)
+    for _ in range(messages):
+        try:
+            # Once the server stops reading, the sockets' buffers fill and a
+            # send waits: that is the server's defence working, not an error.
+            await asyncio.wait_for(ws.send(payload), 5)
+        except TimeoutError:
+            break
+    return ws
+
+
+async def _round_trips(port: int, count: int = 5) -> None:
+    """HTTP requests answered by the (single) worker: each needs turns of its
+    loop after the attack's bytes arrived, so what it decodes is decoded."""
+    for _ in range(count):
+        assert (await get(port, "/alive")).status == 200
+
+
+async def test_deflate_attack_on_an_app_that_never_receives_is_bounded_in_bytes(start_zion):
+    srv = _deaf_server(start_zion)
+    [worker] = srv.worker_pids()
+    await _round_trips(srv.port)
+    before = _rss_mib(worker)
+    attacks = [await _deflate_attack(srv.port) for _ in range(2)]
+    await _round_trips(srv.port)
+    grown = _rss_mib(worker) - before
+    # Per connection: max_queue_bytes + the message that crossed it
+    # (max_size) + a transient copy; 16 MiB for the rest (TLS, allocator).
+    bound = 2 * (_QUEUE_BYTES + 2 * _MAX_SIZE) / (1 << 20) + 16
+    assert grown < bound, f"worker grew {grown:.0f} MiB (bound {bound:.0f}) for 2 connections"
+    for ws in attacks:
+        ws.transport.abort()
+
+
+async def test_a_closed_attack_connection_is_freed_with_the_cyclic_gc_off(start_zion):
+    srv = _deaf_server(start_zion)
+    assert (await get(srv.port, "/gc?off")).body == b"gc_enabled=False"
+    for _ in range(3):
+        ws = await _deflate_attack(srv.port, messages=4)
+        ws.transport.abort()  # the client vanishes; the app's next tick fails and it ends
+
+    async def freed() -> bool:
+        alive = (await get(srv.port, "/alive")).body.decode()
+        return alive == "WebSocketProtocol=0 _ServerProtocol=0 ServerProtocol=0"
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await freed():
+        assert asyncio.get_running_loop().time() < deadline, (
+            "closed WebSockets still in memory: " + (await get(srv.port, "/alive")).body.decode())
+    await get(srv.port, "/gc?on")
+
+
+def _raw_upgrade(port: int, path: str, rcvbuf: int = 0) -> ssl.SSLSocket:
+    """A TLS connection that sent a WebSocket upgrade and read the 101."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    tls = client_context(alpn=False).wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(f"GET {path} HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n"
+                "connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "sec-websocket-version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return tls
+
+
+def _send_until_blocked(tls: ssl.SSLSocket, data: bytes, chunk: int = 65536) -> int:
+    """Send until done or the peer stops taking bytes for 2 s; bytes sent."""
+    tls.settimeout(2)
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += tls.send(data[sent:sent + chunk])
+    except (TimeoutError, ssl.SSLWantWriteError):
+        pass
+    return sent
+
+
+async def test_a_ping_flood_from_a_client_that_never_reads_is_bounded(start_zion):
+    srv = _deaf_server(start_zion)
+    [worker] = srv.worker_pids()
+    await _round_trips(srv.port)
+    before = _rss_mib(worker)
+    tls = _raw_upgrade(srv.port, "/ws", rcvbuf=4096)
+    # 1,000,000 masked pings with no payload (RFC 6455 5.2: 0x89, mask bit, key).
+    flood = b"\x89\x80\x00\x00\x00\x00" * 1_000_000
+    sent = await asyncio.to_thread(_send_until_blocked, tls, flood)
+    assert sent < len(flood), "the server read the whole flood"
+    # The server stopped reading once its writes were paused: the pongs it
+    # owes wait as pings not decoded yet, not as replies queued for a client
+    # that reads nothing. Its transport holds write_buffer_high and one pong.
+    high = 262144  # [limits] write_buffer_high
+    for _ in range(10):
+        await _round_trips(srv.port, 1)
+        [buffered] = map(int, (await get(srv.port, "/buffers")).body.split())
+        assert buffered <= high + 1024, f"{buffered} bytes of pongs queued"
+    grown = _rss_mib(worker) - before
+    assert grown < 16, f"worker grew {grown:.0f} MiB under a ping flood"
+    tls.close()
+
+
+async def test_send_timeout_ends_a_websocket_whose_client_never_reads(start_zion):
+    srv = _deaf_server(start_zion, env={"ZION_LIMITS_SEND_TIMEOUT": "1"})
+    tls = _raw_upgrade(srv.port, "/flood", rcvbuf=4096)
+    # The app sends 64 KB messages; the client reads none: after send_timeout
+    # the connection is aborted and the app's send() raises an OSError.
+    wait_for(lambda: "ws_send_failed ClientDisconnected" in srv.log_text(),
+             what="the app's send() failing after send_timeout")
+    status = (await get(srv.port, "/_zion/status")).json()
+    assert status["connections"] == 1  # the status request's own
+    tls.close()
+
+
+async def test_a_client_breaking_the_protocol_after_a_good_message_is_a_disconnect(start_zion):
+    srv = start_zion("ws_raw_app:app", "--no-bpf-demux", "--log-level", "debug", workers=1)
+    tls = _raw_upgrade(srv.port, "/ws")
+    # One write, so the worker decodes both before the echo app runs: a good
+    # masked text frame, then an unmasked one (RFC 6455 5.1: close 1002).
+    good = b"\x81\x84\x00\x00\x00\x00good"
+    tls.sendall(good + b"\x81\x03bad")
+    received = b""
+    while b"\x88" not in received:  # the server's close frame
+        chunk = tls.recv(4096)
+        assert chunk, "closed without a close frame"
+        received += chunk
+    close = received[received.index(b"\x88"):]
+    assert int.from_bytes(close[2:4], "big") == 1002
+    ended = wait_for(lambda: srv.events("app_error") +
+                     srv.events("websocket_app_ended_by_disconnect"), what="the app's end")
+    assert [(e["event"], e["level"], e.get("code")) for e in ended] == [
+        ("websocket_app_ended_by_disconnect", "debug", 1002)]
+    tls.close()

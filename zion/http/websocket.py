@@ -6,16 +6,33 @@ default since 0.50); this module moves bytes between it and the transport and
 messages between it and the app. The HTTP/1.1 protocol hands the transport
 over with `transport.set_protocol` once the parser stops at the upgrade point.
 
-Back-pressure both ways: past `websocket.max_queue` messages the app has not
-received, the socket is not read; an app's send() waits while the transport's
-write buffer is above its high-water mark.
+Back-pressure both ways, bounded by the server, never by the client:
+
+- Reading stops, for one of three reasons each with its own flag (ReadPause),
+  and resumes only when no reason is left: the app has not taken
+  `websocket.max_queue_bytes` of decoded messages (or `max_queue` of them);
+  the transport stopped taking our writes (pongs and close replies would
+  otherwise pile up behind a client that sends and never reads); or this
+  loop turn's decoding budget is spent.
+- The library decodes (and inflates, RFC 7692) all it is given in one call,
+  so it is given one frame at a time (RFC 6455 5.2 gives each frame's length
+  in its first 2-14 bytes): a pause takes effect at the next frame, and
+  bytes not decoded yet wait here, undecoded. Nothing decoded is dropped.
+- An app's send() waits while the transport's write buffer is above its
+  high-water mark, at most `limits.send_timeout`: then the connection is
+  aborted.
+
+Per connection that bounds decoded input at max_queue_bytes + max_size (the
+frame that crossed the line), plus one read of raw bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -52,6 +69,42 @@ _INVALID_DATA = 1007
 _CLOSE_TIMEOUT = 5.0
 
 _CONNECTING, _OPEN, _HTTP_DENIAL, _DONE = 0, 1, 2, 3
+
+# Decoding work one connection may do per loop turn before it yields to the
+# others: decoded bytes, raw bytes, and a flat cost per frame (the library's
+# per-frame Python work). One frame is the unit: a single frame may inflate
+# to max_size in one zlib call.
+_TURN_BUDGET = 1 << 20
+_FRAME_COST = 4096
+
+
+class ReadPause(enum.IntFlag):
+    """Why the transport is not read; reading resumes when none is left."""
+
+    QUEUE_FULL = enum.auto()     # the app has not taken what was decoded
+    WRITE_BLOCKED = enum.auto()  # the transport paused our writing
+    BACKLOG = enum.auto()        # undecoded input waits for the next loop turn
+
+
+# Reasons that stop decoding, not only reading.
+_HOLD = ReadPause.QUEUE_FULL | ReadPause.WRITE_BLOCKED
+
+
+class _ServerProtocol(ServerProtocol):
+    """The library's server side, with the app's subprotocol choice as a class
+    method: ServerProtocol stores a `select_subprotocol` argument bound to
+    the instance, a reference cycle that only the cyclic gc frees."""
+
+    chosen: str | None = None
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        if self.chosen is None:
+            return None
+        if self.chosen not in subprotocols:
+            log.warning("websocket_subprotocol_not_offered", subprotocol=self.chosen,
+                        offered=list(subprotocols))
+            return None
+        return Subprotocol(self.chosen)
 
 
 def websocket_scope(http_scope: dict[str, Any]) -> dict[str, Any]:
@@ -91,12 +144,15 @@ class WebSocketProtocol(asyncio.Protocol):
     __slots__ = (
         # connection
         "state", "loop", "app", "scope", "ws", "transport", "flow", "raw", "phase",
-        "close_deadline", "ping_handle", "pong_handle", "ping_payload",
+        "close_deadline", "ping_handle", "pong_handle", "ping_payload", "write_blocked_at",
+        # input not decoded yet, and why it is not read
+        "pending", "pending_at", "frame_left", "eof", "paused", "reading_paused",
+        "feed_handle",
         # messages to the app
-        "queue", "wakeup", "read_paused", "fragments", "fragment_opcode", "disconnect_code",
-        "disconnect_reason", "lost",
+        "queue", "queued_bytes", "partial_bytes", "wakeup", "fragments", "fragment_opcode",
+        "disconnect_code", "disconnect_reason", "lost",
         # handshake
-        "request", "subprotocol", "denial", "denial_body",
+        "request", "denial", "denial_body",
     )
 
     def __init__(self, state: ServerState, app: ASGIApp, http_scope: dict[str, Any],
@@ -106,12 +162,10 @@ class WebSocketProtocol(asyncio.Protocol):
         self.loop = state.loop
         self.app = app
         self.scope = websocket_scope(http_scope)
-        self.ws = ServerProtocol(
+        self.ws = _ServerProtocol(
             extensions=[ServerPerMessageDeflateFactory()] if settings.per_message_deflate
             else None,
             max_size=settings.max_size,
-            # A plain function: ServerProtocol binds it to itself as a method.
-            select_subprotocol=lambda _proto, offered: self._select_subprotocol(offered),
             logger=_LIB_LOG,
         )
         self.transport: Any = None
@@ -122,16 +176,24 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ping_handle: asyncio.TimerHandle | None = None
         self.pong_handle: asyncio.TimerHandle | None = None
         self.ping_payload = b""
+        self.write_blocked_at = 0.0
+        self.pending = b""
+        self.pending_at = 0
+        self.frame_left = 0
+        self.eof = False
+        self.paused = ReadPause(0)
+        self.reading_paused = False
+        self.feed_handle: asyncio.Handle | None = None
         self.queue: deque[dict[str, Any]] = deque()
+        self.queued_bytes = 0
+        self.partial_bytes = 0
         self.wakeup = Wakeup(self.loop)
-        self.read_paused = False
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
         self.disconnect_code: int | None = None
         self.disconnect_reason = ""
         self.lost = False
         self.request: Request | None = None
-        self.subprotocol: str | None = None
         self.denial: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self.denial_body: list[bytes] = []
 
@@ -141,41 +203,173 @@ class WebSocketProtocol(asyncio.Protocol):
         self.transport = transport
         self.state.connection_opened(self)
         raw, self.raw = self.raw, b""
-        self.data_received(raw)
+        # The request as one piece (it is complete: the HTTP/1.1 parser read
+        # it), then what the client sent after it, frame by frame.
+        end = raw.find(b"\r\n\r\n")
+        head, rest = (raw, b"") if end < 0 else (raw[:end + 4], raw[end + 4:])
+        self.ws.receive_data(head)
+        self._events()
+        self._flush()
         if self.request is None and not self.lost:
             # ServerProtocol refused the request line or headers; it queued
             # its own HTTP error answer, which _flush wrote.
             self.transport.close()
+        elif rest:
+            self.data_received(rest)
 
     def data_received(self, data: bytes) -> None:
-        self.ws.receive_data(data)
-        for event in self.ws.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._start(event)
-        self._flush()
+        if self.lost:
+            return
+        if self.reading_paused:
+            # Delivered after we asked for a pause (a TLS record already
+            # decrypted, the H1 protocol resuming after the switch): kept,
+            # and the pause asked for again.
+            self.transport.pause_reading()
+        if self.pending_at < len(self.pending):
+            self.pending = self.pending[self.pending_at:] + data
+        else:
+            self.pending = data
+        self.pending_at = 0
+        if not self.paused & _HOLD:
+            self._feed()
 
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._flush()
+        self.eof = True
+        self._give_eof()
         return None
 
+    def _give_eof(self) -> None:
+        """The client's EOF reaches the library after the input before it."""
+        if self.eof and not self.lost and self.pending_at >= len(self.pending):
+            self.eof = False
+            self.ws.receive_eof()
+            self._events()
+            self._flush()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
         self.lost = True
         self.phase = _DONE
         self.state.connection_closed(self)
         self._cancel_timers()
         self.flow.connection_lost()
         self._disconnected(_ABNORMAL)
+        self._release()
+
+    def _release(self) -> None:
+        """Drop what a closed connection holds, without waiting for the
+        cyclic gc: the undecoded input, the transport (which points back at
+        us), and the library's parser, a generator whose frame holds its
+        protocol (a cycle of ServerProtocol with itself, holding the inflate
+        state and read buffer). Messages already queued stay for the app."""
+        self.pending = b""
+        self.transport = None
+        self.ws.parser.close()
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
+        self.write_blocked_at = self.loop.time()
+        self.paused |= ReadPause.WRITE_BLOCKED
+        self._apply_reading()
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        self.write_blocked_at = 0.0
+        self._unhold(ReadPause.WRITE_BLOCKED)
 
     # -- from the network --------------------------------------------------------
+
+    def _feed(self) -> None:
+        """Decode pending input one frame at a time until it is gone, a hold
+        reason appears, or this turn's budget is spent."""
+        self.feed_handle = None
+        self.paused &= ~ReadPause.BACKLOG
+        budget = _TURN_BUDGET
+        while not self.paused & _HOLD and not self.lost:
+            start = self.pending_at
+            end = self._frame_end()
+            if end == start:
+                break  # an incomplete frame header: wait for more bytes
+            self.pending_at = end
+            self.ws.receive_data(self.pending[start:end])
+            budget -= (end - start) + self._events()
+            self._flush()
+            if budget <= 0:
+                break
+        if self.lost:
+            return
+        if self.pending_at >= len(self.pending):
+            self.pending, self.pending_at = b"", 0
+            self._give_eof()
+        elif budget <= 0 and not self.paused & _HOLD:
+            self._backlog()
+        self._apply_reading()
+
+    def _frame_end(self) -> int:
+        """Where in `pending` the bytes of the frame now arriving end (RFC
+        6455 5.2: 2 bytes, then a 2- or 8-byte extended length, then a 4-byte
+        mask key, then the payload), so each call to the library decodes at
+        most one frame. A frame already partly given: the rest of it."""
+        buf, at = self.pending, self.pending_at
+        if self.frame_left:
+            end = min(len(buf), at + self.frame_left)
+            self.frame_left -= end - at
+            return end
+        if len(buf) - at < 2:
+            return at
+        second = buf[at + 1]
+        length = second & 0x7F
+        head = 2 if length < 126 else 4 if length == 126 else 10
+        if second & 0x80:
+            head += 4
+        if len(buf) - at < head:
+            return at
+        if length >= 126:
+            length = int.from_bytes(buf[at + 2:at + (4 if length == 126 else 10)], "big")
+        end = min(len(buf), at + head + length)
+        self.frame_left = head + length - (end - at)
+        return end
+
+    def _backlog(self) -> None:
+        self.paused |= ReadPause.BACKLOG
+        if self.feed_handle is None:
+            self.feed_handle = self.loop.call_soon(self._feed)
+
+    def _unhold(self, reason: ReadPause) -> None:
+        self.paused &= ~reason
+        if self.lost:
+            return
+        if not self.paused & _HOLD and (self.pending_at < len(self.pending) or self.eof):
+            self._backlog()  # decoded on the next turn, not inside the caller
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        if self.lost:
+            return
+        if self.paused and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not self.paused and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _events(self) -> int:
+        """Handle what the library decoded; returns the decoded bytes."""
+        decoded = 0
+        for event in self.ws.events_received():
+            if isinstance(event, Frame):
+                decoded += len(event.data) + _FRAME_COST
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._start(event)
+        if self.ws.parser_exc is not None and self.disconnect_code is None:
+            # The client broke the protocol (or left mid-frame): the library
+            # sent its close (1002, 1007, 1009...). For the app that is a
+            # disconnect (ASGI: websocket.disconnect, and send() raises).
+            sent = self.ws.close_sent
+            self._disconnected(sent.code if sent is not None else _ABNORMAL)
+        return decoded
 
     def _start(self, request: Request) -> None:
         self.request = request
@@ -193,12 +387,17 @@ class WebSocketProtocol(asyncio.Protocol):
             else:
                 self.fragment_opcode = opcode
                 self.fragments = [data]
+                self.partial_bytes = len(data)
+                self._check_queue()
         elif opcode is Opcode.CONT:
             self.fragments.append(data)
+            self.partial_bytes += len(data)
             if frame.fin and self.fragment_opcode is not None:
-                data, self.fragments = b"".join(self.fragments), []
+                data, self.fragments, self.partial_bytes = b"".join(self.fragments), [], 0
                 self._message(self.fragment_opcode, data)
                 self.fragment_opcode = None
+            else:
+                self._check_queue()
         elif opcode is Opcode.PONG:
             if data == self.ping_payload and self.pong_handle is not None:
                 self.pong_handle.cancel()
@@ -210,6 +409,7 @@ class WebSocketProtocol(asyncio.Protocol):
         # PING: ServerProtocol has queued the pong already.
 
     def _message(self, opcode: Opcode, data: bytes) -> None:
+        message: dict[str, Any]
         if opcode is Opcode.TEXT:
             try:
                 text = data.decode()
@@ -217,13 +417,22 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.ws.fail(_INVALID_DATA, "invalid UTF-8")
                 self._disconnected(_INVALID_DATA)
                 return
-            self.queue.append({"type": "websocket.receive", "text": text})
+            message = {"type": "websocket.receive", "text": text}
         else:
-            self.queue.append({"type": "websocket.receive", "bytes": data})
-        if len(self.queue) >= self.state.settings.websocket.max_queue and not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
+            message = {"type": "websocket.receive", "bytes": data}
+        self.queue.append(message)
+        self.queued_bytes += _size(message)
+        self._check_queue()
         self._wake()
+
+    def _check_queue(self) -> None:
+        """Hold decoding (and reading) once the app has this much to take.
+        Only with a whole message queued: a message in pieces is what the
+        app waits for, and the library bounds it at max_size."""
+        settings = self.state.settings.websocket
+        if self.queue and (len(self.queue) >= settings.max_queue or
+                           self.queued_bytes + self.partial_bytes >= settings.max_queue_bytes):
+            self.paused |= ReadPause.QUEUE_FULL
 
     def _disconnected(self, code: int, reason: str = "") -> None:
         if self.disconnect_code is None:
@@ -243,10 +452,14 @@ class WebSocketProtocol(asyncio.Protocol):
                         "reason": self.disconnect_reason}
             await self.wakeup.wait()
         message = self.queue.popleft()
-        if self.read_paused and len(self.queue) <= self.state.settings.websocket.max_queue // 2:
-            self.read_paused = False
-            if not self.lost:
-                self.transport.resume_reading()
+        self.queued_bytes -= _size(message)
+        if self.paused & ReadPause.QUEUE_FULL:
+            settings = self.state.settings.websocket
+            # Half-way down before reading again, not one message at a time.
+            if not self.queue or (len(self.queue) <= settings.max_queue // 2 and
+                                  self.queued_bytes + self.partial_bytes
+                                  <= settings.max_queue_bytes // 2):
+                self._unhold(ReadPause.QUEUE_FULL)
         return message
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -260,7 +473,10 @@ class WebSocketProtocol(asyncio.Protocol):
             else:
                 self.ws.send_binary(message.get("bytes") or b"")
             self._flush()
-            await self.flow.drain()
+            if self.flow.write_paused:
+                await self.flow.drain()
+                if self.lost:
+                    raise ClientDisconnected("websocket closed while sending")
         elif kind == "websocket.accept":
             if self.phase != _CONNECTING:
                 self._refuse(kind)
@@ -293,16 +509,9 @@ class WebSocketProtocol(asyncio.Protocol):
             raise ClientDisconnected(f"websocket closed before {kind}")
         raise ProtocolError(f"{kind} not allowed now")
 
-    def _select_subprotocol(self, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-        if self.subprotocol is not None and self.subprotocol not in offered:
-            log.warning("websocket_subprotocol_not_offered", subprotocol=self.subprotocol,
-                        offered=list(offered))
-            return None
-        return Subprotocol(self.subprotocol) if self.subprotocol is not None else None
-
     def _accept(self, message: dict[str, Any]) -> None:
         assert self.request is not None
-        self.subprotocol = message.get("subprotocol")
+        self.ws.chosen = message.get("subprotocol")
         reply = self.ws.accept(self.request)
         if reply.status_code == 101:
             reply.headers["Server"] = "zion"
@@ -339,8 +548,12 @@ class WebSocketProtocol(asyncio.Protocol):
     async def _run_app(self) -> None:
         try:
             await self.app(self.scope, self.receive, self.send)
-        except ClientDisconnected:
-            pass
+        except ClientDisconnected as exc:
+            # ASGI spec 2.4: send() after the client left (or broke the
+            # protocol) raises this OSError; an app that lets it out is done,
+            # not failing.
+            log.debug("websocket_app_ended_by_disconnect", path=self.scope["path"],
+                      code=self.disconnect_code, error=str(exc))
         except Exception as exc:
             if self.disconnect_code is not None:
                 # Typically Starlette's WebSocketDisconnect raised out of an
@@ -395,10 +608,10 @@ class WebSocketProtocol(asyncio.Protocol):
         self._disconnected(_ABNORMAL)
 
     def _cancel_timers(self) -> None:
-        for handle in (self.ping_handle, self.pong_handle):
+        for handle in (self.ping_handle, self.pong_handle, self.feed_handle):
             if handle is not None:
                 handle.cancel()
-        self.ping_handle = self.pong_handle = None
+        self.ping_handle = self.pong_handle = self.feed_handle = None
 
     # -- output --------------------------------------------------------------------
 
@@ -415,7 +628,14 @@ class WebSocketProtocol(asyncio.Protocol):
     # -- worker control ------------------------------------------------------------
 
     def check_deadline(self, now: float) -> None:
-        if self.close_deadline and now > self.close_deadline and not self.lost:
+        if self.lost:
+            return
+        if self.write_blocked_at and now - self.write_blocked_at > self.state.limits.send_timeout:
+            # The client has taken nothing for send_timeout: abort, since
+            # close() would wait to flush the buffer it never reads.
+            log.info("websocket_send_timeout", path=self.scope["path"])
+            self.transport.abort()
+        elif self.close_deadline and now > self.close_deadline:
             self.transport.close()  # the peer never answered our close frame
 
     def shutdown(self) -> None:
@@ -430,3 +650,12 @@ class WebSocketProtocol(asyncio.Protocol):
             self._disconnected(_GOING_AWAY)
             self._flush()
         self.transport.close()
+
+
+def _size(message: dict[str, Any]) -> int:
+    """What a queued message holds in memory, for websocket.max_queue_bytes
+    (a str of non-Latin-1 text takes 2 or 4 bytes a character)."""
+    text = message.get("text")
+    if text is not None:
+        return sys.getsizeof(text)
+    return len(message.get("bytes") or b"")
