@@ -518,3 +518,88 @@ async def test_a_closed_websocket_is_freed_without_the_cyclic_gc():
         assert (_alive(WebSocketProtocol), library()) == (0, None)
     finally:
         gc.enable()
+
+
+# -- WebSocket over HTTP/2 (RFC 8441): the version-aware handshake ---------------
+
+
+class FakeCarrier(FakeTransport):
+    """What an HTTP/2 stream hands a WebSocket: respond() for the HEADERS
+    (and a refusal's body), write() for DATA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[tuple[int, list[tuple[bytes, bytes]], bytes, bool]] = []
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                end: bool) -> None:
+        self.answers.append((status, headers, body, end))
+
+
+def _h2_open(app: Any, headers: list[tuple[bytes, bytes]], **ws_settings: Any,
+             ) -> tuple[FakeCarrier, Any]:
+    from zion.http.websocket import WebSocketProtocol
+
+    state = make_state(websocket=_ws_settings(**ws_settings))
+    carrier = FakeCarrier()
+    scope = {**_http_scope(), "http_version": "2", "headers": headers}
+    ws = WebSocketProtocol(state, app, scope, None)
+    carrier.protocol = ws
+    ws.connection_made(carrier)
+    return carrier, ws
+
+
+_H2_HEADERS = [(b"sec-websocket-version", b"13"), (b"sec-websocket-protocol", b"chat.v2, chat.v1"),
+               (b"sec-websocket-extensions", b"permessage-deflate; client_max_window_bits")]
+
+
+async def test_http2_handshake_answers_200_with_the_negotiated_headers_and_no_key():
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+    from websockets.headers import parse_extension
+
+    events.clear()
+    carrier, _ws = _h2_open(echo, _H2_HEADERS)
+    await until(lambda: carrier.answers)
+    [(status, headers, body, end)] = carrier.answers
+    answer = dict(headers)
+    assert (status, body, end) == (200, b"", False)
+    assert answer[b"sec-websocket-protocol"] == b"chat.v2" and answer[b"x-app"] == b"yes"
+    assert answer[b"sec-websocket-extensions"].startswith(b"permessage-deflate")
+    assert not {b"sec-websocket-accept", b"upgrade", b"connection"} & set(answer)
+    # The stream now carries frames: a client in the open state, with the
+    # extension the answer named, talks compressed both ways.
+    client = ClientProtocol(parse_uri("wss://x/ws"), state=State.OPEN,  # type: ignore[arg-type]
+                            max_size=None)
+    [(_name, params)] = parse_extension(answer[b"sec-websocket-extensions"].decode())
+    client.extensions = [ClientPerMessageDeflateFactory().process_response_params(params, [])]
+    client.send_text(b"z" * 10_000)
+    for data in client.data_to_send():
+        carrier.feed(data)
+    await until(lambda: carrier.buffer)
+    client.receive_data(carrier.take())
+    [frame] = client.events_received()
+    assert frame.data == b"z" * 10_000
+    client.send_close(1000)
+    for data in client.data_to_send():
+        carrier.feed(data)
+    await until(lambda: events)
+    assert events[0]["code"] == 1000
+
+
+async def test_http2_handshake_refuses_another_version_and_answers_denials_as_headers():
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(scope)
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 401,
+                    "headers": [(b"WWW-Authenticate", b"Bearer"), (b"Connection", b"close")]})
+        await send({"type": "websocket.http.response.body", "body": b"no entry"})
+
+    carrier, _ws = _h2_open(app, [(b"sec-websocket-version", b"8")])
+    assert carrier.answers[0][0] == 400 and carrier.answers[0][3] is True and carrier.closed
+    assert called == []
+    carrier, _ws = _h2_open(app, [(b"sec-websocket-version", b"13")])
+    await until(lambda: carrier.answers)
+    assert carrier.answers == [(401, [(b"www-authenticate", b"Bearer")], b"no entry", True)]
+    assert carrier.closed

@@ -37,6 +37,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHandshake
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
@@ -69,6 +71,13 @@ _INVALID_DATA = 1007
 _CLOSE_TIMEOUT = 5.0
 
 _CONNECTING, _OPEN, _HTTP_DENIAL, _DONE = 0, 1, 2, 3
+
+# Never in an HTTP/2 answer from the app's headers: connection-specific (RFC
+# 9113 8.2.2), or the handshake's own, or the stream's to add.
+_H2_NOT_FORWARDED = frozenset({
+    b"connection", b"upgrade", b"keep-alive", b"transfer-encoding", b"proxy-connection",
+    b"te", b"content-length", b"date", b"server", b"sec-websocket-accept",
+    b"sec-websocket-protocol", b"sec-websocket-extensions"})
 
 # Decoding work one connection may do per loop turn before it yields to the
 # others: decoded bytes, raw bytes, and a flat cost per frame (the library's
@@ -152,11 +161,16 @@ class WebSocketProtocol(asyncio.Protocol):
         "queue", "queued_bytes", "partial_bytes", "wakeup", "fragments", "fragment_opcode",
         "disconnect_code", "disconnect_reason", "lost",
         # handshake
-        "request", "denial", "denial_body",
+        "request", "http2", "extensions_header", "denial", "denial_body",
     )
 
     def __init__(self, state: ServerState, app: ASGIApp, http_scope: dict[str, Any],
-                 raw_request: bytes) -> None:
+                 raw_request: bytes | None) -> None:
+        """raw_request: the HTTP/1.1 upgrade request (and any bytes after it),
+        which the library checks and answers with its 101; None for an
+        HTTP/2 extended CONNECT (RFC 8441), checked here from the scope's
+        headers and answered through the carrier's respond() (no key, no
+        101: RFC 8441 5)."""
         settings = state.settings.websocket
         self.state = state
         self.loop = state.loop
@@ -167,10 +181,13 @@ class WebSocketProtocol(asyncio.Protocol):
             else None,
             max_size=settings.max_size,
             logger=_LIB_LOG,
+            state=State.OPEN if raw_request is None else State.CONNECTING,
         )
         self.transport: Any = None
         self.flow = FlowControl(self.loop)
-        self.raw = raw_request
+        self.raw = raw_request or b""
+        self.http2 = raw_request is None
+        self.extensions_header: str | None = None
         self.phase = _CONNECTING
         self.close_deadline = 0.0
         self.ping_handle: asyncio.TimerHandle | None = None
@@ -202,6 +219,9 @@ class WebSocketProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.state.connection_opened(self)
+        if self.http2:
+            self._start_h2()
+            return
         raw, self.raw = self.raw, b""
         # The request as one piece (it is complete: the HTTP/1.1 parser read
         # it), then what the client sent after it, frame by frame.
@@ -371,7 +391,27 @@ class WebSocketProtocol(asyncio.Protocol):
             self._disconnected(sent.code if sent is not None else _ABNORMAL)
         return decoded
 
-    def _start(self, request: Request) -> None:
+    def _start_h2(self) -> None:
+        """RFC 8441 5: the extended CONNECT carries the upgrade's headers
+        but no key. Version and extensions are checked as RFC 6455 4.2.1
+        asks; the app chooses the subprotocol when it accepts."""
+        headers = Headers([(name.decode("latin-1"), value.decode("latin-1"))
+                           for name, value in self.scope["headers"]])
+        refusal = ""
+        if headers.get_all("Sec-WebSocket-Version") != ["13"]:
+            refusal = "Sec-WebSocket-Version must be 13"
+        else:
+            try:
+                self.extensions_header, self.ws.extensions = self.ws.process_extensions(headers)
+            except InvalidHandshake as exc:
+                refusal = f"invalid Sec-WebSocket-Extensions: {exc}"
+        if refusal:
+            log.info("websocket_handshake_refused", path=self.scope["path"], detail=refusal)
+            self._deny(400, [(b"content-type", b"text/plain")], refusal.encode())
+            return
+        self._start(None)
+
+    def _start(self, request: Request | None) -> None:
         self.request = request
         self.queue.append({"type": "websocket.connect"})
         task = self.loop.create_task(self._run_app())
@@ -510,8 +550,11 @@ class WebSocketProtocol(asyncio.Protocol):
         raise ProtocolError(f"{kind} not allowed now")
 
     def _accept(self, message: dict[str, Any]) -> None:
-        assert self.request is not None
         self.ws.chosen = message.get("subprotocol")
+        if self.http2:
+            self._accept_h2(message)
+            return
+        assert self.request is not None
         reply = self.ws.accept(self.request)
         if reply.status_code == 101:
             reply.headers["Server"] = "zion"
@@ -530,9 +573,33 @@ class WebSocketProtocol(asyncio.Protocol):
             log.info("access", method="GET", path=self.scope["path"], status=reply.status_code,
                      client=self.scope["client"][0] if self.scope["client"] else None)
 
+    def _accept_h2(self, message: dict[str, Any]) -> None:
+        """RFC 8441 5: a 200 accepts, and the stream stays open both ways."""
+        pairs: list[tuple[bytes, bytes]] = []
+        subprotocol = self.ws.select_subprotocol(self.scope["subprotocols"])
+        if subprotocol is not None:
+            pairs.append((b"sec-websocket-protocol", subprotocol.encode()))
+        if self.extensions_header is not None:
+            pairs.append((b"sec-websocket-extensions", self.extensions_header.encode()))
+        pairs += _h2_pairs(message.get("headers", ()))
+        self.phase = _OPEN
+        self._schedule_ping()
+        self.transport.respond(200, pairs, b"", False)
+        if self.state.access_log:
+            log.info("access", method="CONNECT", path=self.scope["path"], status=200,
+                     client=self.scope["client"][0] if self.scope["client"] else None)
+
     def _deny(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """An HTTP answer instead of the upgrade; the connection then closes."""
+        """An HTTP answer instead of the upgrade; the connection (over
+        HTTP/2: the stream) then closes."""
         self.phase = _DONE
+        if self.http2:
+            pairs = _h2_pairs(headers)
+            if not self.lost:
+                self.transport.respond(status, pairs, body, True)
+                self.transport.close()
+            self._disconnected(_ABNORMAL)
+            return
         parts = [response.status_line(status), self.state.date.prefix]
         for name, value in headers:
             if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
@@ -659,3 +726,17 @@ def _size(message: dict[str, Any]) -> int:
     if text is not None:
         return sys.getsizeof(text)
     return len(message.get("bytes") or b"")
+
+
+def _h2_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
+    """An app's response headers for an HTTP/2 HEADERS frame: lowercase
+    names (RFC 9113 8.2.1), no connection-specific ones, no CR/LF/NUL."""
+    pairs = []
+    for name, value in headers:
+        name = bytes(name).lower()
+        value = bytes(value)
+        if any(c in name or c in value for c in (b"\r", b"\n", b"\0")):
+            raise ProtocolError(f"invalid response header {name!r}")
+        if name not in _H2_NOT_FORWARDED:
+            pairs.append((name, value))
+    return pairs
