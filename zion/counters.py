@@ -68,6 +68,8 @@ class SupervisorCounters:
     stalls: dict[int, int] = field(default_factory=dict)  # worker slot -> stalls seen
     # worker slot -> connections moved from its accept queue while it was blocked
     requeued: dict[int, int] = field(default_factory=dict)
+    stuck: dict[int, int] = field(default_factory=dict)  # worker slot -> killed as stuck
+    memory: dict[int, int] = field(default_factory=dict)  # worker slot -> replaced for its RSS
     reloads: int = 0  # committed
     reload_failures: int = 0  # aborted: a new worker died, or the new settings were refused
 

@@ -340,6 +340,12 @@ class LimitsSettings:
                                    "is answered 503 and its connection closed.",
                                    check=positive, flag=Flag("--max-connections", "N", aliases=(
                                        "--limit-concurrency",)))
+    worker_memory: int = setting(0, "MiB of resident memory (RSS) a worker may reach (0 = no "
+                                 "limit). Past it the worker takes no new connections, a "
+                                 "replacement starts, and once that one is ready the old one "
+                                 "drains and exits; past 1.5 times it the worker is killed "
+                                 "at once.", check=non_negative,
+                                 flag=Flag("--limit-worker-memory", "MIB"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +361,22 @@ class SupervisorSettings:
                                      check=non_negative)
     respawn_backoff_max: float = setting(5.0, "Largest respawn delay, seconds.",
                                          check=non_negative)
+    shutdown_delay: float = setting(0.0, "Seconds between SIGTERM and the start of the drain "
+                                    "during which readiness (/_zion/ready, the admin /ready) "
+                                    "answers 503 and the HAProxy agent says drain, while every "
+                                    "listener keeps accepting and serving: the time a "
+                                    "balancer or Kubernetes needs to stop sending traffic "
+                                    "here (a preStop sleep, without one). A second signal "
+                                    "ends it early.", check=non_negative,
+                                    flag=Flag("--shutdown-delay", "S"))
+    stuck_timeout: float = setting(0.0, "Seconds a worker's event loop may stay blocked (no "
+                                   "heartbeat: a long synchronous call) before the worker is "
+                                   "replaced and its accept queue moved (0 = never). With it "
+                                   "set, the log shows the blocked worker's Python stack once, "
+                                   "as soon as the loop has been blocked for the demux's stall "
+                                   "threshold. A busy worker whose loop turns is never "
+                                   "killed.", check=non_negative,
+                                   flag=Flag("--timeout-worker-stuck", "S"))
     crash_loop_limit: int = setting(5, "A slot whose worker dies this many times in a row "
                                     "without ever becoming ready stops the server with one "
                                     "error line (the app can never start).", check=positive)

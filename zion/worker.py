@@ -37,6 +37,7 @@ from zion.http.proxy_listener import ProxyListener
 from zion.http.state import ASGIApp, Dispatch, ServerState
 from zion.http.websocket import WebSocketProtocol, request_bytes
 from zion.settings import ProxyProtocol, Settings
+from zion.watchdog import LoopWatchdog
 
 _TICK = 0.5  # seconds between Date refreshes and timeout sweeps
 _DRAIN_QUIET = 0.1  # seconds without connections before a draining worker exits
@@ -60,6 +61,9 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     master_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # The master's notes (below) must not end a worker that is still booting.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     log.configure(settings.log.format, settings.log.level, worker=spec.index,
                   log_config=settings.log.config)
@@ -124,9 +128,17 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     def overloaded() -> bool:
         return len(state.connections) >= settings.limits.max_connections
 
+    # SIGUSR1 from the master: the host is leaving (--shutdown-delay), so
+    # /_zion/ready fails while everything else is still served.
+    leaving = False
+    recycling = False  # SIGUSR2: being replaced (--limit-worker-memory)
+
+    def ready() -> bool:
+        return not leaving and not state.draining
+
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
     state.dispatch = handler_chain(state, app, static,
-                                   Builtins(status, overloaded,
+                                   Builtins(status, overloaded, ready,
                                             # Every connection came through a balancer.
                                             behind_proxy_protocol=server_settings.proxy_protocol
                                             is not ProxyProtocol.OFF)
@@ -146,7 +158,32 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
+
+    def leave() -> None:
+        nonlocal leaving
+        leaving = True
+
+    loop.add_signal_handler(signal.SIGUSR1, leave)
+
+    def recycle_soon() -> None:
+        # SIGUSR2 from the master: past --limit-worker-memory, a replacement
+        # is starting on this listener. Keep accepting until it is ready (the
+        # master then sends SIGTERM), but keep no connection alive: each
+        # response from now on says `connection: close` (HTTP/2: GOAWAY once
+        # a stream ends), so the client's next request reconnects and the
+        # demux sends it elsewhere. Idle connections are not closed here: a
+        # client may be sending on one right now (the keep-alive race), and
+        # without a response it cannot know the request was not processed.
+        nonlocal recycling
+        recycling = True
+        state.draining = True
+
+    loop.add_signal_handler(signal.SIGUSR2, recycle_soon)
     beat = _Heartbeat(loop, state, settings.demux.heartbeat_interval_ms / 1000)
+    watchdog = None
+    if settings.supervisor.stuck_timeout:
+        watchdog = LoopWatchdog(slot, settings.demux.stall_threshold_ms / 1000)
+        watchdog.start()
     limits = settings.limits
     # --limit-max-requests: retire after this many (0 = never), jittered per worker.
     budget = (limits.max_requests + random.randint(0, limits.max_requests_jitter)
@@ -168,13 +205,19 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     await stop.wait()
     # Drain: no new connections from this worker; the master keeps the socket,
     # so what the kernel queues on it waits for the next worker.
+    if watchdog is not None:
+        watchdog.stop()
     beat.stop()
     server.close()
     state.draining = True
     logger.debug("worker_draining", connections=len(state.connections),
                  not_yet_http=_accepted_not_served(server))
-    for conn in list(state.connections):
-        conn.shutdown()
+    if not recycling:
+        # Being replaced, every response has said `connection: close` since
+        # SIGUSR2: the idle ones close at their keep-alive timeout, not now,
+        # when a client may be sending on one.
+        for conn in list(state.connections):
+            conn.shutdown()
     deadline = loop.time() + settings.supervisor.drain_timeout
     quiet_since = None
     # Connections still in their TLS handshake are invisible until it ends, so

@@ -526,3 +526,25 @@ def test_an_idle_master_sleeps(start_zion):
     elapsed = (datetime.now() - started).total_seconds()
     wakeups = _voluntary_switches(srv.pid) - before
     assert wakeups < 40 * elapsed, f"{wakeups} wake-ups in {elapsed:.1f} s"
+
+
+async def test_shutdown_delay_fails_readiness_and_keeps_serving_new_connections(start_zion):
+    from tests.admin.support import admin_get
+
+    srv = start_zion("--shutdown-delay", "3", "--admin", "127.0.0.1:0", workers=2)
+    assert admin_get(srv, "/ready")[0] == 200
+    assert (await get(srv.port, "/_zion/ready")).status == 200
+    srv.signal(signal.SIGTERM)
+    await asyncio.to_thread(srv.wait_event, "shutdown_delayed", 10)
+    await asyncio.to_thread(wait_for, lambda: admin_get(srv, "/ready")[0] == 503, 5,
+                            "the admin /ready to fail")
+    # Every worker's own readiness fails too (new connections reach both).
+    readiness = [(await get(srv.port, "/_zion/ready")).status for _ in range(10)]
+    assert readiness == [503] * 10
+    # New connections are still accepted and served while readiness says 503.
+    for _ in range(10):
+        assert (await get(srv.port, "/")).status == 200
+    assert not srv.events("shutting_down") and srv.proc.poll() is None
+    assert await asyncio.to_thread(srv.proc.wait, 20) == 0
+    delayed, drained = srv.events("shutdown_delayed")[0], srv.events("shutting_down")[0]
+    assert _ts(drained) - _ts(delayed) >= 2.9

@@ -1,5 +1,6 @@
 """Built-in endpoints under /_zion/ only, so they never shadow an app's own
-routes: /_zion/healthz and /_zion/status, for direct loopback clients only.
+routes: /_zion/healthz, /_zion/ready and /_zion/status, for direct loopback
+clients only.
 
 "Direct": a same-host reverse proxy or balancer is a loopback peer too, and
 its clients are not. A request with forwarding headers, or any connection of
@@ -43,9 +44,11 @@ def _came_through_a_proxy(ex: Exchange) -> bool:
 
 class Builtins:
     def __init__(self, status: Callable[[], dict[str, Any]],
-                 overloaded: Callable[[], bool], *, behind_proxy_protocol: bool = False) -> None:
+                 overloaded: Callable[[], bool], ready: Callable[[], bool] = lambda: True,
+                 *, behind_proxy_protocol: bool = False) -> None:
         self.status = status
         self.overloaded = overloaded
+        self.ready = ready
         self.behind_proxy_protocol = behind_proxy_protocol
 
     def respond(self, ex: Exchange) -> None:
@@ -62,6 +65,13 @@ class Builtins:
                 ex.respond(503, b"overloaded: at max_connections\n")
             else:
                 ex.respond(200, b"ok\n")
+        elif path == "/_zion/ready":
+            # Readiness, not liveness: 503 once the server is leaving
+            # (--shutdown-delay, a drain), so probes stop sending traffic here.
+            if self.ready():
+                ex.respond(200, b"ready\n")
+            else:
+                ex.respond(503, b"stopping\n")
         elif path == "/_zion/status":
             body = json.dumps(self.status(), indent=1).encode() + b"\n"
             ex.respond(200, body, b"application/json")

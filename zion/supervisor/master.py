@@ -30,6 +30,7 @@ from zion.errors import BindError, ExitCode, ZionError
 from zion.settings import Settings
 from zion.supervisor import generation, notify
 from zion.supervisor.generation import Generation, Reload, Step
+from zion.supervisor.limits import MIB, Memory, memory_verdict, stuck_slots
 from zion.supervisor.pool import WorkerHandle, WorkerPool, kill
 from zion.supervisor.reloader import FileWatcher, globs, watch_dirs
 from zion.supervisor.respawn import GiveUp, RespawnPolicy, describe
@@ -40,6 +41,12 @@ logger = log.get_logger("zion.master")
 
 # A stop that outlives the drain timeout by this much gets SIGKILL.
 _STOP_GRACE = 5.0
+# Seconds between reads of the workers' RSS (--limit-worker-memory): a
+# statm read per worker; more often once one is near the limit, where a fast
+# leak overshoots by what it grows between two reads.
+_MEMORY_CHECK = 0.25
+_MEMORY_CHECK_NEAR = 0.02
+_NEAR = 0.8
 
 
 class Master:
@@ -55,6 +62,9 @@ class Master:
         self.watcher: FileWatcher | None = None
         self.stopping = False
         self.stop_deadline = 0.0
+        # --shutdown-delay: when the drain starts (None: no stop asked for).
+        self.leave_at: float | None = None
+        self.leave_why = ""
         self.exit_code = ExitCode.OK
         self.announced_ready = False
         self.sampler = QueueSampler()
@@ -66,6 +76,10 @@ class Master:
         self.admin = AdminListeners(None, None)
         self.stall_watch = StallWatch()
         self.stall_check_at = 0.0
+        # --limit-worker-memory: slot -> the old worker a replacement is
+        # starting for (it serves until the replacement is ready).
+        self.replacing: dict[int, WorkerHandle] = {}
+        self.memory_check_at = 0.0
 
     # -- boot -------------------------------------------------------------------
 
@@ -122,6 +136,9 @@ class Master:
                         kill(handle.pid, signal.SIGKILL)
                     self.stop_deadline = float("inf")
             else:
+                if self.leave_at is not None and time.monotonic() >= self.leave_at:
+                    self._begin_drain(self.leave_why)
+                    continue
                 if self.watcher is not None and self.reload is None and self.watcher.take():
                     self._begin_reload()
                 if self.reload is None and time.monotonic() >= self.rotate_at:
@@ -135,6 +152,9 @@ class Master:
                     self._check_retiring()
                 self._sample_queues()
                 self._move_blocked_queues()
+                if self.reload is None:
+                    self._replace_stuck()
+                    self._check_memory()
             self._watch_stalls()
             ready = self.pool.ready_fds()
             admin_r, admin_w = self.admin.read_fds(), self.admin.write_fds()
@@ -173,6 +193,10 @@ class Master:
             due.append(self.mover.next_at)
         if self.stopping:
             due.append(self.stop_deadline)
+        elif self.leave_at is not None:
+            due.append(self.leave_at)
+        if not self.stopping and self.settings.limits.worker_memory:
+            due.append(self.memory_check_at)
         if self.retiring:
             due.append(now + 0.02)  # poll the retiring listeners' queues
         if self.admin:
@@ -190,7 +214,7 @@ class Master:
         self._begin_stop("SIGINT")
 
     def handle_sighup(self) -> None:
-        if self.stopping:
+        if self.stopping or self.leave_at is not None:
             return
         if self.reload is not None:
             logger.warning("reload_ignored", reason="a reload is already in progress")
@@ -240,6 +264,14 @@ class Master:
             return
         self.respawn.on_ready(handle.index)
         self.current.board.set_state(handle.index, SlotState.READY, handle.pid)
+        if (old := self.replacing.pop(handle.index, None)) is not None:
+            # The replacement accepts on the same listener now: the old one
+            # drains what it holds and exits.
+            logger.info("worker_replaced", index=handle.index, child=old.pid,
+                        replacement=handle.pid)
+            self.pool.stop(old)
+        if self.leave_at is not None:
+            kill(handle.pid, signal.SIGUSR1)  # a respawn during --shutdown-delay
         current = self.pool.of_generation(self.current.number)
         if not self.announced_ready and len(current) == self.current.count and all(
                 h.ready for h in current):
@@ -257,6 +289,8 @@ class Master:
         how = describe(code)
         if self.stopping or handle.stopping or self.retiring.holds(handle):
             logger.debug("worker_exited", index=handle.index, child=handle.pid, status=how)
+            return
+        if self._replacement_died(handle, code):
             return
         if self.reload is not None and handle.generation == self.reload.new.number:
             if self.reload.on_death(handle.index) is Step.ABORT:
@@ -279,6 +313,98 @@ class Master:
             return
         logger.warning("worker_died", index=handle.index, child=handle.pid, status=how,
                        respawn_in_s=round(verdict.delay, 3))
+
+    def _serving_handle(self, gen: Generation, index: int) -> WorkerHandle | None:
+        """The ready worker serving a slot of `gen`, not one being stopped."""
+        pid = int(gen.board.slots[index].pid)
+        handle = self.pool.workers.get(pid)
+        if (handle is None or handle.stopping or not handle.ready
+                or handle.generation != gen.number or handle.index != index):
+            return None
+        return handle
+
+    def _replace_stuck(self) -> None:
+        """--timeout-worker-stuck: a worker whose loop has not turned for that
+        long is killed (a blocked loop cannot run a SIGTERM handler) and
+        replaced like any dead worker; its accept queue moves to the others
+        (hand_over_queue). Its stack was logged by its own watchdog
+        (zion/watchdog.py) when it first stalled."""
+        timeout = self.settings.supervisor.stuck_timeout
+        gen = self.current
+        if not timeout or gen is None:
+            return
+        for index, blocked in stuck_slots(gen.board, range(gen.count), time.monotonic_ns(),
+                                          timeout):
+            handle = self._serving_handle(gen, index)
+            if handle is None:
+                continue
+            logger.error("worker_stuck", index=index, child=handle.pid,
+                         blocked_s=round(blocked, 2), timeout_s=timeout,
+                         action="killed and replaced; its worker_blocked line has the stack")
+            self.tallies.stuck[index] = self.tallies.stuck.get(index, 0) + 1
+            # No longer READY: the program sends it nothing while it dies.
+            gen.board.set_state(index, SlotState.DRAINING)
+            kill(handle.pid, signal.SIGKILL)
+
+    def _check_memory(self) -> None:
+        """--limit-worker-memory, about once a second: a worker past the limit
+        gets a replacement on its own listener and stops keeping connections
+        alive; once the replacement is ready it drains (_on_ready_fd). Past
+        the hard ceiling it is killed."""
+        limit = self.settings.limits.worker_memory
+        gen = self.current
+        now = time.monotonic()
+        if not limit or gen is None or now < self.memory_check_at:
+            return
+        near = False
+        for handle in self.pool.of_generation(gen.number):
+            if handle.stopping or not handle.ready:
+                continue
+            seen = memory_verdict(handle.pid, limit)
+            if seen is None:
+                continue
+            if seen.verdict is Memory.OK:
+                near = near or seen.rss > _NEAR * limit * MIB
+                continue
+            rss_mib = round(seen.rss / MIB, 1)
+            index = handle.index
+            if seen.verdict is Memory.CEILING:
+                logger.error("worker_memory_killed", index=index, child=handle.pid,
+                             rss_mib=rss_mib, limit_mib=limit)
+                if self.replacing.get(index) is handle:
+                    handle.stopping = True  # its replacement is on the way
+                kill(handle.pid, signal.SIGKILL)
+            elif index not in self.replacing:
+                logger.warning("worker_memory_limit", index=index, child=handle.pid,
+                               rss_mib=rss_mib, limit_mib=limit,
+                               action="replacing; it drains once the replacement is ready")
+                self.tallies.memory[index] = self.tallies.memory.get(index, 0) + 1
+                self.replacing[index] = handle
+                # No keep-alive from now on: its clients reconnect, and the
+                # program sends them elsewhere (the slot is STARTING).
+                kill(handle.pid, signal.SIGUSR2)
+                self._spawn(gen, index)
+        self.memory_check_at = now + (_MEMORY_CHECK_NEAR if near else _MEMORY_CHECK)
+
+    def _replacement_died(self, handle: WorkerHandle, code: int) -> bool:
+        """A memory replacement died before it was ready: the old worker keeps
+        the slot (the next check tries again); the failure counts toward the
+        crash-loop limit like any other."""
+        old = self.replacing.get(handle.index)
+        if old is None or old is handle or handle.ready or self.current is None:
+            return False
+        if handle.generation != self.current.number or self.respawn is None:
+            return False
+        del self.replacing[handle.index]
+        verdict = self.respawn.on_death(handle.index, False, code, time.monotonic())
+        self.respawn.due.pop(handle.index, None)
+        logger.warning("worker_replacement_died", index=handle.index, child=handle.pid,
+                       status=describe(code), serving=old.pid)
+        if isinstance(verdict, GiveUp):
+            self._fatal(verdict.reason)
+        elif old.pid in self.pool.workers:
+            self.current.board.set_state(handle.index, SlotState.READY, old.pid)
+        return True
 
     def _respawn_due(self) -> None:
         assert self.respawn is not None and self.current is not None
@@ -359,7 +485,7 @@ class Master:
     # -- admin --------------------------------------------------------------------
 
     def _phase(self) -> Phase:
-        if self.stopping:
+        if self.stopping or self.leave_at is not None:
             return Phase.STOPPING
         if self.reload is not None:
             return Phase.RELOADING
@@ -402,8 +528,27 @@ class Master:
     # -- stop ---------------------------------------------------------------------
 
     def _begin_stop(self, why: str) -> None:
+        """SIGTERM/SIGINT: with --shutdown-delay, readiness fails now and the
+        drain starts later; a second signal starts it at once."""
         if self.stopping:
             return
+        delay = self.settings.supervisor.shutdown_delay
+        if self.leave_at is not None or not delay or why == "fatal":
+            self._begin_drain(why)
+            return
+        self.leave_at = time.monotonic() + delay
+        self.leave_why = why
+        logger.info("shutdown_delayed", signal=why, delay_s=delay,
+                    hint="readiness answers 503; listeners keep serving until the drain")
+        # Each worker's /_zion/ready answers 503 from now on (the admin /ready
+        # and the agent follow the phase).
+        # Only ready ones: SIGUSR1's default action would end a booting one.
+        for handle in self.pool.handles():
+            if handle.ready:
+                kill(handle.pid, signal.SIGUSR1)
+
+    def _begin_drain(self, why: str) -> None:
+        self.leave_at = None
         self.stopping = True
         drain = self.settings.supervisor.drain_timeout
         self.stop_deadline = time.monotonic() + drain + _STOP_GRACE

@@ -1,0 +1,70 @@
+"""An app that misbehaves on purpose, for the supervisor's limits: it blocks
+its event loop, leaks memory, never answers, or holds requests open."""
+
+import asyncio
+import os
+import time
+from urllib.parse import parse_qs
+
+from lifespan_accept import accept_lifespan
+
+LEAKED: list[bytes] = []
+
+
+def _arg(scope, name, default):
+    values = parse_qs(scope["query_string"].decode()).get(name)
+    return float(values[0]) if values else default
+
+
+def _note(line):
+    path = os.environ.get("ZION_TEST_EVENTS")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def sleep_in_async_def(seconds):
+    # The mistake this app exists for: a synchronous sleep on the event loop.
+    time.sleep(seconds)
+
+
+async def answer(send, status=200, body=b"ok"):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"x-pid", str(os.getpid()).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await accept_lifespan(receive, send)
+        return
+    path = scope["path"]
+    if path == "/block":
+        sleep_in_async_def(_arg(scope, "s", 60))
+    elif path == "/leak":
+        # 4 MiB per request, touched so that it is resident.
+        LEAKED.append(b"\x01" * (4 << 20))
+    elif path == "/forever":
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            _note(f"cancelled {scope['http_version']}")
+            raise
+    elif path == "/head-then-wait":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            _note("cancelled after head")
+            raise
+    elif path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(int(_arg(scope, "n", 4))):
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(_arg(scope, "every", 0.5))
+        await send({"type": "http.response.body", "body": b"done\n"})
+        return
+    elif path == "/slow":
+        await asyncio.sleep(_arg(scope, "s", 1))
+    await answer(send)

@@ -1,0 +1,91 @@
+"""The master's limits on running workers, end to end against a real
+`zion serve`: a loop blocked too long (--timeout-worker-stuck) and memory past
+the limit (--limit-worker-memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import datetime
+
+import httpx
+
+from tests.conftest import get, wait_for
+from zion.supervisor.limits import MIB, rss_bytes
+
+
+def _ts(event: dict) -> float:
+    return datetime.fromisoformat(event["ts"]).timestamp()
+
+
+async def test_a_blocked_worker_logs_its_stack_once_and_is_replaced_after_the_timeout(
+        start_zion):
+    srv = start_zion("supervise_app:app", "--timeout-worker-stuck", "3", workers=2)
+    before = set(srv.worker_pids())
+    blocker = asyncio.create_task(get(srv.port, "/block?s=600"))
+    blocked = await asyncio.to_thread(srv.wait_event, "worker_blocked", 10)
+    # The stack names the app's function that made the blocking call.
+    assert blocked["where"].startswith("sleep_in_async_def ")
+    assert any("in sleep_in_async_def: time.sleep(seconds)" in f for f in blocked["stack"])
+    assert any(" in app:" in f for f in blocked["stack"])
+    # A light client on new connections loses nothing meanwhile.
+    statuses = []
+    deadline = time.monotonic() + 20
+    while not srv.events("worker_stuck"):
+        assert time.monotonic() < deadline, "the blocked worker was never replaced"
+        statuses.append((await get(srv.port, "/")).status)
+    stuck = srv.events("worker_stuck")[0]
+    assert stuck["blocked_s"] >= 3 and _ts(stuck) - _ts(blocked) >= 2.5
+    assert stuck["child"] == blocked["pid"]
+    after = await asyncio.to_thread(
+        wait_for, lambda: len(p := set(srv.worker_pids())) == 2 and blocked["pid"] not in p
+        and p, 10, "a replacement worker")
+    assert len(after & before) == 1
+    for _ in range(20):
+        statuses.append((await get(srv.port, "/")).status)
+    assert len(statuses) > 20 and set(statuses) == {200}
+    assert len(srv.events("worker_blocked")) == 1  # once, not once per look
+    await asyncio.gather(blocker, return_exceptions=True)
+
+
+async def test_a_busy_worker_is_not_stuck(start_zion):
+    # Many requests in flight, each awaiting: the loop turns, nothing is killed.
+    srv = start_zion("supervise_app:app", "--timeout-worker-stuck", "0.5", workers=1)
+    results = await asyncio.gather(*(get(srv.port, "/slow?s=1.5") for _ in range(20)))
+    assert {r.status for r in results} == {200}
+    assert not srv.events("worker_stuck") and not srv.events("worker_blocked")
+
+
+async def test_a_leaking_worker_is_replaced_without_a_failed_request(start_zion):
+    limit = 160
+    srv = start_zion("supervise_app:app", "--limit-worker-memory", str(limit), workers=2)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for pid in srv.worker_pids():
+                peak[0] = max(peak[0], rss_bytes(pid) or 0)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    statuses: list[int] = []
+    try:
+        async with httpx.AsyncClient(verify=False, timeout=20) as client:
+            async def user() -> None:
+                for _ in range(40):
+                    resp = await client.get(f"https://127.0.0.1:{srv.port}/leak")
+                    statuses.append(resp.status_code)
+
+            await asyncio.gather(*(user() for _ in range(4)))
+    finally:
+        done.set()
+        sampler.join()
+    assert len(statuses) == 160 and set(statuses) == {200}
+    assert srv.events("worker_memory_limit") and srv.events("worker_replaced")
+    assert not srv.events("worker_memory_killed") and not srv.events("worker_died")
+    # 160 x 4 MiB went through two workers of 160 MiB: each was replaced at
+    # least once, and none grew far past the limit while its replacement started.
+    assert peak[0] < limit * MIB * 1.25, f"peak RSS {peak[0] / MIB:.0f} MiB"
