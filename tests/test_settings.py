@@ -118,7 +118,7 @@ def test_uvicorn_names_web_concurrency_and_repeatable_headers():
         "--no-server-header", "--log-level", "critical"])
     s = load_settings(None, _cli_overrides(args), {"WEB_CONCURRENCY": "3"})
     assert (s.limits.keepalive_timeout, s.supervisor.drain_timeout) == (7.0, 3.0)
-    assert s.limits.max_connections == 50 and s.server.workers == 3
+    assert s.limits.concurrency == 50 and s.server.workers == 3
     assert s.server.headers == "x-a: 1\nx-b: two words" and not s.server.server_header
     assert s.log.level == "critical"
     # WEB_CONCURRENCY is below every zion source

@@ -338,8 +338,22 @@ class LimitsSettings:
                                        flag=Flag("--limit-max-requests-jitter", "N"))
     max_connections: int = setting(10000, "Open connections per worker; past this a request "
                                    "is answered 503 and its connection closed.",
-                                   check=positive, flag=Flag("--max-connections", "N", aliases=(
-                                       "--limit-concurrency",)))
+                                   check=positive, flag=Flag("--max-connections", "N"))
+    concurrency: int = setting(0, "Load shedding: a worker with this many connections open, "
+                               "or this many requests in flight, answers the next request at "
+                               "once with 503 and Retry-After instead of making it wait (0 = "
+                               "off; uvicorn's --limit-concurrency).", check=non_negative,
+                               flag=Flag("--limit-concurrency", "N"))
+    retry_after: int = setting(1, "Seconds in the Retry-After header of a shed request's 503.",
+                               check=non_negative, flag=Flag("--retry-after", "S"))
+    request_timeout: float = setting(0.0, "Seconds an app may take over one HTTP request (0 = "
+                                     "no limit): then it is cancelled (it sees CancelledError) "
+                                     "and the client gets 504, or, if the response head is "
+                                     "out, its connection (HTTP/2: its stream) is closed. A "
+                                     "streaming response is governed by send_timeout from its "
+                                     "first body chunk on, a WebSocket by the [websocket] "
+                                     "timeouts, not by this.", check=non_negative,
+                                     flag=Flag("--timeout-request", "S"))
     worker_memory: int = setting(0, "MiB of resident memory (RSS) a worker may reach (0 = no "
                                  "limit). Past it the worker takes no new connections, a "
                                  "replacement starts, and once that one is ready the old one "

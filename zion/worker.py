@@ -30,7 +30,7 @@ from zion.errors import ExitCode, WorkerBootError
 from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
-from zion.http import access_log
+from zion.http import access_log, admission
 from zion.http.exchange import Exchange
 from zion.http.h1 import H1Protocol
 from zion.http.proxy_listener import ProxyListener
@@ -115,6 +115,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
             "connections": len(state.connections),
             "max_connections": settings.limits.max_connections,
             "overloaded": overloaded(),
+            "shedding": admission.at_limit(settings.limits.concurrency,
+                                           len(state.connections), slot.inflight),
             "requests_total": state.requests_total,
             "demux": {**demux_info,
                       # connections the program left to the kernel's hash
@@ -134,7 +136,9 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     recycling = False  # SIGUSR2: being replaced (--limit-worker-memory)
 
     def ready() -> bool:
-        return not leaving and not state.draining
+        # Not while leaving, draining, or shedding (--limit-concurrency).
+        return not (leaving or state.draining or admission.at_limit(
+            settings.limits.concurrency, len(state.connections), slot.inflight))
 
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
     state.dispatch = handler_chain(state, app, static,
@@ -287,16 +291,25 @@ def _freeze_startup_objects() -> None:
 def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles | None,
                   builtins: Builtins | None) -> Dispatch:
     """Who answers a request, in order: zion's /_zion/ endpoints, files that
-    exist under --root, the app, the default page."""
+    exist under --root, the app, the default page. Past --limit-concurrency
+    the files and the app are shed (503 + Retry-After); /_zion/ always
+    answers, so a probe sees the overload instead of waiting in it."""
     tasks = state.tasks
+    limits = state.limits
+    slot = state.slot
+    connections = state.connections
+    timeout = limits.request_timeout
 
     def dispatch(ex: Exchange) -> None:
         if builtins is not None and ex.scope["path"].startswith(PREFIX):
             builtins.respond(ex)
+        elif limits.concurrency and not admission.admit(ex, limits, len(connections),
+                                                         slot.inflight):
+            return
         elif static is not None and static.wants(ex, has_app=app is not None):
             static.serve(ex)
         elif app is not None:
-            ex.run(app, tasks)
+            ex.run(admission.with_deadline(app, ex, timeout) if timeout else app, tasks)
         else:
             default_page.respond(ex, state.worker_index)
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
+from zion.http.admission import at_limit
+
 
 class WorkerState(StrEnum):
     EMPTY = "empty"  # no process on the slot (died, waiting for its respawn)
@@ -49,22 +51,31 @@ class WorkerHealth:
 QUEUE_KNEE = 8
 
 
-def capacity(worker: WorkerHealth, max_connections: int) -> float:
+def shedding(worker: WorkerHealth, concurrency: int) -> bool:
+    """At --limit-concurrency: a new connection's request would get 503."""
+    return at_limit(concurrency, worker.connections, worker.inflight)
+
+
+def capacity(worker: WorkerHealth, max_connections: int, concurrency: int = 0) -> float:
     """What share of a full worker's traffic this one can take now, 0..1."""
-    if worker.state is not WorkerState.READY:
+    if worker.state is not WorkerState.READY or shedding(worker, concurrency):
         return 0.0
     room = max(0.0, 1.0 - worker.connections / max_connections)
+    if concurrency:
+        used = max(worker.connections, worker.inflight) / concurrency
+        room = min(room, max(0.0, 1.0 - used))
     busy = worker.inflight + worker.accept_queue
     return room * QUEUE_KNEE / (QUEUE_KNEE + busy)
 
 
-def weight_percent(workers: Sequence[WorkerHealth], max_connections: int) -> int:
+def weight_percent(workers: Sequence[WorkerHealth], max_connections: int,
+                   concurrency: int = 0) -> int:
     """The host's agent-check weight: 100 when every worker is healthy and
     idle, falling with each stalled, dead or draining worker and with load;
     at least 1 while any worker is healthy (HAProxy sends nothing at 0%)."""
     if not workers:
         return 0
-    share = sum(capacity(w, max_connections) for w in workers) / len(workers)
+    share = sum(capacity(w, max_connections, concurrency) for w in workers) / len(workers)
     if not any(w.state is WorkerState.READY for w in workers):
         return 0
     return max(1, min(100, round(100 * share)))
@@ -74,7 +85,8 @@ def healthy(workers: Sequence[WorkerHealth]) -> int:
     return sum(1 for w in workers if w.state is WorkerState.READY)
 
 
-def agent_line(phase: Phase, workers: Sequence[WorkerHealth], max_connections: int) -> str:
+def agent_line(phase: Phase, workers: Sequence[WorkerHealth], max_connections: int,
+               concurrency: int = 0) -> str:
     """The one line for HAProxy's agent-check (configuration.txt, 5.2
     "agent-check"): words separated by spaces; a reason starts at a "#" that
     follows a space ("down#x" would be one unknown word, ignored). The weight
@@ -84,10 +96,12 @@ def agent_line(phase: Phase, workers: Sequence[WorkerHealth], max_connections: i
         return "drain\n"
     if not healthy(workers):
         return "down #no healthy worker\n"
-    return f"up ready {weight_percent(workers, max_connections)}%\n"
+    # Every worker shedding: the least weight HAProxy still sends to (1%).
+    return f"up ready {weight_percent(workers, max_connections, concurrency)}%\n"
 
 
-def readiness(phase: Phase, workers: Sequence[WorkerHealth]) -> tuple[bool, str]:
+def readiness(phase: Phase, workers: Sequence[WorkerHealth],
+              concurrency: int = 0) -> tuple[bool, str]:
     """Whether a readiness probe should send traffic here, and why (not)."""
     if phase is Phase.STOPPING:
         return False, "stopping"
@@ -95,6 +109,8 @@ def readiness(phase: Phase, workers: Sequence[WorkerHealth]) -> tuple[bool, str]
         return False, "starting"
     if not healthy(workers):
         return False, "no healthy worker"
+    if all(shedding(w, concurrency) for w in workers if w.state is WorkerState.READY):
+        return False, "overloaded: every worker is at the concurrency limit"
     return True, "serving"
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zion.admin.health import Phase, WorkerHealth, WorkerState, readiness, weight_percent
+from zion.admin.health import Phase, WorkerHealth, WorkerState, readiness, shedding, weight_percent
 from zion.counters import CounterBoard, SupervisorCounters
 from zion.demux.board import SlotState, StatusBoard
 from zion.listeners import accept_queue_len
@@ -63,20 +63,21 @@ class HostView:
     reloads: int
     reload_failures: int
     max_connections: int
+    concurrency: int = 0  # --limit-concurrency (0 = off)
 
     @property
     def ready(self) -> tuple[bool, str]:
-        return readiness(self.phase, self.workers)
+        return readiness(self.phase, self.workers, self.concurrency)
 
     @property
     def weight(self) -> int:
-        return weight_percent(self.workers, self.max_connections)
+        return weight_percent(self.workers, self.max_connections, self.concurrency)
 
 
 def host_view(phase: Phase, generation: int, board: StatusBoard,
               workers: list[WorkerHealth], counters: CounterBoard,
               supervisor: SupervisorCounters, demux: dict[str, Any], routing: bool,
-              max_connections: int) -> HostView:
+              max_connections: int, concurrency: int = 0) -> HostView:
     """`workers` is read_workers() of the same board."""
     return HostView(
         phase=phase, generation=generation, workers=workers,
@@ -86,7 +87,7 @@ def host_view(phase: Phase, generation: int, board: StatusBoard,
         demux=demux, respawns=dict(supervisor.respawns), stalls=dict(supervisor.stalls),
         requeued=dict(supervisor.requeued),
         reloads=supervisor.reloads, reload_failures=supervisor.reload_failures,
-        max_connections=max_connections)
+        max_connections=max_connections, concurrency=concurrency)
 
 
 def status_document(view: HostView) -> dict[str, Any]:
@@ -103,6 +104,7 @@ def status_document(view: HostView) -> dict[str, Any]:
             "dispatches": view.dispatches[w.index] if view.dispatches is not None else None,
             "respawns": view.respawns.get(w.index, 0), "stalls": view.stalls.get(w.index, 0),
             "requeued": view.requeued.get(w.index, 0),
+            "shedding": shedding(w, view.concurrency),
             **counts,
         })
     return {

@@ -498,14 +498,14 @@ class Master:
         self._count_stalls(workers)  # so a view that shows a stall has counted it
         return host_view(self._phase(), gen.number, gen.board, workers, self.counters,
                          self.tallies, gen.demux.info(), gen.demux.routing,
-                         gen.settings.limits.max_connections)
+                         gen.settings.limits.max_connections, gen.settings.limits.concurrency)
 
     def _serve_admin(self, readable: list[int], writable: list[int]) -> None:
         for req in self.admin.on_ready(readable, writable, time.monotonic()):
             view = self._host_view()
             if req.kind is Kind.AGENT:
                 self.admin.reply_line(req, agent_line(view.phase, view.workers,
-                                                      view.max_connections))
+                                                      view.max_connections, view.concurrency))
             else:
                 self.admin.reply(req, routes.answer(req.method, req.path, view))
 
