@@ -83,3 +83,19 @@ def test_stall_watch_counts_each_stall_once() -> None:
     assert watch.observe([worker(0, WorkerState.STALLED), worker(1)]) == []
     assert watch.observe([worker(0), worker(1, WorkerState.STALLED)]) == [1]
     assert watch.observe([worker(0, WorkerState.STALLED), worker(1)]) == [0]
+
+
+def test_a_shedding_worker_has_no_room_and_all_shedding_is_not_ready() -> None:
+    # --limit-concurrency 4: a worker with 4 connections, or 4 in flight, sheds.
+    assert capacity(worker(0, conns=4), MAX, concurrency=4) == 0.0
+    assert capacity(worker(0, inflight=4), MAX, concurrency=4) == 0.0
+    assert 0 < capacity(worker(0, conns=2), MAX, concurrency=4) < capacity(worker(0), MAX, 4)
+    one = [worker(0, conns=4), worker(1)]
+    assert readiness(Phase.SERVING, one, concurrency=4) == (True, "serving")
+    assert weight_percent(one, MAX, concurrency=4) == 50
+    both = [worker(0, conns=4), worker(1, inflight=9)]
+    ready, why = readiness(Phase.SERVING, both, concurrency=4)
+    assert not ready and "concurrency limit" in why
+    assert agent_line(Phase.SERVING, both, MAX, concurrency=4) == "up ready 1%\n"
+    # Off (0): the same load is nothing to shed.
+    assert readiness(Phase.SERVING, both) == (True, "serving")

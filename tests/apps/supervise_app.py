@@ -58,6 +58,12 @@ async def app(scope, receive, send):
         except asyncio.CancelledError:
             _note("cancelled after head")
             raise
+    elif path == "/trailers-then-wait":
+        # HTTP/2: head and body out, the stream open for trailers that never come.
+        await send({"type": "http.response.start", "status": 200, "headers": [],
+                    "trailers": True})
+        await send({"type": "http.response.body", "body": b"part"})
+        await asyncio.Event().wait()
     elif path == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for _ in range(int(_arg(scope, "n", 4))):

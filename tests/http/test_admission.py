@@ -14,6 +14,7 @@ import pytest
 
 from tests.admin.support import admin_get, agent_line
 from tests.conftest import ZionProcess, connect, get, inflight, read_until_closed, wait_for
+from tests.support.serve import serve
 from zion.http.admission import Expiry, at_limit, expiry, shed, streaming
 from zion.settings import LimitsSettings
 
@@ -48,8 +49,8 @@ def test_expiry_and_streaming():
 @pytest.fixture
 def timed(start_zion: Any, tmp_path: Path) -> tuple[ZionProcess, Path]:
     events = tmp_path / "events"
-    srv = start_zion("supervise_app:app", "--timeout-request", "1", workers=1,
-                     env={"ZION_TEST_EVENTS": str(events)})
+    srv = serve(start_zion, "supervise_app:app", "--timeout-request", "1", workers=1,
+                env={"ZION_TEST_EVENTS": str(events)})
     return srv, events
 
 
@@ -81,6 +82,20 @@ async def test_an_app_past_the_request_timeout_is_cancelled_and_answered_504(tim
     assert not srv.events("worker_died") and not srv.events("app_error")
 
 
+async def test_a_response_whose_head_is_out_has_its_stream_reset_at_the_timeout(timed):
+    srv, _ = timed
+    async with _client(srv, http2=True) as client:
+        started = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError, match="StreamReset"):
+            await client.get("/trailers-then-wait")
+        assert time.monotonic() - started < 5
+        # Only that stream: the connection goes on.
+        resp = await client.get("/")
+        assert resp.status_code == 200 and resp.http_version == "HTTP/2"
+    [timeout] = srv.events("request_timeout")
+    assert timeout["answer"] == "closed" and timeout["path"] == "/trailers-then-wait"
+
+
 @pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
 async def test_a_streaming_response_is_not_cut_by_the_request_timeout(timed, http2):
     srv, _ = timed
@@ -91,7 +106,7 @@ async def test_a_streaming_response_is_not_cut_by_the_request_timeout(timed, htt
 
 
 async def test_without_a_request_timeout_a_slow_app_is_left_alone(start_zion):
-    srv = start_zion("supervise_app:app", workers=1)
+    srv = serve(start_zion, "supervise_app:app", workers=1)
     resp = await get(srv.port, "/slow?s=1.5")
     assert resp.status == 200
 
@@ -100,20 +115,21 @@ async def test_without_a_request_timeout_a_slow_app_is_left_alone(start_zion):
 
 async def test_past_the_concurrency_limit_requests_get_503_with_retry_after_at_once(
         start_zion):
-    srv = start_zion("supervise_app:app", "--limit-concurrency", "2", "--retry-after", "7",
-                     "--admin", "127.0.0.1:0", "--agent", "127.0.0.1:0", workers=1)
+    srv = serve(start_zion, "supervise_app:app", "--limit-concurrency", "2",
+                "--retry-after", "7", "--admin", "127.0.0.1:0", "--agent", "127.0.0.1:0",
+                workers=1)
     assert (await get(srv.port, "/_zion/ready")).status == 200
     assert admin_get(srv, "/ready")[0] == 200
     # Two slow requests on two connections: the worker is at its limit.
-    slow = [asyncio.create_task(get(srv.port, "/slow?s=3")) for _ in range(2)]
+    slow = [asyncio.create_task(get(srv.port, "/slow?s=10")) for _ in range(2)]
     await asyncio.to_thread(wait_for, lambda: inflight(srv.port) == 2, 10, "two in flight")
-    # A third connection is answered at once, 503 + Retry-After, and closed.
-    started = time.monotonic()
+    # A third connection is answered at once, 503 + Retry-After, and closed:
+    # while the two are still in flight, so it did not wait for room.
     reader, writer = await connect(srv.port)
     writer.write(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
     raw = await read_until_closed(reader, 5)
     writer.close()
-    assert time.monotonic() - started < 1.5
+    assert not any(task.done() for task in slow)
     head = raw.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 503") and b"\r\nretry-after: 7" in head
     assert b"connection: close" in head
@@ -128,12 +144,13 @@ async def test_past_the_concurrency_limit_requests_get_503_with_retry_after_at_o
 
 
 async def test_http2_streams_past_the_limit_get_503_and_the_connection_stays(start_zion):
-    srv = start_zion("supervise_app:app", "--limit-concurrency", "2", workers=1)
+    srv = serve(start_zion, "supervise_app:app", "--limit-concurrency", "2", workers=1)
     async with _client(srv, http2=True) as client:
-        slow = [asyncio.create_task(client.get("/slow?s=2")) for _ in range(2)]
+        slow = [asyncio.create_task(client.get("/slow?s=10")) for _ in range(2)]
         await asyncio.to_thread(wait_for, lambda: inflight(srv.port) == 2, 10, "two in flight")
         shed_resp = await client.get("/")
         assert shed_resp.status_code == 503 and shed_resp.headers["retry-after"] == "1"
+        assert not any(task.done() for task in slow)  # answered at once, not after them
         assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
         again = await client.get("/")
         assert again.status_code == 200 and again.http_version == "HTTP/2"

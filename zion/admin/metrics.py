@@ -67,8 +67,15 @@ class ViewCollector:
         requeued = CounterMetricFamily("zion_requeued_connections", "Connections moved from "
                                        "the worker's accept queue to free workers while its "
                                        "loop was blocked.", labels=labels)
+        stuck = CounterMetricFamily("zion_stuck_kills", "Workers killed and replaced "
+                                    "after their loop was blocked for stuck_timeout.",
+                                    labels=labels)
+        memory = CounterMetricFamily("zion_memory_replacements", "Workers replaced for "
+                                     "passing worker_memory.", labels=labels)
         for w in view.workers:
             index = str(w.index)
+            stuck.add_metric([index], view.stuck.get(w.index, 0))
+            memory.add_metric([index], view.memory.get(w.index, 0))
             conns.add_metric([index], w.connections)
             inflight.add_metric([index], w.inflight)
             queue.add_metric([index], w.accept_queue)
@@ -79,7 +86,8 @@ class ViewCollector:
             stalls.add_metric([index], view.stalls.get(w.index, 0))
             respawns.add_metric([index], view.respawns.get(w.index, 0))
             requeued.add_metric([index], view.requeued.get(w.index, 0))
-        yield from (conns, inflight, queue, age, state, stalls, respawns, requeued)
+        yield from (conns, inflight, queue, age, state, stalls, respawns, requeued, stuck,
+                    memory)
         if view.dispatches is not None:
             dispatches = CounterMetricFamily("zion_dispatches", "New connections the demux "
                                              "program sent to the worker.", labels=labels)

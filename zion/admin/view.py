@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zion.admin.health import Phase, WorkerHealth, WorkerState, readiness, shedding, weight_percent
@@ -64,6 +64,8 @@ class HostView:
     reload_failures: int
     max_connections: int
     concurrency: int = 0  # --limit-concurrency (0 = off)
+    stuck: dict[int, int] = field(default_factory=dict)  # killed as stuck, per slot
+    memory: dict[int, int] = field(default_factory=dict)  # replaced for RSS, per slot
 
     @property
     def ready(self) -> tuple[bool, str]:
@@ -87,7 +89,8 @@ def host_view(phase: Phase, generation: int, board: StatusBoard,
         demux=demux, respawns=dict(supervisor.respawns), stalls=dict(supervisor.stalls),
         requeued=dict(supervisor.requeued),
         reloads=supervisor.reloads, reload_failures=supervisor.reload_failures,
-        max_connections=max_connections, concurrency=concurrency)
+        max_connections=max_connections, concurrency=concurrency,
+        stuck=dict(supervisor.stuck), memory=dict(supervisor.memory))
 
 
 def status_document(view: HostView) -> dict[str, Any]:
@@ -105,6 +108,8 @@ def status_document(view: HostView) -> dict[str, Any]:
             "respawns": view.respawns.get(w.index, 0), "stalls": view.stalls.get(w.index, 0),
             "requeued": view.requeued.get(w.index, 0),
             "shedding": shedding(w, view.concurrency),
+            "stuck_kills": view.stuck.get(w.index, 0),
+            "memory_replacements": view.memory.get(w.index, 0),
             **counts,
         })
     return {

@@ -347,7 +347,7 @@ class Master:
             kill(handle.pid, signal.SIGKILL)
 
     def _check_memory(self) -> None:
-        """--limit-worker-memory, about once a second: a worker past the limit
+        """--limit-worker-memory, four times a second: a worker past the limit
         gets a replacement on its own listener and stops keeping connections
         alive; once the replacement is ready it drains (_on_ready_fd). Past
         the hard ceiling it is killed."""
@@ -591,6 +591,7 @@ class Master:
         self.rotate_at = self._next_rotation()  # new context, new ticket keys
         generation.commit(old, new)
         self.current, self.settings = new, new.settings
+        self.replacing.clear()  # old workers and their replacements: all stopped below
         if new.board is not old.board:
             self.sampler.reset()
         self.mover = QueueMover(new.settings.demux.heartbeat_interval_ms / 1000)
