@@ -116,7 +116,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
             "max_connections": settings.limits.max_connections,
             "overloaded": overloaded(),
             "shedding": admission.at_limit(settings.limits.concurrency,
-                                           len(state.connections), slot.inflight),
+                                           len(state.connections), len(state.tasks)),
             "requests_total": state.requests_total,
             "demux": {**demux_info,
                       # connections the program left to the kernel's hash
@@ -138,7 +138,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     def ready() -> bool:
         # Not while leaving, draining, or shedding (--limit-concurrency).
         return not (leaving or state.draining or admission.at_limit(
-            settings.limits.concurrency, len(state.connections), slot.inflight))
+            settings.limits.concurrency, len(state.connections), len(state.tasks)))
 
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
     state.dispatch = handler_chain(state, app, static,
@@ -296,15 +296,16 @@ def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles |
     answers, so a probe sees the overload instead of waiting in it."""
     tasks = state.tasks
     limits = state.limits
-    slot = state.slot
     connections = state.connections
     timeout = limits.request_timeout
 
     def dispatch(ex: Exchange) -> None:
         if builtins is not None and ex.scope["path"].startswith(PREFIX):
             builtins.respond(ex)
+        # len(tasks), not slot.inflight: a task counts from its creation,
+        # so requests that arrive in one read are counted one by one.
         elif limits.concurrency and not admission.admit(ex, limits, len(connections),
-                                                         slot.inflight):
+                                                         len(tasks)):
             return
         elif static is not None and static.wants(ex, has_app=app is not None):
             static.serve(ex)

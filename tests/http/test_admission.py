@@ -5,6 +5,8 @@ clients: the request timeout (--timeout-request) and load shedding
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 
 from tests.admin.support import admin_get, agent_line
 from tests.conftest import ZionProcess, connect, get, inflight, read_until_closed, wait_for
+from tests.support.h2peer import open_tls, pump
 from tests.support.serve import serve
 from zion.http.admission import Expiry, at_limit, expiry, shed, streaming
 from zion.settings import LimitsSettings
@@ -145,12 +148,29 @@ async def test_past_the_concurrency_limit_requests_get_503_with_retry_after_at_o
 
 async def test_http2_streams_past_the_limit_get_503_and_the_connection_stays(start_zion):
     srv = serve(start_zion, "supervise_app:app", "--limit-concurrency", "2", workers=1)
-    async with _client(srv, http2=True) as client:
-        slow = [asyncio.create_task(client.get("/slow?s=10")) for _ in range(2)]
-        await asyncio.to_thread(wait_for, lambda: inflight(srv.port) == 2, 10, "two in flight")
-        shed_resp = await client.get("/")
-        assert shed_resp.status_code == 503 and shed_resp.headers["retry-after"] == "1"
-        assert not any(task.done() for task in slow)  # answered at once, not after them
-        assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
-        again = await client.get("/")
-        assert again.status_code == 200 and again.http_version == "HTTP/2"
+    base = f"https://127.0.0.1:{srv.port}"
+    # nghttp sends the three requests in one write: counted one by one all the same.
+    out = await asyncio.to_thread(subprocess.run, [
+        "nghttp", "-nv", f"{base}/slow?s=3", f"{base}/slow?s=3&b", f"{base}/?third"],
+        capture_output=True, text=True, timeout=30)
+    third = re.search(r"\[\s*([\d.]+)\] recv \(stream_id=17\) :status: (\d+)", out.stdout)
+    assert third and third.group(2) == "503", out.stdout
+    assert float(third.group(1)) < 2.5  # at once, not once the slow ones are done
+    assert re.search(r"recv \(stream_id=17\) retry-after: 1", out.stdout)
+    assert out.stdout.count(":status: 200") == 2
+    # The h2 library on one connection: two slow streams, a third is shed, a
+    # fourth once they are done is served on the same connection.
+    client, reader, writer = await open_tls(srv.port)
+    slow = [client.request(path="/slow?s=3"), client.request(path="/slow?s=3&b")]
+    writer.write(client.h2.data_to_send())
+    await asyncio.to_thread(wait_for, lambda: inflight(srv.port) == 2, 10, "two in flight")
+    shed_sid = client.request(path="/")
+    await pump(client, reader, writer, lambda: client.responses[shed_sid].ended)
+    assert client.responses[shed_sid].status == 503
+    assert client.responses[shed_sid].header(b"retry-after") == b"1"
+    assert not any(client.responses[sid].status for sid in slow)
+    await pump(client, reader, writer, lambda: all(client.responses[sid].ended for sid in slow))
+    again = client.request(path="/")
+    await pump(client, reader, writer, lambda: client.responses[again].ended)
+    assert [client.responses[sid].status for sid in (*slow, again)] == [200, 200, 200]
+    writer.close()

@@ -41,7 +41,8 @@ class Shed(NamedTuple):
 
 def shed(limits: LimitsSettings, connections: int, inflight: int) -> Shed | None:
     """`connections`: open on this worker, the asking one included;
-    `inflight`: requests the app is handling, this one not yet. Past
+    `inflight`: app tasks running (requests the app is handling, this one
+    not yet; and any task outliving its response, as in uvicorn). Past
     `limits.concurrency` of either (uvicorn's --limit-concurrency: connections
     or tasks), the request is shed. Existing connections keep being served up
     to the limit; the one connection too many is answered and closed."""
