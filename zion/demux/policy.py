@@ -188,6 +188,10 @@ def setup(settings: Settings, group: ListenerGroup, attach: bool = True,
         return _fallback(mode, exc.reason, exc.detail, exc.errno, program)
     except ShimError as exc:
         return _fallback(mode, classify(exc), describe(exc), exc.errno, program)
+    except OSError as exc:  # a probe nobody expected: say which path and why
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fallback(mode, FallbackReason.PROBE_FAILED,
+                         f"{where}{exc.strerror or exc!r}", exc.errno, program)
     except Exception as exc:  # an unexpected bcc failure must not stop boot either
         return _fallback(mode, FallbackReason.PROBE_FAILED, repr(exc), None, program)
     outcome = DemuxOutcome(DemuxState.ATTACHED if attach else DemuxState.PREPARED, mode,
