@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from zion import journald
+
 # "trace" is uvicorn's name for below debug (5); zion logs nothing there of its own.
 _LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -59,6 +61,10 @@ def configure(fmt: str, level: str, worker: int | str = "master",
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
+    # Under systemd, stderr is the journal: each line gets its <N> priority.
+    journal = journald.stderr_is_journal(sys.stderr.fileno())
+    before: list[Any] = [journald.drop_redundant] if journal else []
+    after: list[Any] = [journald.add_prefix] if journal else []
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # Records of stdlib loggers (the app's, "py.warnings") say whose they are.
@@ -67,7 +73,9 @@ def configure(fmt: str, level: str, worker: int | str = "master",
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                *before,
                 _renderer(fmt),
+                *after,
             ],
         )
     )
@@ -139,7 +147,8 @@ def early_error(fmt: str, event: str, message: str) -> None:
         configure("json", "info")
         get_logger("zion").error(event, error=message)
     else:
-        print(f"zion: {message}", file=sys.stderr)
+        # under systemd, an error for `journalctl -p err` (journald.py)
+        print(journald.error_line(f"zion: {message}"), file=sys.stderr)
 
 
 def get_logger(name: str = "zion") -> Any:
