@@ -29,13 +29,13 @@
  *                                    slot held no socket: the kernel's own
  *                                    reuseport hash decides (for a migration:
  *                                    among the listeners still open), and
- *                                    zion_slots[ZION_WORKERS].dispatches += 1
+ *                                    zion_slots[workers].dispatches += 1
  *   SK_DROP                          never returned: it refuses the
  *                                    connection (or resets the migrating
  *                                    one), and a demux must not lose one
  *
  * Live: state == READY. Healthy (hash and cpu modes): live, and for cpu the
- * heartbeat is no older than ZION_STALL_NS. Modes:
+ * heartbeat is no older than stall_ns. Modes:
  *   ZION_MODE_HASH          slot hash % N if live, else the next live slot
  *   ZION_MODE_LEAST_LOADED  the live slot where a connection waits least
  *                           (zion_load: a turning worker by its load, then
@@ -53,17 +53,25 @@
  * reuseport sockarray and bpf_sk_select_reuseport 4.19); 5.14 for
  * ZION_MIGRATE. CAP_BPF (5.8+) or CAP_SYS_ADMIN to load.
  *
+ * Compiled once, loaded anywhere (zion/demux/objects.py): the bytecode reads
+ * only sk_reuseport_md (uapi) and its maps, so it does not depend on the
+ * running kernel's headers. Whatever a configuration sets at run time is read
+ * from zion_config, never compiled in, so one object serves every
+ * configuration of a variant:
+ *   zion_config[0].workers   number of workers (slots), 1..ZION_MAX_WORKERS
+ *   zion_config[0].stall_ns  heartbeat age beyond which a worker is stalled
+ *   zion_config[0].busy_ns   heartbeat age beyond which the loop of a worker
+ *                            with work in hand is taken to be blocked now
+ *                            (two heartbeat intervals)
+ *   zion_config[0].idle_ns   the same for a worker without work, which beats
+ *                            at its idle pace (four intervals, plus two)
+ *
  * -D parameters (zion/demux/program.py prepends them as #defines, so the text
- * printed by `zion doctor --ebpf` is exactly what was compiled):
- *   ZION_WORKERS        number of workers (slots), 1..256
- *   ZION_SOCKARRAY_FD   fd of the reuseport sockarray in the loading process
+ * printed by `zion doctor --ebpf` is exactly what was compiled); one object
+ * per (mode, migrate) variant:
+ *   ZION_SOCKARRAY_FD   fd of the reuseport sockarray in the compiling process
+ *                       (a BPF_PSEUDO_MAP_FD reference, rewritten at load)
  *   ZION_MODE           ZION_MODE_HASH | ZION_MODE_LEAST_LOADED | ZION_MODE_CPU
- *   ZION_STALL_NS       heartbeat age beyond which a worker is stalled
- *   ZION_BUSY_NS        heartbeat age beyond which the loop of a worker with
- *                       work in hand is taken to be blocked now (two
- *                       heartbeat intervals)
- *   ZION_IDLE_NS        the same for a worker without work, which beats at
- *                       its idle pace (four intervals, plus two)
  *   ZION_MIGRATE        1: loaded as SELECT_OR_MIGRATE, reads md->migrating_sk
  */
 #include <uapi/linux/bpf.h>
@@ -78,11 +86,23 @@
 #define ZION_SLOT_READY 2
 #define ZION_SLOT_DRAINING 3
 
-#if !defined(ZION_WORKERS) || !defined(ZION_SOCKARRAY_FD) || !defined(ZION_MODE) || \
-    !defined(ZION_STALL_NS) || !defined(ZION_BUSY_NS) || !defined(ZION_IDLE_NS) || \
-    !defined(ZION_MIGRATE)
-#error "ZION_WORKERS, ZION_SOCKARRAY_FD, ZION_MODE, ZION_STALL_NS, ZION_BUSY_NS, ZION_IDLE_NS, ZION_MIGRATE must be defined"
+#if !defined(ZION_SOCKARRAY_FD) || !defined(ZION_MODE) || !defined(ZION_MIGRATE)
+#error "ZION_SOCKARRAY_FD, ZION_MODE, ZION_MIGRATE must be defined"
 #endif
+
+/* The sockarray's and the status board's capacity (MAX_WORKERS in
+ * zion/demux/program.py); positions fit the 8 bits zion_least_loaded keeps. */
+#define ZION_MAX_WORKERS 256
+
+/* What a configuration sets, written by zion before the program is attached
+ * (ProgramConfig in zion/demux/objects.py). */
+struct zion_config {
+    u32 workers;
+    u32 pad;
+    u64 stall_ns;
+    u64 busy_ns;
+    u64 idle_ns;
+};
 
 struct zion_slot {
     u64 heartbeat_ns; /* worker: CLOCK_MONOTONIC, as bpf_ktime_get_ns() */
@@ -97,18 +117,20 @@ struct zion_slot {
     u32 handshakes;   /* worker: TLS handshakes in progress (also in conns) */
 };
 
-/* ZION_WORKERS worker slots, then one slot whose dispatches count fallbacks. */
-BPF_F_TABLE("array", u32, struct zion_slot, zion_slots, ZION_WORKERS + 1, BPF_F_MMAPABLE);
+/* `workers` worker slots, then one slot whose dispatches count fallbacks. */
+BPF_F_TABLE("array", u32, struct zion_slot, zion_slots, ZION_MAX_WORKERS + 1, BPF_F_MMAPABLE);
+BPF_ARRAY(zion_config, struct zion_config, 1);
 /* One u64 per CPU: see zion_least_loaded. */
 BPF_PERCPU_ARRAY(zion_scratch, u64, 1);
 
-static __always_inline int zion_healthy(struct zion_slot *s, u64 now)
+static __always_inline int zion_healthy(struct zion_slot *s, u64 now,
+                                        struct zion_config *cfg)
 {
     if (s->state != ZION_SLOT_READY)
         return 0;
 #if ZION_MODE != ZION_MODE_HASH
     /* Signed: a heartbeat stored after we read the clock must not wrap. */
-    if ((s64)(now - s->heartbeat_ns) > (s64)ZION_STALL_NS)
+    if ((s64)(now - s->heartbeat_ns) > (s64)cfg->stall_ns)
         return 0;
 #endif
     return 1;
@@ -153,7 +175,7 @@ static __always_inline u64 zion_older(s64 age, s64 limit)
 
 /* Where a new connection would wait least, as one number (lower wins):
  *
- * - a worker whose loop turns (heartbeat younger than ZION_BUSY_NS, two
+ * - a worker whose loop turns (heartbeat younger than busy_ns, two
  *   heartbeat intervals), or that has nothing in hand (no request in
  *   flight, handshake or connection owed): its open connections
  *   (handshakes included) + requests in flight + connections sent and not
@@ -165,7 +187,7 @@ static __always_inline u64 zion_older(s64 age, s64 limit)
  *   earliest: with every worker busy this approaches a shared queue, where
  *   the first worker free takes the next connection), less
  *   ZION_PENDING_COST_MS per connection already waiting for it;
- * - a stalled one (older than ZION_STALL_NS) comes last of all, so a frozen
+ * - a stalled one (older than stall_ns) comes last of all, so a frozen
  *   worker gets nothing while any other is alive, and only the stalled
  *   share what arrives when all are.
  * Ages are in units of 2^20 ns (about a millisecond). */
@@ -174,11 +196,11 @@ static __always_inline u64 zion_older(s64 age, s64 limit)
 #define ZION_TIER_STALLED (1ULL << 50)
 #define ZION_AGE_BASE (1ULL << 30)
 
-static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
+static __always_inline u64 zion_load(struct zion_slot *s, u64 now, struct zion_config *cfg)
 {
     s64 age = (s64)(now - s->heartbeat_ns);
     u64 pending = zion_pending(s);
-    u64 stalled = zion_older(age, (s64)ZION_STALL_NS);
+    u64 stalled = zion_older(age, (s64)cfg->stall_ns);
     u64 turning = (u64)s->conns + s->inflight + pending;
     /* Work in hand: requests in flight, handshakes. Idle keep-alive
      * connections are none, and neither are connections owed: the count is
@@ -186,10 +208,10 @@ static __always_inline u64 zion_load(struct zion_slot *s, u64 now)
      * may accept what the new program sent), and a phantom one must not make
      * an idle worker look blocked. A worker without work beats at its idle
      * pace (zion/worker.py), so its heartbeat means "blocked" only once it
-     * is older than that pace allows (ZION_IDLE_NS). */
+     * is older than that pace allows (idle_ns). */
     u64 has_work = zion_nonzero((u64)s->inflight + s->handshakes);
-    u64 busy = (zion_older(age, (s64)ZION_BUSY_NS) & has_work) |
-               zion_older(age, (s64)ZION_IDLE_NS) | stalled;
+    u64 busy = (zion_older(age, (s64)cfg->busy_ns) & has_work) |
+               zion_older(age, (s64)cfg->idle_ns) | stalled;
     /* Clamped so a heartbeat of days ago cannot wrap past the base. */
     u64 age_ms = ((u64)age >> 20) & (ZION_AGE_BASE - 1);
     u64 blocked = ZION_TIER_BUSY + ZION_AGE_BASE + pending * ZION_PENDING_COST_MS - age_ms;
@@ -211,9 +233,9 @@ static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
     return 0;
 }
 
-/* The least-loaded healthy slot, scanning every slot from `start` (so equal
- * loads are broken by the connection hash) and stopping at the first idle
- * one. Returns ZION_WORKERS when no slot is healthy.
+/* The least-loaded healthy slot of `n`, scanning every slot from `start` (so
+ * equal loads are broken by the connection hash) and stopping at the first
+ * idle one. Returns `n` when no slot is healthy.
  *
  * Every slot, not two hashed choices: with two of four workers blocked, one
  * connection in six drew both blocked ones and waited behind one of them
@@ -222,8 +244,9 @@ static __always_inline int zion_select(struct sk_reuseport_md *md, u32 index)
  *
  * Verifier: the best candidate is kept as one scalar, load << 8 | position,
  * never as a known index, so the states after each iteration are equal and
- * pruned: linear in ZION_WORKERS (a path-dependent index made it explode). */
-static __always_inline u32 zion_least_loaded(u32 start, u64 now)
+ * pruned: linear in the slots (a path-dependent index made it explode). */
+static __always_inline u32 zion_least_loaded(u32 start, u64 now, u32 n,
+                                             struct zion_config *cfg)
 {
     u64 best, cand, *scratch;
     struct zion_slot *s;
@@ -231,22 +254,29 @@ static __always_inline u32 zion_least_loaded(u32 start, u64 now)
 
     /* `best` starts and ends as a value read from memory: the verifier
      * tracks nothing about it, so the states after each slot are equal and
-     * pruned (linear in ZION_WORKERS). A constant start would let it decide
+     * pruned (linear in the slots). A constant start would let it decide
      * the first comparison, and a map key derived from it must be precise:
      * either demand travels back into the loop and every path differs. */
+    /* clang knows n <= ZION_MAX_WORKERS (zion_demux checked it) and would
+     * drop the constant bound below, leaving `j < n`; the verifier, which
+     * does not carry that range through, would then walk the loop without a
+     * bound ("sequence of jumps is too complex"). Hide what clang knows. */
+    asm volatile("" : "+r"(n));
     scratch = zion_scratch.lookup(&zero);
     if (!scratch)
-        return ZION_WORKERS;
+        return n;
     *scratch = ~0ULL;
     best = *(volatile u64 *)scratch;
-    for (j = 0; j < ZION_WORKERS; j++) {
+    for (j = 0; j < ZION_MAX_WORKERS; j++) {
+        if (j >= n)
+            break;
         /* A modulo, not a conditional subtraction: a branch on `start` would
          * split its range in two at every slot, and the states with it. */
-        i = (start + j) % ZION_WORKERS;
+        i = (start + j) % n;
         s = zion_slots.lookup(&i);
         if (!s || s->state != ZION_SLOT_READY)
             continue;
-        cand = zion_load(s, now);
+        cand = zion_load(s, now, cfg);
         if (cand == 0) {
             best = j; /* idle: nothing can beat it */
             break;
@@ -260,16 +290,24 @@ static __always_inline u32 zion_least_loaded(u32 start, u64 now)
     *scratch = best;
     best = *(volatile u64 *)scratch;
     if (best == ~0ULL)
-        return ZION_WORKERS;
-    return (start + (u32)(best & 0xff)) % ZION_WORKERS;
+        return n;
+    return (start + (u32)(best & 0xff)) % n;
 }
 
 int zion_demux(struct sk_reuseport_md *md)
 {
     u64 now = bpf_ktime_get_ns();
-    u32 start = md->hash % ZION_WORKERS;
+    struct zion_config *cfg;
     struct zion_slot *s;
-    u32 i;
+    u32 i, n, start, zero = 0;
+
+    cfg = zion_config.lookup(&zero);
+    if (!cfg)
+        return SK_PASS;
+    n = cfg->workers;
+    if (n == 0 || n > ZION_MAX_WORKERS)
+        return SK_PASS; /* not configured yet: the kernel's hash */
+    start = md->hash % n;
 
 #if ZION_MIGRATE
     if (md->migrating_sk) {
@@ -277,20 +315,24 @@ int zion_demux(struct sk_reuseport_md *md)
          * queued and half-open connections need a healthy home. The CPU
          * that runs this is the closer's, not the client's, and the hash is
          * no reason to pick a busy worker: least-loaded in every mode. */
-        i = zion_least_loaded(start, now);
-        if (i < ZION_WORKERS && zion_select(md, i) == 0)
+        i = zion_least_loaded(start, now, n, cfg);
+        if (i < n && zion_select(md, i) == 0)
             return SK_PASS;
         goto fallback;
     }
 #endif
 #if ZION_MODE == ZION_MODE_HASH
-    /* The hash, and probing only if its slot is not live. */
-    for (i = 0; i < ZION_WORKERS; i++) {
+    /* The hash, and probing only if its slot is not live (the asm: see
+     * zion_least_loaded). */
+    asm volatile("" : "+r"(n));
+    for (i = 0; i < ZION_MAX_WORKERS; i++) {
         u32 k = start + i;
-        if (k >= ZION_WORKERS)
-            k -= ZION_WORKERS;
+        if (i >= n)
+            break;
+        if (k >= n)
+            k -= n;
         s = zion_slots.lookup(&k);
-        if (s && zion_healthy(s, now)) {
+        if (s && zion_healthy(s, now, cfg)) {
             if (zion_select(md, k) == 0)
                 return SK_PASS;
             break;
@@ -298,18 +340,18 @@ int zion_demux(struct sk_reuseport_md *md)
     }
 #else
 #if ZION_MODE == ZION_MODE_CPU
-    i = bpf_get_smp_processor_id() % ZION_WORKERS;
+    i = bpf_get_smp_processor_id() % n;
     s = zion_slots.lookup(&i);
-    if (s && zion_healthy(s, now) && zion_select(md, i) == 0)
+    if (s && zion_healthy(s, now, cfg) && zion_select(md, i) == 0)
         return SK_PASS; /* the CPU's own worker, whatever its load */
 #endif
-    i = zion_least_loaded(start, now);
-    if (i < ZION_WORKERS && zion_select(md, i) == 0)
+    i = zion_least_loaded(start, now, n, cfg);
+    if (i < n && zion_select(md, i) == 0)
         return SK_PASS;
 #endif
     goto fallback;
 fallback:
-    i = ZION_WORKERS;
+    i = n;
     s = zion_slots.lookup(&i);
     if (s)
         __sync_fetch_and_add(&s->dispatches, 1);

@@ -276,6 +276,7 @@ def _doctor(args: argparse.Namespace) -> int:
         print(json.dumps({"bpf_demux": report.state.value, "reason": report.reason,
                           "detail": report.detail, "errno": report.errno, "fix": report.fix,
                           "prog_id": report.prog_id, "capabilities": readiness.describe_caps(),
+                          "object": report.origin,
                           "mode": settings.demux.mode, "workers": workers}))
     else:
         print(f"bpf_demux: {report.state.value}")
@@ -286,6 +287,8 @@ def _doctor(args: argparse.Namespace) -> int:
             print(f"  errno:         {readiness.describe_errno(report.errno)}")
         print(f"  capabilities:  {readiness.describe_caps()}")
         print(f"  mode/workers:  {settings.demux.mode} / {workers}")
+        if report.origin:
+            print(f"  object:        {report.origin}")
         if report.fix:
             print(f"  fix:           {report.fix}")
     if args.url:

@@ -443,6 +443,11 @@ class DemuxSettings:
                                   "<state_dir>/kernel-headers; never written to /lib/modules).")
     program: str = setting("", 'The program source ("" = the one shipped in the package, '
                            "bpf/zion_demux.c).")
+    objects: str = setting("", "Where the compiled program (bytecode and map references, "
+                           "compiled once by bcc, loaded without headers or LLVM) is looked "
+                           'for and kept ("" = the package\'s _data/objects, written by '
+                           "scripts/setup.sh, then <state_dir>/demux-objects, written by a "
+                           "start that compiled).")
     migrate: bool = setting(True, "Load the program as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE "
                             "(Linux 5.14+): a listener that closes (a shrinking reload, a "
                             "dead worker's) hands its queued and half-open connections to "

@@ -98,12 +98,15 @@ async def test_fallback_when_bcc_does_not_import(start_zion, tmp_path, zion_env)
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('libbcc.so.0: cannot open (test)')\n")
     path = os.pathsep.join([str(shim.parent), zion_env["PYTHONPATH"]])
-    srv = start_zion(env={"PYTHONPATH": path})
+    # no compiled object kept either (an empty objects directory)
+    srv = start_zion(env={"PYTHONPATH": path, "ZION_DEMUX_OBJECTS": str(tmp_path / "none")})
     await assert_fallback(srv, "no_bcc")
+    assert "no usable compiled object" in srv.wait_event("demux_fallback")["error"]
 
 
 async def test_fallback_without_kernel_headers(start_zion, tmp_path):
-    srv = start_zion(env={"ZION_DEMUX_KERNEL_HEADERS": str(tmp_path / "no-headers")})
+    srv = start_zion(env={"ZION_DEMUX_KERNEL_HEADERS": str(tmp_path / "no-headers"),
+                          "ZION_DEMUX_OBJECTS": str(tmp_path / "none")})
     await assert_fallback(srv, "no_kernel_headers")
 
 
@@ -113,7 +116,9 @@ async def test_fallback_when_verifier_rejects(start_zion, tmp_path):
     bad.write_text(UNCHECKED_PACKET_READ)
     srv = start_zion(env={"ZION_DEMUX_PROGRAM": str(bad)})
     await assert_fallback(srv, "verifier_rejected")
-    assert "Failed to load BPF program" in srv.wait_event("demux_fallback")["error"]
+    # the verifier's own words, from bpf(BPF_PROG_LOAD)'s log
+    error = srv.wait_event("demux_fallback")["error"]
+    assert "bpf(BPF_PROG_LOAD)" in error and "outside of the packet" in error, error
 
 
 async def test_disabled_by_flag_loads_nothing(start_zion):

@@ -27,7 +27,8 @@ def test_doctor_ready_and_prints_program(state_dir):
     result = _doctor("--ebpf", "--workers", "3", env={"ZION_TLS_STATE_DIR": str(state_dir)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("bpf_demux: ready")
-    assert "#define ZION_WORKERS 3" in result.stdout
+    assert "#define ZION_MODE 1 /* least-loaded */" in result.stdout
+    assert "  object:        " in result.stdout
     assert "int zion_demux(struct sk_reuseport_md *md)" in result.stdout
 
 
@@ -36,9 +37,38 @@ def test_doctor_says_why_and_how_to_fix(state_dir):
     result = _doctor("--json", wrapper=[CAPSH, "--drop=cap_bpf,cap_sys_admin", "--", "-c",
                                         'exec "$0" "$@"'],
                      env={"ZION_TLS_STATE_DIR": str(state_dir)})
+    # capsh --drop takes them out of the bounding set: nothing here can get them
     assert result.returncode == 1
     report = json.loads(result.stdout)
-    assert report["bpf_demux"] == "no_capability" and "CAP_BPF" in report["fix"]
+    assert report["bpf_demux"] == "cap_bpf_not_in_bounding_set", report
+    for fix in ("AmbientCapabilities=CAP_BPF", "--capability=CAP_BPF,CAP_PERFMON "
+                "--system-call-filter=bpf", "--cap-add BPF --cap-add PERFMON",
+                "capabilities: {add: [BPF, PERFMON]}"):
+        assert fix in report["fix"], report["fix"]
+
+
+def test_doctor_tells_a_capability_not_effective_from_one_not_bounded(state_dir):
+    # nobody keeps the full bounding set but has nothing effective
+    result = _doctor("--json", wrapper=["setpriv", "--reuid=65534", "--regid=65534",
+                                        "--clear-groups"],
+                     env={"ZION_TLS_STATE_DIR": str(state_dir)})
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["bpf_demux"] == "no_capability", report
+    assert "bounding set but not effective" in report["fix"]
+    assert "cap_bpf=bounding-only" in report["capabilities"]
+
+
+def test_doctor_tells_bpf_refused_by_seccomp_while_cap_bpf_is_effective(state_dir):
+    result = _doctor("--json", wrapper=[sys.executable, "-m", "tests.support.deny_bpf"],
+                     env={"ZION_TLS_STATE_DIR": str(state_dir)})
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["bpf_demux"] == "bpf_syscall_refused", report
+    assert "EPERM with cap_bpf effective (seccomp: filter" in report["detail"]
+    assert "cap_bpf=effective" in report["capabilities"]
+    assert "--system-call-filter=bpf" in report["fix"]
+    assert "seccompProfile" in report["fix"]
 
 
 def test_doctor_prints_the_program_even_when_the_verifier_rejects_it(state_dir, tmp_path):
@@ -49,4 +79,4 @@ def test_doctor_prints_the_program_even_when_the_verifier_rejects_it(state_dir, 
     assert result.returncode == 1
     assert result.stdout.startswith("bpf_demux: probe_failed")
     assert "reason:        verifier_rejected" in result.stdout
-    assert "return p[40];" in result.stdout and "#define ZION_WORKERS" in result.stdout
+    assert "return p[40];" in result.stdout and "#define ZION_MODE" in result.stdout

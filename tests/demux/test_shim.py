@@ -13,11 +13,10 @@ import structlog
 
 from tests.conftest import wait_for
 from tests.support.bpf import cannot_load_bpf
-from zion.demux import policy, preflight
+from zion.demux import policy
 from zion.demux.board import SlotState
-from zion.demux.program import MAX_WORKERS
 from zion.demux.reasons import DemuxState, FallbackReason
-from zion.demux.shim import ReuseportSockArray, ShimError, ShimOp, SkReuseport
+from zion.demux.shim import ShimError, ShimOp
 from zion.listeners import ListenerGroup, accept_queue_len
 from zion.settings import load_settings
 
@@ -152,40 +151,25 @@ def test_attach_to_socket_outside_a_reuseport_group(state_dir):
     plain.bind(("127.0.0.1", 0))
     plain.listen()
     settings = _settings(state_dir)
-    kernel_source = preflight.check(settings)
-    bcc = preflight.import_bcc()
-    from bcc.libbcc import lib
-
-    sockarray = ReuseportSockArray.create(lib, MAX_WORKERS)
-    prog = SkReuseport.load(bcc, policy.text_for(settings, 1, sockarray.fd), kernel_source)
+    group = _group(1)
+    program = policy.load(settings, group)
     try:
         with pytest.raises(ShimError) as info:
-            prog.attach(plain)
+            program.attach(plain)
         assert info.value.op is ShimOp.ATTACH
         assert "not in a SO_REUSEPORT group" in info.value.detail
         assert policy.classify(info.value) is FallbackReason.ATTACH_FAILED
     finally:
-        prog.close()
-        sockarray.close()
+        program.close()
+        group.close()
     # The boot wiring turns the same failure into a fallback, not an exception.
-    group = ListenerGroup((plain,), "127.0.0.1", plain.getsockname()[1], socket.AF_INET)
+    plain_group = ListenerGroup((plain,), "127.0.0.1", plain.getsockname()[1], socket.AF_INET)
     with structlog.testing.capture_logs() as logs:
-        outcome = policy.setup(settings, group)
+        outcome = policy.setup(settings, plain_group)
     plain.close()
     assert outcome.state is DemuxState.FALLBACK
     assert outcome.reason is FallbackReason.ATTACH_FAILED
     assert logs[-1]["bpf_demux"] == "fallback" and logs[-1]["log_level"] == "warning"
-
-
-def test_sockarray_closes_with_its_last_reference(state_dir):
-    from bcc.libbcc import lib
-
-    array = ReuseportSockArray.create(lib, 4)
-    shared = array.acquire()
-    array.close()
-    assert shared.fd >= 0  # still held by the second program
-    shared.close()
-    assert array.fd == -1
 
 
 def test_compiler_output_is_classified_in_one_place():

@@ -17,7 +17,7 @@ BPFTOOL = shutil.which("bpftool") or "/usr/sbin/bpftool"
 # bounds check.
 UNCHECKED_PACKET_READ = (
     "#include <uapi/linux/bpf.h>\n"
-    "BPF_F_TABLE(\"array\", u32, u64, zion_slots, ZION_WORKERS + 1, BPF_F_MMAPABLE);\n"
+    "BPF_F_TABLE(\"array\", u32, u64, zion_slots, 257, BPF_F_MMAPABLE);\n"
     "int zion_demux(struct sk_reuseport_md *md) {\n"
     "    char *p = (char *)(long)md->data;\n"
     "    return p[40];\n"

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zion.demux import preflight
+from zion.demux import headers, objects, preflight, shim
 from zion.demux.board import BUSY_BEATS, IDLE_BEATS, StatusBoard
-from zion.demux.compile_helper import compile_and_fill
-from zion.demux.program import MAX_WORKERS, program_text, source_path
+from zion.demux.compile_helper import compile_in_helper
+from zion.demux.objects import DemuxObject
+from zion.demux.program import MAX_WORKERS, ProgramConfig, source_path
 from zion.demux.reasons import DemuxState, FallbackReason, Unavailable
-from zion.demux.shim import ShimError, ShimOp, SkReuseport, attach, prog_id_of
+from zion.demux.shim import ShimError, ShimOp, attach, prog_id_of
 from zion.listeners import ListenerGroup
 from zion.log import get_logger
 from zion.settings import Settings
@@ -69,6 +70,8 @@ class Program:
     # hands its queue to the program's choice (else the reason it is not).
     migrate: bool = False
     no_migrate_why: str | None = None
+    # Which object was loaded: kept (where, built by what) or compiled now.
+    origin: str = ""
 
     @property
     def prog_id(self) -> int | None:
@@ -88,36 +91,109 @@ class Program:
         self.prog_fd = self.sockarray_fd = self.slots_fd = -1
 
 
-def text_for(settings: Settings, workers: int, sockarray_fd: int,
-             migrate: bool = False) -> str:
+def read_source(settings: Settings) -> tuple[str, bool]:
+    """The program source, and whether it is one of the operator's own."""
     path = Path(settings.demux.program) if settings.demux.program else source_path()
     try:
-        source = path.read_text()
+        return path.read_text(), bool(settings.demux.program)
     except OSError as exc:
         raise Unavailable(FallbackReason.PROBE_FAILED,
-                          f"cannot read {path}: {exc.strerror}") from None
+                          f"cannot read {path}: {headers.errno_name(exc.errno)}",
+                          exc.errno) from None
+
+
+def program_config(settings: Settings, workers: int) -> ProgramConfig:
     demux = settings.demux
     beat_ns = demux.heartbeat_interval_ms * 1_000_000
-    return program_text(source, workers, sockarray_fd, demux.mode,
-                        demux.stall_threshold_ms * 1_000_000, BUSY_BEATS * beat_ns,
-                        (IDLE_BEATS + BUSY_BEATS) * beat_ns, migrate)
+    return ProgramConfig(workers, demux.stall_threshold_ms * 1_000_000, BUSY_BEATS * beat_ns,
+                         (IDLE_BEATS + BUSY_BEATS) * beat_ns)
 
 
-def load(settings: Settings, group: ListenerGroup, kernel_source: str | None,
-         lender: Program | None = None) -> Program:
-    """Compile and load the program for `group` in the compile helper and fill
-    its sockarray (slots a lender's array already holds keep their socket).
-    Raises Unavailable or ShimError."""
+def obtain(settings: Settings, source: str, custom: bool, migrate: bool,
+           rebuild_why: str | None = None) -> tuple[DemuxObject, str]:
+    """The compiled object for this variant, and where it came from: kept
+    (the package's, or the state directory's), else compiled now by bcc in
+    the helper and kept. `rebuild_why`: the kept one was refused; compile."""
+    mode = settings.demux.mode
+    dirs = objects.locations(settings.demux.objects, preflight.cache_dir(settings).parent)
+    name = objects.file_name(source, mode, migrate, custom)
+    sha = objects.text_sha256(source, mode, migrate)
+    if rebuild_why is None:
+        obj, ignored = objects.find(dirs, name, sha)
+        for line in ignored:
+            logger.warning("demux_object_ignored", error=line, using="a new compile if possible")
+        if obj is not None:
+            return obj, f"kept object {obj.path} ({obj.built_with})"
+    searched = ", ".join(str(d / name) for d in dirs)
+    try:
+        kernel_source, how = headers.find(settings.demux.kernel_headers,
+                                          preflight.cache_dir(settings))
+        obj = compile_in_helper(source, mode, migrate, kernel_source)
+    except Unavailable as exc:
+        raise Unavailable(exc.reason, f"no usable compiled object ({searched}) and it cannot "
+                          f"be compiled here: {exc.detail}", exc.errno) from None
+    try:
+        path = objects.save(obj, dirs[-1:] if not settings.demux.objects else dirs, name)
+        kept = f"kept in {path}"
+    except OSError as exc:
+        kept = f"not kept: {exc.filename}: {headers.errno_name(exc.errno)}"
+    return obj, f"compiled now by bcc against {how}; {kept}"
+
+
+def load(settings: Settings, group: ListenerGroup, lender: Program | None = None) -> Program:
+    """Load the program for `group` from its compiled object (compiling it
+    first if none is kept) and fill its sockarray (slots a lender's array
+    already holds keep their socket). Raises Unavailable or ShimError."""
     count = len(group.sockets)
     if not 1 <= count <= MAX_WORKERS:
         raise Unavailable(FallbackReason.PROBE_FAILED,
                           f"the demux supports 1..{MAX_WORKERS} workers")
-    text_for(settings, count, -1)  # an unreadable source fails here, in the master
-    done = compile_and_fill(lambda fd, m: text_for(settings, count, fd, m), kernel_source,
-                            group.sockets, min(lender.workers, count) if lender else 0,
-                            lender.sockarray_fd if lender else None, settings.demux.migrate)
-    return Program(done.prog_fd, done.sockarray_fd, done.slots_fd, done.text, count,
-                   done.migrate, done.no_migrate_why)
+    source, custom = read_source(settings)
+    config = program_config(settings, count)
+    sockarray_fd = (os.dup(lender.sockarray_fd) if lender is not None else
+                    shim.map_create(shim.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, MAX_WORKERS,
+                                    name=objects.SOCKARRAY))
+    try:
+        loaded, obj, origin, why = _load_variant(settings, source, custom, sockarray_fd, config)
+        try:
+            for index in range(min(lender.workers, count) if lender else 0, count):
+                shim.sockarray_set(sockarray_fd, index, group.sockets[index])
+        except BaseException:
+            os.close(loaded.prog_fd)
+            os.close(loaded.slots_fd)
+            raise
+    except BaseException:
+        os.close(sockarray_fd)
+        raise
+    return Program(loaded.prog_fd, sockarray_fd, loaded.slots_fd, obj.text, count,
+                   obj.migrate, why, origin)
+
+
+def _load_variant(settings: Settings, source: str, custom: bool, sockarray_fd: int,
+                  config: ProgramConfig) -> tuple[objects.Loaded, DemuxObject, str, str | None]:
+    """SELECT_OR_MIGRATE when wanted and the kernel takes it (5.14+), else a
+    plain selector; the last value says why not."""
+    why = None if settings.demux.migrate else "disabled by settings"
+    variants = [True, False] if settings.demux.migrate else [False]
+    for migrate in variants:
+        obj, origin = obtain(settings, source, custom, migrate)
+        try:
+            try:
+                return objects.instantiate(obj, sockarray_fd, config), obj, origin, why
+            except ShimError as exc:
+                if obj.path is None or exc.op is not ShimOp.LOAD or exc.errno == errno_mod.EPERM:
+                    raise
+                # A kept object the kernel refuses: never retried blindly.
+                refused = f"the kernel refused {obj.path}: {describe(exc)}"
+                logger.warning("demux_object_ignored", error=refused,
+                               using="a new compile if possible")
+                obj, origin = obtain(settings, source, custom, migrate, refused)
+                return objects.instantiate(obj, sockarray_fd, config), obj, origin, why
+        except ShimError as exc:
+            if not migrate or exc.op is not ShimOp.LOAD or exc.errno == errno_mod.EPERM:
+                raise
+            why = exc.detail + (f" | {exc.log_tail}" if exc.log_tail else "")
+    raise AssertionError("unreachable: the last variant raises or returns")
 
 
 @dataclass
@@ -178,9 +254,9 @@ def setup(settings: Settings, group: ListenerGroup, attach: bool = True,
         return DemuxOutcome(DemuxState.DISABLED, mode, reason=FallbackReason.FLAG)
     program = None
     try:
-        kernel_source = preflight.check(settings)
+        preflight.check(settings)
         lender = previous.program if previous is not None and previous.routing else None
-        program = load(settings, group, kernel_source, lender)
+        program = load(settings, group, lender)
         if attach:
             program.attach(group.sockets[0])
         board = StatusBoard.from_map_fd(program.slots_fd, len(group.sockets))
@@ -219,6 +295,7 @@ def _log_attached(outcome: DemuxOutcome, settings: Settings) -> None:
                 # who re-homes a closing listener's queue: the program, or
                 # (without it) the kernel's hash if net.ipv4.tcp_migrate_req=1
                 migrate="select_or_migrate" if program.migrate else "none",
+                object=program.origin,
                 **({} if program.migrate else {"migrate_error": program.no_migrate_why}))
 
 
@@ -240,7 +317,7 @@ def swap(old: DemuxOutcome, new: DemuxOutcome, sock: socket.socket,
             _log_attached(new, settings)
     if not new.routing and old.routing:
         try:
-            SkReuseport.detach(sock)
+            shim.detach(sock)
         except ShimError as exc:
             logger.warning("demux_detach_failed", error=describe(exc))
     old.close()

@@ -1,4 +1,4 @@
-"""Cheap checks before compiling: kernel version, capabilities, bcc, headers.
+"""Cheap checks before loading: kernel version, capabilities; bcc's import.
 
 Capabilities come from capget(2), not the uid: under systemd with
 AmbientCapabilities=CAP_BPF a non-root master may load the program, and a
@@ -15,7 +15,6 @@ from pathlib import Path
 from types import ModuleType
 
 from zion import caps
-from zion.demux import headers
 from zion.demux.reasons import FallbackReason, Unavailable
 from zion.settings import Settings
 
@@ -25,10 +24,10 @@ DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc/__init__.py")
 KERNEL_MINIMUM = (5, 5)
 
 
-def check(settings: Settings) -> str | None:
-    """Raise Unavailable with the first thing that rules the demux out; return
-    BCC_KERNEL_SOURCE (None: bcc's default). bcc itself is imported only where
-    the program is compiled (the compile helper, or `zion doctor`)."""
+def check(settings: Settings) -> None:
+    """Raise Unavailable with the first thing that rules the demux out. Kernel
+    headers and bcc are needed only when no compiled object is kept
+    (zion/demux/objects.py): policy.obtain looks for them then."""
     if kernel_version() < KERNEL_MINIMUM:
         raise Unavailable(FallbackReason.KERNEL_UNSUPPORTED,
                           f"kernel {os.uname().release} < {'.'.join(map(str, KERNEL_MINIMUM))}")
@@ -36,8 +35,6 @@ def check(settings: Settings) -> str | None:
     if caps.CAP_BPF not in have and caps.CAP_SYS_ADMIN not in have:
         raise Unavailable(FallbackReason.NO_CAPABILITY,
                           "neither cap_bpf nor cap_sys_admin is effective", errno_mod.EPERM)
-    source, _how = headers.find(settings.demux.kernel_headers, cache_dir(settings))
-    return source
 
 
 def cache_dir(settings: Settings) -> Path:
