@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Set up zion on a Debian machine, idempotently:
-#   - as root with apt: Debian's bcc (python3-bpfcc), bpftool, capsh, kernel headers
-#     for bcc (the running kernel's if packaged, else linux-headers-amd64), curl;
+#   - as root with apt: Debian's bcc (python3-bpfcc) and kernel headers for it (the
+#     running kernel's if packaged, else linux-headers-amd64): they compile the demux
+#     program once, here; with the test extras also what the tests drive zion with;
 #   - .venv/ with zion and its test tools (EXTRAS=test, the default);
-#   - Debian's bcc linked into .venv, alone: not the rest of dist-packages.
+#   - Debian's bcc linked into .venv, alone: not the rest of dist-packages;
+#   - the demux program compiled into zion/_data/objects (python -m zion.demux.objects),
+#     which any later start loads without headers or LLVM.
+# A server needs no test tools: EXTRAS= ./scripts/setup.sh (empty) installs only what
+# serving needs (no browser, no HAProxy, no test packages).
 # Without root or apt it says what to install and carries on: zion then serves on
 # the kernel's reuseport hash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=${EXTRAS:-test}
+extras=${EXTRAS-test}  # unset: the test extras; set and empty: none
 python=${PYTHON:-python3}
 
-want=(python3-bpfcc bpftool libcap2-bin curl)
+want=(python3-bpfcc)
+# bpftool, capsh (libcap2-bin), curl: the demux tests and checks.
 # chromium: the browser test (a page that opens wss:// back to zion).
 # haproxy, iproute2: the load-balancer test (HAProxy in front of two zions, a
 # client in a network namespace of its own).
 # nghttp2-client: h2load against zion's HTTP/2.
-if [[ ",$extras," == *",test,"* ]]; then want+=(chromium haproxy iproute2 nghttp2-client); fi
+# systemd-container, debootstrap: the test that boots config/zion.service under a
+# real systemd (systemd-nspawn -b) in a cached Debian root.
+if [[ ",$extras," == *",test,"* ]]; then
+  want+=(bpftool libcap2-bin curl chromium haproxy iproute2 nghttp2-client
+         systemd-container debootstrap)
+fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -51,11 +62,18 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+if [ -n "$extras" ]; then spec=".[${extras}]"; else spec="."; fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
 
 # Debian's bcc is pure Python over libbcc.so; link just that package into .venv.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d /usr/lib/python3/dist-packages/bcc ]; then
   ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+# Compile the demux program once, here (bcc, headers and bpf() are at hand as root):
+# every later start loads the kept object, with or without headers.
+if [ "$(id -u)" = 0 ] && [ -d "$site/bcc" ]; then
+  .venv/bin/python -m zion.demux.objects >&2 || \
+    echo "zion setup: the demux program was not compiled; a start with headers will" >&2
 fi
 echo "zion setup: ready ($(.venv/bin/zion --version))" >&2

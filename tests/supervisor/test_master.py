@@ -548,3 +548,12 @@ async def test_shutdown_delay_fails_readiness_and_keeps_serving_new_connections(
     assert await asyncio.to_thread(srv.proc.wait, 20) == 0
     delayed, drained = srv.events("shutdown_delayed")[0], srv.events("shutting_down")[0]
     assert _ts(drained) - _ts(delayed) >= 2.9
+
+
+def test_the_listening_line_prints_no_empty_field(start_zion):
+    # no app, no --root, no PROXY protocol: those keys are left out, not `app=`
+    srv = start_zion("--log-format", "logfmt", ready=False)
+    line = wait_for(lambda: next((ln for ln in srv.log_text().splitlines()
+                                  if "event=listening" in ln), None), 30, "listening")
+    assert not re.search(r"\w=(\s|$)", line), line
+    assert " app=" not in line and " root=" not in line and "proxy_protocol" not in line

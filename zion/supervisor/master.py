@@ -87,11 +87,13 @@ class Master:
         settings = self.settings
         gen, cert_source = generation.first(settings)
         self.current = gen
+        # Only the fields that say something: logfmt renders None as `app=`.
+        optional = {"app": settings.server.app, "root": settings.server.root,
+                    "proxy_protocol": (settings.server.proxy_protocol.value
+                                       if settings.server.proxy_protocol != "off" else None)}
         logger.info("listening", address=gen.group.display, port=gen.group.port,
-                    sockets=gen.count, tls=cert_source, app=settings.server.app or None,
-                    root=settings.server.root or None,
-                    proxy_protocol=(settings.server.proxy_protocol.value
-                                    if settings.server.proxy_protocol != "off" else None))
+                    sockets=gen.count, tls=cert_source,
+                    **{key: value for key, value in optional.items() if value})
         self.respawn = RespawnPolicy(settings.supervisor, gen.count)
         try:
             # Before the master gives up its capabilities (a port below 1024).
