@@ -185,9 +185,9 @@ class ServerSettings:
                            "number of CPUs.", check=between(0, 1024), flag="--workers")
     backlog: int = setting(2048, "listen(2) backlog of each listener (capped by "
                            "net.core.somaxconn).", check=positive, flag="--backlog")
-    builtins: bool = setting(True, "Answer GET /_zion/healthz and GET /_zion/status (loopback "
-                             "only) before the app. Nothing outside /_zion/ is ever taken "
-                             "from the app.")
+    builtins: bool = setting(True, "Answer GET /_zion/healthz, /_zion/ready and /_zion/status "
+                             "(loopback only) before the app. Nothing outside /_zion/ is ever "
+                             "taken from the app.")
     user: str = setting("", 'Workers switch to this user after fork ("" = stay; started as '
                         "root, they still give up every capability).", flag=Flag("--user", "USER"))
     group: str = setting("", 'Workers switch to this group ("" = the user\'s primary group).',
