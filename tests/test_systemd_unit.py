@@ -211,6 +211,12 @@ def _curl_loop(port: int, stop: threading.Event, results: list[str]) -> None:
 @pytest.mark.timeout(2400)  # a first run builds the Debian root (debootstrap)
 def test_the_shipped_unit_serves_with_the_demux_attached(machine):
     m, port = machine, _free_port()
+    # EXTRAS= ./scripts/setup.sh: what serving needs, no test tools
+    for pkg in ("chromium", "haproxy", "nghttp2-client", "systemd-container"):
+        assert m.sh(f"dpkg -s {pkg}", check=False).returncode != 0, pkg
+    assert m.sh("/opt/zion/.venv/bin/python -c 'import pytest'", check=False).returncode != 0
+    kept = sorted(p.name for p in (m.merged / "opt/zion/zion/_data/objects").glob("*.json"))
+    assert len(kept) == 6, kept  # set-up compiled every variant
     unit = (m.merged / "etc" / "systemd" / "system" / "zion.service").read_text()
     assert unit == (REPO / "config" / "zion.service").read_text()  # unchanged
     _config(m, port)
