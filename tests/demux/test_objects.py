@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,26 @@ async def test_a_start_with_every_kernel_header_hidden_attaches(start_zion, buil
     assert attached["bpf_demux"] == "attached"
     assert attached["object"].startswith("kept object"), attached
     await _every_worker_gets_connections(srv.port, 2)
+
+
+def test_an_object_kept_by_root_under_umask_077_is_readable_by_the_service_user(state_dir):
+    # `zion doctor` as root, from a shell with umask 077, compiles and keeps
+    # the object; the service user (here nobody) must be able to read it.
+    base = Path(tempfile.mkdtemp(prefix="zion-objects-"))
+    try:
+        os.chmod(base, 0o755)
+        kept = base / "state" / "objects"
+        out = subprocess.run(["sh", "-c", 'umask 077; exec "$@"', "sh", sys.executable, "-m",
+                              "zion", "doctor"], capture_output=True, text=True, timeout=300,
+                             check=False, cwd=base,
+                             env={**os.environ, "PYTHONPATH": str(REPO),
+                                  "ZION_TLS_STATE_DIR": str(state_dir),
+                                  "ZION_DEMUX_OBJECTS": str(kept)})
+        assert out.returncode == 0 and f"kept in {kept / OBJECT}" in out.stdout, out.stdout
+        read = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "cat", str(kept / OBJECT)], capture_output=True, timeout=30,
+                              check=False)
+        assert read.returncode == 0, read.stderr
+        assert json.loads(read.stdout)["mode"] == "least-loaded"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
