@@ -30,7 +30,7 @@ from zion.errors import ExitCode, WorkerBootError
 from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
-from zion.http import access_log, admission
+from zion.http import accept_errors, access_log, admission
 from zion.http.exchange import Exchange
 from zion.http.h1 import H1Protocol
 from zion.http.proxy_listener import ProxyListener
@@ -202,6 +202,9 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
             stop.set()
 
     ticker = _Ticker(loop, state, retire_when_spent)
+    # libuv closes new connections silently while out of descriptors: say so.
+    fd_probe = accept_errors.DescriptorProbe(loop)
+    fd_probe.start()
     slot.pid = os.getpid()
     os.write(spec.ready_fd, b"R")
     os.close(spec.ready_fd)
@@ -212,6 +215,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     if watchdog is not None:
         watchdog.stop()
     beat.stop()
+    fd_probe.stop()
     server.close()
     state.draining = True
     logger.debug("worker_draining", connections=len(state.connections),

@@ -23,6 +23,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from zion.http.accept_errors import AcceptErrors
 from zion.http.forwarded import TrustedProxies
 from zion.http.h1 import H1Protocol
 from zion.log import get_logger
@@ -40,8 +41,6 @@ HEADER_TIMEOUT = 5.0
 _ACCEPT_BATCH = 64  # accepts per readable event, so one busy listener cannot starve the loop
 _ACCEPT_RETRY = 0.1  # seconds to stop accepting after EMFILE and the like
 _NOT_LISTENING_RETRY = 0.001  # seconds, after accept(2) says EINVAL
-# accept(2) failures that say "out of resources", not "bad connection".
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept(2), Linux: errors of the connection being accepted, already pending
 # on it, "should be treated like EAGAIN by retrying"; and ECONNABORTED.
 _RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOWN,
@@ -92,6 +91,7 @@ class ProxyListener:
         self.v1, self.v2 = v1, v2
         self.allow = TrustedProxies(allow)
         self.trust_forwarded = state.settings.server.proxy_protocol_trust_forwarded
+        self.accept_errors = AcceptErrors()
         self.handshake_timeout = handshake_timeout
         self.header_timeout = min(HEADER_TIMEOUT, handshake_timeout)
         self.shutdown_timeout = shutdown_timeout
@@ -141,9 +141,7 @@ class ProxyListener:
                     return
                 if exc.errno in _RETRY_ERRNOS:
                     continue
-                log.warning("accept_failed", error=exc.strerror or str(exc),
-                            hint="raise the open-files limit (ulimit -n)"
-                            if exc.errno in _RESOURCE_ERRNOS else None)
+                self.accept_errors.failed(exc.errno or 0)
                 # Stop for a moment rather than spin on a listener that is
                 # readable and cannot be accepted from.
                 self._pause()
