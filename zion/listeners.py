@@ -76,6 +76,51 @@ def bind_one(host: str, port: int, family: socket.AddressFamily, backlog: int) -
     return sock
 
 
+def bind_unix(path: str, backlog: int) -> socket.socket:
+    """--uds: one Unix socket every worker accepts from, for a proxy on the
+    same host. No SO_REUSEPORT group and no demux: reuseport groups are for
+    TCP and UDP sockets (the kernel's reuseport_* code hangs off inet
+    sockets), and the program steers TCP connections. The workers share
+    the one accept queue, as a classic pre-fork server does.
+
+    A socket file left by a server that is gone (connect says ECONNREFUSED)
+    is replaced; a live one, or a path that is not a socket, is an error.
+    Mode 0666 as uvicorn's: the directory's permissions say who may connect."""
+    import os
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise BindError(f"cannot bind {path}: {exc.strerror}") from None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise BindError(f"cannot bind {path}: it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens on it
+        except OSError as exc:
+            raise BindError(f"cannot bind {path}: {exc.strerror}") from None
+        else:
+            raise BindError(f"cannot bind {path}: another server is listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind {path}: {exc.strerror}") from None
+    return sock
+
+
 def accept_queue_len(sock: socket.socket) -> int:
     """Connections the kernel queued on a listener that no one accepted yet.
 

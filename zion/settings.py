@@ -181,6 +181,10 @@ class ServerSettings:
                         flag="--host")
     port: int = setting(8443, "TCP port. 0 picks a free port once and binds every listener "
                         "to it.", check=between(0, 65535), flag="--port")
+    uds: str = setting("", "Also serve on this Unix socket, one for all workers (for a proxy "
+                       "on the same host; the same TLS setting as the TCP listeners). No demux "
+                       "on it: SO_REUSEPORT groups are for TCP/UDP sockets, and the program "
+                       'steers TCP connections. "" = none.', flag=Flag("--uds", "PATH"))
     workers: int = setting(0, "Worker processes, one SO_REUSEPORT listener each. 0 = the "
                            "number of CPUs.", check=between(0, 1024), flag="--workers")
     backlog: int = setting(2048, "listen(2) backlog of each listener (capped by "

@@ -57,7 +57,8 @@ class WorkerSpec:
 
 
 def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
-         board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard) -> int:
+         board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard,
+         uds: socket.socket | None = None) -> int:
     master_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -89,7 +90,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info,
-                                              counters))
+                                              counters, uds))
     except WorkerBootError as exc:
         logger.error("worker_boot_failed", error=str(exc))
         return ExitCode.WORKER_BOOT
@@ -98,7 +99,8 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
 
 
 async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
-                 board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard) -> int:
+                 board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard,
+                 uds: socket.socket | None) -> int:
     loop = asyncio.get_running_loop()
     slot = board.slots[spec.index]
     server_settings = settings.server
@@ -158,6 +160,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
                                required=lifespan_mode == "on")
     _freeze_startup_objects()
     server = await _listen(state, spec.sock, ssl_ctx)
+    uds_server = await _listen_unix(state, uds, ssl_ctx) if uds is not None else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -217,6 +220,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     beat.stop()
     fd_probe.stop()
     server.close()
+    if uds_server is not None:
+        uds_server.close()
     state.draining = True
     logger.debug("worker_draining", connections=len(state.connections),
                  not_yet_http=_accepted_not_served(server))
@@ -275,6 +280,18 @@ async def _listen(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLConte
         ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
         backlog=settings.server.backlog,
     )
+
+
+async def _listen_unix(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLContext | None
+                       ) -> asyncio.Server:
+    """--uds: every worker accepts from the one socket. Not `accepted=True`:
+    the demux never dispatched these, so they are not taken off its count."""
+    limits = state.settings.limits
+    tls: dict[str, Any] = {} if ssl_ctx is None else {
+        "ssl": ssl_ctx, "ssl_handshake_timeout": limits.handshake_timeout,
+        "ssl_shutdown_timeout": _TLS_SHUTDOWN_TIMEOUT}
+    return await state.loop.create_unix_server(lambda: H1Protocol(state), sock=sock,
+                                               backlog=state.settings.server.backlog, **tls)
 
 
 def _accepted_not_served(server: asyncio.Server | ProxyListener) -> int:

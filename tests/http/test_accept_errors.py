@@ -6,6 +6,7 @@ The workers' RLIMIT_NOFILE is lowered with prlimit(2), as `prlimit --pid`."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import resource
 import socket
@@ -48,7 +49,7 @@ def _served(port: int) -> bool:
 
 def _at_most_one_a_second(lines: list[dict[str, Any]]) -> None:
     times = sorted(_ts(ln) for ln in lines)
-    assert all(b - a >= 0.9 for a, b in zip(times, times[1:], strict=False)), times
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(times)), times
 
 
 @pytest.mark.parametrize("proxy", [False, True], ids=["uvloop", "proxy-protocol"])

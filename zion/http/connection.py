@@ -19,7 +19,9 @@ def endpoints(transport: asyncio.BaseTransport
     """(client, server) addresses of a connection, as ASGI scopes carry them."""
     peer = transport.get_extra_info("peername")
     sock = transport.get_extra_info("sockname")
-    return ((peer[0], peer[1]) if peer else None, (sock[0], sock[1]) if sock else None)
+    # A Unix socket (--uds) names paths, not (host, port): ASGI's None.
+    return ((peer[0], peer[1]) if isinstance(peer, tuple) else None,
+            (sock[0], sock[1]) if isinstance(sock, tuple) else None)
 
 
 class ClientDisconnected(OSError):

@@ -26,10 +26,14 @@ class TrustedProxies:
         self.networks: list[_Network] = [ipaddress.ip_network(e, strict=False)
                                          for e in entries if e != "*"]
         self._answers: dict[str, bool] = {}
+        # A peer with no address came over the Unix socket (--uds): a process
+        # on this host that the socket file's permissions let in, trusted
+        # as loopback is.
+        self.local = self.everyone or self._in_networks("127.0.0.1") or self._in_networks("::1")
 
     def trusts(self, host: str | None) -> bool:
         if host is None:
-            return False
+            return self.local
         if self.everyone:
             return True
         answer = self._answers.get(host)

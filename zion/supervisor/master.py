@@ -10,13 +10,15 @@ line instead of respawning forever.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import signal
 import socket
 import time
 from collections.abc import Callable
 
-from zion import caps, log, privileges, worker
+from zion import caps, listeners, log, privileges, worker
 from zion.admin import routes
 from zion.admin.health import Phase, StallWatch, WorkerHealth, agent_line
 from zion.admin.listener import AdminListeners, Kind
@@ -74,6 +76,7 @@ class Master:
         self.counters = CounterBoard()
         self.tallies = SupervisorCounters()
         self.admin = AdminListeners(None, None)
+        self.uds: socket.socket | None = None  # --uds, shared by all workers
         self.stall_watch = StallWatch()
         self.stall_check_at = 0.0
         # --limit-worker-memory: slot -> the old worker a replacement is
@@ -98,9 +101,14 @@ class Master:
         try:
             # Before the master gives up its capabilities (a port below 1024).
             self.admin = _bind_admin(settings)
+            if settings.server.uds:
+                # Bound once, inherited by every worker of every generation.
+                self.uds = listeners.bind_unix(settings.server.uds, settings.server.backlog)
+                logger.info("listening_uds", path=settings.server.uds, demux="none")
         except BindError:
             gen.group.close()
             gen.demux.close()
+            self.admin.close()
             raise
         try:
             kept = privileges.restrict_master()
@@ -238,10 +246,10 @@ class Master:
         close = [s.fileno() for s in self._held_sockets() if s is not mine]
         close += [*self.signals.fds, *self._held_demux_fds(), *self.admin.fds()]
         settings, ssl_ctx, board, info = gen.settings, gen.ssl_ctx, gen.board, gen.demux.info()
-        counters = self.counters
+        counters, uds = self.counters, self.uds
         handle = self.pool.spawn(
             index, gen.number, mine, close,
-            lambda spec: worker.main(spec, settings, ssl_ctx, board, info, counters))
+            lambda spec: worker.main(spec, settings, ssl_ctx, board, info, counters, uds))
         logger.debug("worker_spawned", index=index, child=handle.pid, generation=gen.number)
 
     def _held_sockets(self) -> list[socket.socket]:
@@ -662,6 +670,10 @@ class Master:
         if self.current is not None:
             self.current.group.close()
             self.current.demux.close()
+        if self.uds is not None:
+            self.uds.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.server.uds)
         logger.info("stopped", exit_code=int(self.exit_code))
 
 
