@@ -41,6 +41,10 @@ async def test_fields_on_http11_and_http2(start_zion):
     line = _access(srv, 2)[1]
     assert (line["path"], line["http"], line["bytes"]) == ("/big?1000", "2", 1000)
     assert line["port"] > 0 and line["duration_us"] > 0
+    # Microseconds, not libuv's cached milliseconds (uvloop's loop.time()):
+    # two durations both whole milliseconds would be a 1-in-10^5 accident.
+    durations = [ln["duration_us"] for ln in _access(srv, 2)]
+    assert any(abs(d - round(d, -3)) > 1 for d in durations), durations
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
