@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import APPS, REPO, connect, read_response, wait_for
+from tests.conftest import APPS, REPO, connect, get, read_response, wait_for
 from zion.http.access_log import AccessRecord, check_format, format_line
 
 
@@ -42,9 +42,16 @@ async def test_fields_on_http11_and_http2(start_zion):
     assert (line["path"], line["http"], line["bytes"]) == ("/big?1000", "2", 1000)
     assert line["port"] > 0 and line["duration_us"] > 0
     # Microseconds, not libuv's cached milliseconds (uvloop's loop.time()):
-    # two durations both whole milliseconds would be a 1-in-10^5 accident.
-    durations = [ln["duration_us"] for ln in _access(srv, 2)]
-    assert any(abs(d - round(d, -3)) > 1 for d in durations), durations
+    # three durations all whole milliseconds would be a 1-in-10^7 accident.
+    async with httpx.AsyncClient(http2=True, verify=False) as client:
+        for _ in range(3):
+            await client.get(f"https://127.0.0.1:{srv.port}/big?10")
+    for _ in range(3):
+        await get(srv.port, "/big?10")
+    lines = _access(srv, 8)
+    for version in ("1.1", "2"):
+        durations = [ln["duration_us"] for ln in lines if ln["http"] == version]
+        assert any(abs(d - round(d, -3)) > 1 for d in durations), (version, durations)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
