@@ -1,0 +1,1 @@
+../../bpf/zion_quic.c
