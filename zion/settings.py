@@ -262,6 +262,11 @@ class TLSSettings:
     http2: bool = setting(True, 'Offer HTTP/2 in ALPN ("h2" before "http/1.1"); clients that '
                           "choose it get HTTP/2, the rest HTTP/1.1. --no-http2: every "
                           "connection is HTTP/1.1.", flag="--http2")
+    http3: bool = setting(False, "Bind one UDP socket per worker on the port, in a reuseport "
+                          "group whose eBPF program (bpf/zion_quic.c) steers each QUIC packet "
+                          "to the worker owning its connection ID. Workers do not answer "
+                          "HTTP/3 yet, so no Alt-Svc is sent (docs/http3.md).",
+                          flag="--http3")
     ciphers: str = setting(
         "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
         "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
@@ -672,6 +677,9 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
         given = "tls.certfile" if tls.certfile else "tls.keyfile"
         raise ConfigError(f"{given} (from {origins.get(given)}): tls.certfile and tls.keyfile "
                           "must be given together")
+    if tls.http3 and not tls.enabled:
+        raise ConfigError(f"tls.http3 (from {origins.get('tls.http3')}): HTTP/3 runs over QUIC, "
+                          "which is always TLS 1.3; it cannot go with --no-tls")
     server: ServerSettings = sections["server"]
     if server.proxy_protocol != ProxyProtocol.OFF and not server.proxy_allow_ips.strip(" ,"):
         raise ConfigError(f"server.proxy_allow_ips (from {origins.get('server.proxy_allow_ips')})"

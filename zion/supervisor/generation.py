@@ -26,6 +26,7 @@ from zion.demux.shim import ShimError, sockarray_set
 from zion.errors import BindError, ZionError
 from zion.listeners import ListenerGroup, accept_queue_len, bind_group, bind_one
 from zion.log import get_logger
+from zion.quic.policy import QuicGroup, bind_and_steer
 from zion.settings import Settings, worker_count
 from zion.tls import build_context
 
@@ -42,13 +43,16 @@ class Generation:
     group: ListenerGroup
     demux: DemuxOutcome
     board: StatusBoard
+    # --http3: the UDP group and its steering, held for the master's life
+    # (reloads carry it over: no worker reads it yet, see zion/quic/policy.py).
+    quic: QuicGroup | None = None
 
     @property
     def count(self) -> int:
         return len(self.group.sockets)
 
     def master_fds(self) -> tuple[int, ...]:
-        return self.demux.master_fds
+        return self.demux.master_fds + (self.quic.master_fds if self.quic else ())
 
 
 def first(settings: Settings) -> tuple[Generation, str]:
@@ -59,8 +63,9 @@ def first(settings: Settings) -> tuple[Generation, str]:
     group = bind_group(settings.server.host, settings.server.port, count,
                        settings.server.backlog)
     demux = policy.setup(settings, group)
+    quic = bind_and_steer(settings, group, demux) if settings.tls.http3 else None
     return Generation(0, settings, ssl_ctx, group, demux,
-                      demux.board or StatusBoard.anonymous(count)), cert_source
+                      demux.board or StatusBoard.anonymous(count), quic), cert_source
 
 
 def _context(settings: Settings) -> tuple[ssl.SSLContext | None, str]:
@@ -106,6 +111,8 @@ def begin(current: Generation, settings: Settings) -> Reload:
         raise ZionError("changing host or port needs a restart")
     if settings.admin != old.admin:
         raise ZionError("changing [admin] listen or agent needs a restart")
+    if settings.tls.http3 != old.tls.http3:
+        raise ZionError("changing tls.http3 needs a restart")
     # A new context every reload: OpenSSL makes fresh session-ticket keys for
     # it, so a reload (and ticket_key_lifetime, which reloads) rotates them.
     # Within a generation every worker shares the context, so clients resume
@@ -114,7 +121,7 @@ def begin(current: Generation, settings: Settings) -> Reload:
     count = worker_count(settings)
     if count == current.count and settings.demux == old.demux:
         new = Generation(current.number + 1, settings, ssl_ctx, current.group, current.demux,
-                         current.board)
+                         current.board, current.quic)
     else:
         new = _regroup(current, settings, ssl_ctx, count)
     return Reload(new, set(range(count)))
@@ -141,7 +148,7 @@ def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext | 
             "listeners being retired; sysctl -w net.ipv4.tcp_migrate_req=1 makes the kernel "
             "move them to the others when those listeners close")
     return Generation(current.number + 1, settings, ssl_ctx, group, demux,
-                      demux.board or StatusBoard.anonymous(count))
+                      demux.board or StatusBoard.anonymous(count), current.quic)
 
 
 def stop_listening(sock: socket.socket) -> None:

@@ -108,6 +108,8 @@ class Master:
         except BindError:
             gen.group.close()
             gen.demux.close()
+            if gen.quic is not None:
+                gen.quic.close()
             self.admin.close()
             raise
         try:
@@ -255,6 +257,7 @@ class Master:
     def _held_sockets(self) -> list[socket.socket]:
         gens = [g for g in (self.current, self.reload and self.reload.new) if g]
         socks = {id(s): s for g in gens for s in g.group.sockets}
+        socks.update({id(s): s for g in gens if g.quic for s in g.quic.udp.sockets})
         socks.update({id(s): s for s in self.retiring.sockets()})
         return list(socks.values())
 
@@ -670,6 +673,8 @@ class Master:
         if self.current is not None:
             self.current.group.close()
             self.current.demux.close()
+            if self.current.quic is not None:
+                self.current.quic.close()
         if self.uds is not None:
             self.uds.close()
             with contextlib.suppress(OSError):

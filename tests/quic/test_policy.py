@@ -1,0 +1,120 @@
+"""--http3 on a real `zion serve`: the master binds one UDP socket per worker
+on the port and attaches the steering program (or says why not), workers
+hold none of it, and boot never aborts because of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import structlog
+
+from tests.conftest import REPO, get
+from tests.support.bpf import BPFTOOL, bpftool_progs, cannot_load_bpf
+from zion.demux.policy import DemuxOutcome
+from zion.demux.reasons import DemuxState
+from zion.listeners import ListenerGroup
+from zion.quic.policy import bind_and_steer
+from zion.settings import load_settings
+
+needs_bpf = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+
+
+def _udp_inodes(port: int) -> set[str]:
+    """Socket inodes of the UDP sockets bound to `port` (/proc/net/udp{,6})."""
+    found = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(fields[9])
+    return found
+
+
+def _held(pid: int, inodes: set[str]) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            count += 1
+    return count
+
+
+@needs_bpf
+async def test_http3_binds_a_udp_group_and_attaches_the_program(start_zion):
+    srv = start_zion("--http3", workers=3)
+    line = srv.wait_event("quic_steering_attached")
+    assert line["bpf_quic"] == "attached" and line["workers"] == 3
+    assert line["port"] == srv.port and line["initials"] == "least-loaded"
+    progs = {p["id"]: p for p in bpftool_progs()}
+    assert progs[line["prog_id"]]["type"] == "sk_reuseport"
+    assert progs[line["prog_id"]]["name"] == "zion_quic", BPFTOOL
+    assert srv.wait_event("http3_not_served")["sockets"] == 3
+    inodes = _udp_inodes(srv.port)
+    assert len(inodes) == 3
+    # The master holds the group; no worker keeps any of it.
+    assert _held(srv.pid, inodes) == 3
+    assert all(_held(pid, inodes) == 0 for pid in srv.worker_pids())
+    assert (await get(srv.port, "/")).status == 200
+    assert srv.stop() == 0
+    assert not _udp_inodes(srv.port)
+
+
+async def test_http3_off_binds_no_udp(start_zion):
+    srv = start_zion()
+    assert (await get(srv.port, "/")).status == 200
+    assert not _udp_inodes(srv.port)
+    assert not srv.events("quic_steering_attached")
+
+
+async def test_http3_without_the_demux_is_the_kernel_hash(start_zion):
+    srv = start_zion("--http3", "--no-bpf-demux")
+    line = srv.wait_event("quic_steering_disabled")
+    assert line["bpf_quic"] == "disabled" and line["using"] == "kernel reuseport hash"
+    assert len(_udp_inodes(srv.port)) == 2
+    assert (await get(srv.port, "/")).status == 200
+
+
+async def test_a_steering_failure_is_a_warning_not_a_stop(start_zion, tmp_path):
+    srv = start_zion("--http3", env={"ZION_DEMUX_KERNEL_HEADERS": str(tmp_path / "none")})
+    line = srv.wait_event("quic_steering_fallback")
+    assert line["bpf_quic"] == "fallback" and line["reason"] and line["error"]
+    assert line["using"] == "kernel reuseport hash"
+    assert len(_udp_inodes(srv.port)) == 2
+    assert (await get(srv.port, "/")).status == 200
+
+
+def test_http3_with_no_tls_is_a_config_error(zion_env):
+    out = subprocess.run([sys.executable, "-m", "zion", "serve", "--no-tls", "--http3",
+                          "--port", "0"], cwd=REPO, env=zion_env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "tls.http3" in out.stderr and "--no-tls" in out.stderr
+
+
+def test_a_udp_port_held_elsewhere_costs_http3_only(tmp_path):
+    """Another process on the UDP port (without SO_REUSEPORT): a warning and
+    no HTTP/3, not a failed boot."""
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    squatter.bind(("127.0.0.1", 0))
+    port = squatter.getsockname()[1]
+    settings = load_settings(None, {"tls": {"state_dir": str(tmp_path), "http3": True}}, {})
+    # Only its address and count matter here.
+    unbound = (socket.socket(), socket.socket())
+    tcp = ListenerGroup(unbound, "127.0.0.1", port, socket.AF_INET)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert bind_and_steer(settings, tcp, DemuxOutcome(DemuxState.DISABLED, "hash")) is None
+        assert [e["event"] for e in logs] == ["quic_bind_failed"]
+        assert "udp 127.0.0.1" in logs[0]["error"] and logs[0]["http3"] == "off"
+    finally:
+        squatter.close()
+        tcp.close()

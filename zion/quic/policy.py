@@ -1,0 +1,132 @@
+"""What the master does with QUIC steering: bind nothing, decide nothing
+about sockets; load the program for a UDP group and attach it, or say in one
+warning line why the kernel's reuseport hash routes QUIC instead. Never
+fatal: boot goes on without it (the same rules as the TCP demux).
+
+Initials are admitted least-loaded only when the TCP demux is routing: its
+status board (zion_slots) is the map the program reads. Otherwise the
+program still keeps every connection on its worker by its server CID and
+pins each handshake's Initials together, choosing by the hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zion.demux import preflight
+from zion.demux.policy import DemuxOutcome, classify, describe
+from zion.demux.reasons import DemuxState, FallbackReason, Unavailable
+from zion.demux.shim import ShimError
+from zion.errors import BindError
+from zion.listeners import ListenerGroup
+from zion.log import get_logger
+from zion.quic import steering
+from zion.quic.sockets import UdpGroup, bind_udp_group
+from zion.settings import Settings
+
+logger = get_logger("zion.quic")
+
+
+@dataclass
+class QuicOutcome:
+    state: DemuxState
+    reason: FallbackReason | None = None
+    error: str | None = None
+    program: steering.QuicProgram | None = None
+    admission: str | None = None  # "least-loaded" (the status board) or "hash"
+
+    @property
+    def routing(self) -> bool:
+        return self.state is DemuxState.ATTACHED
+
+    @property
+    def master_fds(self) -> tuple[int, ...]:
+        return self.program.master_fds if self.program else ()
+
+    def info(self) -> dict[str, Any]:
+        program = self.program
+        return {"state": str(self.state), "reason": str(self.reason) if self.reason else None,
+                "error": self.error, "prog_id": program.prog_id if program else None,
+                "admission": self.admission,
+                "counters": program.stats() if program else None}
+
+    def close(self) -> None:
+        if self.program is not None:
+            self.program.close()
+            self.program = None
+
+
+def setup(settings: Settings, group: UdpGroup, demux: DemuxOutcome,
+          generation: int = 0) -> QuicOutcome:
+    """Load and attach the steering program to `group`, or explain why not.
+    Never raises."""
+    if not settings.demux.enabled:
+        logger.info("quic_steering_disabled", bpf_quic="disabled", reason="flag",
+                    using="kernel reuseport hash")
+        return QuicOutcome(DemuxState.DISABLED, FallbackReason.FLAG)
+    slots_fd = demux.program.slots_fd if demux.routing and demux.program else None
+    program = None
+    try:
+        source = steering.source_path().read_text()
+        kernel_source = preflight.check(settings)
+        program = steering.load(source, group.sockets, generation, slots_fd,
+                                settings.demux.stall_threshold_ms * 1_000_000, kernel_source)
+        program.attach(group.sockets[0])
+    except OSError as exc:
+        return _fallback(FallbackReason.PROBE_FAILED, f"cannot read the program: {exc}", None,
+                         program)
+    except Unavailable as exc:
+        return _fallback(exc.reason, exc.detail, exc.errno, program)
+    except ShimError as exc:
+        return _fallback(classify(exc), describe(exc), exc.errno, program)
+    except Exception as exc:  # an unexpected bcc failure must not stop boot either
+        return _fallback(FallbackReason.PROBE_FAILED, repr(exc), None, program)
+    admission = "least-loaded" if slots_fd is not None else "hash"
+    logger.info("quic_steering_attached", bpf_quic="attached", prog_id=program.prog_id,
+                workers=program.workers, port=group.port, generation=generation,
+                initials=admission)
+    return QuicOutcome(DemuxState.ATTACHED, program=program, admission=admission)
+
+
+def _fallback(reason: FallbackReason, detail: str, errno: int | None,
+              program: steering.QuicProgram | None) -> QuicOutcome:
+    if program is not None:
+        program.close()
+    logger.warning("quic_steering_fallback", bpf_quic="fallback", reason=str(reason),
+                   error=detail, errno=errno, using="kernel reuseport hash")
+    return QuicOutcome(DemuxState.FALLBACK, reason, detail)
+
+
+@dataclass
+class QuicGroup:
+    """The UDP group the master holds for HTTP/3 and its steering."""
+
+    udp: UdpGroup
+    outcome: QuicOutcome
+
+    @property
+    def master_fds(self) -> tuple[int, ...]:
+        return self.outcome.master_fds
+
+    def close(self) -> None:
+        self.outcome.close()
+        self.udp.close()
+
+
+def bind_and_steer(settings: Settings, tcp: ListenerGroup,
+                   demux: DemuxOutcome) -> QuicGroup | None:
+    """One UDP socket per worker on the TCP group's address and port, with
+    the steering program attached. A UDP port someone else holds costs
+    HTTP/3, not the server: a warning, and None."""
+    try:
+        udp = bind_udp_group(tcp.host, tcp.port, tcp.family, len(tcp.sockets))
+    except BindError as exc:
+        logger.warning("quic_bind_failed", error=str(exc), http3="off")
+        return None
+    outcome = setup(settings, udp, demux)
+    # Said at every boot until it is not true: nothing reads these sockets.
+    logger.warning("http3_not_served", sockets=len(udp.sockets), port=udp.port,
+                   detail="QUIC datagrams are steered to each worker's UDP socket, but "
+                   "workers do not run a QUIC stack yet (docs/http3.md); no Alt-Svc is sent")
+    return QuicGroup(udp, outcome)
