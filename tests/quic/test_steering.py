@@ -272,3 +272,29 @@ def test_the_verifier_takes_256_workers(tmp_path) -> None:
     finally:
         demux.close()
         tcp.close()
+
+
+def test_dual_stack_group_steers_ipv6_and_ipv4_mapped(tmp_path) -> None:
+    """Bound to "::" with IPV6_V6ONLY off: the program reads the same
+    offsets (the skb's data is at the UDP header for both families)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    group = bind_udp_group("::", port, socket.AF_INET6, 3)
+    program = steering.load(steering.source_path().read_text(), group.sockets, 0, None,
+                            STALL_NS, _kernel_source(tmp_path))
+    try:
+        program.attach(group.sockets[0])
+        sent = 0
+        for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+            for slot in range(3):
+                with socket.socket(family, socket.SOCK_DGRAM) as client:
+                    client.sendto(packets.short(cid.encode(slot, 0), _marker(slot)),
+                                  (address, port))
+                    sent += 1
+        got = _receive(group.sockets, sent)
+        for slot in range(3):
+            assert _where(got, _marker(slot)) == [slot, slot]
+    finally:
+        program.close()
+        group.close()
