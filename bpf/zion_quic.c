@@ -12,8 +12,8 @@
  *   the first octets of the QUIC packet (RFC 9000 17.2 long header: form
  *   bit, version, DCID length, DCID; 17.3 short header: the DCID right after
  *   the first octet, with no length: server CIDs have ZION_CID_LEN octets)
- *   zion_quic_gen[0]   the generation new connections go to (the master
- *                      writes it when a reload commits)
+ *   the generation map  [0] = the generation new connections go to (the
+ *                      master writes it when a reload commits)
  *   zion_slots         the TCP demux's status board (when ZION_SLOTS_FD >= 0):
  *                      state, heartbeat and load of each worker slot
  *   the sockarray      REUSEPORT_SOCKARRAY created by userspace,
@@ -35,7 +35,7 @@
  *   socket is gone, no healthy worker) -> SK_PASS with nothing selected: the
  *   kernel's reuseport hash decides. Never SK_DROP: it would drop the
  *   datagram and the kernel may answer with an ICMP error.
- *   zion_quic_stats counts each outcome (ZION_QUIC_STAT_*).
+ *   the stats map counts each outcome (ZION_QUIC_STAT_*).
  *
  * No socket in the group may be connected: one connected UDP socket makes
  * the kernel score sockets instead of asking this program (reuse->has_conns).
@@ -48,6 +48,10 @@
  *   ZION_QUIC_WORKERS       workers of the current generation, 1..256
  *   ZION_SOCKARRAY_FD       fd of the sockarray in the loading process
  *   ZION_SLOTS_FD           fd of the TCP demux's zion_slots map, or -1
+ *   ZION_GEN_FD, ZION_STATS_FD   fds of the generation (u32[1]) and stats
+ *                           (u64[ZION_QUIC_STATS]) arrays, created by userspace
+ *                           like the sockarray, so the master reads and writes
+ *                           them by descriptor
  *   ZION_STALL_NS           heartbeat age beyond which a worker is stalled
  *   ZION_CID_LEN, ZION_CID_CONFIG, ZION_QUIC_RING   as zion/quic/cid.py
  *   ZION_QUIC_INITIALS      entries of the Initial DCID map
@@ -56,8 +60,9 @@
 
 #if !defined(ZION_QUIC_WORKERS) || !defined(ZION_SOCKARRAY_FD) || !defined(ZION_SLOTS_FD) || \
     !defined(ZION_STALL_NS) || !defined(ZION_CID_LEN) || !defined(ZION_CID_CONFIG) || \
-    !defined(ZION_QUIC_RING) || !defined(ZION_QUIC_INITIALS)
-#error "ZION_QUIC_WORKERS, ZION_SOCKARRAY_FD, ZION_SLOTS_FD, ZION_STALL_NS, ZION_CID_LEN, ZION_CID_CONFIG, ZION_QUIC_RING, ZION_QUIC_INITIALS must be defined"
+    !defined(ZION_QUIC_RING) || !defined(ZION_QUIC_INITIALS) || !defined(ZION_GEN_FD) || \
+    !defined(ZION_STATS_FD)
+#error "ZION_QUIC_WORKERS, ZION_SOCKARRAY_FD, ZION_SLOTS_FD, ZION_STALL_NS, ZION_CID_LEN, ZION_CID_CONFIG, ZION_QUIC_RING, ZION_QUIC_INITIALS, ZION_GEN_FD, ZION_STATS_FD must be defined"
 #endif
 
 #define ZION_UDP_HLEN 8
@@ -96,14 +101,12 @@ struct zion_odcid {
     u8 cid[ZION_MAX_CID_LEN];
 };
 
-BPF_ARRAY(zion_quic_gen, u32, 1);
-BPF_ARRAY(zion_quic_stats, u64, ZION_QUIC_STATS);
 BPF_TABLE("lru_hash", struct zion_odcid, u32, zion_quic_initials, ZION_QUIC_INITIALS);
 BPF_PERCPU_ARRAY(zion_quic_scratch, u64, 1);
 
 static __always_inline void zion_count(u32 which)
 {
-    u64 *n = zion_quic_stats.lookup(&which);
+    u64 *n = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, ZION_STATS_FD), &which);
 
     if (n)
         __sync_fetch_and_add(n, 1);
@@ -216,7 +219,7 @@ static __always_inline int zion_by_odcid(struct sk_reuseport_md *md, u8 first, u
         zion_count(ZION_QUIC_STAT_NO_WORKER);
         return SK_PASS;
     }
-    gen = zion_quic_gen.lookup(&zero);
+    gen = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, ZION_GEN_FD), &zero);
     if (!gen)
         goto pass;
     index = (*gen % ZION_QUIC_RING) * 256 + slot;

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from tests.support.bpf import cannot_load_bpf
-from zion.demux import preflight
-from zion.demux.shim import SkReuseport
+from zion.demux.shim import detach
 from zion.quic import cid, steering
+from zion.quic.policy import preflight_and_headers
 from zion.quic.sockets import UdpGroup, bind_udp_group
 from zion.settings import load_settings
 
@@ -201,7 +201,7 @@ def test_a_rebinding_client_stays_on_its_worker(tmp_path) -> None:
     settings = load_settings(None, {"tls": {"state_dir": str(tmp_path)}}, {})
     group = bind_udp_group("127.0.0.1", _free_udp_port(), socket.AF_INET, WORKERS)
     program = steering.load(steering.source_path().read_text(), group.sockets, 0, None,
-                            2_000_000_000, preflight.check(settings))
+                            2_000_000_000, preflight_and_headers(settings))
     try:
         program.attach(group.sockets[0])
         answers, received = _requests_across_rebindings(group, 8, wait=3.0)
@@ -221,7 +221,7 @@ def test_a_rebinding_client_stays_on_its_worker(tmp_path) -> None:
         # socket, and the worker that gets the packets cannot decrypt them.
         # Each new port hashes to the owner's socket one time in four: all
         # seven rebindings doing so is a 1-in-16384 event.
-        SkReuseport.detach(group.sockets[0])
+        detach(group.sockets[0])
         answers, received = _requests_across_rebindings(group, 8, wait=1.5)
         assert sum(1 for n in received if n) >= 2, received
         assert answers[0] is not None

@@ -16,11 +16,12 @@ import pytest
 
 from tests.quic import packets
 from tests.support.bpf import cannot_load_bpf
-from zion.demux import policy, preflight
+from zion.demux import policy
 from zion.demux.board import SlotState
-from zion.demux.shim import SkReuseport
+from zion.demux.shim import detach
 from zion.listeners import ListenerGroup
 from zion.quic import cid, steering
+from zion.quic.policy import preflight_and_headers
 from zion.quic.sockets import UdpGroup, bind_udp, bind_udp_group
 from zion.quic.steering import QuicProgram, QuicStat
 from zion.settings import load_settings
@@ -46,7 +47,7 @@ def _free_port() -> int:
 
 def _kernel_source(tmp_path) -> str | None:
     settings = load_settings(None, {"tls": {"state_dir": str(tmp_path)}}, {})
-    return preflight.check(settings)
+    return preflight_and_headers(settings)
 
 
 @contextmanager
@@ -126,7 +127,7 @@ def test_kernel_hash_splits_a_rebinding_client(tmp_path) -> None:
         datagrams = [packets.short(server_cid, _marker(n)) for n in range(20)]
         _send(group.port, datagrams)
         assert [len(d) for d in _receive(group.sockets, 20)] == [0, 0, 20, 0]
-        SkReuseport.detach(group.sockets[0])
+        detach(group.sockets[0])
         _send(group.port, datagrams)
         spread = [len(d) for d in _receive(group.sockets, 20)]
         assert spread[2] < 20 and sum(1 for n in spread if n) >= 2, spread

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zion.demux import preflight
+from zion.demux import headers, preflight
 from zion.demux.policy import DemuxOutcome, classify, describe
 from zion.demux.reasons import DemuxState, FallbackReason, Unavailable
 from zion.demux.shim import ShimError
@@ -57,6 +57,15 @@ class QuicOutcome:
             self.program = None
 
 
+def preflight_and_headers(settings: Settings) -> str | None:
+    """The demux's checks (kernel, capabilities), then the kernel headers bcc
+    compiles against (BCC_KERNEL_SOURCE; None: bcc's default). The QUIC
+    program is compiled by bcc at every start: no kept object yet."""
+    preflight.check(settings)
+    source, _how = headers.find(settings.demux.kernel_headers, preflight.cache_dir(settings))
+    return source
+
+
 def setup(settings: Settings, group: UdpGroup, demux: DemuxOutcome,
           generation: int = 0) -> QuicOutcome:
     """Load and attach the steering program to `group`, or explain why not.
@@ -69,7 +78,7 @@ def setup(settings: Settings, group: UdpGroup, demux: DemuxOutcome,
     program = None
     try:
         source = steering.source_path().read_text()
-        kernel_source = preflight.check(settings)
+        kernel_source = preflight_and_headers(settings)
         program = steering.load(source, group.sockets, generation, slots_fd,
                                 settings.demux.stall_threshold_ms * 1_000_000, kernel_source)
         program.attach(group.sockets[0])

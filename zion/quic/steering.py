@@ -27,12 +27,15 @@ from typing import Any, NoReturn
 from zion.demux import preflight
 from zion.demux.reasons import FallbackReason, Unavailable
 from zion.demux.shim import (
-    ReuseportSockArray,
+    BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+    BPF_PROG_TYPE_SK_REUSEPORT,
     ShimError,
     ShimOp,
-    SkReuseport,
     attach,
+    compile_program,
+    map_create,
     prog_id_of,
+    prog_load,
     sockarray_set,
 )
 from zion.quic import bpfmap, cid
@@ -41,6 +44,7 @@ from zion.quic import bpfmap, cid
 # round trip of each other, so only a flood of this many new DCIDs inside
 # one round trip could evict a pinned one (its handshake then restarts).
 INITIALS = 65536
+_BPF_MAP_TYPE_ARRAY = 2
 _TIMEOUT = 120.0  # a compile helper silent this long is stuck
 
 
@@ -60,7 +64,8 @@ def source_path() -> Path:
 
 
 def program_text(source: str, workers: int, sockarray_fd: int, slots_fd: int | None,
-                 stall_ns: int, initials: int = INITIALS) -> str:
+                 stall_ns: int, gen_fd: int = -1, stats_fd: int = -1,
+                 initials: int = INITIALS) -> str:
     if not 1 <= workers <= cid.MAX_SLOTS:
         raise ValueError(f"QUIC steering supports 1..{cid.MAX_SLOTS} workers")
     return (
@@ -68,6 +73,8 @@ def program_text(source: str, workers: int, sockarray_fd: int, slots_fd: int | N
         f"#define ZION_QUIC_WORKERS {workers}\n"
         f"#define ZION_SOCKARRAY_FD {sockarray_fd}\n"
         f"#define ZION_SLOTS_FD {-1 if slots_fd is None else slots_fd}\n"
+        f"#define ZION_GEN_FD {gen_fd}\n"
+        f"#define ZION_STATS_FD {stats_fd}\n"
         f"#define ZION_STALL_NS {stall_ns}ULL\n"
         f"#define ZION_CID_LEN {cid.CID_LENGTH}\n"
         f"#define ZION_CID_CONFIG {cid.CONFIG}\n"
@@ -122,21 +129,6 @@ class QuicProgram:
             if fd >= 0:
                 os.close(fd)
         self.prog_fd = self.sockarray_fd = self.gen_fd = self.stats_fd = -1
-
-
-class _Loaded(SkReuseport):
-    """The shim's compile-and-load (its error capture and typed failures),
-    for a program whose maps are the QUIC ones."""
-
-    def __init__(self, bpf: Any, fn: Any, text: str, migrate: bool = False) -> None:
-        self._bpf = bpf
-        self.text = text
-        self.migrate = migrate
-        self.fd = fn.fd
-        self.prog_id = prog_id_of(self.fd)
-        self.slots_fd = -1
-        self.gen_fd: int = bpf[b"zion_quic_gen"].map_fd
-        self.stats_fd: int = bpf[b"zion_quic_stats"].map_fd
 
 
 def load(source: str, sockets: Sequence[socket.socket], generation: int,
@@ -197,20 +189,31 @@ def _helper(conn: socket.socket, source: str, fds: list[int], generation: int,
     send: list[int] = []
     try:
         bcc = preflight.import_bcc()
-        from bcc.libbcc import lib
-
-        sockarray = ReuseportSockArray.create(lib, cid.SOCKARRAY_ENTRIES)
-        text = program_text(source, len(fds), sockarray.fd, slots_fd, stall_ns)
-        prog = _Loaded.load(bcc, text, kernel_source, func=b"zion_quic")
-        assert isinstance(prog, _Loaded)
+        # Maps the master reads and writes by descriptor are created here
+        # with bpf(2) and referenced as pseudo fds (bcc cannot declare a
+        # sockarray at all); the LRU and scratch maps are bcc's, kept alive
+        # by the loaded program.
+        sockarray_fd = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
+                                  cid.SOCKARRAY_ENTRIES, name="zion_quic_socks")
+        gen_fd = map_create(_BPF_MAP_TYPE_ARRAY, 4, 4, 1, name="zion_quic_gen")
+        stats_fd = map_create(_BPF_MAP_TYPE_ARRAY, 4, 8, len(QuicStat), name="zion_quic_stats")
+        text = program_text(source, len(fds), sockarray_fd, slots_fd, stall_ns, gen_fd,
+                            stats_fd)
+        compiled = compile_program(bcc, text, kernel_source,
+                                   func=b"zion_quic")
+        try:
+            prog_fd = prog_load(BPF_PROG_TYPE_SK_REUSEPORT, compiled.insns, compiled.license,
+                                "zion_quic")
+        finally:
+            compiled.close()
         for slot, fd in enumerate(fds):
             sock = socket.socket(fileno=fd)
             try:
-                sockarray_set(sockarray.fd, cid.socket_index(slot, generation), sock)
+                sockarray_set(sockarray_fd, cid.socket_index(slot, generation), sock)
             finally:
                 sock.detach()
-        reply = {"text": prog.text}
-        send = [prog.fd, sockarray.fd, prog.gen_fd, prog.stats_fd]
+        reply = {"text": text}
+        send = [prog_fd, sockarray_fd, gen_fd, stats_fd]
     except Unavailable as exc:
         reply = {"unavailable": [str(exc.reason), exc.detail, exc.errno]}
     except ShimError as exc:
