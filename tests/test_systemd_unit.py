@@ -101,6 +101,8 @@ def _copy_checkout(dest: Path) -> None:
                             "--exclude-standard"], capture_output=True, check=True,
                            timeout=60).stdout.decode().split("\0")
     for name in filter(None, files):
+        if name.split("/")[0] == ".venv":  # a symlinked venv is not ignored by `.venv/`
+            continue
         src, dst = REPO / name, dest / name
         if not src.exists() and not src.is_symlink():
             continue  # deleted in the work tree
