@@ -279,6 +279,25 @@ def test_the_shipped_unit_serves_with_the_demux_attached(machine):
 
 
 @pytest.mark.timeout(600)
+def test_with_no_kept_object_the_unit_compiles_past_protect_kernel_modules(machine):
+    # ProtectKernelModules=yes makes /usr/lib/modules mode 000 for the service:
+    # that probe is "not there", and the /usr/src headers are merged and used.
+    m, port = machine, _free_port()
+    _config(m, port)
+    (m.merged / "etc" / "zion" / "open").write_text("")
+    for obj in (m.merged / "opt/zion/zion/_data/objects").glob("*.json"):
+        obj.unlink()
+    m.sh("rm -rf /var/lib/zion/demux-objects /var/lib/zion/kernel-headers")
+    since = len(m.messages())
+    m.sh("systemctl start zion", timeout=180)
+    lines = m.messages()[since:]
+    attached = [x for x in lines if "bpf_demux=attached" in x]
+    assert attached and "compiled now by bcc against merged linux-headers-" in attached[0], lines
+    assert "kept in /var/lib/zion/demux-objects/" in attached[0]
+    m.sh("systemctl stop zion", timeout=90)
+
+
+@pytest.mark.timeout(600)
 def test_an_unknown_config_key_exits_2_once_and_is_an_error_in_the_journal(machine):
     m = machine
     _config(m, _free_port(), "no_such_key = 1\n")
