@@ -253,12 +253,14 @@ class Exchange:
                                         keep_alive=keep_alive, head=self.head, extra=extra))
         self.complete()
 
-    def fail(self, status: int, detail: str) -> None:
+    def fail(self, status: int, detail: str,
+             headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """An error answer that closes the connection."""
         self.keep_alive = False
         self.status = status
         self.response_started = True
-        self.conn.write(response.error(status, self.conn.state.date, detail))
+        self.conn.write(response.error(status, self.conn.state.date, detail,
+                                       b"".join(n + b": " + v + b"\r\n" for n, v in headers)))
         self.complete()
 
     def send_head(self, status: int, headers: bytes, content_length: int) -> None:

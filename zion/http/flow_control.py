@@ -1,15 +1,61 @@
-"""Write back-pressure: a slow reader pauses the writer, never grows memory.
+"""Back-pressure both ways: a slow reader pauses the writer, a slow app (or
+a full write buffer) pauses reading - never growing memory instead.
 
-The transport calls pause_writing() when its buffer passes the high-water
-mark (limits.write_buffer_high); response writers await `drain()` and resume
-when the kernel has taken the bytes.
+Writing: the transport calls pause_writing() when its buffer passes the
+high-water mark (limits.write_buffer_high); response writers await `drain()`
+and resume when the kernel has taken the bytes.
+
+Reading: one flag per reason (aiohttp's base_protocol.py keeps them apart
+the same way). The transport stops reading when the first reason appears and
+reads again only when none is left, so lifting one reason (the app read its
+body) cannot undo another (the client does not read our answers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+from typing import Any
 
 from zion.http.wakeup import Wakeup
+
+
+class PauseReason(enum.IntFlag):
+    # The transport holds over write_buffer_high: a client that does not read
+    # our answers must not make us read (and answer) more of its requests.
+    WRITE_BUFFER_FULL = enum.auto()
+    # HTTP/1.1: the app has not taken the request body buffered for it.
+    BODY_UNREAD = enum.auto()
+    # HTTP/1.1: a pipelined request waits for the one before it.
+    PIPELINED = enum.auto()
+    # HTTP/1.1: a request that ends the connection was read; nothing after it is.
+    LAST_REQUEST = enum.auto()
+    # HTTP/2: new streams' frames held while the old codec finishes (h2.py).
+    HANDOVER = enum.auto()
+
+
+class ReadPauses:
+    """The reasons reading is paused; the transport reads while there is none."""
+
+    __slots__ = ("reasons", "transport")
+
+    def __init__(self, transport: Any = None) -> None:
+        self.reasons = PauseReason(0)
+        self.transport = transport
+
+    def pause(self, reason: PauseReason) -> None:
+        if not self.reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self.reasons |= reason
+
+    def resume(self, reason: PauseReason) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons and self.transport is not None:
+                self.transport.resume_reading()
+
+    def __bool__(self) -> bool:
+        return bool(self.reasons)
 
 
 class FlowControl:

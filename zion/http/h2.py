@@ -9,9 +9,15 @@ What zttp decides and what zion adds:
   header block (CONTINUATION flood, CVE-2024-27316) and detects some floods
   of its own. Its limits are fixed (0.0.35 has no way to set them,
   Kludex/zttp#49): a connection's 4096th stream or 257th reset is a fatal
-  ENHANCE_YOUR_CALM, so zion sends a graceful GOAWAY well before either, and
-  the client carries on over a new connection (as after nginx's
-  keepalive_requests).
+  ENHANCE_YOUR_CALM, whatever the rate. zion does not let a client see it:
+  well before either, the connection is handed to a fresh zttp codec on the
+  same TCP/TLS connection (zttp_shim.seeded_connection; the streams of the
+  old codec finish on it meanwhile, the new streams' frames wait), so a
+  client may send any number of requests on one connection. Where a GOAWAY
+  is unavoidable (drain, reload, a hand-over that cannot finish) it is the
+  graceful two-step one of RFC 9113 6.8: last-stream-id 2^31-1 and a PING,
+  then the real last stream id once the PING comes back, so every request
+  the client sent before it saw the first GOAWAY is answered.
 - Receive flow control is zion's. zttp credits the windows as it parses
   (WINDOW_UPDATE for every ~32 KiB it surfaces), so an app that does not read
   could only be bounded by not reading the socket - which stalls every other
@@ -34,8 +40,10 @@ What zttp decides and what zion adds:
   events after every read (it is, here).
 - zion rewrites the values of zttp's SETTINGS preface (same frame, same
   ids): MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE and INITIAL_WINDOW_SIZE
-  from our limits, and ENABLE_CONNECT_PROTOCOL off - there is no WebSocket
-  over HTTP/2 (RFC 8441) yet, and a browser told it is on would try it.
+  from our limits, ENABLE_CONNECT_PROTOCOL (RFC 8441) when WebSockets are
+  on, and HEADER_TABLE_SIZE 0: a client's HPACK encoder then refers to no
+  earlier header block, which is what lets a fresh codec decode the next
+  one (RFC 7541 4.2; request headers cost a few more bytes on the wire).
 """
 
 from __future__ import annotations
@@ -43,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
-import struct
 import time
 import urllib.parse
 from collections.abc import Coroutine
@@ -52,12 +59,11 @@ from typing import TYPE_CHECKING, Any
 import zttp
 from zttp import H2ErrorCode
 
-from zion.http import access_log, forwarded
+from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
-from zion.http.flow_control import FlowControl
+from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2_tunnel import StreamTransport, upgrade_headers
-from zion.http.state import count_response
 from zion.http.tls_scope import tls_extension
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
@@ -84,22 +90,23 @@ _STREAM_HIGH = 65536
 # bytes the transport took, so one fast reader (nghttp -w30 -W30) cannot hold
 # the loop, and every other client of the worker, for a whole download.
 _FLUSH_HIGH = 65536
-# zttp 0.0.35 calls a connection's 4096th stream, or its 257th reset (its own
-# and the peer's, however slowly they came; browsers cancel streams as pages
+# zttp 0.0.35 calls a codec's 4096th stream, or its 257th reset (its own and
+# the peer's, however slowly they came; browsers cancel streams as pages
 # change), a flood: GOAWAY ENHANCE_YOUR_CALM, and the streams in flight are
-# lost. zion ends such a connection itself, as nginx does after
-# keepalive_requests (1000 by default): past the QUIET counts, with a graceful
-# GOAWAY at the first moment no stream is open (httpx fails streams still in
-# flight when a GOAWAY arrives, however graceful); at the hard counts, at once.
-# The margins cover what a client may open or reset before it reads our
-# GOAWAY (h2_max_streams <= 128).
-_STREAMS_QUIET, _STREAMS_PER_CONNECTION = 3000, 4096 - 2 * 128 - 16
-_RESETS_QUIET, _RESETS_PER_CONNECTION = 64, 256 - 128 - 16
-# SETTINGS ids (RFC 9113 6.5.2, RFC 8441 3).
-_MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE = 0x3, 0x4
-_MAX_HEADER_LIST_SIZE, _ENABLE_CONNECT_PROTOCOL = 0x6, 0x8
-_SETTINGS_FRAME, _PING_FRAME, _WINDOW_UPDATE_FRAME = 0x4, 0x6, 0x8
-_DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2, before any SETTINGS or WINDOW_UPDATE
+# lost. Past the RECYCLE counts the connection moves to a fresh codec (see
+# the module docstring); the hard counts, which a hand-over keeps the old
+# codec from reaching, end the connection at once should one come anyway.
+# The margins cover what a client may open or reset before the hand-over
+# starts holding its new streams (h2_max_streams <= 128).
+_STREAMS_RECYCLE, _STREAMS_PER_CONNECTION = 3000, 4096 - 2 * 128 - 16
+_RESETS_RECYCLE, _RESETS_PER_CONNECTION = 64, 256 - 128 - 16
+# Request body bytes read and dropped after a complete answer (a 413) before
+# the stream is reset instead (see stream_done).
+_DISCARD = 1 << 20
+# New streams' frames held during a hand-over before reading pauses.
+_HELD_HIGH = 65536
+# The 8 bytes of our PINGs: a liveness probe, and the graceful GOAWAY's.
+_PING_ALIVE, _PING_GOAWAY = b"zionping", b"zionbye!"
 
 
 class H2Stream:
@@ -107,7 +114,7 @@ class H2Stream:
 
     __slots__ = ("proto", "state", "loop", "client", "server", "stream_id", "handle",
                  "exchange", "tunnel", "ended", "closed", "window", "received", "earned",
-                 "credited", "client_ended")
+                 "credited", "client_ended", "body_deadline", "discard_until")
 
     def __init__(self, proto: H2Protocol, stream_id: int) -> None:
         self.proto = proto
@@ -129,6 +136,8 @@ class H2Stream:
         self.received = 0
         self.earned = 0
         self.credited = 0
+        self.body_deadline = 0.0  # body_timeout while the request body arrives
+        self.discard_until = 0  # answered: the rest of the body is dropped up to here
 
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
                        more: bool, own_server: bool = False) -> None:
@@ -333,9 +342,11 @@ class H2Exchange(Exchange):
         self.stream.start_response(status, headers, body, False)
         self.complete()
 
-    def fail(self, status: int, detail: str) -> None:
+    def fail(self, status: int, detail: str,
+             headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         text = f"{status} {http.HTTPStatus(status).phrase}" + (f": {detail}" if detail else "")
-        self.respond(status, (text + "\n").encode())
+        self.respond(status, (text + "\n").encode(),
+                     extra=b"".join(n + b": " + v + b"\r\n" for n, v in headers))
 
     def send_head(self, status: int, headers: bytes, content_length: int) -> None:
         self.status = status
@@ -369,27 +380,6 @@ def _raw_headers(raw: bytes) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in _header_lines(raw) if n not in _DROPPED]
 
 
-def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
-    return struct.pack("!BHBBI", length >> 16, length & 0xFFFF, kind, flags, stream_id)
-
-
-def _window_update(stream_id: int, increment: int) -> bytes:
-    return _frame_header(4, _WINDOW_UPDATE_FRAME, 0, stream_id) + increment.to_bytes(4, "big")
-
-
-def _rewrite_settings(preface: bytes, values: dict[int, int]) -> bytes:
-    """The server preface is one SETTINGS frame of 6-byte (id, value) pairs
-    (RFC 9113 6.5.1): change the values of the given ids, add the missing."""
-    length = int.from_bytes(preface[:3], "big")
-    if preface[3] != _SETTINGS_FRAME or len(preface) < 9 + length:
-        return preface
-    pairs = dict(struct.iter_unpack("!HI", preface[9:9 + length]))
-    pairs.update(values)
-    payload = b"".join(struct.pack("!HI", k, v) for k, v in pairs.items())
-    return (len(payload).to_bytes(3, "big") + preface[3:9] + payload
-            + preface[9 + length:])
-
-
 class H2Protocol(asyncio.Protocol):
     __slots__ = (
         "state", "loop", "limits", "transport", "conn", "flow", "client", "server",
@@ -399,6 +389,8 @@ class H2Protocol(asyncio.Protocol):
         "max_header_list", "proxied", "stream_window", "conn_window", "received",
         "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
         "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
+        "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
+        "goaway_sent_at", "overloaded", "self_dependent", "priorities",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -406,7 +398,7 @@ class H2Protocol(asyncio.Protocol):
         self.loop = state.loop
         self.limits = limits = state.limits
         self.transport: Any = None
-        self.conn = zttp.Connection(zttp.SERVER, zttp.HTTP2)
+        self.conn = zttp_shim.new_connection()
         self.flow = FlowControl(self.loop)
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
@@ -449,6 +441,21 @@ class H2Protocol(asyncio.Protocol):
         self.unflushed = 0
         self.since_yield = 0
         self.write_blocked_at = 0.0
+        self.pauses = ReadPauses()
+        # Codec hand-over (module docstring): due at the next read's end; the
+        # router while the old codec finishes; since when; the client's
+        # SETTINGS, replayed to the fresh codec; how many hand-overs so far.
+        self.router: zttp_shim.FrameRouter | None = None
+        self.recycle_due = False
+        self.handover_at = 0.0
+        self.peer_settings: dict[int, int] = {}
+        self.recycled = 0
+        # The graceful GOAWAY's first step (2^31-1 + PING) went out at; 0 = not yet.
+        self.goaway_sent_at = 0.0
+        self.overloaded = False  # opened past max_connections: its requests get 503
+        # Streams whose HEADERS or PRIORITY named themselves as their parent.
+        self.self_dependent: set[int] = set()
+        self.priorities = zttp_shim.SelfDependency()
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -458,22 +465,26 @@ class H2Protocol(asyncio.Protocol):
         tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
         self.client, self.server = endpoints(transport)
         self.state.connection_opened(self)
+        self.overloaded = rules.over_connections(self.state)
         if self.state.client_certs:
             self.tls = tls_extension(transport.get_extra_info("ssl_object"))
         self.proxied = self.state.speaks_for_clients(self.client)
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.heard_at = self.loop.time()
         self.conn.initiate_connection()
-        preface = _rewrite_settings(self.conn.data_to_send(), {
-            _MAX_CONCURRENT_STREAMS: self.max_streams,
-            _MAX_HEADER_LIST_SIZE: self.max_header_list,
-            _INITIAL_WINDOW_SIZE: self.stream_window,
+        preface = zttp_shim.rewrite_settings(self.conn.data_to_send(), {
+            zttp_shim.MAX_CONCURRENT_STREAMS: self.max_streams,
+            zttp_shim.MAX_HEADER_LIST_SIZE: self.max_header_list,
+            zttp_shim.INITIAL_WINDOW_SIZE: self.stream_window,
             # RFC 8441 3: a client may open WebSockets as streams.
-            _ENABLE_CONNECT_PROTOCOL: int(self.state.websocket_enabled),
+            zttp_shim.ENABLE_CONNECT_PROTOCOL: int(self.state.websocket_enabled),
+            # A fresh codec can take over (module docstring).
+            zttp_shim.HEADER_TABLE_SIZE: 0,
         })
-        if self.conn_window > _DEFAULT_WINDOW:
+        if self.conn_window > zttp_shim.DEFAULT_WINDOW:
             # The connection window has no SETTINGS of its own (RFC 9113 6.9.2).
-            preface += _window_update(0, self.conn_window - _DEFAULT_WINDOW)
+            preface += zttp_shim.window_update(0, self.conn_window - zttp_shim.DEFAULT_WINDOW)
+        self.pauses.transport = tr
         tr.write(preface)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -493,14 +504,12 @@ class H2Protocol(asyncio.Protocol):
         # sent in one send() never waits in drain()).
         self.flow.pause_writing()
         self.write_blocked_at = self.loop.time()
-        if self.transport is not None and not self.closing:
-            self.transport.pause_reading()
+        self.pauses.pause(PauseReason.WRITE_BUFFER_FULL)
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
         self.write_blocked_at = 0.0
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        self.pauses.resume(PauseReason.WRITE_BUFFER_FULL)
         for stream in list(self.streams.values()):
             if stream.tunnel is not None:
                 stream.tunnel.window_opened()
@@ -509,6 +518,14 @@ class H2Protocol(asyncio.Protocol):
         if self.closing:
             return
         self.heard = True
+        found = self.priorities.scan(data)
+        if found:
+            self.self_dependent.update(found)
+        router = self.router
+        if router is not None:
+            data = router.split(data)  # newer streams' frames wait for the fresh codec
+            if len(router.held) > _HELD_HIGH:
+                self.pauses.pause(PauseReason.HANDOVER)
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -521,10 +538,18 @@ class H2Protocol(asyncio.Protocol):
             self._flush(final=True)
             self.close()
             return
+        if self.self_dependent:
+            for sid in [s for s in self.self_dependent if s in self.streams]:
+                self.self_dependent.discard(sid)
+                self.reset(self.streams[sid], H2ErrorCode.PROTOCOL_ERROR)  # RFC 9113 5.3.1
         # What zttp queued (SETTINGS and PING ACKs, resets); most reads queue nothing.
         data = conn.data_to_send()
         if data or self.strip_updates or self.credit_due:
             self._send(data)
+        if self.recycle_due:
+            self._start_handover()
+        elif self.router is not None:
+            self._maybe_hand_over()
 
     def _events(self) -> None:
         conn = self.conn
@@ -549,6 +574,8 @@ class H2Protocol(asyncio.Protocol):
                         stream.exchange.message_complete()
                     elif stream.tunnel is not None:
                         stream.tunnel.feed_eof()
+                    elif stream.ended:  # answered; the unwanted body is over
+                        self._discarded(stream)
             elif kind is zttp.WindowUpdate:
                 sid = event.stream_id  # type: ignore[union-attr]
                 for stream in (list(streams.values()) if sid == 0 else
@@ -562,16 +589,22 @@ class H2Protocol(asyncio.Protocol):
                 if self._flood("resets"):
                     return
                 self.resets_total += 1
-                if self.resets_total >= _RESETS_QUIET:
-                    self.retire(self.resets_total >= _RESETS_PER_CONNECTION)
+                if self.resets_total >= _RESETS_RECYCLE:
+                    self._recycle(self.resets_total >= _RESETS_PER_CONNECTION)
             elif kind is zttp.Settings:
+                self.peer_settings.update(event.params)  # type: ignore[union-attr]
                 for stream in streams.values():
                     stream.window_opened()  # INITIAL_WINDOW_SIZE may have grown
                 if self._flood("settings"):
                     return
             elif kind is zttp.Ping:
-                if not event.ack and self._flood("pings"):  # type: ignore[union-attr]
-                    return
+                if not event.ack:  # type: ignore[union-attr]
+                    if self._flood("pings"):
+                        return
+                elif event.data == _PING_GOAWAY:  # type: ignore[union-attr]
+                    self._final_goaway()
+                    if self.closing:
+                        return
             elif kind is zttp.GoAway:
                 self.goaway = True
                 if not streams:
@@ -627,10 +660,13 @@ class H2Protocol(asyncio.Protocol):
         size = 0
         cookies = 0
         expect_100 = False
+        length: bytes | None = None
         for name, value in headers:
             size += len(name) + len(value) + 32  # RFC 9113 6.5.2's header list size
             if name == b"cookie":
                 cookies += 1
+            elif name == b"content-length":
+                length = value
             elif name == b"expect":
                 # zttp's expect_continue is for HTTP/1.1 only. The 100 goes out
                 # at once: the body is what the app will read anyway.
@@ -644,7 +680,7 @@ class H2Protocol(asyncio.Protocol):
         end_stream = event.end_stream
         protocol = event.protocol
         method = event.method
-        raw_path = event.path or b"/"
+        raw_path = event.path
         try:
             path = raw_path.decode("ascii")
         except UnicodeDecodeError:
@@ -679,22 +715,39 @@ class H2Protocol(asyncio.Protocol):
                 and self.state.websocket_factory is not None):
             self._websocket(stream, scope, event.target, headers)
             return
-        ex = stream.exchange = H2Exchange(stream, scope, time.monotonic())  # as in h1.py
+        now = self.loop.time()
+        # time.monotonic(), not loop.time(), for started_at: the same clock, but
+        # uvloop's is libuv's cached millisecond (see h1.py).
+        ex = stream.exchange = H2Exchange(stream, scope, time.monotonic())
         if end_stream:
             stream.client_ended = True
             ex.message_complete()
+        else:
+            stream.body_deadline = rules.body_deadline(self.limits, now)
+        refusal = rules.admit_request(self.state, self.overloaded)
+        if refusal is None and length is not None:
+            declared = rules.declared_length(self.limits, length)
+            if type(declared) is rules.Refusal:
+                refusal = declared  # 413 before the body is read
+        if refusal is None:
+            refusal = rules.bad_target(raw_path, method)
         if too_large:
             ex.fail(431, "header section too large")
         elif not path:
             ex.fail(400, "non-ASCII request target")
+        elif refusal is not None:
+            self.refuse(stream, ex, refusal)
         elif protocol is not None:
             ex.fail(501, f"extended CONNECT for {protocol!r} is not supported")
+        elif sid in self.self_dependent:
+            self.self_dependent.discard(sid)
+            self.reset(stream, H2ErrorCode.PROTOCOL_ERROR)  # RFC 9113 5.3.1
         else:
             if expect_100 and not end_stream:
                 stream.handle.send_informational(100)
             self.state.dispatch(ex)
-        if self.accepted >= _STREAMS_QUIET:
-            self.retire(self.accepted >= _STREAMS_PER_CONNECTION)
+        if self.accepted >= _STREAMS_RECYCLE:
+            self._recycle(self.accepted >= _STREAMS_PER_CONNECTION)
 
     def _websocket(self, stream: H2Stream, scope: dict[str, Any], target: bytes,
                    headers: list[tuple[bytes, bytes]]) -> None:
@@ -728,6 +781,10 @@ class H2Protocol(asyncio.Protocol):
             return False
         stream.received += size
         ex = stream.exchange
+        if ex is None and stream.tunnel is None:
+            if stream.received > stream.discard_until:
+                self._discarded(stream, reset=True)
+            return False
         if stream.received > self.stream_window + stream.credited:
             log.info("h2_flow_control_error", client=self.client[0] if self.client else None,
                      stream=stream.stream_id)
@@ -735,33 +792,48 @@ class H2Protocol(asyncio.Protocol):
         elif stream.tunnel is not None:
             stream.tunnel.feed(data)
         elif ex is not None and not ex.response_complete:
-            if 0 < self.limits.max_body_size < ex.received + size:  # 0: no limit
-                if ex.response_started:
-                    self.reset(stream, H2ErrorCode.CANCEL)
-                else:
-                    ex.fail(413, f"body larger than {self.limits.max_body_size} bytes")
+            refusal = rules.body_chunk(self.limits, ex.received, size)
+            if refusal is not None:
+                self.refuse(stream, ex, refusal)
             else:
                 ex.feed_body(data)
+                stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
         return False
 
+    def refuse(self, stream: H2Stream, ex: H2Exchange, refusal: rules.Refusal) -> None:
+        """Answer `refusal` instead of the app (a real response the client
+        sees), or reset the stream if the app has begun answering; either way
+        the app's receive() returns http.disconnect, so its task ends."""
+        if ex.response_started:
+            self.reset(stream, H2ErrorCode.CANCEL)
+        else:
+            ex.fail(refusal.status, refusal.detail, refusal.headers)
+        ex.lost()
+
     def stream_done(self, stream: H2Stream, ex: Exchange) -> None:
-        state = self.state
-        state.requests_total += 1
-        count_response(state.counters, ex.status)
-        if state.access_log:
-            scope = ex.scope
-            access_log.write(access_log.AccessRecord(
-                scope["method"], scope["path"], scope["query_string"], ex.status, ex.written,
-                scope["client"], "2", time.monotonic() - ex.started_at, scope["scheme"],
-                scope["headers"]))
+        rules.request_done(self.state, ex)
         if not stream.ended:
             stream.end()
-        sid = stream.stream_id
-        if self.streams.pop(sid, None) is not None and not ex.body_complete:
-            # RFC 9113 8.1: the answer is complete; the rest of the request is
-            # not wanted.
-            stream.closed = True
-            self.conn.stream(sid).reset(H2ErrorCode.NO_ERROR)
+        if not ex.body_complete and not stream.closed and stream.stream_id in self.streams:
+            # RFC 9113 8.1: the answer is complete, the rest of the request is
+            # not wanted. It is read and dropped (up to _DISCARD more bytes,
+            # within body_timeout) rather than reset at once: curl 7.88 takes
+            # a RST_STREAM during its upload as a failure and never shows the
+            # answer it has (a 413 included).
+            stream.exchange = None
+            stream.discard_until = stream.received + _DISCARD
+            stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
+            self.credit_later()  # what the app left unread is the client's again
+            return
+        self.streams.pop(stream.stream_id, None)
+        stream.closed = True
+        self._stream_gone(stream)
+
+    def _discarded(self, stream: H2Stream, reset: bool = False) -> None:
+        """The request body after a complete answer is over (or too long)."""
+        if self.streams.pop(stream.stream_id, None) is not None and reset:
+            with contextlib.suppress(zttp.LocalProtocolError):
+                stream.handle.reset(H2ErrorCode.NO_ERROR)
         stream.closed = True
         self._stream_gone(stream)
 
@@ -776,6 +848,9 @@ class H2Protocol(asyncio.Protocol):
                 self.shutdown()
             else:
                 self.deadline = self.loop.time() + self.limits.keepalive_timeout
+                if self.router is not None:
+                    # Not from inside _events(), which holds the old codec.
+                    self.loop.call_soon(self._maybe_hand_over)
 
     def reset(self, stream: H2Stream, code: H2ErrorCode) -> None:
         if stream.closed:
@@ -841,30 +916,17 @@ class H2Protocol(asyncio.Protocol):
     def _take_window_updates(self, data: bytes) -> bytes:
         """Remove zttp's WINDOW_UPDATE frames from `data`, keeping what they
         credit as earned: given back by _credit() once the app has read."""
-        kept = []
-        start = pos = 0
-        end = len(data)
+        data, taken = zttp_shim.take_window_updates(data)
         streams = self.streams
-        while pos + 9 <= end:
-            length = int.from_bytes(data[pos:pos + 3], "big")
-            nxt = pos + 9 + length
-            if data[pos + 3] == _WINDOW_UPDATE_FRAME and length == 4:
-                sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-                increment = int.from_bytes(data[pos + 9:nxt], "big") & 0x7FFFFFFF
-                if sid == 0:
-                    self.conn_earned += increment
-                else:
-                    stream = streams.get(sid)
-                    if stream is not None:
-                        stream.earned += increment
-                kept.append(data[start:pos])
-                start = nxt
-                self.credit_due = True
-            pos = nxt
-        if start == 0:
-            return data
-        kept.append(data[start:])
-        return b"".join(kept)
+        for sid, increment in taken:
+            if sid == 0:
+                self.conn_earned += increment
+            else:
+                stream = streams.get(sid)
+                if stream is not None:
+                    stream.earned += increment
+            self.credit_due = True
+        return data
 
     def _credit(self) -> bytes:
         """WINDOW_UPDATEs for what zttp earned less what the apps have not yet
@@ -886,11 +948,11 @@ class H2Protocol(asyncio.Protocol):
                 due = stream.earned - unread - stream.credited
                 if due > 0:
                     stream.credited += due
-                    frames.append(_window_update(stream.stream_id, due))
+                    frames.append(zttp_shim.window_update(stream.stream_id, due))
         due = self.conn_earned - unread_total - self.conn_credited
         if due > 0:
             self.conn_credited += due
-            frames.append(_window_update(0, due))
+            frames.append(zttp_shim.window_update(0, due))
         return b"".join(frames)
 
     # -- connection control -----------------------------------------------------
@@ -898,6 +960,19 @@ class H2Protocol(asyncio.Protocol):
     def check_deadline(self, now: float) -> None:
         if self.closing:
             return
+        if self.goaway_sent_at and not self.goaway and (
+                now - self.goaway_sent_at >= self.limits.h2_ping_timeout):
+            self._final_goaway()  # the PING never came back: end it anyway
+            if self.closing:
+                return
+        if self.router is not None and now - self.handover_at >= self.limits.keepalive_timeout:
+            # The old codec's streams do not end (a WebSocket, a stream whose
+            # window stays shut): give up the hand-over, end gracefully; the
+            # held streams are above our last stream id, so the client knows
+            # they were not processed and sends them again.
+            log.info("h2_handover_gave_up", client=self.client[0] if self.client else None,
+                     streams=len(self.streams))
+            self.retire(True)
         if self.write_blocked_at and now - self.write_blocked_at > self.limits.send_timeout:
             # It never reads: close() would wait to flush for ever.
             log.info("h2_send_timeout", client=self.client[0] if self.client else None)
@@ -907,6 +982,7 @@ class H2Protocol(asyncio.Protocol):
             if self.deadline and now >= self.deadline:
                 self.shutdown()
             return
+        self._body_timeouts(now)
         if self.heard:
             self.heard = False
             self.heard_at = now
@@ -923,7 +999,67 @@ class H2Protocol(asyncio.Protocol):
             self.ping_deadline = now + self.limits.h2_ping_timeout
             # zttp has no call that sends a PING: one 17-byte frame (RFC 9113 6.7).
             if self.transport is not None:
-                self.transport.write(_frame_header(8, _PING_FRAME, 0, 0) + b"zionping")
+                self.transport.write(zttp_shim.ping(_PING_ALIVE))
+
+    # -- codec hand-over (module docstring) --------------------------------------
+
+    def _recycle(self, hard: bool) -> None:
+        """The codec nears zttp's lifetime caps: hand over at the end of this
+        read; at the hard cap (a hand-over did not hold them off), end."""
+        if hard:
+            self.retire(True)
+        elif self.router is None and not self.goaway and not self.goaway_sent_at:
+            self.recycle_due = True
+
+    def _start_handover(self) -> None:
+        """From now on the old codec sees only the connection's frames and
+        its own streams'; newer streams wait for the fresh codec."""
+        self.recycle_due = False
+        if self.closing or self.goaway or self.goaway_sent_at:
+            return
+        self.router = zttp_shim.FrameRouter(self.last_stream)
+        self.handover_at = self.loop.time()
+        self._maybe_hand_over()
+
+    def _maybe_hand_over(self) -> None:
+        """Once the old codec has nothing left to send or receive, a fresh
+        one takes the connection and is fed what was held for it."""
+        router = self.router
+        conn = self.conn
+        if (router is None or self.streams or self.closing or conn.has_pending_send()
+                or conn.send_window < 0):
+            return
+        self._flush()
+        self.router = None
+        self.conn = zttp_shim.seeded_connection(self.peer_settings, conn.send_window,
+                                                router.boundary)
+        self.accepted = self.resets_total = 0
+        self.recycled += 1
+        self.pauses.resume(PauseReason.HANDOVER)
+        held = router.rest()
+        if held:
+            self.data_received(held)
+
+    # -- ending -------------------------------------------------------------------
+
+    def _body_timeouts(self, now: float) -> None:
+        """body_timeout per stream, as HTTP/1.1 has it per connection: a
+        request body that stops arriving is answered 408 (reset if the app
+        has begun answering). Not while the app holds unread body: then the
+        wait is the app's, not the client's."""
+        for stream in list(self.streams.values()):
+            ex = stream.exchange
+            if stream.client_ended or not stream.body_deadline or now < stream.body_deadline:
+                continue
+            if ex is None:
+                if stream.tunnel is None:
+                    self._discarded(stream, reset=True)  # answered; the body stopped
+                continue
+            if ex.body_size:
+                stream.body_deadline = rules.body_deadline(self.limits, now)
+            else:
+                stream.body_deadline = 0.0
+                self.refuse(stream, ex, rules.BODY_TIMED_OUT)
 
     def retire(self, now: bool) -> None:
         """End this connection gracefully: at once, or once no stream is open."""
@@ -933,15 +1069,41 @@ class H2Protocol(asyncio.Protocol):
             self.retiring = True
 
     def shutdown(self) -> None:
-        """Drain: GOAWAY with the last stream we will answer; the streams in
-        flight finish, then the connection closes."""
+        """Drain: the graceful GOAWAY of RFC 9113 6.8. First last-stream-id
+        2^31-1 and a PING: streams the client sends before it reads that are
+        still served; when the PING comes back (or h2_ping_timeout passes)
+        the real last stream id. The streams in flight finish, then the
+        connection closes."""
         if self.closing:
             return
-        if not self.goaway:
-            self.goaway = True
-            with contextlib.suppress(zttp.ProtocolError):
-                self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
+        if self.goaway:  # ours is final (or the client's came): close once idle
+            if not self.streams:
+                self.close()
+            return
+        if not self.goaway_sent_at:
+            self.goaway_sent_at = self.loop.time()
+            self.recycle_due = False
             self._flush()
+            if self.transport is not None:
+                self.transport.write(zttp_shim.goaway(zttp_shim.MAX_STREAM_ID)
+                                     + zttp_shim.ping(_PING_GOAWAY))
+
+    def _final_goaway(self) -> None:
+        """The second step: the last stream we answer; later ones the client
+        may send again elsewhere."""
+        if self.goaway or self.closing:
+            return
+        if not self.goaway_sent_at:
+            self.goaway_sent_at = self.loop.time()
+        self.goaway = True
+        if self.router is not None:
+            # Streams held for a fresh codec are above last_stream: never
+            # processed, and the client knows it (RFC 9113 6.8).
+            self.router = None
+            self.pauses.resume(PauseReason.HANDOVER)
+        with contextlib.suppress(zttp.ProtocolError):
+            self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
+        self._flush()
         if not self.streams:
             # A TLS close: close_notify, then uvloop reads (and drops) what the
             # client still sends until its own close_notify - no reset for

@@ -64,8 +64,8 @@ def simple(
     ))
 
 
-def error(status: int, date: DateCache, detail: str = "") -> bytes:
+def error(status: int, date: DateCache, detail: str = "", extra: bytes = b"") -> bytes:
     """An error reply that always closes the connection."""
     phrase = http.HTTPStatus(status).phrase if status in STATUS_LINES else "Error"
     text = f"{status} {phrase}" + (f": {detail}" if detail else "") + "\n"
-    return simple(status, text.encode(), date, keep_alive=False)
+    return simple(status, text.encode(), date, keep_alive=False, extra=extra)

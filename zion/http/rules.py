@@ -1,0 +1,97 @@
+"""The decisions HTTP/1.1 and HTTP/2 must take alike, in one place.
+
+No I/O here: plain functions over the worker's state, its limits and an
+exchange. h1.py and h2.py call the same ones, so a rule added here (a
+request timeout, load shedding) holds on both protocols at once, and they
+cannot drift apart (issue 19: an HTTP/2 body over max_body_size was not
+answered 413, max_connections and body_timeout did not exist on HTTP/2).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+from zion.http import access_log
+from zion.http.state import count_response
+
+if TYPE_CHECKING:
+    from zion.http.exchange import Exchange
+    from zion.http.state import ServerState
+    from zion.settings import LimitsSettings as Limits
+
+
+class Refusal(NamedTuple):
+    """An answer zion gives instead of the app."""
+
+    status: int
+    detail: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def over_connections(state: ServerState) -> bool:
+    """A new connection past max_connections: its requests get 503 (asked
+    once, when the connection is made, on both protocols)."""
+    return len(state.connections) > state.limits.max_connections
+
+
+def admit_request(state: ServerState, overloaded: bool) -> Refusal | None:
+    """Whether a parsed request may reach the handlers. The place for any
+    rule that refuses by load (503 + Retry-After by requests in flight)."""
+    if overloaded:
+        return Refusal(503, "worker at max_connections")
+    return None
+
+
+def declared_length(limits: Limits, value: bytes) -> int | Refusal:
+    """A request's content-length header: the length, or why it is refused.
+    Checked before any of the body is read (RFC 9110 15.5.14: 413)."""
+    try:
+        length = int(value)
+    except ValueError:
+        return Refusal(400, "bad content-length")
+    if length < 0:
+        return Refusal(400, "bad content-length")
+    if 0 < limits.max_body_size < length:  # 0: no limit
+        return _too_large(limits)
+    return length
+
+
+def body_chunk(limits: Limits, received: int, size: int) -> Refusal | None:
+    """`size` more body bytes after `received`: over max_body_size?"""
+    if 0 < limits.max_body_size < received + size:  # 0: no limit
+        return _too_large(limits)
+    return None
+
+
+def _too_large(limits: Limits) -> Refusal:
+    return Refusal(413, f"body larger than {limits.max_body_size} bytes")
+
+
+def body_deadline(limits: Limits, now: float) -> float:
+    """When a request body that has stopped arriving is given up (408)."""
+    return now + limits.body_timeout
+
+
+BODY_TIMED_OUT = Refusal(408, "request body not received in time")
+
+
+def bad_target(raw_path: bytes, method: bytes) -> Refusal | None:
+    """RFC 9112 3.2 / RFC 9113 8.3.1: an origin-form target starts with '/'
+    ('*' only for OPTIONS); anything else is 400 on both protocols."""
+    if raw_path[:1] == b"/" or (raw_path == b"*" and method == b"OPTIONS"):
+        return None
+    return Refusal(400, "invalid request target")
+
+
+def request_done(state: ServerState, ex: Exchange) -> None:
+    """Accounting for one answered request, then its access log record
+    (formatted by access_log.py)."""
+    state.requests_total += 1
+    count_response(state.counters, ex.status)
+    if state.access_log:
+        scope = ex.scope
+        access_log.write(access_log.AccessRecord(
+            scope["method"], scope["path"], scope["query_string"], ex.status, ex.written,
+            scope["client"], scope["http_version"], time.monotonic() - ex.started_at,
+            scope["scheme"], scope["headers"]))

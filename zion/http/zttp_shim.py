@@ -1,0 +1,234 @@
+"""zttp (sans-I/O HTTP/2, Zig core) behind a small typed surface: frame bytes
+zion must write or rewrite itself, and a fresh codec seeded to carry on a
+connection. No policy here - h2.py decides when any of it is used.
+
+Why byte surgery at all, and the upstream API that would remove each piece
+(zttp 0.0.35, Kludex/zttp#49 asks for settable limits):
+
+- `rewrite_settings`: zttp's SETTINGS preface has fixed values; zion
+  advertises its own limits and windows. Removed by a settings argument to
+  `Connection(...)` / `initiate_connection(settings=...)`.
+- `take_window_updates`: zttp credits receive windows as it parses; zion
+  gives credit back only as the app reads. Removed by an HTTP/3-style
+  `consume_data(stream_id, n)` on H2Connection (zttp has it for HTTP/3).
+- `ping`, `goaway`: zttp has no call that sends a PING, and its `close()`
+  sends one final GOAWAY; the graceful two-step GOAWAY of RFC 9113 6.8
+  needs two. Removed by `send_ping(data)` and a non-final `goaway(last_id)`.
+- `seeded_connection` + `FrameRouter`: zttp ends a connection at its 4096th
+  stream or 257th reset (ENHANCE_YOUR_CALM, a lifetime count, whatever the
+  rate). zion hands the connection to a fresh codec before that, keeping
+  the TCP/TLS connection. Removed by settable (or rate-based) flood limits.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import zttp
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# Frame types and SETTINGS ids (RFC 9113 6, 6.5.2; RFC 8441 3).
+HEADERS_FRAME, PRIORITY_FRAME, SETTINGS_FRAME = 0x1, 0x2, 0x4
+PING_FRAME, GOAWAY_FRAME, WINDOW_UPDATE_FRAME = 0x6, 0x7, 0x8
+END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
+HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x1, 0x3, 0x4
+MAX_HEADER_LIST_SIZE, ENABLE_CONNECT_PROTOCOL = 0x6, 0x8
+DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2, before any SETTINGS or WINDOW_UPDATE
+MAX_STREAM_ID = 2**31 - 1
+_ACK = 0x1
+
+
+def frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return struct.pack("!BHBBI", length >> 16, length & 0xFFFF, kind, flags, stream_id)
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    return frame_header(4, WINDOW_UPDATE_FRAME, 0, stream_id) + increment.to_bytes(4, "big")
+
+
+def ping(opaque: bytes) -> bytes:
+    """One PING (RFC 9113 6.7): 8 opaque bytes the ACK echoes."""
+    return frame_header(8, PING_FRAME, 0, 0) + opaque
+
+
+def goaway(last_stream_id: int, code: int = 0) -> bytes:
+    """A GOAWAY that zttp's state does not see: the first, non-final one of
+    a graceful shutdown (RFC 9113 6.8: last-stream-id 2^31-1)."""
+    return frame_header(8, GOAWAY_FRAME, 0, 0) + struct.pack("!II", last_stream_id, code)
+
+
+def settings(pairs: dict[int, int], ack: bool = False) -> bytes:
+    payload = b"".join(struct.pack("!HI", k, v) for k, v in pairs.items())
+    return frame_header(len(payload), SETTINGS_FRAME, _ACK if ack else 0, 0) + payload
+
+
+def rewrite_settings(preface: bytes, values: dict[int, int]) -> bytes:
+    """The server preface is one SETTINGS frame of 6-byte (id, value) pairs
+    (RFC 9113 6.5.1): change the values of the given ids, add the missing."""
+    length = int.from_bytes(preface[:3], "big")
+    if preface[3] != SETTINGS_FRAME or len(preface) < 9 + length:
+        return preface
+    pairs = dict(struct.iter_unpack("!HI", preface[9:9 + length]))
+    pairs.update(values)
+    payload = b"".join(struct.pack("!HI", k, v) for k, v in pairs.items())
+    return (len(payload).to_bytes(3, "big") + preface[3:9] + payload
+            + preface[9 + length:])
+
+
+def take_window_updates(data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+    """`data` without its WINDOW_UPDATE frames, and their (stream id, increment)."""
+    kept = []
+    taken = []
+    start = pos = 0
+    end = len(data)
+    while pos + 9 <= end:
+        length = int.from_bytes(data[pos:pos + 3], "big")
+        nxt = pos + 9 + length
+        if data[pos + 3] == WINDOW_UPDATE_FRAME and length == 4:
+            sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            taken.append((sid, int.from_bytes(data[pos + 9:nxt], "big") & 0x7FFFFFFF))
+            kept.append(data[start:pos])
+            start = nxt
+        pos = nxt
+    if start == 0:
+        return data, taken
+    kept.append(data[start:])
+    return b"".join(kept), taken
+
+
+def new_connection() -> zttp.H2Connection:
+    return zttp.Connection(zttp.SERVER, zttp.HTTP2)
+
+
+def seeded_connection(peer_settings: dict[int, int], send_window: int,
+                      spare_stream_id: int) -> zttp.H2Connection:
+    """A fresh server codec that takes over a live connection.
+
+    It is told what the old one knew: the client's SETTINGS (stream windows,
+    frame size) and the connection's send window, by feeding it the bytes a
+    client would have sent (preface, SETTINGS, the ACK of its own SETTINGS);
+    its own preface and ACK are thrown away - the client has seen ours.
+
+    The send window: a larger one is a connection WINDOW_UPDATE; a smaller
+    one than the default cannot be sent as a frame, so the codec answers a
+    made-up request on `spare_stream_id` (an id the old codec already used,
+    below every stream the fresh one will see) with that many bytes, which
+    are thrown away like the rest of its output.
+
+    Its HPACK decoder starts empty, which is right only because zion's
+    SETTINGS tell clients HEADER_TABLE_SIZE 0 (their encoders then never
+    refer to earlier header blocks). Its encoder starts empty too, and that
+    needs nothing: HPACK indices count from the newest entry (RFC 7541
+    2.3.3), the client's decoder adds the new codec's entries in the same
+    order and evicts its older ones first. The made-up answer uses only the
+    static table (":status 200"), so it adds no entry the client lacks."""
+    if send_window < 0:
+        raise ValueError("a negative send window cannot be seeded")
+    conn = new_connection()
+    conn.initiate_connection()
+    conn.data_to_send()
+    streams_window = peer_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
+    first = {**peer_settings, INITIAL_WINDOW_SIZE: DEFAULT_WINDOW}
+    seed = PREFACE + settings(first) + settings({}, ack=True)
+    if send_window > DEFAULT_WINDOW:
+        seed += window_update(0, send_window - DEFAULT_WINDOW)
+    elif send_window < DEFAULT_WINDOW:
+        # GET / with :scheme https, :authority literal without indexing.
+        block = b"\x82\x87\x84\x01\x09localhost"
+        seed += frame_header(len(block), HEADERS_FRAME, END_STREAM | END_HEADERS,
+                             spare_stream_id) + block
+    conn.receive_data(seed)
+    while type(conn.next_event()) is not zttp.NeedData:
+        pass
+    if send_window < DEFAULT_WINDOW:
+        stream = conn.stream(spare_stream_id)
+        stream.send_response(200, [])
+        stream.send_data(bytes(DEFAULT_WINDOW - send_window))
+        stream.end_message()
+    if streams_window != DEFAULT_WINDOW:
+        conn.receive_data(settings({INITIAL_WINDOW_SIZE: streams_window}))
+        while type(conn.next_event()) is not zttp.NeedData:
+            pass
+    conn.data_to_send()  # ACKs and the made-up answer: the client had ours
+    return conn
+
+
+class FrameRouter:
+    """While an old codec finishes its streams: frames of the connection
+    (stream 0) and of streams up to `boundary` go to the old codec, those of
+    newer streams are held for the fresh one. Only runs during a hand-over,
+    so the common path parses no frame in Python."""
+
+    __slots__ = ("boundary", "partial", "held")
+
+    def __init__(self, boundary: int) -> None:
+        self.boundary = boundary
+        self.partial = b""
+        self.held = bytearray()
+
+    def split(self, data: bytes) -> bytes:
+        """The bytes for the old codec now; the rest is held."""
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        old = []
+        pos = 0
+        end = len(data)
+        boundary = self.boundary
+        held = self.held
+        while pos + 9 <= end:
+            nxt = pos + 9 + int.from_bytes(data[pos:pos + 3], "big")
+            if nxt > end:
+                break
+            sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            if sid == 0 or sid <= boundary:
+                old.append(data[pos:nxt])
+            else:
+                held += data[pos:nxt]
+            pos = nxt
+        self.partial = data[pos:]
+        return b"".join(old)
+
+    def rest(self) -> bytes:
+        """Everything held, for the fresh codec (partial frame last)."""
+        return bytes(self.held) + self.partial
+
+
+class SelfDependency:
+    """RFC 9113 5.3.1: a stream cannot depend on itself (PROTOCOL_ERROR).
+    zttp 0.0.35 reads the priority fields of HEADERS and PRIORITY frames
+    without checking this, so the frame headers are walked here (one
+    9-byte header per frame; DATA payloads are skipped, not read). Removed
+    by zttp rejecting such frames itself."""
+
+    __slots__ = ("skip", "partial")
+
+    def __init__(self, preface: int = len(PREFACE)) -> None:
+        self.skip = preface  # bytes of the current frame (or preface) still to pass
+        self.partial = b""
+
+    def scan(self, data: bytes) -> list[int]:
+        """The stream ids in `data` that name themselves as their parent."""
+        found = []
+        pos = self.skip
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        end = len(data)
+        while pos + 9 <= end:
+            kind = data[pos + 3]
+            flags = data[pos + 4]
+            if kind == PRIORITY_FRAME or (kind == HEADERS_FRAME and flags & PRIORITY_FLAG):
+                at = pos + 9 + (1 if kind == HEADERS_FRAME and flags & PADDED else 0)
+                if at + 4 > end:
+                    break  # its dependency is in the next read
+                sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                if int.from_bytes(data[at:at + 4], "big") & 0x7FFFFFFF == sid:
+                    found.append(sid)
+            pos += 9 + int.from_bytes(data[pos:pos + 3], "big")
+        if pos >= end:
+            self.skip = pos - end
+        else:
+            self.skip = 0
+            self.partial = data[pos:]
+        return found
