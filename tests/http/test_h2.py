@@ -246,14 +246,14 @@ async def test_trailers_head_204_and_304():
 async def test_zions_own_handlers_answer_over_http2():
     def dispatch(ex):
         if ex.scope["path"] == "/file":
-            ex.send_head(200, b"content-type: text/plain\r\netag: \"1\"\r\n", 6)
+            ex.send_head(200, [(b"content-type", b"text/plain"), (b"etag", b'"1"')], 6)
             ex.write_raw(b"abc")
             ex.write_raw(b"def")
             ex.complete()
         elif ex.scope["path"] == "/fail":
             ex.fail(503, "busy")
         else:
-            ex.respond(405, b"no\n", extra=b"allow: GET, HEAD\r\n")
+            ex.respond(405, b"no\n", extra=[(b"allow", b"GET, HEAD")])
 
     state = make_state()
     peer = FakePeer(state)

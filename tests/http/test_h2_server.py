@@ -403,3 +403,27 @@ async def test_a_parked_http2_body_gets_408_after_body_timeout(start_zion: Any) 
     assert rs[parked].status == 408
     writer.close()
     await asyncio.to_thread(wait_for, lambda: _inflight(srv) == 0, 10, "nothing in flight")
+
+
+async def test_h2c_prior_knowledge_on_a_no_tls_listener(start_zion: Any) -> None:
+    """Issue 19.5: behind a TLS-terminating proxy (Envoy, Cloud Run), HTTP/2
+    in clear text from the first byte; --no-http2 turns it off."""
+    srv = start_zion("--no-tls", "--no-bpf-demux", "h2_app:app", workers=1)
+    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-w", " %{http_version}",
+                          "--data-binary", "hello", f"http://127.0.0.1:{srv.port}/echo"],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert out.startswith("2 POST 5 ") and out.endswith(" 2"), out
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=20,
+                                 base_url=f"http://127.0.0.1:{srv.port}") as c:
+        rs = await asyncio.gather(*(c.get(f"/n{i}") for i in range(20)))
+    assert {(r.status_code, r.http_version) for r in rs} == {(200, "HTTP/2")}
+    plain = subprocess.run(["curl", "-s", "-w", " %{http_version}",
+                            f"http://127.0.0.1:{srv.port}/echo"],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert plain.startswith("1.1 GET") and plain.endswith(" 1.1")
+    srv.stop()
+    off = start_zion("--no-tls", "--no-bpf-demux", "--no-http2", "h2_app:app", workers=1)
+    refused = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null",
+                              "-w", "%{http_code}", f"http://127.0.0.1:{off.port}/echo"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.stdout != "200"

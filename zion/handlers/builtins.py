@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from zion.http.exchange import Exchange
 
 PREFIX = "/_zion/"
-ALLOW_GET = b"allow: GET, HEAD\r\n"
+ALLOW_GET = ((b"allow", b"GET, HEAD"),)
 
 
 def is_loopback(client: tuple[str, int] | None) -> bool:

@@ -19,7 +19,7 @@ def respond(ex: Exchange, worker_index: int) -> None:
     body = _PAGE.format(worker=worker_index, pid=os.getpid(),
                         path=html.escape(ex.scope["path"])).encode()
     ex.respond(200, body, b"text/html; charset=utf-8",
-               extra=b"x-zion-worker: %d\r\n" % worker_index)
+               extra=((b"x-zion-worker", b"%d" % worker_index),))
 
 
 _PAGE = """<!doctype html>

@@ -124,31 +124,30 @@ async def _send_file_inner(ex: Exchange, fd: int, path: str, st: os.stat_result)
     ctype = ctype or "application/octet-stream"
     if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
         ctype += "; charset=utf-8"
-    common = b"".join((
-        b"etag: ", etag, b"\r\n",
-        b"last-modified: ", formatdate(mtime, usegmt=True).encode(), b"\r\n",
-        b"accept-ranges: bytes\r\n",
-    ))
+    common = [(b"etag", etag),
+              (b"last-modified", formatdate(mtime, usegmt=True).encode()),
+              (b"accept-ranges", b"bytes")]
     headers = ex.scope["headers"]
     if _not_modified(headers, etag, mtime):
         ex.send_head(304, common, 0)
         ex.complete()
         return
     size = st.st_size
-    start, end, status, extra = 0, size - 1, 200, b""
+    start, end, status = 0, size - 1, 200
+    extra: list[tuple[bytes, bytes]] = []
     rng = _header(headers, b"range")
     if rng is not None and _header(headers, b"if-range") in (None, etag):
         parsed = parse_range(rng, size)
         if parsed is False:
             ex.respond(416, b"416 Range Not Satisfiable\n",
-                       extra=b"content-range: bytes */%d\r\n" % size)
+                       extra=((b"content-range", b"bytes */%d" % size),))
             return
         if isinstance(parsed, tuple):
             start, end = parsed
             status = 206
-            extra = b"content-range: bytes %d-%d/%d\r\n" % (start, end, size)
+            extra = [(b"content-range", b"bytes %d-%d/%d" % (start, end, size))]
     length = end - start + 1 if size else 0
-    ex.send_head(status, common + extra + b"content-type: " + ctype.encode() + b"\r\n", length)
+    ex.send_head(status, [*common, *extra, (b"content-type", ctype.encode())], length)
     if not ex.head:
         await _copy(ex, fd, start, length)
     ex.complete()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from zion.http import response
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# Header pairs, as zion's own handlers give them (lowercase names).
+Headers = Sequence[tuple[bytes, bytes]]
 # Body bytes buffered for an app that has not read them; past this the
 # connection stops reading from the socket until the app catches up.
 _BODY_HIGH_WATER = 65536
@@ -242,36 +244,39 @@ class Exchange:
     # -- for zion's own handlers ---------------------------------------------
 
     def respond(self, status: int, body: bytes,
-                content_type: bytes = b"text/plain; charset=utf-8", extra: bytes = b"") -> None:
-        """Answer with a fixed body in one write and finish."""
+                content_type: bytes = b"text/plain; charset=utf-8",
+                extra: Headers = ()) -> None:
+        """Answer with a fixed body in one write and finish; `extra`: header pairs."""
         keep_alive = self.keep_alive and not self.conn.state.draining
         self.keep_alive = keep_alive
         self.status = status
         self.response_started = True
         self.written = 0 if self.head else len(body)
         self.conn.write(response.simple(status, body, self.conn.state.date, content_type,
-                                        keep_alive=keep_alive, head=self.head, extra=extra))
+                                        keep_alive=keep_alive, head=self.head,
+                                        extra=response.header_lines(extra)))
         self.complete()
 
-    def fail(self, status: int, detail: str,
-             headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def fail(self, status: int, detail: str, headers: Headers = ()) -> None:
         """An error answer that closes the connection."""
         self.keep_alive = False
         self.status = status
         self.response_started = True
         self.conn.write(response.error(status, self.conn.state.date, detail,
-                                       b"".join(n + b": " + v + b"\r\n" for n, v in headers)))
+                                       response.header_lines(headers)))
         self.complete()
 
-    def send_head(self, status: int, headers: bytes, content_length: int) -> None:
-        """A response head with a known length; the body follows by write_raw."""
+    def send_head(self, status: int, headers: Headers, content_length: int) -> None:
+        """A response head (header pairs) with a known length; the body
+        follows by write_raw."""
         keep_alive = self.keep_alive and not self.conn.state.draining
         self.keep_alive = keep_alive
         self.status = status
         self.response_started = True
         self.content_length = content_length
         self.conn.write(b"".join((
-            response.status_line(status), self.conn.state.date.prefix, headers,
+            response.status_line(status), self.conn.state.date.prefix,
+            response.header_lines(headers),
             b"content-length: %d\r\n" % content_length if status not in _NO_BODY_STATUS else b"",
             b"" if keep_alive else b"connection: close\r\n",
             b"\r\n",

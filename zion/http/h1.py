@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from zion.http import access_log, forwarded, response
+from zion.http import forwarded, response, rules
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
-from zion.http.flow_control import FlowControl
+from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2 import H2Protocol
 from zion.http.state import count_response
 from zion.http.tls_scope import tls_extension
@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
+# Why reading is paused (flow_control.py), as plain ints for the hot path.
+_WRITE_FULL = int(PauseReason.WRITE_BUFFER_FULL)
+_BODY = int(PauseReason.BODY_UNREAD)
+_PIPELINED = int(PauseReason.PIPELINED)
+_LAST = int(PauseReason.LAST_REQUEST)
 # Deadline kinds.
 _NONE, _FIRST, _HEADERS, _IDLE, _BODY = 0, 1, 2, 3, 4
 
@@ -51,12 +57,13 @@ class H1Protocol(asyncio.Protocol):
     __slots__ = (
         # connection
         "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
-        "read_paused", "closing", "deadline", "deadline_kind", "current", "pipeline",
+        "pauses", "closing", "deadline", "deadline_kind", "current", "pipeline",
         "overloaded", "upgrade_seen", "served",
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
         "last_request", "held_for_drain", "write_blocked_at", "proxied", "handshaking",
+        "sniff",
     )
     # Made in connection_made: the parser holds the protocol, and a protocol
     # in no cycle is freed the moment uvloop drops it after a failed TLS
@@ -77,7 +84,7 @@ class H1Protocol(asyncio.Protocol):
             state.connection_accepted()
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
-        self.read_paused = False
+        self.pauses = ReadPauses()  # one flag per reason; reading resumes when none is left
         self.closing = False
         self.deadline = 0.0
         self.deadline_kind = _NONE
@@ -102,6 +109,9 @@ class H1Protocol(asyncio.Protocol):
         self.held_for_drain = False  # a pipelined request waits for the write buffer
         self.write_blocked_at = 0.0  # since when the client has not taken our bytes
         self.proxied = False  # the peer may speak for its clients (forwarded headers)
+        # h2c prior knowledge: the first bytes may be HTTP/2's preface (what
+        # came of it so far), or None once the connection is HTTP/1.1.
+        self.sniff: bytes | None = b"" if state.h2c else None
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -131,14 +141,14 @@ class H1Protocol(asyncio.Protocol):
             h2.connection_made(tr)
             return
         self.transport = tr
+        self.pauses.transport = tr
         self.parser = httptools.HttpRequestParser(self)
         tr.set_write_buffer_limits(high=self.limits.write_buffer_high)
         self.client, self.server = endpoints(transport)
         state = self.state
         self.proxied = state.speaks_for_clients(self.client)
         state.connection_opened(self)
-        if len(state.connections) > self.limits.max_connections:
-            self.overloaded = True
+        self.overloaded = rules.over_connections(state)
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.deadline_kind = _FIRST
 
@@ -160,20 +170,28 @@ class H1Protocol(asyncio.Protocol):
         # reading too, so neither its requests nor our responses pile up.
         self.flow.pause_writing()
         self.write_blocked_at = self.loop.time()
-        self.pause_reading()
+        self._pause(_WRITE_FULL)
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
         self.write_blocked_at = 0.0
+        self._resume(_WRITE_FULL)
         if self.held_for_drain:
             self.held_for_drain = False
             self.start_next()
-        elif self.current is None and not self.pipeline:
-            self.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.sniff is not None:
+            data = self.sniff + data
+            if _H2_PREFACE.startswith(data[:len(_H2_PREFACE)]):
+                if len(data) < len(_H2_PREFACE):
+                    self.sniff = data  # the preface is split over reads
+                    return
+                self._switch_to_h2c(data)
+                return
+            self.sniff = None
         self.began_in_chunk = False
         was_in_headers = self.in_headers
         try:
@@ -205,7 +223,7 @@ class H1Protocol(asyncio.Protocol):
             # Bytes after a request that ends the connection (Connection:
             # close, HTTP/1.0): answer the request, ignore the rest, as
             # nginx and uvicorn do.
-            self.pause_reading()
+            self._pause(_LAST)
         if self.in_headers:
             # httptools buffers a partial header line itself and reports it
             # only once complete, so bound the raw bytes of an unfinished
@@ -259,8 +277,10 @@ class H1Protocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self.deadline_kind = _NONE
-        if 0 < self.limits.max_body_size < self.content_length:  # 0: no limit
-            raise _Reject(413, f"body larger than {self.limits.max_body_size} bytes")
+        if self.content_length:  # 413 before the body is read
+            refusal = rules.body_chunk(self.limits, 0, self.content_length)
+            if refusal is not None:
+                raise _Reject(refusal.status, refusal.detail)
         parser = self.parser
         url = self.url
         if b"?" in url or b"%" in url or not url.startswith(b"/"):
@@ -309,22 +329,23 @@ class H1Protocol(asyncio.Protocol):
         self.parsing = ex
         self.pipeline.append(ex)
         # Until on_message_complete (at once, for a request without a body).
-        self.deadline = ex.started_at + self.limits.body_timeout
+        self.deadline = rules.body_deadline(self.limits, self.loop.time())
         self.deadline_kind = _BODY
         if self.current is not None or len(self.pipeline) > 1:
             # Pipelined: hold further input until earlier answers are out.
-            self.pause_reading()
+            self._pause(_PIPELINED)
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         if ex is None:
             return
-        if 0 < self.limits.max_body_size < ex.received + len(body):
-            raise _Reject(413, f"body larger than {self.limits.max_body_size} bytes")
+        refusal = rules.body_chunk(self.limits, ex.received, len(body))
+        if refusal is not None:
+            raise _Reject(refusal.status, refusal.detail)
         if not ex.response_complete:
             ex.feed_body(body)
         if self.deadline_kind == _BODY:
-            self.deadline = self.loop.time() + self.limits.body_timeout
+            self.deadline = rules.body_deadline(self.limits, self.loop.time())
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -342,18 +363,16 @@ class H1Protocol(asyncio.Protocol):
         if self.current is not None or not self.pipeline or self.closing:
             return
         ex = self.current = self.pipeline.popleft()
-        if self.overloaded:
-            ex.fail(503, "worker at max_connections")
+        refusal = rules.admit_request(self.state, self.overloaded)
+        if refusal is not None:
+            ex.fail(refusal.status, refusal.detail, refusal.headers)
         else:
             self.state.dispatch(ex)
 
     def exchange_done(self, exchange: Exchange) -> None:
         state = self.state
-        state.requests_total += 1
-        count_response(state.counters, exchange.status)
+        rules.request_done(state, exchange)
         self.served += 1
-        if state.access_log:
-            self._access_log(exchange)
         if self.current is exchange:
             self.current = None
         if (not exchange.keep_alive or state.draining or self.upgrade_seen
@@ -370,19 +389,25 @@ class H1Protocol(asyncio.Protocol):
             return
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         self.deadline_kind = _IDLE
-        if not self.flow.write_paused:
-            self.resume_reading()
-
-    def _access_log(self, ex: Exchange) -> None:
-        scope = ex.scope
-        access_log.write(access_log.AccessRecord(
-            scope["method"], scope["path"], scope["query_string"], ex.status, ex.written,
-            scope["client"], scope["http_version"], time.monotonic() - ex.started_at,
-            scope["scheme"], scope["headers"]))
+        # Nothing waits now; a body the app left unread belonged to that exchange.
+        self._resume(_PIPELINED | _BODY)
 
     def _tls_extension(self) -> dict[str, Any] | None:
         assert self.transport is not None
         return tls_extension(self.transport.get_extra_info("ssl_object"))
+
+    def _switch_to_h2c(self, data: bytes) -> None:
+        """The client spoke HTTP/2 from its first byte (h2c prior
+        knowledge): hand the transport over, as ALPN "h2" does over TLS."""
+        assert self.transport is not None
+        transport = self.transport
+        self.closing = True  # nothing of ours runs on this transport any more
+        self.deadline_kind = _NONE
+        self.state.connection_closed(self)
+        h2 = H2Protocol(self.state)
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        h2.data_received(data)
 
     def _switch_to_websocket(self, trailing: bytes) -> None:
         """Hand the transport to the WebSocket protocol, as uvicorn does with
@@ -399,7 +424,7 @@ class H1Protocol(asyncio.Protocol):
         ws = factory(scope, self.url, self.headers, trailing)
         self.transport.set_protocol(ws)
         ws.connection_made(self.transport)
-        if self.read_paused:
+        if self.pauses.reasons:
             self.transport.resume_reading()
 
     # -- connection control ---------------------------------------------------
@@ -425,12 +450,12 @@ class H1Protocol(asyncio.Protocol):
         if self.deadline_kind == _HEADERS:
             self.reject(408, "header section not received in time")
         elif self.deadline_kind == _BODY:
-            if self.read_paused:
+            if self.pauses.reasons:
                 # We stopped reading (the app is slow to take the body, or
                 # requests are pipelined): not the client's delay.
                 self.deadline = now + self.limits.body_timeout
                 return
-            self.reject(408, "request body not received in time")
+            self.reject(rules.BODY_TIMED_OUT.status, rules.BODY_TIMED_OUT.detail)
         else:
             self.close()  # idle keep-alive, or a connection that never spoke
 
@@ -470,14 +495,19 @@ class H1Protocol(asyncio.Protocol):
                 self.transport.abort()
 
     def pause_reading(self) -> None:
-        if not self.read_paused and not self.closing and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
+        """The exchange's: the app has not taken the body buffered for it."""
+        self._pause(_BODY)
 
     def resume_reading(self) -> None:
-        if self.read_paused and not self.closing and self.transport is not None:
-            self.read_paused = False
-            self.transport.resume_reading()
+        self._resume(_BODY)
+
+    def _pause(self, reason: int) -> None:
+        if not self.closing:
+            self.pauses.pause(reason)
+
+    def _resume(self, reason: int) -> None:
+        if not self.closing:
+            self.pauses.resume(reason)
 
 
 def _parser_detail(exc: Exception) -> str:

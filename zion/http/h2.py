@@ -61,7 +61,7 @@ from zttp import H2ErrorCode
 
 from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
-from zion.http.exchange import Exchange, ProtocolError
+from zion.http.exchange import Exchange, Headers, ProtocolError
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2_tunnel import StreamTransport, upgrade_headers
 from zion.http.tls_scope import tls_extension
@@ -105,6 +105,7 @@ _RESETS_RECYCLE, _RESETS_PER_CONNECTION = 64, 256 - 128 - 16
 _DISCARD = 1 << 20
 # New streams' frames held during a hand-over before reading pauses.
 _HELD_HIGH = 65536
+_WRITE_FULL, _HANDOVER = int(PauseReason.WRITE_BUFFER_FULL), int(PauseReason.HANDOVER)
 # The 8 bytes of our PINGs: a liveness probe, and the graceful GOAWAY's.
 _PING_ALIVE, _PING_GOAWAY = b"zionping", b"zionbye!"
 
@@ -331,28 +332,27 @@ class H2Exchange(Exchange):
                                    own_server)
 
     def respond(self, status: int, body: bytes,
-                content_type: bytes = b"text/plain; charset=utf-8", extra: bytes = b"") -> None:
+                content_type: bytes = b"text/plain; charset=utf-8",
+                extra: Headers = ()) -> None:
         self.status = status
         self.response_started = True
         self.content_length = len(body)
         body = b"" if self.head else body
         self.written = len(body)
         headers = [(b"content-type", content_type),
-                   (b"content-length", b"%d" % self.content_length), *_raw_headers(extra)]
+                   (b"content-length", b"%d" % self.content_length), *extra]
         self.stream.start_response(status, headers, body, False)
         self.complete()
 
-    def fail(self, status: int, detail: str,
-             headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def fail(self, status: int, detail: str, headers: Headers = ()) -> None:
         text = f"{status} {http.HTTPStatus(status).phrase}" + (f": {detail}" if detail else "")
-        self.respond(status, (text + "\n").encode(),
-                     extra=b"".join(n + b": " + v + b"\r\n" for n, v in headers))
+        self.respond(status, (text + "\n").encode(), extra=headers)
 
-    def send_head(self, status: int, headers: bytes, content_length: int) -> None:
+    def send_head(self, status: int, headers: Headers, content_length: int) -> None:
         self.status = status
         self.response_started = True
         self.content_length = content_length
-        pairs = _raw_headers(headers)
+        pairs = list(headers)
         if status not in _NO_BODY_STATUS:
             pairs.append((b"content-length", b"%d" % content_length))
         self.stream.start_response(status, pairs, b"", True)
@@ -364,20 +364,6 @@ class H2Exchange(Exchange):
 
 def _clean(headers: Any) -> list[tuple[bytes, bytes]]:
     return [(n.lower(), v) for n, v in headers if n.lower() not in _DROPPED]
-
-
-def _header_lines(raw: bytes) -> list[tuple[bytes, bytes]]:
-    """zion's handlers and DateCache write HTTP/1.1 lines ("name: value\\r\\n")."""
-    pairs = []
-    for line in raw.split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b":")
-            pairs.append((name.strip().lower(), value.strip()))
-    return pairs
-
-
-def _raw_headers(raw: bytes) -> list[tuple[bytes, bytes]]:
-    return [(n, v) for n, v in _header_lines(raw) if n not in _DROPPED]
 
 
 class H2Protocol(asyncio.Protocol):
@@ -504,12 +490,12 @@ class H2Protocol(asyncio.Protocol):
         # sent in one send() never waits in drain()).
         self.flow.pause_writing()
         self.write_blocked_at = self.loop.time()
-        self.pauses.pause(PauseReason.WRITE_BUFFER_FULL)
+        self.pauses.pause(_WRITE_FULL)
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
         self.write_blocked_at = 0.0
-        self.pauses.resume(PauseReason.WRITE_BUFFER_FULL)
+        self.pauses.resume(_WRITE_FULL)
         for stream in list(self.streams.values()):
             if stream.tunnel is not None:
                 stream.tunnel.window_opened()
@@ -525,7 +511,11 @@ class H2Protocol(asyncio.Protocol):
         if router is not None:
             data = router.split(data)  # newer streams' frames wait for the fresh codec
             if len(router.held) > _HELD_HIGH:
-                self.pauses.pause(PauseReason.HANDOVER)
+                self.pauses.pause(_HANDOVER)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes for the codec (scanned and routed already)."""
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -693,7 +683,7 @@ class H2Protocol(asyncio.Protocol):
             "http_version": "2",
             "server": self.server,
             "client": self.client,
-            "scheme": "https",
+            "scheme": self.state.scheme,  # "http" on an h2c connection
             "method": method.decode("ascii", "replace"),
             "root_path": self.state.root_path,
             "path": path,
@@ -866,13 +856,13 @@ class H2Protocol(asyncio.Protocol):
     # -- output ---------------------------------------------------------------
 
     def default_headers(self, own_server: bool) -> list[tuple[bytes, bytes]]:
-        """server, date and the operator's --header ones, from the bytes the
-        worker's tick keeps for HTTP/1.1 (parsed again only when they change)."""
+        """server, date and the operator's --header ones, as the worker's
+        tick keeps them (DateCache.pairs)."""
         date = self.state.date
         if date.prefix is not self.date_prefix:
             self.date_prefix = date.prefix
-            self.date_pairs = _header_lines(date.prefix)
-            self.date_pairs_own = _header_lines(date.without_server)
+            self.date_pairs = date.pairs
+            self.date_pairs_own = date.pairs_without_server
         # Not a copy: callers only extend their own lists with it.
         return self.date_pairs_own if own_server else self.date_pairs
 
@@ -1035,10 +1025,10 @@ class H2Protocol(asyncio.Protocol):
                                                 router.boundary)
         self.accepted = self.resets_total = 0
         self.recycled += 1
-        self.pauses.resume(PauseReason.HANDOVER)
+        self.pauses.resume(_HANDOVER)
         held = router.rest()
-        if held:
-            self.data_received(held)
+        if held and not self.closing:
+            self._feed(held)  # scanned when they came
 
     # -- ending -------------------------------------------------------------------
 
@@ -1100,7 +1090,7 @@ class H2Protocol(asyncio.Protocol):
             # Streams held for a fresh codec are above last_stream: never
             # processed, and the client knows it (RFC 9113 6.8).
             self.router = None
-            self.pauses.resume(PauseReason.HANDOVER)
+            self.pauses.resume(_HANDOVER)
         with contextlib.suppress(zttp.ProtocolError):
             self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
         self._flush()

@@ -127,6 +127,24 @@ class StreamTransport(asyncio.Transport):
         else:
             self.stream.start_response(self.status, headers, b"", self.body_left > 0)
 
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                end: bool) -> None:
+        """The version-aware handshake (RFC 8441 5): the WebSocket layer's
+        answer as events - a 2xx with end=False accepts (the stream stays
+        open for frames), anything else refuses. No key was invented and no
+        101 is parsed back on this path (see /work/wt/exchange-ws.md)."""
+        if self.closed or self.stream.closed or self.answered:
+            return
+        self.answered = True
+        pairs = [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
+        if 200 <= status < 300 and not end:
+            self.status = 101  # here: the tunnel is open, write() passes frames on
+            self.stream.start_response(status, pairs, body, True)
+        else:
+            self.status = status
+            self.body_left = 0  # the refusal's body goes with its HEADERS
+            self.stream.start_response(status, pairs, body, False)
+
     def _busy(self) -> bool:
         return (self.stream.handle.pending_bytes or 0) > _HIGH or self.proto.flow.write_paused
 

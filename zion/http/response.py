@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http
+from collections.abc import Sequence
 from email.utils import formatdate
 
 SERVER_NAME = b"zion"
@@ -25,21 +26,35 @@ class DateCache:
     formatting a date for every response. `without_server` is for a response
     whose app sent its own `server` header."""
 
-    __slots__ = ("prefix", "without_server", "_server", "_date", "_extra")
+    __slots__ = ("prefix", "without_server", "pairs", "pairs_without_server", "_server",
+                 "_date", "_extra", "_extra_pairs")
 
     def __init__(self, server: bool = True, date: bool = True,
                  extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self._server = server
         self._date = date
         self._extra = b"".join(name + b": " + value + b"\r\n" for name, value in extra)
+        self._extra_pairs = list(extra)
         self.prefix = self.without_server = b""
+        # The same as header pairs, for HTTP/2 (which has no header lines).
+        self.pairs: list[tuple[bytes, bytes]] = []
+        self.pairs_without_server: list[tuple[bytes, bytes]] = []
         self.refresh()
 
     def refresh(self) -> None:
-        date = b"date: " + formatdate(usegmt=True).encode() + b"\r\n" if self._date else b""
+        now = formatdate(usegmt=True).encode()
+        date = b"date: " + now + b"\r\n" if self._date else b""
         self.without_server = date + self._extra
         self.prefix = (b"server: " + SERVER_NAME + b"\r\n" if self._server else b"") + (
             self.without_server)
+        self.pairs_without_server = ([(b"date", now)] if self._date else []) + self._extra_pairs
+        self.pairs = ([(b"server", SERVER_NAME)] if self._server else []) + (
+            self.pairs_without_server)
+
+
+def header_lines(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """Header pairs as HTTP/1.1 lines (zion's own names and values: no CR/LF)."""
+    return b"".join(n + b": " + v + b"\r\n" for n, v in pairs)
 
 
 def simple(

@@ -21,8 +21,9 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
 # the worker, so http/ knows none of them.
 Dispatch = Callable[["Exchange"], None]
 # Builds the protocol an upgraded connection switches to:
-# (scope, request target, request headers, bytes after the request) -> protocol.
-WebSocketFactory = Callable[[dict[str, Any], bytes, list[tuple[bytes, bytes]], bytes],
+# (scope, request target, request headers, bytes after the request) -> protocol;
+# None instead of bytes: an HTTP/2 extended CONNECT (RFC 8441), no HTTP/1.1 handshake.
+WebSocketFactory = Callable[[dict[str, Any], bytes, list[tuple[bytes, bytes]], bytes | None],
                             asyncio.Protocol]
 
 
@@ -81,6 +82,10 @@ class ServerState:
         self.access_log = settings.log.access_log
         tls = settings.tls.enabled
         self.scheme = "https" if tls else "http"  # --no-tls: plain HTTP/1.1
+        # --no-tls listeners speak HTTP/2 too when a client starts with its
+        # connection preface (h2c "prior knowledge", RFC 9113 3.3), as behind
+        # Envoy or Cloud Run; --no-http2 turns it off.
+        self.h2c = not tls and settings.tls.http2
         # Client certificates were asked for: scopes carry the ASGI TLS extension.
         self.client_certs = tls and settings.tls.cert_reqs != "none"
         self.root_path = settings.server.root_path
