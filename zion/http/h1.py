@@ -390,7 +390,8 @@ class H1Protocol(asyncio.Protocol):
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         self.deadline_kind = _IDLE
         # Nothing waits now; a body the app left unread belonged to that exchange.
-        self._resume(_PIPELINED | _BODY)
+        if self.pauses.reasons:
+            self._resume(_PIPELINED | _BODY)
 
     def _tls_extension(self) -> dict[str, Any] | None:
         assert self.transport is not None
@@ -499,7 +500,9 @@ class H1Protocol(asyncio.Protocol):
         self._pause(_BODY)
 
     def resume_reading(self) -> None:
-        self._resume(_BODY)
+        # On every body the app takes: test the flag before any call.
+        if self.pauses.reasons & _BODY:
+            self._resume(_BODY)
 
     def _pause(self, reason: int) -> None:
         if not self.closing:
