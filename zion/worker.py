@@ -340,8 +340,10 @@ def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles |
 
 def websocket_factory(state: ServerState, app: ASGIApp) -> Any:
     def build(scope: dict[str, Any], target: bytes, headers: list[tuple[bytes, bytes]],
-              trailing: bytes) -> asyncio.Protocol:
-        return WebSocketProtocol(state, app, scope, request_bytes(target, headers) + trailing)
+              trailing: bytes | None) -> asyncio.Protocol:
+        # None: an HTTP/2 extended CONNECT (RFC 8441), no HTTP/1.1 request to replay.
+        raw = None if trailing is None else request_bytes(target, headers) + trailing
+        return WebSocketProtocol(state, app, scope, raw)
 
     return build
 

@@ -101,9 +101,9 @@ class FakePeer:
             state.dispatch = lambda ex: ex.run(app, state.tasks)
 
             def ws_factory(scope: dict[str, Any], target: bytes,
-                           headers: list[tuple[bytes, bytes]], trailing: bytes) -> Any:
-                return WebSocketProtocol(state, app, scope,
-                                         request_bytes(target, headers) + trailing)
+                           headers: list[tuple[bytes, bytes]], trailing: bytes | None) -> Any:
+                raw = None if trailing is None else request_bytes(target, headers) + trailing
+                return WebSocketProtocol(state, app, scope, raw)
 
             state.websocket_factory = ws_factory
         self.state = state

@@ -71,7 +71,7 @@ def admit(ex: Exchange, limits: LimitsSettings, connections: int, inflight: int)
         return True
     if refusal.close:
         ex.keep_alive = False
-    ex.respond(503, refusal.detail, extra=b"retry-after: %d\r\n" % refusal.retry_after)
+    ex.respond(503, refusal.detail, extra=((b"retry-after", b"%d" % refusal.retry_after),))
     return False
 
 

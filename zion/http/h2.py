@@ -63,7 +63,7 @@ from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, Headers, ProtocolError
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
-from zion.http.h2_tunnel import StreamTransport, upgrade_headers
+from zion.http.h2_tunnel import StreamTransport
 from zion.http.tls_scope import tls_extension
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
@@ -745,7 +745,9 @@ class H2Protocol(asyncio.Protocol):
         factory = self.state.websocket_factory
         assert factory is not None
         tunnel = stream.tunnel = StreamTransport(self, stream)
-        tunnel.start(factory(scope, target, upgrade_headers(headers), b""))
+        # None: no HTTP/1.1 handshake to replay; the WebSocket layer answers
+        # through tunnel.respond() (version-aware, RFC 8441 5).
+        tunnel.start(factory(scope, target, headers, None))
 
     def tunnel_done(self, stream: H2Stream) -> None:
         """The WebSocket on this stream is over: end our side, drop the stream."""

@@ -5,19 +5,16 @@ A client that saw SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 opens a stream with
 WebSocket frames both ways in DATA frames, and a 200 answers the handshake
 instead of a 101 (RFC 8441 4, 5).
 
-The WebSocket layer (zion/http/websocket.py, over the `websockets` library's
-sans-I/O ServerProtocol) speaks HTTP/1.1 for its handshake. This transport
-lets it, unchanged: the request it is given is the same one as an HTTP/1.1
-upgrade (the key RFC 8441 drops is made up here; its answer, the accept
-hash, is dropped again), and the first thing it writes - its 101, or an
-HTTP/1.1 error answer - becomes the stream's HEADERS (and DATA).
+The WebSocket layer (zion/http/websocket.py) knows which version carries
+it: over HTTP/2 it is built with no HTTP/1.1 request (raw_request None),
+checks the extended CONNECT's headers itself and answers through respond()
+with a status and header pairs - no Sec-WebSocket-Key is invented and no
+101 is parsed back (RFC 8441 5). Frames then go both ways as DATA.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,14 +29,6 @@ _NOT_FORWARDED = frozenset({b"connection", b"upgrade", b"sec-websocket-accept", 
 _HIGH = 65536
 
 
-def upgrade_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The HTTP/1.1 upgrade request the WebSocket layer checks, from an
-    extended CONNECT's headers (RFC 8441 5: no Sec-WebSocket-Key over HTTP/2)."""
-    key = base64.b64encode(os.urandom(16))
-    return [*headers, (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
-            (b"sec-websocket-key", key)]
-
-
 class StreamTransport(asyncio.Transport):
     """The asyncio.Transport a WebSocketProtocol writes to, over one stream."""
 
@@ -48,10 +37,8 @@ class StreamTransport(asyncio.Transport):
         self.proto = proto
         self.stream = stream
         self.protocol: Any = None
-        self.head = b""  # the HTTP/1.1 answer, until it is complete
-        self.answered = False
-        self.status = 0
-        self.body_left = 0  # of a refusal's body
+        self.answered = False  # respond() was called
+        self.open = False  # ...with a 2xx: WebSocket frames follow
         self.closed = False
         self.read_paused = False
         self.write_paused = False
@@ -84,22 +71,12 @@ class StreamTransport(asyncio.Transport):
     # -- asyncio.Transport -------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closed or self.stream.closed:
+        # WebSocket frames, once the handshake was accepted; nothing before
+        # the answer, nothing after a refusal (its body went with respond()).
+        if self.closed or self.stream.closed or not self.open:
             return
-        data = bytes(data)
-        if not self.answered:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            data = self.head[end + 4:]
-            self._answer(self.head[:end])
-            self.head = b""
-        if self.status != 101:
-            data = data[:self.body_left]  # a refusal's body; nothing after it
-            self.body_left -= len(data)
         if data:
-            self.stream.write(data)
+            self.stream.write(bytes(data))
             if self.proto.unflushed >= _HIGH:
                 # Whatever the client's window: the transport must see it to
                 # push back (h2.py, _FLUSH_HIGH).
@@ -107,25 +84,6 @@ class StreamTransport(asyncio.Transport):
             if not self.write_paused and self._busy():
                 self.write_paused = True
                 self.protocol.pause_writing()
-
-    def _answer(self, head: bytes) -> None:
-        """The WebSocket layer's HTTP/1.1 answer as the stream's HEADERS."""
-        self.answered = True
-        lines = head.split(b"\r\n")
-        self.status = int(lines[0].split(b" ", 2)[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                self.body_left = int(value)
-            elif name not in _NOT_FORWARDED:
-                headers.append((name, value.strip()))
-        if self.status == 101:
-            # RFC 8441 5: a 2xx accepts the extended CONNECT; the stream stays open.
-            self.stream.start_response(200, headers, b"", True)
-        else:
-            self.stream.start_response(self.status, headers, b"", self.body_left > 0)
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
                 end: bool) -> None:
@@ -137,13 +95,9 @@ class StreamTransport(asyncio.Transport):
             return
         self.answered = True
         pairs = [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
-        if 200 <= status < 300 and not end:
-            self.status = 101  # here: the tunnel is open, write() passes frames on
-            self.stream.start_response(status, pairs, body, True)
-        else:
-            self.status = status
-            self.body_left = 0  # the refusal's body goes with its HEADERS
-            self.stream.start_response(status, pairs, body, False)
+        # RFC 8441 5: a 2xx accepts the extended CONNECT; the stream stays open.
+        self.open = 200 <= status < 300 and not end
+        self.stream.start_response(status, pairs, body, self.open)
 
     def _busy(self) -> bool:
         return (self.stream.handle.pending_bytes or 0) > _HIGH or self.proto.flow.write_paused
