@@ -110,7 +110,14 @@ class ZionProcess:
             message = "zion did not exit within the drain timeout\n" + self.log_text()
             raise AssertionError(message) from None
         finally:
-            self._reader.join(5)
+            self.close()
+
+    def close(self) -> None:
+        """The log pipe, once the reader has seen its end (a worker that outlives
+        its master keeps it open): unclosed, it is a ResourceWarning at GC."""
+        self._reader.join(5)
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +156,7 @@ def start_zion(zion_env: dict[str, str]) -> Iterator[Callable[..., ZionProcess]]
         if proc.proc.poll() is None:
             with contextlib.suppress(AssertionError):
                 proc.stop(timeout=15)
+        proc.close()
 
 
 def client_context(alpn: bool = True) -> ssl.SSLContext:

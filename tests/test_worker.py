@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 from tests.conftest import get, wait_for
 from tests.support.bpf import zion_prog_ids
 from zion.worker import _Heartbeat
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone, and reaped
+        return False
 
 
 def test_workers_die_with_a_sigkilled_master_and_nothing_stays_attached(start_zion):
@@ -20,8 +28,7 @@ def test_workers_die_with_a_sigkilled_master_and_nothing_stays_attached(start_zi
     srv.proc.wait(10)
 
     def gone() -> bool:
-        return not any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(
-            f"/proc/{pid}/status").read() for pid in workers)
+        return not any(_running(pid) for pid in workers)
 
     wait_for(gone, 15, "workers to exit after their master died")
     if attached:  # the last descriptor closed with them: the program is gone too
