@@ -100,3 +100,33 @@ async def test_a_leaking_worker_is_replaced_without_a_failed_request(start_zion)
     # clients leak between two looks of the master: about 1.2 times the limit
     # on an idle machine, up to 1.47 on one loaded 7 times over (its looks late).
     assert peak[0] < limit * MIB * HARD_FACTOR, f"peak RSS {peak[0] / MIB:.0f} MiB"
+
+
+# -- the decisions, without processes ------------------------------------------
+
+def test_memory_verdicts_from_this_process_rss():
+    import os
+
+    from zion.supervisor.limits import Memory, memory_verdict
+
+    rss = rss_bytes(os.getpid())
+    assert rss is not None and rss > MIB
+    mib = rss // MIB
+    verdicts = [memory_verdict(os.getpid(), limit).verdict  # type: ignore[union-attr]
+                for limit in (mib * 4, mib - 1, max(1, int(mib / 1.6)))]
+    assert verdicts == [Memory.OK, Memory.OVER, Memory.CEILING]
+    assert rss_bytes(2**22 + 12345) is None  # no such process (pid_max is at most 2^22)
+
+
+def test_only_a_ready_slot_whose_heartbeat_is_older_than_the_timeout_is_stuck():
+    from zion.demux.board import SlotState, StatusBoard
+    from zion.supervisor.limits import stuck_slots
+
+    board = StatusBoard.anonymous(3)
+    now = time.monotonic_ns()
+    for index, (state, age_s) in enumerate(((SlotState.READY, 5.0), (SlotState.READY, 0.01),
+                                            (SlotState.DRAINING, 5.0))):
+        board.set_state(index, state, pid=100 + index)
+        board.slots[index].heartbeat_ns = now - int(age_s * 1e9)
+    [(index, blocked)] = stuck_slots(board, range(3), now, timeout_s=3.0)
+    assert index == 0 and 4.9 < blocked < 5.1
