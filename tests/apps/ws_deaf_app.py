@@ -9,7 +9,7 @@ HTTP /gc?off|on   turns the worker's cyclic collector off or on.
 HTTP /buffers     the write buffer size of each open WebSocket's transport.
 HTTP /alive       counts the WebSocket objects still in memory (gc.get_objects
                   sees what the collector tracks, reachable or not, without
-                  collecting anything).
+                  collecting anything); /alive?Name,Other counts those types.
 """
 
 import asyncio
@@ -17,8 +17,9 @@ import gc
 import sys
 
 
-def _alive() -> str:
-    names = ("WebSocketProtocol", "_ServerProtocol", "ServerProtocol")
+def _alive(query: bytes = b"") -> str:
+    names = tuple(query.decode().split(",")) if query else (
+        "WebSocketProtocol", "_ServerProtocol", "ServerProtocol")
     counts = dict.fromkeys(names, 0)
     for obj in gc.get_objects():
         name = type(obj).__name__
@@ -53,7 +54,7 @@ async def app(scope, receive, send):
         elif scope["path"] == "/buffers":
             body = _write_buffers()
         else:
-            body = _alive()
+            body = _alive(scope["query_string"])
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body.encode()})
         return

@@ -339,3 +339,33 @@ async def test_bytes_after_connection_close_get_the_answer_then_a_close(server):
     writer.close()
     assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1") == 1
     assert b"400" not in out.split(b"\r\n", 1)[0]
+
+
+async def test_closed_connections_are_freed_without_the_cyclic_gc(start_zion):
+    # The httptools parser holds the protocol as its callbacks; unbroken, that
+    # cycle kept every closed connection (TLS transport and buffers included)
+    # until a full cyclic collection. With the worker's collector off, closed
+    # connections, and the HTTP/1.1 half of each WebSocket, must still go.
+    import websockets
+
+    srv = start_zion("ws_deaf_app:app", "--no-bpf-demux", workers=1)
+    assert (await get(srv.port, "/gc?off")).body == b"gc_enabled=False"
+    try:
+        for _ in range(40):
+            assert (await get(srv.port, "/alive?H1Protocol")).status == 200
+        for _ in range(3):
+            async with websockets.connect(f"wss://127.0.0.1:{srv.port}/ws",
+                                          ssl=client_context(alpn=False),
+                                          server_hostname="localhost"):
+                pass
+
+        async def alive() -> int:
+            body = (await get(srv.port, "/alive?H1Protocol")).body.decode()
+            return int(body.split("=")[1])
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while (left := await alive()) > 1:  # the connection asking is alive
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{left} HTTP/1.1 connections still in memory after they closed")
+    finally:
+        await get(srv.port, "/gc?on")

@@ -40,11 +40,18 @@ ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
 # Why reading is paused (flow_control.py), as plain ints for the hot path.
 _WRITE_FULL = int(PauseReason.WRITE_BUFFER_FULL)
-_BODY = int(PauseReason.BODY_UNREAD)
+_BODY_UNREAD = int(PauseReason.BODY_UNREAD)
 _PIPELINED = int(PauseReason.PIPELINED)
 _LAST = int(PauseReason.LAST_REQUEST)
 # Deadline kinds.
 _NONE, _FIRST, _HEADERS, _IDLE, _BODY = 0, 1, 2, 3, 4
+
+
+class _NoCallbacks:
+    """What a closed connection's parser calls back: nothing."""
+
+
+_IDLE_PARSER = httptools.HttpRequestParser(_NoCallbacks())
 
 
 class _Reject(Exception):
@@ -161,6 +168,7 @@ class H1Protocol(asyncio.Protocol):
             ex.lost()
         self.flow.connection_lost()
         self.deadline_kind = _NONE
+        self._release_parser()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -391,7 +399,7 @@ class H1Protocol(asyncio.Protocol):
         self.deadline_kind = _IDLE
         # Nothing waits now; a body the app left unread belonged to that exchange.
         if self.pauses.reasons:
-            self._resume(_PIPELINED | _BODY)
+            self._resume(_PIPELINED | _BODY_UNREAD)
 
     def _tls_extension(self) -> dict[str, Any] | None:
         assert self.transport is not None
@@ -405,10 +413,19 @@ class H1Protocol(asyncio.Protocol):
         self.closing = True  # nothing of ours runs on this transport any more
         self.deadline_kind = _NONE
         self.state.connection_closed(self)
+        self._release_parser()
         h2 = H2Protocol(self.state)
         transport.set_protocol(h2)
         h2.connection_made(transport)
         h2.data_received(data)
+
+    def _release_parser(self) -> None:
+        """This connection is done with HTTP/1.1 (closed, or handed over).
+        The parser holds us as its callbacks: that cycle kept every closed
+        connection, with its TLS transport and buffers, until a full cyclic
+        collection (1,000 closed connections: +166 MiB with the collector
+        off). Nothing feeds it any more (data_received returns once closing)."""
+        self.parser = _IDLE_PARSER
 
     def _switch_to_websocket(self, trailing: bytes) -> None:
         """Hand the transport to the WebSocket protocol, as uvicorn does with
@@ -422,6 +439,7 @@ class H1Protocol(asyncio.Protocol):
         self.closing = True  # nothing of ours runs on this transport any more
         self.deadline_kind = _NONE
         self.state.connection_closed(self)
+        self._release_parser()
         ws = factory(scope, self.url, self.headers, trailing)
         self.transport.set_protocol(ws)
         ws.connection_made(self.transport)
@@ -497,12 +515,12 @@ class H1Protocol(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         """The exchange's: the app has not taken the body buffered for it."""
-        self._pause(_BODY)
+        self._pause(_BODY_UNREAD)
 
     def resume_reading(self) -> None:
         # On every body the app takes: test the flag before any call.
-        if self.pauses.reasons & _BODY:
-            self._resume(_BODY)
+        if self.pauses.reasons & _BODY_UNREAD:
+            self._resume(_BODY_UNREAD)
 
     def _pause(self, reason: int) -> None:
         if not self.closing:
