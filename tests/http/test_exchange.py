@@ -293,3 +293,25 @@ async def test_a_request_at_the_heartbeats_idle_pace_wakes_it_once():
     await settle()
     assert seen == [1, 1] and woken == [1]
     assert state.slot.inflight == 0
+
+
+async def test_trailers_end_a_chunked_http11_response_and_head_sends_no_body():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "trailers": True,
+                    "headers": [(b"Content-Type", b"text/plain"), (b"Connection", b"keep-alive")]})
+        await send({"type": "http.response.body", "body": b"abc", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.trailers", "headers": [(b"x-sum", b"9")]})
+
+    tr = connect(make_state(), app)
+    tr.feed(GET)
+    await until(lambda: tr.buffer.endswith(b"\r\n\r\n") and b"x-sum" in tr.buffer)
+    head, body = tr.take().split(b"\r\n\r\n", 1)
+    # Names lowercased, the app's connection-specific field dropped (RFC 9110 7.6.1).
+    assert b"content-type: text/plain" in head and b"keep-alive" not in head
+    assert body == b"3\r\nabc\r\n0\r\nx-sum: 9\r\n\r\n" and not tr.closed
+    tr.feed(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await until(lambda: tr.buffer.endswith(b"\r\n\r\n"))
+    await settle()
+    head, body = tr.take().split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding: chunked" in head and body == b""

@@ -1,7 +1,7 @@
-"""What an exchange may ask of the connection that carries it.
-
-HTTP/1.1 implements this today and HTTP/2 streams will tomorrow; an exchange
-never reaches past it into a protocol class.
+"""What an exchange may ask of what carries it (the HTTP/1.1 connection, an
+HTTP/2 stream): response events with header pairs, back-pressure, reading
+paused or resumed, done. An exchange never reaches past it into a protocol
+class, and never sees wire bytes.
 """
 
 from __future__ import annotations
@@ -33,24 +33,46 @@ class ClientDisconnected(OSError):
     """
 
 
-class Connection(Protocol):
+class Carrier(Protocol):
+    """What carries one exchange: the HTTP/1.1 connection, an HTTP/2 stream
+    (an HTTP/3 stream next). The exchange speaks in these events - header
+    pairs and body bytes, never wire bytes; each carrier frames them its own
+    way (status line and chunked coding; HEADERS and DATA frames)."""
+
     state: ServerState
     loop: asyncio.AbstractEventLoop
     client: tuple[str, int] | None
     server: tuple[str, int] | None
 
-    def write(self, data: bytes) -> None:
-        """Queue bytes for the peer; a no-op once the connection is closing."""
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                       length: int | None, body: bytes, end: bool, own_server: bool) -> None:
+        """The response head and its first body bytes. `headers`: lowercase
+        names, none connection-specific, no content-length or date (the
+        carrier adds its own date, server unless `own_server`, and the
+        operator's headers); `length`: the declared body length, None when
+        unknown; `end`: nothing follows (a bodyless response passes b"")."""
+
+    def send_body(self, data: bytes, end: bool) -> None:
+        """More body bytes; `end`: the last of them."""
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """The trailer fields, which end the response."""
+
+    def send_continue(self) -> None:
+        """100 Continue: the app is about to read a body the client holds back."""
 
     async def drain(self) -> None:
         """Return once the peer has taken enough that writing may go on."""
 
-    def pause_reading(self) -> None: ...
+    def pause_reading(self) -> None:
+        """The app has not taken the body buffered for it."""
 
     def resume_reading(self) -> None: ...
 
     def exchange_done(self, exchange: Exchange) -> None:
-        """The response is complete: log it, then serve the next one or close."""
+        """The response is complete: account and log it, then serve the next
+        one or close."""
 
     def close(self) -> None:
-        """Close now; a half-written response can only be ended this way."""
+        """Abort: a half-written response can only be ended this way (the
+        connection closes, HTTP/1.1; the stream is reset, HTTP/2)."""

@@ -11,22 +11,30 @@ thread-pool offloading work from the app's first line.
 from __future__ import annotations
 
 import asyncio
+import http
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from zion.http import response
 from zion.http.connection import ClientDisconnected
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
-    from zion.http.connection import Connection
+    from zion.http.connection import Carrier
     from zion.http.state import ASGIApp
 
 log = get_logger("zion.http")
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# Connection-specific fields (RFC 9110 7.6.1; forbidden over HTTP/2, RFC 9113
+# 8.2.2): each protocol frames the connection its own way.
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                                  b"transfer-encoding", b"upgrade", b"te"})
+# The app's header fields the exchange looks at rather than passing on as
+# they are: the framing ones, and `date`, which the carrier adds as the
+# worker's tick keeps it.
+_FRAMED = _CONNECTION_SPECIFIC | {b"content-length", b"date", b"server"}
 # Header pairs, as zion's own handlers give them (lowercase names).
 Headers = Sequence[tuple[bytes, bytes]]
 # Body bytes buffered for an app that has not read them; past this the
@@ -50,6 +58,13 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
 _EAGER = sys.version_info >= (3, 12)
 
 
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class Exchange:
     __slots__ = (
         "conn", "scope", "keep_alive", "head", "expect_100", "started_at",
@@ -57,11 +72,11 @@ class Exchange:
         "body", "body_size", "received", "body_complete", "body_delivered", "wakeup",
         "disconnected",
         # response
-        "response_started", "response_complete", "status", "headers", "chunked",
-        "content_length", "written",
+        "response_started", "response_complete", "status", "headers", "content_length",
+        "written", "bodyless", "want_trailers", "trailers",
     )
 
-    def __init__(self, conn: Connection, scope: dict[str, Any], keep_alive: bool,
+    def __init__(self, conn: Carrier, scope: dict[str, Any], keep_alive: bool,
                  expect_100: bool, started_at: float) -> None:
         self.conn = conn
         self.scope = scope
@@ -81,10 +96,13 @@ class Exchange:
         self.response_started = False
         self.response_complete = False
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunked = False
+        self.headers: Iterable[tuple[bytes, bytes]] = ()  # the app's, as it sent them
+        # None until the head is out; then the length it declared, -1: none.
         self.content_length: int | None = None
-        self.written = 0
+        self.written = 0  # body bytes sent
+        self.bodyless = False  # HEAD, 1xx, 204, 304: the body is not sent (RFC 9110 6.4.1)
+        self.want_trailers = False
+        self.trailers: list[tuple[bytes, bytes]]  # made when the app asks for trailers
 
     # -- fed by the connection -------------------------------------------------
 
@@ -115,7 +133,7 @@ class Exchange:
                 return self._take_body()
             if self.expect_100 and not self.response_started:
                 self.expect_100 = False
-                self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.conn.send_continue()
             self.conn.resume_reading()
             await self._wait()
         # Body delivered: per ASGI, receive() now waits for the response to
@@ -148,11 +166,18 @@ class Exchange:
                 raise ProtocolError("http.response.body sent before http.response.start")
             self._check_open(kind)
             more = message.get("more_body", False)
-            self.write_body(message.get("body", b""), more)
-            if not more:
-                self.complete()
-            else:
+            body = message.get("body", b"")
+            # With trailers coming, the trailers end the response, not the body.
+            end = not more and not self.want_trailers
+            if self.content_length is None:
+                self._start(body, end)
+            elif not self.bodyless and (body or end):
+                self.written += len(body)
+                self.conn.send_body(body, end)
+            if more:
                 await self.conn.drain()
+            elif end:
+                self.complete()
             return
         if kind == "http.response.start":
             if self.response_started:
@@ -160,7 +185,13 @@ class Exchange:
             self._check_open(kind)
             self.response_started = True
             self.status = int(message["status"])
-            self.headers = list(message.get("headers", ()))
+            self.headers = message.get("headers", ())
+            if message.get("trailers", False):
+                self.want_trailers = True
+                self.trailers = []
+            return
+        if kind == "http.response.trailers":
+            await self._trailers(message)
             return
         raise ProtocolError(f"unexpected ASGI message type {kind!r}")
 
@@ -170,76 +201,59 @@ class Exchange:
         if self.response_complete:
             raise ProtocolError(f"{kind} after the response was complete")
 
-    def write_body(self, body: bytes, more: bool) -> None:
+    async def _trailers(self, message: dict[str, Any]) -> None:
+        if not self.want_trailers or self.response_complete:
+            raise ProtocolError("http.response.trailers without trailers: true")
+        self._check_open("http.response.trailers")
         if self.content_length is None:
-            self._write_head(body, more)
-            return
-        if self.head or self.status in _NO_BODY_STATUS:
-            return
-        if self.chunked:
-            if body:
-                self.conn.write(b"%x\r\n%b\r\n" % (len(body), body))
-            if not more:
-                self.conn.write(b"0\r\n\r\n")
-        elif body:
-            self.conn.write(body)
-        self.written += len(body)
+            self._start(b"", False)  # no body message came: the head goes now
+        self.trailers += [(n.lower(), v) for n, v in message.get("headers", ())
+                          if n.lower() not in _CONNECTION_SPECIFIC]
+        if not message.get("more_trailers", False):
+            self.want_trailers = False
+            if not self.bodyless:
+                self.conn.send_trailers(self.trailers)
+            self.complete()
 
-    def _write_head(self, body: bytes, more: bool) -> None:
-        conn = self.conn
-        parts = [response.status_line(self.status), conn.state.date.prefix]
+    def _start(self, body: bytes, end: bool) -> None:
+        """The response head as header pairs (lowercase names; no content-length,
+        date or connection-specific fields, RFC 9110 7.6.1 / RFC 9113 8.2.2:
+        each protocol frames the length and the connection its own way)."""
+        status = self.status
+        headers = []
+        length = None
         own_server = False
-        content_length = None
         for name, value in self.headers:
-            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                raise ProtocolError(f"invalid response header {name!r}")
             lname = name.lower()
-            if lname == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    raise ProtocolError(f"invalid content-length {value!r}") from None
-                continue  # written once below, normalised
-            elif lname == b"connection":
-                if value.lower() == b"close":
+            if lname in _FRAMED:
+                if lname == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        raise ProtocolError(f"invalid content-length {value!r}") from None
+                elif lname == b"connection" and value.lower() == b"close":
                     self.keep_alive = False
+                elif lname == b"server":
+                    own_server = True  # the app's, instead of ours
+                    headers.append((lname, value))
                 continue
-            elif lname == b"transfer-encoding":
-                continue
-            elif lname == b"server":
-                own_server = True  # the app's, instead of ours
-            elif lname == b"date":
-                continue  # ours is the one the tick keeps right
-            parts += (name, b": ", value, b"\r\n")
-        if own_server:
-            parts[1] = conn.state.date.without_server
-        no_body = self.status in _NO_BODY_STATUS or self.status < 200
-        if content_length is None and not no_body:
-            if not more:
-                content_length = len(body)
-                parts += (b"content-length: ", str(content_length).encode(), b"\r\n")
-            elif self.scope["http_version"] == "1.1":
-                self.chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-            else:
-                self.keep_alive = False  # HTTP/1.0 without a length: close-delimited
-        elif content_length is not None:
-            parts += (b"content-length: ", str(content_length).encode(), b"\r\n")
-        self.content_length = content_length if content_length is not None else -1
-        if not self.keep_alive or conn.state.draining:
-            self.keep_alive = False
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if self.head or no_body:
+            headers.append((lname, value))
+        # RFC 9110 6.4.1: no content in a HEAD answer, a 1xx, a 204 or a 304.
+        if status in _NO_BODY_STATUS or status < 200:
+            self.bodyless = True
+            if status != 304:
+                length = None  # RFC 9110 8.6: never with 1xx or 204
+        elif length is None and end:
+            length = len(body)
+        if self.head:
+            self.bodyless = True
+        if self.bodyless:
             body = b""
-        elif self.chunked and body:
-            parts += (b"%x\r\n" % len(body), body, b"\r\n")
-            body = b""
-        if self.chunked and not more:
-            parts.append(b"0\r\n\r\n")
-        parts.append(body)
+        # A refused header raises here, before the head counts as written:
+        # the app's failure is then answered with a 500.
+        self.conn.start_response(status, headers, length, body, end, own_server)
+        self.content_length = -1 if length is None else length
         self.written += len(body)
-        conn.write(b"".join(parts))
 
     # -- for zion's own handlers ---------------------------------------------
 
@@ -247,44 +261,38 @@ class Exchange:
                 content_type: bytes = b"text/plain; charset=utf-8",
                 extra: Headers = ()) -> None:
         """Answer with a fixed body in one write and finish; `extra`: header pairs."""
-        keep_alive = self.keep_alive and not self.conn.state.draining
-        self.keep_alive = keep_alive
         self.status = status
         self.response_started = True
-        self.written = 0 if self.head else len(body)
-        self.conn.write(response.simple(status, body, self.conn.state.date, content_type,
-                                        keep_alive=keep_alive, head=self.head,
-                                        extra=response.header_lines(extra)))
+        self.content_length = length = len(body)
+        if self.head:
+            self.bodyless = True
+            body = b""
+        self.written = len(body)
+        self.conn.start_response(status, [(b"content-type", content_type), *extra], length,
+                                 body, True, False)
         self.complete()
 
     def fail(self, status: int, detail: str, headers: Headers = ()) -> None:
-        """An error answer that closes the connection."""
+        """An error answer that closes the connection (HTTP/1.1; the stream, HTTP/2)."""
         self.keep_alive = False
-        self.status = status
-        self.response_started = True
-        self.conn.write(response.error(status, self.conn.state.date, detail,
-                                       response.header_lines(headers)))
-        self.complete()
+        text = f"{status} {_phrase(status)}" + (f": {detail}" if detail else "") + "\n"
+        self.respond(status, text.encode(), extra=headers)
 
     def send_head(self, status: int, headers: Headers, content_length: int) -> None:
         """A response head (header pairs) with a known length; the body
-        follows by write_raw."""
-        keep_alive = self.keep_alive and not self.conn.state.draining
-        self.keep_alive = keep_alive
+        follows by write_raw, then complete()."""
         self.status = status
         self.response_started = True
         self.content_length = content_length
-        self.conn.write(b"".join((
-            response.status_line(status), self.conn.state.date.prefix,
-            response.header_lines(headers),
-            b"content-length: %d\r\n" % content_length if status not in _NO_BODY_STATUS else b"",
-            b"" if keep_alive else b"connection: close\r\n",
-            b"\r\n",
-        )))
+        self.bodyless = self.head or status in _NO_BODY_STATUS
+        self.conn.start_response(status, list(headers),
+                                 None if status in _NO_BODY_STATUS else content_length,
+                                 b"", False, False)
 
     def write_raw(self, data: bytes) -> None:
+        """Body bytes after send_head."""
         self.written += len(data)
-        self.conn.write(data)
+        self.conn.send_body(data, False)
 
     def complete(self) -> None:
         self.response_complete = True

@@ -24,7 +24,7 @@ import httptools
 
 from zion.http import forwarded, response, rules
 from zion.http.connection import endpoints
-from zion.http.exchange import Exchange
+from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2 import H2Protocol
 from zion.http.state import count_response
@@ -52,6 +52,8 @@ class _NoCallbacks:
 
 
 _IDLE_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+_NO_BODY_STATUS = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Reject(Exception):
@@ -71,6 +73,8 @@ class H1Protocol(asyncio.Protocol):
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
         "last_request", "held_for_drain", "write_blocked_at", "proxied", "handshaking",
         "sniff",
+        # response being written
+        "chunked",
     )
     # Made in connection_made: the parser holds the protocol, and a protocol
     # in no cycle is freed the moment uvloop drops it after a failed TLS
@@ -119,6 +123,8 @@ class H1Protocol(asyncio.Protocol):
         # h2c prior knowledge: the first bytes may be HTTP/2's preface (what
         # came of it so far), or None once the connection is HTTP/1.1.
         self.sniff: bytes | None = b"" if state.h2c else None
+        # response being written (one at a time: the current exchange's)
+        self.chunked = False
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -445,6 +451,65 @@ class H1Protocol(asyncio.Protocol):
         ws.connection_made(self.transport)
         if self.pauses.reasons:
             self.transport.resume_reading()
+
+    # -- the current exchange's response, framed (connection.Carrier) ------------
+
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                       length: int | None, body: bytes, end: bool, own_server: bool) -> None:
+        ex = self.current  # answers go out one at a time, in request order
+        date = self.state.date
+        parts = [response.status_line(status), date.without_server if own_server else date.prefix]
+        for name, value in headers:
+            # A CR or LF would end the field early: response splitting.
+            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+                raise ProtocolError(f"invalid response header {name!r}")
+            parts += (name, b": ", value, b"\r\n")
+        chunked = False
+        if length is not None:
+            parts += (b"content-length: ", b"%d" % length, b"\r\n")
+        elif status in _NO_BODY_STATUS or status < 200:
+            pass
+        elif ex is not None and ex.scope["http_version"] == "1.1":
+            chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        elif ex is not None:
+            ex.keep_alive = False  # HTTP/1.0 without a length: close-delimited
+        self.chunked = chunked
+        if ex is None or not ex.keep_alive or self.state.draining:
+            if ex is not None:
+                ex.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if chunked:
+            if body:
+                parts += (b"%x\r\n" % len(body), body, b"\r\n")
+            if end:
+                parts.append(b"0\r\n\r\n")
+        elif body:
+            parts.append(body)
+        self.write(b"".join(parts))
+
+    def send_body(self, data: bytes, end: bool) -> None:
+        if self.chunked:
+            if data:
+                self.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if end else
+                           b"%x\r\n%b\r\n" % (len(data), data))
+            elif end:
+                self.write(b"0\r\n\r\n")
+        elif data:
+            self.write(data)
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        # Only chunked coding can carry trailer fields (RFC 9112 7.1.2); a
+        # response with a length drops them, as the ASGI spec allows.
+        if self.chunked:
+            for name, value in headers:
+                if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+                    raise ProtocolError(f"invalid response trailer {name!r}")
+            self.write(b"0\r\n" + response.header_lines(headers) + b"\r\n")
+
+    def send_continue(self) -> None:
+        self.write(_CONTINUE)
 
     # -- connection control ---------------------------------------------------
 

@@ -50,10 +50,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import time
 import urllib.parse
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import zttp
@@ -61,7 +59,7 @@ from zttp import H2ErrorCode
 
 from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
-from zion.http.exchange import Exchange, Headers, ProtocolError
+from zion.http.exchange import Exchange, ProtocolError
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2_tunnel import StreamTransport
 from zion.http.tls_scope import tls_extension
@@ -74,10 +72,6 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
-_NO_BODY_STATUS = frozenset({204, 304})
-# Never sent over HTTP/2 (RFC 9113 8.2.2), or set by zion itself.
-_DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                      b"upgrade", b"te", b"date"})
 # Body bytes zttp may hold for a stream whose window is shut before the app's
 # send() waits for the client.
 _STREAM_HIGH = 65536
@@ -125,7 +119,7 @@ class H2Stream:
         self.server = proto.server
         self.stream_id = stream_id
         self.handle = proto.conn.stream(stream_id)
-        self.exchange: H2Exchange | None = None
+        self.exchange: Exchange | None = None
         self.tunnel: StreamTransport | None = None  # a WebSocket's (RFC 8441), not an exchange
         self.ended = False  # END_STREAM sent
         self.client_ended = False  # END_STREAM received
@@ -140,18 +134,23 @@ class H2Stream:
         self.body_deadline = 0.0  # body_timeout while the request body arrives
         self.discard_until = 0  # answered: the rest of the body is dropped up to here
 
-    def start_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
-                       more: bool, own_server: bool = False) -> None:
+    # -- the exchange's response as HEADERS and DATA (connection.Carrier) --------
+
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                       length: int | None, body: bytes, end: bool, own_server: bool) -> None:
         if self.closed:
             return
         proto = self.proto
+        if length is not None:
+            headers.append((b"content-length", b"%d" % length))
         if proto.state.date.prefix is proto.date_prefix:  # the tick has not changed them
             headers += proto.date_pairs_own if own_server else proto.date_pairs
         else:
             headers += proto.default_headers(own_server)
         handle = self.handle
         try:
-            if not body and not more:
+            if not body and end:
+                # END_STREAM rides on the HEADERS frame: no empty DATA frame.
                 handle.send_response(status, headers, True)
                 self.ended = True
             else:
@@ -159,17 +158,38 @@ class H2Stream:
                 if body:
                     handle.send_data(body)
                     proto.unflushed += len(body)
-                if not more:
+                if end:
                     handle.end_message()
                     self.ended = True
         except zttp.LocalProtocolError:
             raise ProtocolError(f"invalid response header for status {status}") from None
-        if more:
-            self.proto.wrote()
+        if not end:
+            proto.wrote()
         # else the stream is done: H2Protocol._stream_gone sends it, at once
         # when no other stream is open (no extra loop iteration per request).
 
+    def send_body(self, data: bytes, end: bool) -> None:
+        if self.closed or self.ended:
+            return
+        if data:
+            self.handle.send_data(data)
+            self.proto.unflushed += len(data)
+        if end:
+            self.ended = True
+            self.handle.end_message()  # sent by H2Protocol._stream_gone, which follows
+        else:
+            self.proto.wrote()
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.end(headers)
+
+    def send_continue(self) -> None:
+        if not self.closed and not self.ended:
+            self.handle.send_informational(100)
+            self.proto.wrote()
+
     def write(self, data: bytes) -> None:
+        """A WebSocket's frames (h2_tunnel), as DATA."""
         if not self.closed and data:
             self.handle.send_data(data)
             proto = self.proto
@@ -256,114 +276,6 @@ class H2Stream:
             self.window.wake()
         if self.tunnel is not None:
             self.tunnel.window_opened()
-
-
-class H2Exchange(Exchange):
-    """An Exchange whose response goes out as HEADERS/DATA frames: the
-    HTTP/1.1 writers are overridden here, so HTTP/1.1 pays nothing for it."""
-
-    __slots__ = ("stream", "want_trailers", "trailers")
-
-    def __init__(self, stream: H2Stream, scope: dict[str, Any], started_at: float) -> None:
-        Exchange.__init__(self, stream, scope, True, False, started_at)
-        self.stream = stream
-        self.want_trailers = False
-        self.trailers: list[tuple[bytes, bytes]] | None = None
-
-    def send(self, message: dict[str, Any]) -> Coroutine[Any, Any, None]:  # type: ignore[override]
-        """ASGI send: a plain function handing back Exchange.send's coroutine,
-        so a message costs no second coroutine frame (the app awaits it)."""
-        kind = message["type"]
-        if kind == "http.response.trailers":
-            return self._trailers(message)
-        if kind == "http.response.start" and message.get("trailers"):
-            self.want_trailers = True
-        elif self.want_trailers and kind == "http.response.body":
-            # The trailers, not the last body message, end the stream.
-            message = {**message, "more_body": True}
-        return Exchange.send(self, message)
-
-    async def _trailers(self, message: dict[str, Any]) -> None:
-        if not self.want_trailers or self.response_complete:
-            raise ProtocolError("http.response.trailers without trailers: true")
-        self._check_open("http.response.trailers")
-        self.trailers = (self.trailers or []) + _clean(message.get("headers", ()))
-        if not message.get("more_trailers", False):
-            self.want_trailers = False
-            self.stream.end(self.trailers)
-            self.complete()
-
-    def write_body(self, body: bytes, more: bool) -> None:
-        if self.content_length is None:
-            self._write_head(body, more)
-        elif body and not self.head and self.status not in _NO_BODY_STATUS:
-            self.written += len(body)
-            self.stream.write(body)
-
-    def _write_head(self, body: bytes, more: bool) -> None:
-        status = self.status
-        content_length = None
-        own_server = False
-        headers = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    raise ProtocolError(f"invalid content-length {value!r}") from None
-            elif lname not in _DROPPED:
-                if lname == b"server":
-                    own_server = True  # the app's, instead of ours
-                headers.append((lname, value))
-        no_body = status in _NO_BODY_STATUS or status < 200
-        if no_body:
-            content_length = None
-        elif content_length is None and not more:
-            content_length = len(body)
-        if content_length is not None:
-            headers.append((b"content-length", b"%d" % content_length))
-        self.content_length = -1 if content_length is None else content_length
-        if self.head or no_body:
-            body = b""
-        self.written += len(body)
-        # A response that ends here ends the stream with its HEADERS frame.
-        self.stream.start_response(status, headers, body, more or self.want_trailers,
-                                   own_server)
-
-    def respond(self, status: int, body: bytes,
-                content_type: bytes = b"text/plain; charset=utf-8",
-                extra: Headers = ()) -> None:
-        self.status = status
-        self.response_started = True
-        self.content_length = len(body)
-        body = b"" if self.head else body
-        self.written = len(body)
-        headers = [(b"content-type", content_type),
-                   (b"content-length", b"%d" % self.content_length), *extra]
-        self.stream.start_response(status, headers, body, False)
-        self.complete()
-
-    def fail(self, status: int, detail: str, headers: Headers = ()) -> None:
-        text = f"{status} {http.HTTPStatus(status).phrase}" + (f": {detail}" if detail else "")
-        self.respond(status, (text + "\n").encode(), extra=headers)
-
-    def send_head(self, status: int, headers: Headers, content_length: int) -> None:
-        self.status = status
-        self.response_started = True
-        self.content_length = content_length
-        pairs = list(headers)
-        if status not in _NO_BODY_STATUS:
-            pairs.append((b"content-length", b"%d" % content_length))
-        self.stream.start_response(status, pairs, b"", True)
-
-    def write_raw(self, data: bytes) -> None:
-        self.written += len(data)
-        self.stream.write(data)
-
-
-def _clean(headers: Any) -> list[tuple[bytes, bytes]]:
-    return [(n.lower(), v) for n, v in headers if n.lower() not in _DROPPED]
 
 
 class H2Protocol(asyncio.Protocol):
@@ -708,7 +620,7 @@ class H2Protocol(asyncio.Protocol):
         now = self.loop.time()
         # time.monotonic(), not loop.time(), for started_at: the same clock, but
         # uvloop's is libuv's cached millisecond (see h1.py).
-        ex = stream.exchange = H2Exchange(stream, scope, time.monotonic())
+        ex = stream.exchange = Exchange(stream, scope, True, False, time.monotonic())
         if end_stream:
             stream.client_ended = True
             ex.message_complete()
@@ -792,7 +704,7 @@ class H2Protocol(asyncio.Protocol):
                 stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
         return False
 
-    def refuse(self, stream: H2Stream, ex: H2Exchange, refusal: rules.Refusal) -> None:
+    def refuse(self, stream: H2Stream, ex: Exchange, refusal: rules.Refusal) -> None:
         """Answer `refusal` instead of the app (a real response the client
         sees), or reset the stream if the app has begun answering; either way
         the app's receive() returns http.disconnect, so its task ends."""

@@ -97,7 +97,7 @@ class StreamTransport(asyncio.Transport):
         pairs = [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
         # RFC 8441 5: a 2xx accepts the extended CONNECT; the stream stays open.
         self.open = 200 <= status < 300 and not end
-        self.stream.start_response(status, pairs, body, self.open)
+        self.stream.start_response(status, pairs, None, body, not self.open, False)
 
     def _busy(self) -> bool:
         return (self.stream.handle.pending_bytes or 0) > _HIGH or self.proto.flow.write_paused
@@ -109,7 +109,7 @@ class StreamTransport(asyncio.Transport):
             return
         self.closed = True
         if not self.answered:
-            self.stream.start_response(500, [], b"", False)
+            self.stream.start_response(500, [], None, b"", True, False)
         self.proto.tunnel_done(self.stream)
         self.proto.loop.call_soon(self.protocol.connection_lost, None)
 
