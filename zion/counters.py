@@ -36,6 +36,7 @@ class WorkerCounters(ctypes.Structure):
         ("tls_handshakes", ctypes.c_uint64),  # completed handshakes
         ("tls_resumed", ctypes.c_uint64),     # ... of which resumed a session
         ("connections", ctypes.c_uint64),     # connections accepted
+        ("sendfile_bytes", ctypes.c_uint64),  # file bytes sent with sendfile(2)
     ]
 
 
@@ -43,7 +44,7 @@ FIELDS = tuple(f[0] for f in WorkerCounters._fields_)
 
 
 class CounterBoard:
-    """MAX_SLOTS x 2 banks of WorkerCounters in one shared mapping (96 KiB)."""
+    """MAX_SLOTS x 2 banks of WorkerCounters in one shared mapping (112 KiB)."""
 
     def __init__(self) -> None:
         size = ctypes.sizeof(WorkerCounters) * MAX_SLOTS * _BANKS

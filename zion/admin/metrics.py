@@ -25,6 +25,8 @@ _WORKER_COUNTERS = (
     ("zion_connections_accepted", "connections", "Connections the worker slot accepted."),
     ("zion_tls_handshakes", "tls_handshakes", "TLS handshakes completed."),
     ("zion_tls_resumptions", "tls_resumed", "TLS handshakes that resumed a session."),
+    ("zion_sendfile_bytes", "sendfile_bytes", "File bytes sent with sendfile(2) "
+     "(plain HTTP/1.1 file responses)."),
 )
 
 

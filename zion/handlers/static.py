@@ -11,11 +11,10 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from zion.handlers.builtins import ALLOW_GET
+from zion.http import files
 
 if TYPE_CHECKING:
     from zion.http.exchange import Exchange
-
-_CHUNK = 256 * 1024
 
 
 class StaticFiles:
@@ -148,24 +147,8 @@ async def _send_file_inner(ex: Exchange, fd: int, path: str, st: os.stat_result)
             extra = [(b"content-range", b"bytes %d-%d/%d" % (start, end, size))]
     length = end - start + 1 if size else 0
     ex.send_head(status, [*common, *extra, (b"content-type", ctype.encode())], length)
-    if not ex.head:
-        await _copy(ex, fd, start, length)
+    # The same body path as an app's pathsend: sendfile(2) on plain HTTP/1.1,
+    # bounded chunks with back-pressure over TLS and HTTP/2 (http/files.py).
+    if length and not ex.head:
+        await files.send_file(ex, fd, start, length)  # False: it closed the connection
     ex.complete()
-
-
-async def _copy(ex: Exchange, fd: int, offset: int, remaining: int) -> None:
-    # TLS rules out sendfile(2) (no kTLS here), so read in chunks and let the
-    # transport's back-pressure pace us: a slow reader never grows memory.
-    loop = asyncio.get_running_loop()
-    while remaining > 0 and not ex.disconnected:
-        size = min(_CHUNK, remaining)
-        chunk = os.pread(fd, size, offset) if size <= 65536 else await loop.run_in_executor(
-            None, os.pread, fd, size, offset)
-        if not chunk:
-            break
-        ex.write_raw(chunk)
-        offset += len(chunk)
-        remaining -= len(chunk)
-        await ex.conn.drain()
-    if remaining > 0:
-        ex.conn.close()  # file shrank under us: the length we promised is wrong

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from zion.http import files
 from zion.http.connection import ClientDisconnected
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
@@ -192,6 +193,12 @@ class Exchange:
             return
         if kind == "http.response.trailers":
             await self._trailers(message)
+            return
+        if kind == files.PATHSEND:
+            if not self.response_started or self.content_length is not None:
+                raise ProtocolError("http.response.pathsend must follow http.response.start")
+            self._check_open(kind)
+            await files.pathsend(self, message)
             return
         raise ProtocolError(f"unexpected ASGI message type {kind!r}")
 

@@ -25,6 +25,7 @@ import httptools
 from zion.http import forwarded, response, rules
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
+from zion.http.files import PATHSEND
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2 import H2Protocol
 from zion.http.state import count_response
@@ -337,6 +338,11 @@ class H1Protocol(asyncio.Protocol):
             # (HttpParserUpgrade in data_received); no HTTP exchange for it.
             self.ws_pending = scope
             return
+        # Not in a WebSocket's scope (above): it has no HTTP response to send a file as.
+        if self.state.client_certs:
+            scope["extensions"][PATHSEND] = {}
+        else:
+            scope["extensions"] = {PATHSEND: {}}
         # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
         # uvloop's is libuv's cached millisecond, and a request takes microseconds.
         ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, time.monotonic())

@@ -60,6 +60,7 @@ from zttp import H2ErrorCode
 from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
+from zion.http.files import PATHSEND
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2_tunnel import StreamTransport
 from zion.http.tls_scope import tls_extension
@@ -617,6 +618,7 @@ class H2Protocol(asyncio.Protocol):
                 and self.state.websocket_factory is not None):
             self._websocket(stream, scope, event.target, headers)
             return
+        scope["extensions"][PATHSEND] = {}  # not a WebSocket's (above)
         now = self.loop.time()
         # time.monotonic(), not loop.time(), for started_at: the same clock, but
         # uvloop's is libuv's cached millisecond (see h1.py).

@@ -47,6 +47,7 @@ class RequestCounters(Protocol):
     tls_handshakes: int
     tls_resumed: int
     connections: int
+    sendfile_bytes: int
 
 
 class OpenConnection(Protocol):
