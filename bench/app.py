@@ -59,3 +59,29 @@ async def app_mixed(scope, receive, send):
         time.sleep(0.2)  # a handler that holds its worker, as CPU-bound code does
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
+
+
+# The files scenario: GET /file/<name> from bench/.work/files, by pathsend where
+# the server advertises it (zion, granian), else in 256 KiB body messages.
+FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".work", "files")
+
+
+async def app_files(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await _lifespan(receive, send)
+    path = os.path.join(FILES, os.path.basename(scope["path"]))
+    if not scope["path"].startswith("/file/") or not os.path.isfile(path):
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": BODY})
+        return
+    size = os.path.getsize(path)
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/octet-stream"),
+        (b"content-length", str(size).encode())]})
+    if "http.response.pathsend" in scope.get("extensions", {}):
+        await send({"type": "http.response.pathsend", "path": path})
+        return
+    with open(path, "rb") as f:
+        while chunk := f.read(262144):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})

@@ -119,6 +119,46 @@ def websocket(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
     return out
 
 
+FILE_SIZES = {"1m.bin": 1 << 20, "100m.bin": 100 << 20}
+
+
+def _make_files() -> None:
+    """bench/.work/files: made once, random (no compression shortcut anywhere)."""
+    root = WORK / "files"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, size in FILE_SIZES.items():
+        path = root / name
+        if not path.exists() or path.stat().st_size != size:
+            with open(path.with_suffix(".tmp"), "wb") as f:
+                for _ in range(size >> 20):
+                    f.write(os.urandom(1 << 20))
+            path.with_suffix(".tmp").rename(path)
+
+
+def files(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """GET of a 1 MiB file (wrk, 16 connections) and a 100 MiB one (4
+    connections), keep-alive over TLS: the app sends http.response.pathsend
+    where the server advertises it (zion, granian); nginx serves the files
+    itself (no kTLS: read + SSL_write, like zion over TLS)."""
+    _make_files()
+    run = Running(sdef, ctx, WORK / "logs")
+    out: dict = {"argv": run.argv, "loadavg_1m": os.getloadavg()[0]}
+    try:
+        for name, conns in (("1m.bin", 16), ("100m.bin", 4)):
+            path = f"/file/{name}"
+            load.wrk(run.port, conns, 1, path=path)  # warm-up (page cache, TLS sessions)
+            cpu0 = run.cpu_seconds()
+            res = load.wrk(run.port, conns, secs, path=path)
+            res["server_cpu_s"] = run.cpu_seconds() - cpu0
+            res["server_cpu_per_req_ms"] = res["server_cpu_s"] / max(res["requests"], 1) * 1e3
+            res["mib_per_s"] = res["rps"] * FILE_SIZES[name] / (1 << 20)
+            res.pop("raw", None)
+            out[name] = res
+    finally:
+        run.stop()
+    return out
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -154,6 +194,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mixed", mixed, (4.0, 10.0), _app_server, workers=4, app="app:app_mixed"),
     Scenario("reload", reloads, (6.0, 15.0),
              lambda s: _http(s) and s.family != "floor" and s.reload_signal is not None),
+    Scenario("files", files, (4.0, 10.0),
+             lambda s: s.name in ("zion", "granian", "nginx"), app="app:app_files",
+             interleaved=True),
     Scenario("websocket", websocket, (3.0, 10.0),
              lambda s: s.family in ("zion", "uvicorn", "granian", "hypercorn")
              and s.name not in ("zion-hash", "zion-nodemux"),

@@ -135,6 +135,7 @@ http {{
         ssl_certificate_key {ctx.key};
         ssl_protocols TLSv1.2 TLSv1.3;
         location / {{ return 200 "Hello, world!"; }}
+        location /file/ {{ alias {WORK / "files"}/; }}
     }}
 }}
 """)

@@ -27,7 +27,9 @@ starlette_app = Starlette(routes=[Route("/file/{name}", file),
 
 # What the raw app sends as the path for /raw/<case>.
 _PATHS = {"relative": "data/one.bin", "missing": "/nonexistent/file.bin",
-          "directory": "/", "one": None}
+          "directory": "/", "one": None,
+          # sysfs: a regular file whose st_size (4096) is more than it holds.
+          "short": "/sys/devices/system/cpu/online"}
 
 
 async def app(scope, receive, send):

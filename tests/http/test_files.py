@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.admin.support import metrics, total
-from tests.conftest import APPS, ZionProcess, wait_for
+from tests.conftest import APPS, ZionProcess, client_context, read_until_closed, wait_for
 
 SIZES = {"empty.bin": 0, "one.bin": 1, "1m.bin": 1 << 20, "100m.bin": 100 << 20}
 BIG = "100m.bin"
@@ -123,6 +123,24 @@ async def test_a_bad_pathsend_is_a_500_and_the_worker_stays(tls_srv, case):
     assert tls_srv.worker_pids() == worker
     wait_for(lambda: any("PathsendError" in e.get("error", "") and e.get("path") == f"/raw/{case}"
                          for e in tls_srv.events("app_error")), 10, "the app_error log line")
+
+
+SHORT = Path("/sys/devices/system/cpu/online")
+
+
+@pytest.mark.skipif(not SHORT.is_file() or SHORT.stat().st_size <= len(SHORT.read_bytes()),
+                    reason=f"needs {SHORT}: a file shorter than its st_size (sysfs)")
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_a_file_shorter_than_announced_ends_the_connection(tls_srv, plain_srv, scheme):
+    srv = tls_srv if scheme == "https" else plain_srv
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", srv.port, ssl=client_context() if scheme == "https" else None,
+        server_hostname="localhost" if scheme == "https" else None)
+    writer.write(b"GET /raw/short HTTP/1.1\r\nhost: x\r\n\r\n")
+    got = await read_until_closed(reader, timeout=20)
+    writer.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"content-length: 4096" in head.lower() and len(body) < 4096
 
 
 async def test_clients_that_never_read_hold_bounded_memory(start_zion, data):
