@@ -75,10 +75,11 @@ async def app_files(scope, receive, send):
         await send({"type": "http.response.body", "body": BODY})
         return
     size = os.path.getsize(path)
+    pathsend = "http.response.pathsend" in scope.get("extensions", {})
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"application/octet-stream"),
-        (b"content-length", str(size).encode())]})
-    if "http.response.pathsend" in scope.get("extensions", {}):
+        (b"content-length", str(size).encode()), (b"x-pathsend", b"yes" if pathsend else b"no")]})
+    if pathsend:
         await send({"type": "http.response.pathsend", "path": path})
         return
     with open(path, "rb") as f:

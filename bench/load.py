@@ -26,11 +26,14 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = "/") -> dict:
+def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = "/",
+        scheme: str = "https", timeout: float = 2.0) -> dict:
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"https://127.0.0.1:{port}{path}")
+    if timeout != 2.0:  # wrk's default
+        argv += ["--timeout", f"{timeout:g}s"]
+    argv.append(f"{scheme}://127.0.0.1:{port}{path}")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

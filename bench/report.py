@@ -229,7 +229,8 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
         lambda v: [v["reloads"], v["requests"], v["failed"],
                    "yes" if v["server_survived"] else "NO"])
     lines += _websocket(results.get("websocket"))
-    lines += _files(results.get("files"))
+    lines += _files(results.get("files"), "TLS")
+    lines += _files(results.get("files-plain"), "plain HTTP/1.1")
     lines += ["## Non-default settings", ""]
     lines += [f"- {k}: {v}" for k, v in meta["non_defaults"].items()]
     lines += ["", "## Exact commands", ""]
@@ -276,20 +277,23 @@ def _websocket(rows: dict | None) -> list[str]:
     return [*out, ""]
 
 
-def _files(rows: dict | None) -> list[str]:
+def _files(rows: dict | None, over: str) -> list[str]:
     if not rows:
         return []
-    out = ["## Files over TLS (2 workers, keep-alive)", "",
+    out = [f"## Files over {over} (2 workers, keep-alive)", "",
            "`wrk -t1` GET of a 1 MiB file (16 connections) and a 100 MiB one (4 connections). "
-           "zion and granian: the app sends `http.response.pathsend`; nginx serves the file "
-           "itself. CPU is the server's process tree. Median [min–max] over rounds.", "",
-           "| server | 1 MiB req/s | 1 MiB server CPU ms/req | 100 MiB req/s | 100 MiB MiB/s | "
-           "100 MiB server CPU ms/req | errors |", "|---|---|---|---|---|---|---|"]
+           "The app sends `http.response.pathsend` where the server advertises it (column "
+           "pathsend); nginx serves the file itself. CPU is the server's process tree. "
+           "Median [min–max] over rounds.", "",
+           "| server | pathsend | 1 MiB req/s | 1 MiB server CPU ms/req | 100 MiB req/s | "
+           "100 MiB MiB/s | 100 MiB server CPU ms/req | errors |",
+           "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         small = [r["1m.bin"] for r in runs]
         big = [r["100m.bin"] for r in runs]
         out.append(
-            f"| {name} | {_fmt(_med([x['rps'] for x in small]))} | "
+            f"| {name} | {runs[0].get('pathsend', '?')} | "
+            f"{_fmt(_med([x['rps'] for x in small]))} | "
             f"{_fmt(_med([x['server_cpu_per_req_ms'] for x in small]), 2)} | "
             f"{_fmt(_med([x['rps'] for x in big]), 1)} | "
             f"{_fmt(_med([x['mib_per_s'] for x in big]))} | "

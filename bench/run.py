@@ -99,7 +99,8 @@ def main() -> int:
     results: dict = {}
     for scenario in SCENARIOS:
         if scenario.name in wanted:
-            ctx = Ctx(cert, key, workers=scenario.workers, app=scenario.app)
+            ctx = Ctx(cert, key, workers=scenario.workers, app=scenario.app,
+                      plain=scenario.plain)
             results[scenario.name] = run_scenario(scenario, servers, ctx, rounds, quick)
     results.setdefault("throughput", {})
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import load
 from servers import WORK, Ctx, Running, ServerDef
+from tls_setup import client_context
 
 
 def throughput(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
@@ -137,18 +138,22 @@ def _make_files() -> None:
 
 def files(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
     """GET of a 1 MiB file (wrk, 16 connections) and a 100 MiB one (4
-    connections), keep-alive over TLS: the app sends http.response.pathsend
-    where the server advertises it (zion, granian); nginx serves the files
-    itself (no kTLS: read + SSL_write, like zion over TLS)."""
+    connections), keep-alive, over TLS or plain HTTP/1.1 (ctx.plain): the app
+    sends http.response.pathsend where the server advertises it (zion,
+    granian); nginx serves the files itself (over TLS without kTLS: read +
+    SSL_write, like zion; plain: sendfile on, like zion)."""
     _make_files()
     run = Running(sdef, ctx, WORK / "logs")
-    out: dict = {"argv": run.argv, "loadavg_1m": os.getloadavg()[0]}
+    scheme = "http" if ctx.plain else "https"
+    out: dict = {"argv": run.argv, "loadavg_1m": os.getloadavg()[0],
+                 "pathsend": _uses_pathsend(run.port, scheme)}
     try:
         for name, conns in (("1m.bin", 16), ("100m.bin", 4)):
             path = f"/file/{name}"
-            load.wrk(run.port, conns, 1, path=path)  # warm-up (page cache, TLS sessions)
+            # Warm-up (page cache, TLS sessions); a 100 MiB answer may take seconds.
+            load.wrk(run.port, conns, 1, path=path, scheme=scheme, timeout=30)
             cpu0 = run.cpu_seconds()
-            res = load.wrk(run.port, conns, secs, path=path)
+            res = load.wrk(run.port, conns, secs, path=path, scheme=scheme, timeout=30)
             res["server_cpu_s"] = run.cpu_seconds() - cpu0
             res["server_cpu_per_req_ms"] = res["server_cpu_s"] / max(res["requests"], 1) * 1e3
             res["mib_per_s"] = res["rps"] * FILE_SIZES[name] / (1 << 20)
@@ -157,6 +162,21 @@ def files(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
     finally:
         run.stop()
     return out
+
+
+def _uses_pathsend(port: int, scheme: str) -> str:
+    """What the app reported in x-pathsend (nginx: no app, no header)."""
+    import http.client
+
+    conn = (http.client.HTTPConnection("127.0.0.1", port, timeout=10) if scheme == "http" else
+            http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=client_context()))
+    try:
+        conn.request("GET", "/file/1m.bin")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.getheader("x-pathsend") or "-"
+    finally:
+        conn.close()
 
 
 @dataclass(frozen=True)
@@ -172,6 +192,7 @@ class Scenario:
     interleaved: bool = False
     # Errors are a result ("unsupported"), not the end of the run.
     may_fail: bool = False
+    plain: bool = False  # plain HTTP/1.1 instead of HTTPS (zion --no-tls)
 
     def seconds_for(self, quick: bool) -> float:
         return self.seconds[0] if quick else self.seconds[1]
@@ -197,6 +218,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("files", files, (4.0, 10.0),
              lambda s: s.name in ("zion", "granian", "nginx"), app="app:app_files",
              interleaved=True),
+    Scenario("files-plain", files, (4.0, 10.0),
+             lambda s: s.name in ("zion", "granian", "nginx"), app="app:app_files",
+             interleaved=True, plain=True),
     Scenario("websocket", websocket, (3.0, 10.0),
              lambda s: s.family in ("zion", "uvicorn", "granian", "hypercorn")
              and s.name not in ("zion-hash", "zion-nodemux"),

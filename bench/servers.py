@@ -25,7 +25,7 @@ NON_DEFAULTS = {
                "--http httptools (explicit, same as auto here)",
     "nginx": "keepalive_requests 100000000 (default 1000 would re-handshake every 1000 "
              "requests); ssl_protocols TLSv1.2 TLSv1.3 (1.22 defaults to TLS 1.2 only); "
-             "access_log off",
+             "access_log off; sendfile on (files, plain HTTP; off by default)",
     "zion": "--log-level warning (as every Python server here)",
 }
 
@@ -36,6 +36,7 @@ class Ctx:
     key: Path
     workers: int = 2
     app: str = "app:app"
+    plain: bool = False  # plain HTTP/1.1: no certificate flags (zion: --no-tls)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class ServerDef:
         out: list[str] = []
         for token in ARGV[self.family]:
             out += self._zion_head() if token == "{zion}" else [token.format(**values)]
+        if ctx.plain:
+            out = _without_tls(out) + (["--no-tls"] if self.family == "zion" else [])
         return [*out, *self.extra]
 
     def _zion_head(self) -> list[str]:
@@ -63,6 +66,23 @@ class ServerDef:
         if src:
             return ["env", f"PYTHONPATH={src}", str(REPO / ".venv/bin/python"), "-m", "zion"]
         return [str(REPO / ".venv/bin/zion")]
+
+
+_TLS_FLAGS = ("--ssl-certfile", "--ssl-keyfile", "--ssl-certificate", "--keyfile", "--certfile")
+
+
+def _without_tls(argv: list[str]) -> list[str]:
+    """An argv with its certificate flags (and their values) taken out."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _TLS_FLAGS:
+            skip = True
+        else:
+            out.append(token)
+    return out
 
 
 # How each family is started: one command line per family, the same workers,
@@ -124,13 +144,14 @@ http {{
     access_log off;
     default_type text/plain;
     keepalive_requests 100000000;
+    sendfile on;
     client_body_temp_path {base}/tmp;
     proxy_temp_path {base}/tmp;
     fastcgi_temp_path {base}/tmp;
     uwsgi_temp_path {base}/tmp;
     scgi_temp_path {base}/tmp;
     server {{
-        listen 127.0.0.1:{port} ssl reuseport;
+        listen 127.0.0.1:{port}{"" if ctx.plain else " ssl"} reuseport;
         ssl_certificate {ctx.cert};
         ssl_certificate_key {ctx.key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -148,12 +169,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def answers(port: int) -> bool:
+def answers(port: int, plain: bool = False) -> bool:
+    request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
     try:
-        with (socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
-              client_context().wrap_socket(raw, server_hostname="localhost") as tls):
-            tls.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            return tls.recv(64).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+            if plain:
+                raw.sendall(request)
+                return raw.recv(64).startswith(b"HTTP/1.1 200")
+            with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(request)
+                return tls.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
 
@@ -169,7 +194,7 @@ class Running:
         self.proc = subprocess.Popen(self.argv, cwd=BENCH, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
-        while not answers(self.port):
+        while not answers(self.port, ctx.plain):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{sdef.name} did not start; see {self.log.name}")
