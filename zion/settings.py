@@ -262,10 +262,10 @@ class TLSSettings:
     http2: bool = setting(True, 'Offer HTTP/2 in ALPN ("h2" before "http/1.1"); clients that '
                           "choose it get HTTP/2, the rest HTTP/1.1. --no-http2: every "
                           "connection is HTTP/1.1.", flag="--http2")
-    http3: bool = setting(False, "Bind one UDP socket per worker on the port, in a reuseport "
-                          "group whose eBPF program (bpf/zion_quic.c) steers each QUIC packet "
-                          "to the worker owning its connection ID. Workers do not answer "
-                          "HTTP/3 yet, so no Alt-Svc is sent (docs/http3.md).",
+    http3: bool = setting(False, "Serve HTTP/3 (QUIC, aioquic) on UDP on the same port: one "
+                          "UDP socket per worker, in a reuseport group whose eBPF program "
+                          "(bpf/zion_quic.c) steers each QUIC packet to the worker owning its "
+                          "connection ID (docs/http3.md).",
                           flag="--http3")
     ciphers: str = setting(
         "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"

@@ -51,14 +51,18 @@ def _no_passphrase() -> str:
                          "--ssl-keyfile-password (or [tls] keyfile_password)")
 
 
+def cert_files(settings: TLSSettings) -> tuple[str, str, str]:
+    """The certificate and key files (made once when none is given), and
+    where they came from; HTTP/3 (zion/quic/tls.py) loads the same ones."""
+    if settings.certfile:
+        return settings.certfile, settings.keyfile, settings.certfile
+    path = ensure_self_signed(state_dir(settings))
+    return str(path), str(path), f"self-signed:{path}"
+
+
 def build_context(settings: TLSSettings) -> tuple[ssl.SSLContext, str]:
     """Return the server context and a description of where the cert came from."""
-    if settings.certfile:
-        certfile, keyfile, source = settings.certfile, settings.keyfile, settings.certfile
-    else:
-        path = ensure_self_signed(state_dir(settings))
-        certfile = keyfile = str(path)
-        source = f"self-signed:{path}"
+    certfile, keyfile, source = cert_files(settings)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if settings.min_version == "1.3" else ssl.TLSVersion.TLSv1_2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ from zion.http.h1 import H1Protocol
 from zion.http.proxy_listener import ProxyListener
 from zion.http.state import ASGIApp, Dispatch, ServerState
 from zion.http.websocket import WebSocketProtocol, request_bytes
+from zion.quic.sockets import WorkerQuic
 from zion.settings import ProxyProtocol, Settings
 from zion.watchdog import LoopWatchdog
 
@@ -58,7 +60,7 @@ class WorkerSpec:
 
 def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
          board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard,
-         uds: socket.socket | None = None) -> int:
+         uds: socket.socket | None = None, quic: WorkerQuic | None = None) -> int:
     master_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -72,6 +74,15 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     for fd in spec.close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+    quic_config = None
+    if quic is not None:
+        # Before the privileges go: the key file may be readable by root only.
+        from zion.quic.tls import configuration
+        try:
+            quic_config = configuration(settings)
+        except WorkerBootError as exc:
+            logger.error("worker_boot_failed", error=str(exc))
+            return ExitCode.WORKER_BOOT
     # The socket is bound and the TLS context built: a worker needs no privilege.
     identity = privileges.resolve(settings.server.user, settings.server.group)
     try:
@@ -90,7 +101,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info,
-                                              counters, uds))
+                                              counters, uds, quic, quic_config))
     except WorkerBootError as exc:
         logger.error("worker_boot_failed", error=str(exc))
         return ExitCode.WORKER_BOOT
@@ -100,7 +111,8 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
 
 async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
                  board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard,
-                 uds: socket.socket | None) -> int:
+                 uds: socket.socket | None, quic: WorkerQuic | None = None,
+                 quic_config: Any = None) -> int:
     loop = asyncio.get_running_loop()
     slot = board.slots[spec.index]
     server_settings = settings.server
@@ -161,6 +173,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     _freeze_startup_objects()
     server = await _listen(state, spec.sock, ssl_ctx)
     uds_server = await _listen_unix(state, uds, ssl_ctx) if uds is not None else None
+    quic_endpoint = (await _listen_quic(state, spec.index, quic, quic_config)
+                     if quic is not None else None)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -222,6 +236,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     server.close()
     if uds_server is not None:
         uds_server.close()
+    if quic_endpoint is not None:
+        quic_endpoint.accepting = False  # its sessions end with the connections below
     state.draining = True
     logger.debug("worker_draining", connections=len(state.connections),
                  not_yet_http=_accepted_not_served(server))
@@ -248,6 +264,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     for conn in list(state.connections):
         conn.close()
     await _finish_tasks(state.tasks)
+    if quic_endpoint is not None:
+        quic_endpoint.close()
     ticker.stop()
     if lifespan is not None:
         await lifespan.shutdown(settings.supervisor.drain_timeout)
@@ -280,6 +298,28 @@ async def _listen(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLConte
         ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
         backlog=settings.server.backlog,
     )
+
+
+async def _listen_quic(state: ServerState, index: int, quic: WorkerQuic, config: Any) -> Any:
+    """HTTP/3 on this worker's UDP socket of the group, its server CIDs
+    naming this worker's slot so the kernel program steers them here; and
+    `Alt-Svc` on every HTTP/1.1 and HTTP/2 answer, so browsers switch."""
+    from zion.http.h3 import H3Session
+    from zion.quic import cid
+    from zion.quic.endpoint import Link, QuicEndpoint
+
+    # aioquic logs every connection's version and ALPN at INFO.
+    logging.getLogger("quic").setLevel(logging.WARNING)
+    host, port = quic.sock.getsockname()[:2]
+    server = (host, port)
+
+    def accept(link: Link) -> H3Session:
+        return H3Session(state, link, server)
+
+    endpoint = QuicEndpoint(state.loop, config, cid.factory(index, quic.generation),
+                            quic.reset_key, state.limits.h2_stream_window, accept)
+    await state.loop.create_datagram_endpoint(lambda: endpoint, sock=quic.sock)
+    return endpoint
 
 
 async def _listen_unix(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLContext | None

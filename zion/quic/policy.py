@@ -22,7 +22,7 @@ from zion.errors import BindError
 from zion.listeners import ListenerGroup
 from zion.log import get_logger
 from zion.quic import steering
-from zion.quic.sockets import UdpGroup, bind_udp_group
+from zion.quic.sockets import UdpGroup, WorkerQuic, bind_udp_group
 from zion.settings import Settings
 
 logger = get_logger("zion.quic")
@@ -118,6 +118,11 @@ class QuicGroup:
     def master_fds(self) -> tuple[int, ...]:
         return self.outcome.master_fds
 
+    def for_worker(self, index: int) -> WorkerQuic:
+        # Generation 0 always: the group and its program are carried over
+        # reloads unchanged (docs/http3.md, what is missing).
+        return self.udp.for_worker(index, 0)
+
     def close(self) -> None:
         self.outcome.close()
         self.udp.close()
@@ -134,8 +139,6 @@ def bind_and_steer(settings: Settings, tcp: ListenerGroup,
         logger.warning("quic_bind_failed", error=str(exc), http3="off")
         return None
     outcome = setup(settings, udp, demux)
-    # Said at every boot until it is not true: nothing reads these sockets.
-    logger.warning("http3_not_served", sockets=len(udp.sockets), port=udp.port,
-                   detail="QUIC datagrams are steered to each worker's UDP socket, but "
-                   "workers do not run a QUIC stack yet (docs/http3.md); no Alt-Svc is sent")
+    logger.info("http3_listening", sockets=len(udp.sockets), port=udp.port,
+                steering=str(outcome.state))
     return QuicGroup(udp, outcome)

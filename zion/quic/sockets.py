@@ -12,8 +12,9 @@ replies name their peer in sendto(2).
 from __future__ import annotations
 
 import errno
+import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zion.errors import BindError
 
@@ -25,11 +26,28 @@ RECEIVE_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True)
+class WorkerQuic:
+    """What a worker needs to serve HTTP/3: its socket of the group, the
+    generation its server CIDs carry, and the key every worker derives
+    stateless reset tokens with (zion/quic/connection.py)."""
+
+    sock: socket.socket
+    generation: int
+    reset_key: bytes
+
+
+@dataclass(frozen=True)
 class UdpGroup:
     sockets: tuple[socket.socket, ...]
     host: str
     port: int
     family: socket.AddressFamily
+    # One per server life: a worker that replaces another on a socket can
+    # reset the connections the other left (RFC 9000 10.3).
+    reset_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+
+    def for_worker(self, index: int, generation: int) -> WorkerQuic:
+        return WorkerQuic(self.sockets[index], generation, self.reset_key)
 
     def close(self) -> None:
         for sock in self.sockets:

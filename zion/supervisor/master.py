@@ -245,13 +245,15 @@ class Master:
         if self.reload is None or gen.group is not self.current.group:
             gen.board.set_state(index, SlotState.STARTING)
         mine = gen.group.sockets[index]
-        close = [s.fileno() for s in self._held_sockets() if s is not mine]
+        quic = gen.quic.for_worker(index) if gen.quic is not None else None
+        close = [s.fileno() for s in self._held_sockets()
+                 if s is not mine and (quic is None or s is not quic.sock)]
         close += [*self.signals.fds, *self._held_demux_fds(), *self.admin.fds()]
         settings, ssl_ctx, board, info = gen.settings, gen.ssl_ctx, gen.board, gen.demux.info()
         counters, uds = self.counters, self.uds
         handle = self.pool.spawn(
             index, gen.number, mine, close,
-            lambda spec: worker.main(spec, settings, ssl_ctx, board, info, counters, uds))
+            lambda spec: worker.main(spec, settings, ssl_ctx, board, info, counters, uds, quic))
         logger.debug("worker_spawned", index=index, child=handle.pid, generation=gen.number)
 
     def _held_sockets(self) -> list[socket.socket]:

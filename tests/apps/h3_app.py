@@ -1,0 +1,39 @@
+"""A bare ASGI app for the HTTP/3 tests: answers with the protocol, the
+size and digest of the body it read, and the worker's pid (x-pid), so a
+test sees which worker served each request."""
+
+import hashlib
+import os
+
+from lifespan_accept import accept_lifespan
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await accept_lifespan(receive, send)
+        return
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        message = await receive()
+        body = message.get("body", b"")
+        digest.update(body)
+        size += len(body)
+        if not message.get("more_body"):
+            break
+    pid = str(os.getpid()).encode()
+    if scope["path"] == "/big":
+        total = int(scope["query_string"] or b"1048576")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(total).encode()), (b"x-pid", pid)]})
+        chunk = bytes(range(256)) * 256
+        sent = 0
+        while sent < total:
+            part = chunk[: total - sent]
+            sent += len(part)
+            await send({"type": "http.response.body", "body": part, "more_body": sent < total})
+        return
+    text = f"{scope['http_version']} {scope['method']} {size} {digest.hexdigest()}"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"x-pid", pid)]})
+    await send({"type": "http.response.body", "body": text.encode()})

@@ -1,0 +1,91 @@
+"""zion/quic/connection.py: aioquic's server connection with zion's CIDs,
+derived reset tokens and server-bounded receive windows, driven in memory
+by aioquic's client (no sockets: what is checked is what the server puts
+in its packets)."""
+
+from __future__ import annotations
+
+import ssl
+
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from zion.quic import cid
+from zion.quic.connection import ServerConnection, reset_token
+from zion.quic.tls import configuration
+from zion.settings import load_settings
+
+CLIENT, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 443)
+KEY = b"k" * 32
+WINDOW = 65536
+
+
+def _pair(tmp_path, slot: int = 3, generation: int = 5) -> tuple[QuicConnection, ServerConnection]:
+    settings = load_settings(cli={"tls": {"state_dir": str(tmp_path)}})
+    client_config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    client_config.verify_mode = ssl.CERT_NONE
+    client = QuicConnection(configuration=client_config)
+    client.connect(SERVER, now=0.0)
+    first = client.datagrams_to_send(now=0.0)
+    server = ServerConnection(configuration=configuration(settings),
+                              new_cid=cid.factory(slot, generation), reset_key=KEY,
+                              stream_window=WINDOW,
+                              original_destination_connection_id=_dcid(first[0][0]))
+    for data, _ in first:
+        server.receive_datagram(data, CLIENT, now=0.0)
+    _exchange(client, server)
+    # The spare CIDs (NEW_CONNECTION_ID) go out with the first 1-RTT packets.
+    client.send_ping(1)
+    _exchange(client, server, 0.01)
+    return client, server
+
+
+def _dcid(initial: bytes) -> bytes:
+    length = initial[5]
+    return initial[6:6 + length]
+
+
+def _exchange(client: QuicConnection, server: QuicConnection, now: float = 0.0) -> None:
+    for step in range(200):
+        now += 0.001 * step  # past the client's pacing
+        moved = False
+        for data, _ in server.datagrams_to_send(now=now):
+            client.receive_datagram(data, SERVER, now=now)
+            moved = True
+        for data, _ in client.datagrams_to_send(now=now):
+            server.receive_datagram(data, CLIENT, now=now)
+            moved = True
+        if not moved:
+            return
+
+
+def test_every_server_cid_names_the_slot_and_generation(tmp_path):
+    client, server = _pair(tmp_path)
+    # The client's view: the CID it addresses now, and the spares the
+    # server gave it with NEW_CONNECTION_ID (for migration).
+    seen = [client._peer_cid, *client._peer_cid_available]
+    assert len(seen) >= 2, "the server issued no spare CIDs"
+    for peer in seen:
+        assert cid.parse(peer.cid) == cid.ServerCid(slot=3, generation=5)
+        assert peer.stateless_reset_token == reset_token(KEY, peer.cid)
+    assert len({p.cid for p in seen}) == len(seen)
+
+
+def test_a_stream_window_does_not_move_while_held(tmp_path):
+    client, server = _pair(tmp_path)
+    window = server._local_max_stream_data_bidi_remote  # limits.h2_stream_window
+    sid = client.get_next_available_stream_id()
+    client.send_stream_data(sid, b"x" * 1000, end_stream=False)
+    _exchange(client, server, 1.0)
+    server.held_streams.add(sid)  # the app has not read
+    client.send_stream_data(sid, b"x" * (4 * window), end_stream=False)
+    _exchange(client, server, 2.0)
+    stream = server._streams[sid]
+    assert stream.receiver.highest_offset == window  # stopped at the first window
+    assert stream.max_stream_data_local == window
+    server.held_streams.discard(sid)  # read: the window slides past what came
+    _exchange(client, server, 3.0)
+    assert stream.receiver.highest_offset > window
+    # Slid to what arrived plus our window (in steps of half a window), never doubled.
+    assert stream.max_stream_data_local <= stream.receiver.highest_offset + WINDOW

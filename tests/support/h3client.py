@@ -1,0 +1,101 @@
+"""aioquic's HTTP/3 client, as a test drives it: one QUIC connection,
+requests as coroutines that return the whole response."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+
+
+class StreamWasReset(Exception):
+    pass
+
+
+@dataclass
+class Response:
+    status: int = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    done: asyncio.Future[Response] | None = None
+
+
+class H3Client(QuicConnectionProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.pending: dict[int, Response] = {}
+        self.terminated: ConnectionTerminated | None = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamReset) and event.stream_id in self.pending:
+            response = self.pending.pop(event.stream_id)
+            if response.done is not None and not response.done.done():
+                response.done.set_exception(StreamWasReset(event.error_code))
+        if isinstance(event, ConnectionTerminated):
+            self.terminated = event
+            for response in self.pending.values():
+                if response.done is not None and not response.done.done():
+                    response.done.set_exception(ConnectionError(event.reason_phrase))
+            self.pending.clear()
+        for h3_event in self.h3.handle_event(event):
+            self._h3_event(h3_event)
+
+    def _h3_event(self, event: H3Event) -> None:
+        if not isinstance(event, HeadersReceived | DataReceived):
+            return
+        response = self.pending.get(event.stream_id)
+        if response is None:
+            return
+        if isinstance(event, HeadersReceived):
+            if not response.status:
+                for name, value in event.headers:
+                    if name == b":status":
+                        response.status = int(value)
+                    else:
+                        response.headers[name] = value
+        else:
+            response.body += event.data
+        if event.stream_ended:
+            self.pending.pop(event.stream_id)
+            assert response.done is not None
+            if not response.done.done():
+                response.done.set_result(response)
+
+    async def request(self, path: str = "/", method: str = "GET", body: bytes = b"",
+                      headers: list[tuple[bytes, bytes]] | None = None,
+                      authority: bytes = b"localhost") -> Response:
+        sid = self._quic.get_next_available_stream_id()
+        response = Response(done=self._loop.create_future())
+        self.pending[sid] = response
+        self.h3.send_headers(sid, [(b":method", method.encode()), (b":scheme", b"https"),
+                                   (b":authority", authority), (b":path", path.encode()),
+                                   *(headers or [])], end_stream=not body)
+        if body:
+            self.h3.send_data(sid, body, end_stream=True)
+        self.transmit()
+        return await response.done
+
+
+def client_configuration() -> QuicConfiguration:
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    return config
+
+
+@contextlib.asynccontextmanager
+async def h3_connect(port: int, host: str = "127.0.0.1") -> AsyncIterator[H3Client]:
+    async with connect(host, port, configuration=client_configuration(),
+                       create_protocol=H3Client, wait_connected=True) as client:
+        assert isinstance(client, H3Client)
+        yield client

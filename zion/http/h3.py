@@ -1,0 +1,524 @@
+"""HTTP/3 (RFC 9114) over a worker's QUIC endpoint: every request stream is
+an Exchange, answered by the same handler chain, limits, accounting and
+access log as HTTP/1.1 and HTTP/2 (`http_version` "3").
+
+QUIC and HTTP/3 framing come from aioquic 1.7 (docs/http3.md says why
+aioquic and not zttp's QuicEndpoint); zion/quic/endpoint.py routes the
+datagrams, this module turns a connection's HTTP/3 events into exchanges.
+
+Who bounds what:
+- Request bodies: max_body_size (413, from content-length before any body
+  is read, else as it arrives) and body_timeout (408), via rules.py as on
+  the other protocols. A stream's receive window slides only past what the
+  app read (zion/quic/connection.py), so an app that does not read holds at
+  most its window per stream; aioquic allows 128 streams per connection.
+- Responses: a writer waits (drain) while its stream has more than
+  _STREAM_HIGH bytes not yet acknowledged in aioquic's send buffer, or the
+  connection's streams together more than write_buffer_high, whatever
+  window the client advertised; a client that leaves a response unread for
+  send_timeout gets its stream reset (H3_REQUEST_CANCELLED).
+- Extended CONNECT (RFC 9220 WebSocket over HTTP/3) is not served: aioquic
+  advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, so a CONNECT with :protocol
+  is answered 501, as HTTP/2 answers a protocol it does not serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import time
+import urllib.parse
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.h3.exceptions import H3Error
+from aioquic.quic import events
+
+from zion.http import forwarded, rules
+from zion.http.exchange import Exchange, Headers, ProtocolError
+from zion.http.wakeup import Wakeup
+from zion.log import get_logger
+
+if TYPE_CHECKING:
+    from zion.http.state import ServerState
+    from zion.quic.endpoint import Link
+
+log = get_logger("zion.http")
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+_NO_BODY_STATUS = frozenset({204, 304})
+# Connection-specific fields are malformed in HTTP/3 (RFC 9114 4.2); date is ours.
+_DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                      b"upgrade", b"te", b"date"})
+# Unacknowledged response bytes one stream may have in aioquic before its
+# writer waits (see the module docstring).
+_STREAM_HIGH = 65536
+
+
+class H3Stream:
+    """One request stream as the Connection an Exchange talks to."""
+
+    __slots__ = ("session", "state", "loop", "client", "server", "stream_id", "exchange",
+                 "ended", "closed", "body_deadline", "writable")
+
+    def __init__(self, session: H3Session, stream_id: int) -> None:
+        self.session = session
+        self.state = session.state
+        self.loop = session.loop
+        self.client = session.client
+        self.server = session.server
+        self.stream_id = stream_id
+        self.exchange: H3Exchange | None = None
+        self.ended = False  # our FIN queued
+        self.closed = False  # reset, or the connection is gone
+        self.body_deadline = 0.0
+        self.writable: Wakeup | None = None  # made when a writer waits
+
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                       more: bool, own_server: bool = False) -> None:
+        if self.closed:
+            return
+        session = self.session
+        date = session.state.date
+        pairs = [(b":status", b"%d" % status), *headers,
+                 *(date.pairs_without_server if own_server else date.pairs)]
+        end = not body and not more
+        try:
+            session.h3.send_headers(self.stream_id, pairs, end_stream=end)
+            if body or (not more and not end):
+                session.h3.send_data(self.stream_id, body, end_stream=not more)
+        except (H3Error, ValueError, AssertionError) as exc:
+            raise ProtocolError(f"invalid response header for status {status}: {exc}") from None
+        self.ended = not more
+        session.link.transmit_soon()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and data:
+            self.session.h3.send_data(self.stream_id, data, end_stream=False)
+            self.session.link.transmit_soon()
+
+    def unacked(self) -> int:
+        stream = self.session.quic._streams.get(self.stream_id)
+        return len(stream.sender._buffer) if stream is not None else 0
+
+    async def drain(self) -> None:
+        """Wait while this response has too much unacknowledged in aioquic
+        (see _parked), at most send_timeout; then the stream is reset."""
+        session = self.session
+        if self.closed or not self._parked():
+            return
+        deadline = self.loop.time() + session.limits.send_timeout
+        while not self.closed and self._parked():
+            left = deadline - self.loop.time()
+            if left <= 0:
+                log.info("h3_send_timeout", client=self.client[0] if self.client else None,
+                         stream=self.stream_id)
+                session.reset(self, ErrorCode.H3_REQUEST_CANCELLED)
+                break
+            if self.writable is None:
+                self.writable = Wakeup(self.loop)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.writable.wait(), left)
+
+    def _parked(self) -> bool:
+        pending = self.unacked()
+        if pending > _STREAM_HIGH:
+            return True
+        if not pending:
+            return False
+        total = sum(s.unacked() for s in self.session.streams.values())
+        return total > self.session.limits.write_buffer_high
+
+    def pause_reading(self) -> None:
+        # The app has _BODY_HIGH_WATER unread: this stream's window stays
+        # where it is (the client may send up to it, no further).
+        self.session.quic.held_streams.add(self.stream_id)
+
+    def resume_reading(self) -> None:
+        quic = self.session.quic
+        if self.stream_id in quic.held_streams:
+            quic.held_streams.discard(self.stream_id)
+            self.session.link.transmit_soon()  # the window may move now
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        self.session.stream_done(self, exchange)
+
+    def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self.ended or self.closed:
+            return
+        self.ended = True
+        h3 = self.session.h3
+        if trailers:
+            try:
+                h3.send_headers(self.stream_id, trailers, end_stream=True)
+            except (H3Error, ValueError, AssertionError):
+                raise ProtocolError("invalid response trailers") from None
+        else:
+            h3.send_data(self.stream_id, b"", end_stream=True)
+        self.session.link.transmit_soon()
+
+    def close(self) -> None:
+        """A response that cannot be finished: reset this stream only."""
+        self.session.reset(self, ErrorCode.H3_INTERNAL_ERROR)
+
+    def lost(self) -> None:
+        self.closed = True
+        if self.writable is not None:
+            self.writable.wake()
+        if self.exchange is not None:
+            self.exchange.lost()
+
+
+class H3Exchange(Exchange):
+    """An Exchange whose response goes out as HTTP/3 HEADERS/DATA frames."""
+
+    __slots__ = ("stream", "want_trailers", "trailers")
+
+    def __init__(self, stream: H3Stream, scope: dict[str, Any], started_at: float) -> None:
+        Exchange.__init__(self, stream, scope, True, False, started_at)
+        self.stream = stream
+        self.want_trailers = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+
+    def send(self, message: dict[str, Any]) -> Coroutine[Any, Any, None]:  # type: ignore[override]
+        kind = message["type"]
+        if kind == "http.response.trailers":
+            return self._trailers(message)
+        if kind == "http.response.start" and message.get("trailers"):
+            self.want_trailers = True
+        elif self.want_trailers and kind == "http.response.body":
+            message = {**message, "more_body": True}  # the trailers end the stream
+        return Exchange.send(self, message)
+
+    async def _trailers(self, message: dict[str, Any]) -> None:
+        if not self.want_trailers or self.response_complete:
+            raise ProtocolError("http.response.trailers without trailers: true")
+        self._check_open("http.response.trailers")
+        self.trailers = (self.trailers or []) + _clean(message.get("headers", ()))
+        if not message.get("more_trailers", False):
+            self.want_trailers = False
+            self.stream.end(self.trailers)
+            self.complete()
+
+    def write_body(self, body: bytes, more: bool) -> None:
+        if self.content_length is None:
+            self._write_head(body, more)
+        elif body and not self.head and self.status not in _NO_BODY_STATUS:
+            self.written += len(body)
+            self.stream.write(body)
+
+    def _write_head(self, body: bytes, more: bool) -> None:
+        status = self.status
+        content_length = None
+        own_server = False
+        headers = []
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    raise ProtocolError(f"invalid content-length {value!r}") from None
+            elif lname not in _DROPPED:
+                if lname == b"server":
+                    own_server = True
+                headers.append((lname, value))
+        no_body = status in _NO_BODY_STATUS or status < 200
+        if no_body:
+            content_length = None
+        elif content_length is None and not more:
+            content_length = len(body)
+        if content_length is not None:
+            headers.append((b"content-length", b"%d" % content_length))
+        self.content_length = -1 if content_length is None else content_length
+        if self.head or no_body:
+            body = b""
+        self.written += len(body)
+        self.stream.start_response(status, headers, body, more or self.want_trailers,
+                                   own_server)
+
+    def respond(self, status: int, body: bytes,
+                content_type: bytes = b"text/plain; charset=utf-8",
+                extra: Headers = ()) -> None:
+        self.status = status
+        self.response_started = True
+        self.content_length = len(body)
+        body = b"" if self.head else body
+        self.written = len(body)
+        headers = [(b"content-type", content_type),
+                   (b"content-length", b"%d" % self.content_length),
+                   *((n.lower(), v) for n, v in extra)]
+        self.stream.start_response(status, headers, body, False)
+        self.complete()
+
+    def fail(self, status: int, detail: str, headers: Headers = ()) -> None:
+        text = f"{status} {http.HTTPStatus(status).phrase}" + (f": {detail}" if detail else "")
+        self.respond(status, (text + "\n").encode(), extra=headers)
+
+    def send_head(self, status: int, headers: Headers, content_length: int) -> None:
+        self.status = status
+        self.response_started = True
+        self.content_length = content_length
+        pairs = [(n.lower(), v) for n, v in headers]
+        if status not in _NO_BODY_STATUS:
+            pairs.append((b"content-length", b"%d" % content_length))
+        self.stream.start_response(status, pairs, b"", True)
+
+    def write_raw(self, data: bytes) -> None:
+        self.written += len(data)
+        self.stream.write(data)
+
+
+def _clean(headers: Any) -> list[tuple[bytes, bytes]]:
+    return [(n.lower(), v) for n, v in headers if n.lower() not in _DROPPED]
+
+
+class H3Session:
+    """One QUIC connection carrying HTTP/3: its streams and their exchanges.
+    Registered with the worker's connections (tick, drain, max_connections)."""
+
+    def __init__(self, state: ServerState, link: Link, server: tuple[str, int] | None) -> None:
+        self.state = state
+        self.loop = state.loop
+        self.limits = state.limits
+        self.link = link
+        self.quic = link.quic
+        self.h3: Any = None  # the H3Connection, once ALPN chose h3
+        self.server = server
+        self.client: tuple[str, int] | None = None
+        self.proxied = False
+        self.streams: dict[int, H3Stream] = {}
+        self.overloaded = rules.over_connections(state)
+        self.closing = False
+        self.gone = False
+        self.idle_since = self.loop.time()  # no request in progress since
+        state.connection_opened(self)
+
+    # -- from the endpoint ------------------------------------------------------
+
+    def quic_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ProtocolNegotiated):
+            if event.alpn_protocol in H3_ALPN:
+                self.h3 = H3Connection(self.quic)
+                addr = self.quic.get_peer_address()
+                self.client = (addr[0], addr[1]) if addr else None
+                self.proxied = self.state.speaks_for_clients(self.client)
+            return
+        if isinstance(event, events.HandshakeCompleted):
+            counters = self.state.counters
+            counters.tls_handshakes += 1
+            if event.session_resumed:
+                counters.tls_resumed += 1
+            return
+        if isinstance(event, events.StreamReset):
+            stream = self._forget(event.stream_id)
+            if stream is not None:
+                stream.lost()
+        if self.h3 is None:
+            return
+        for h3_event in self.h3.handle_event(event):
+            if isinstance(h3_event, HeadersReceived):
+                if h3_event.stream_id not in self.streams:
+                    self._request(h3_event)
+                elif h3_event.stream_ended:
+                    self._body_end(h3_event.stream_id)  # trailers end the body
+            elif isinstance(h3_event, DataReceived):
+                self._data(h3_event)
+
+    def transmitted(self) -> None:
+        # Acknowledgements may have emptied send buffers.
+        for stream in self.streams.values():
+            if stream.writable is not None:
+                stream.writable.wake()
+
+    def ended(self) -> None:
+        self.gone = True
+        for stream in list(self.streams.values()):
+            stream.lost()
+        self.streams.clear()
+        self.state.connection_closed(self)
+
+    # -- requests ---------------------------------------------------------------
+
+    def _request(self, event: HeadersReceived) -> None:
+        sid = event.stream_id
+        if sid % 4 != 0:
+            return  # not a client-initiated bidirectional stream: no request
+        stream = H3Stream(self, sid)
+        self.streams[sid] = stream
+        method = raw_path = authority = protocol = b""
+        headers: list[tuple[bytes, bytes]] = []
+        size = 0
+        cookies: list[bytes] = []
+        length: bytes | None = None
+        has_host = False
+        for name, value in event.headers:
+            size += len(name) + len(value) + 32
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    raw_path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":protocol":
+                    protocol = value
+                continue
+            if name == b"cookie":
+                cookies.append(value)  # RFC 9114 4.2.1: crumbs are joined
+                continue
+            if name == b"content-length":
+                length = value
+            elif name == b"host":
+                has_host = True
+            headers.append((name, value))
+        if cookies:
+            headers.append((b"cookie", b"; ".join(cookies)))
+        if authority and not has_host:
+            # Frameworks read the host header; RFC 9114 4.3.1 makes :authority its equal.
+            headers.append((b"host", authority))
+        path_bytes, _, query = raw_path.partition(b"?")
+        try:
+            path = path_bytes.decode("ascii")
+        except UnicodeDecodeError:
+            path = ""
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": ASGI_VERSION,
+            "http_version": "3",
+            "server": self.server,
+            "client": self.client,
+            "scheme": "https",
+            "method": method.decode("ascii", "replace"),
+            "root_path": self.state.root_path,
+            "path": path,
+            "raw_path": path_bytes,
+            "query_string": query,
+            "headers": headers,
+            "state": self.state.lifespan_state.copy(),
+            "extensions": {"http.response.trailers": {}},
+        }
+        if self.proxied:
+            assert self.state.proxies is not None
+            forwarded.apply(scope, self.state.proxies)
+        ex = stream.exchange = H3Exchange(stream, scope, time.monotonic())
+        if event.stream_ended:
+            ex.message_complete()
+        else:
+            stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
+        refusal = rules.admit_request(self.state, self.overloaded)
+        if refusal is None and length is not None:
+            declared = rules.declared_length(self.limits, length)
+            if type(declared) is rules.Refusal:
+                refusal = declared  # 413 before the body is read
+        if refusal is None and method != b"CONNECT":
+            refusal = rules.bad_target(path_bytes, method)
+        if size > self.limits.max_header_size or len(headers) > self.limits.max_headers:
+            ex.fail(431, "header section too large")
+        elif not path and method != b"CONNECT":
+            ex.fail(400, "non-ASCII request target")
+        elif refusal is not None:
+            self.refuse(stream, ex, refusal)
+        elif method == b"CONNECT":
+            # RFC 9220 (WebSocket over HTTP/3) and plain CONNECT: not served.
+            what = f"extended CONNECT for {protocol!r}" if protocol else "CONNECT"
+            ex.fail(501, f"{what} is not supported over HTTP/3")
+        else:
+            self.state.dispatch(ex)
+
+    def _data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return  # answered and forgotten: the rest of its body is dropped
+        ex = stream.exchange
+        data = event.data
+        if ex is not None and not ex.response_complete and not ex.body_complete and data:
+            refusal = rules.body_chunk(self.limits, ex.received, len(data))
+            if refusal is not None:
+                self.refuse(stream, ex, refusal)
+                return
+            ex.feed_body(data)
+            stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
+        if event.stream_ended:
+            self._body_end(event.stream_id)
+
+    def _body_end(self, sid: int) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None and stream.exchange is not None:
+            stream.body_deadline = 0.0
+            stream.exchange.message_complete()
+
+    def refuse(self, stream: H3Stream, ex: H3Exchange, refusal: rules.Refusal) -> None:
+        """Answer `refusal` instead of the app, or reset the stream if the
+        app has begun answering; either way the app sees http.disconnect."""
+        if ex.response_started:
+            self.reset(stream, ErrorCode.H3_REQUEST_CANCELLED)
+        else:
+            ex.fail(refusal.status, refusal.detail, refusal.headers)
+        ex.lost()
+
+    def stream_done(self, stream: H3Stream, ex: Exchange) -> None:
+        rules.request_done(self.state, ex)
+        if not stream.ended:
+            stream.end()
+        if not ex.body_complete and not stream.closed:
+            # RFC 9114 4.1.2: a complete answer before the whole request; ask
+            # the client to stop sending the rest (STOP_SENDING, H3_NO_ERROR).
+            with contextlib.suppress(Exception):
+                self.quic.stop_stream(stream.stream_id, ErrorCode.H3_NO_ERROR)
+        self.quic.held_streams.discard(stream.stream_id)
+        self._forget(stream.stream_id)
+        stream.closed = True
+        self.link.transmit_soon()
+        if not self.streams and (self.closing or self.state.draining):
+            self.shutdown()
+
+    def _forget(self, sid: int) -> H3Stream | None:
+        stream = self.streams.pop(sid, None)
+        if not self.streams:
+            self.idle_since = self.loop.time()
+        return stream
+
+    def reset(self, stream: H3Stream, code: int) -> None:
+        if stream.closed:
+            return
+        if self._forget(stream.stream_id) is not None:
+            with contextlib.suppress(Exception):
+                self.quic.reset_stream(stream.stream_id, code)
+            self.quic.held_streams.discard(stream.stream_id)
+            self.link.transmit_soon()
+        stream.lost()
+
+    # -- the worker's tick and drain (OpenConnection) ---------------------------
+
+    def check_deadline(self, now: float) -> None:
+        if self.gone:
+            return
+        for stream in list(self.streams.values()):
+            ex = stream.exchange
+            if stream.body_deadline and now >= stream.body_deadline and ex is not None:
+                stream.body_deadline = 0.0
+                if not ex.body_complete:
+                    self.refuse(stream, ex, rules.BODY_TIMED_OUT)
+        if not self.streams and (self.state.draining
+                                 or now - self.idle_since >= self.limits.keepalive_timeout):
+            # Idle for keepalive_timeout, as HTTP/1.1 and HTTP/2 connections.
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Close once no request is in progress (H3_NO_ERROR); a draining
+        worker's idle connections end at its next tick."""
+        self.closing = True
+        if not self.streams and not self.gone:
+            self.close()
+
+    def close(self) -> None:
+        if self.gone:
+            return
+        self.quic.close(error_code=ErrorCode.H3_NO_ERROR)
+        self.link.transmit_soon()

@@ -1,0 +1,96 @@
+"""aioquic's server connection with zion's connection IDs and receive windows.
+
+aioquic 1.7 draws every server CID from `os.urandom` (the first one in
+`QuicConnection.__init__`, the later ones in `_replenish_connection_ids`)
+and has no hook for it; the kernel program can only steer a packet whose
+DCID names its worker (zion/quic/cid.py), so this subclass replaces both.
+The pin in pyproject.toml (aioquic >=1.7,<1.8) is there because these are
+aioquic's private names; tests/quic/test_connection.py fails if they move.
+
+Stateless reset tokens are derived from the CID with a key every worker of
+the server shares (RFC 9000 10.3.2), not drawn at random: a worker that
+receives a packet for a CID it does not know (its owner died, or the packet
+is for a connection of the previous worker on this socket) can answer with
+the token the client holds for that CID, so the client stops at once
+instead of waiting out its idle timeout.
+
+Receive windows: aioquic doubles a stream's window (and the connection's)
+as data arrives, whether or not the application read it, so an app that
+does not read a large upload would hold all of it. Here a stream's window
+only moves to what was received plus `stream_window`, and not at all while
+the HTTP layer holds the stream (its app has `_BODY_HIGH_WATER` unread):
+what a stream buffers is bounded by the server, not by the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionId,
+)
+from aioquic.quic.packet import QuicFrameType
+
+RESET_TOKEN_LENGTH = 16
+
+
+def reset_token(key: bytes, cid: bytes) -> bytes:
+    """The stateless reset token of a server CID (RFC 9000 10.3.2: a keyed
+    hash of the CID, so any server instance with the key derives it)."""
+    return hmac.new(key, cid, hashlib.sha256).digest()[:RESET_TOKEN_LENGTH]
+
+
+class ServerConnection(QuicConnection):
+    """One server-side QUIC connection whose CIDs come from `new_cid`."""
+
+    def __init__(self, *, configuration: QuicConfiguration, new_cid: Callable[[int], bytes],
+                 reset_key: bytes, stream_window: int, **kwargs: Any) -> None:
+        self._zion_new_cid = new_cid
+        self._zion_reset_key = reset_key
+        self._zion_stream_window = stream_window
+        # Streams whose window must not move: their app has not read enough.
+        self.held_streams: set[int] = set()
+        super().__init__(configuration=configuration, **kwargs)
+        # Nothing has been sent yet: the first CID (the Initial's source CID,
+        # initial_source_connection_id, sequence 0) can still be replaced.
+        first = self._host_cids[0]
+        first.cid = new_cid(configuration.connection_id_length)
+        first.stateless_reset_token = reset_token(reset_key, first.cid)
+        self.host_cid = first.cid
+        self._local_initial_source_connection_id = first.cid
+
+    def _replenish_connection_ids(self) -> None:
+        length = self._configuration.connection_id_length
+        while len(self._host_cids) < min(8, self._remote_active_connection_id_limit):
+            cid = self._zion_new_cid(length)
+            self._host_cids.append(QuicConnectionId(
+                cid=cid, sequence_number=self._host_cid_seq,
+                stateless_reset_token=reset_token(self._zion_reset_key, cid)))
+            self._host_cid_seq += 1
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        local = stream.max_stream_data_local
+        if local and stream.stream_id not in self.held_streams:
+            # Slide, never double: at most stream_window past what arrived.
+            target = stream.receiver.highest_offset + self._zion_stream_window
+            if target - local >= self._zion_stream_window // 2:
+                stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            self._write_stream_limits_frame(builder, stream)
+
+    def _write_stream_limits_frame(self, builder: Any, stream: Any) -> None:
+        # aioquic's own frame writing, after its window decision (which is
+        # the part replaced above).
+        buf = builder.start_frame(QuicFrameType.MAX_STREAM_DATA,
+                                  capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                                  handler=self._on_max_stream_data_delivery,
+                                  handler_args=(stream,))
+        buf.push_uint_var(stream.stream_id)
+        buf.push_uint_var(stream.max_stream_data_local)
+        stream.max_stream_data_local_sent = stream.max_stream_data_local
