@@ -61,7 +61,7 @@ def _exchange(client: QuicConnection, server: QuicConnection, now: float = 0.0) 
 
 
 def test_every_server_cid_names_the_slot_and_generation(tmp_path):
-    client, server = _pair(tmp_path)
+    client, _server = _pair(tmp_path)
     # The client's view: the CID it addresses now, and the spares the
     # server gave it with NEW_CONNECTION_ID (for migration).
     seen = [client._peer_cid, *client._peer_cid_available]

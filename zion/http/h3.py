@@ -17,6 +17,8 @@ Who bounds what:
   connection's streams together more than write_buffer_high, whatever
   window the client advertised; a client that leaves a response unread for
   send_timeout gets its stream reset (H3_REQUEST_CANCELLED).
+- 100 Continue: sent when the app first reads a body the client holds
+  back (`expect: 100-continue`), as on the other protocols.
 - Extended CONNECT (RFC 9220 WebSocket over HTTP/3) is not served: aioquic
   advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, so a CONNECT with :protocol
   is answered 501, as HTTP/2 answers a protocol it does not serve.
@@ -26,10 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import time
 import urllib.parse
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
@@ -38,7 +38,7 @@ from aioquic.h3.exceptions import H3Error
 from aioquic.quic import events
 
 from zion.http import forwarded, rules
-from zion.http.exchange import Exchange, Headers, ProtocolError
+from zion.http.exchange import Exchange, ProtocolError
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
@@ -49,10 +49,6 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
-_NO_BODY_STATUS = frozenset({204, 304})
-# Connection-specific fields are malformed in HTTP/3 (RFC 9114 4.2); date is ours.
-_DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                      b"upgrade", b"te", b"date"})
 # Unacknowledged response bytes one stream may have in aioquic before its
 # writer waits (see the module docstring).
 _STREAM_HIGH = 65536
@@ -71,33 +67,47 @@ class H3Stream:
         self.client = session.client
         self.server = session.server
         self.stream_id = stream_id
-        self.exchange: H3Exchange | None = None
+        self.exchange: Exchange | None = None
         self.ended = False  # our FIN queued
         self.closed = False  # reset, or the connection is gone
         self.body_deadline = 0.0
         self.writable: Wakeup | None = None  # made when a writer waits
 
-    def start_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
-                       more: bool, own_server: bool = False) -> None:
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                       length: int | None, body: bytes, end: bool, own_server: bool) -> None:
         if self.closed:
             return
         session = self.session
         date = session.state.date
-        pairs = [(b":status", b"%d" % status), *headers,
-                 *(date.pairs_without_server if own_server else date.pairs)]
-        end = not body and not more
+        pairs = [(b":status", b"%d" % status), *headers]
+        if length is not None:
+            pairs.append((b"content-length", b"%d" % length))
+        pairs += date.pairs_without_server if own_server else date.pairs
+        h3 = session.h3
         try:
-            session.h3.send_headers(self.stream_id, pairs, end_stream=end)
-            if body or (not more and not end):
-                session.h3.send_data(self.stream_id, body, end_stream=not more)
+            # A response that ends here ends the stream with its HEADERS frame.
+            h3.send_headers(self.stream_id, pairs, end_stream=end and not body)
+            if body:
+                h3.send_data(self.stream_id, body, end_stream=end)
         except (H3Error, ValueError, AssertionError) as exc:
             raise ProtocolError(f"invalid response header for status {status}: {exc}") from None
-        self.ended = not more
+        self.ended = end
         session.link.transmit_soon()
 
-    def write(self, data: bytes) -> None:
-        if not self.closed and data:
-            self.session.h3.send_data(self.stream_id, data, end_stream=False)
+    def send_body(self, data: bytes, end: bool) -> None:
+        if self.closed or self.ended:
+            return
+        if data or end:
+            self.session.h3.send_data(self.stream_id, data, end_stream=end)
+            self.ended = end
+            self.session.link.transmit_soon()
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.end(headers)
+
+    def send_continue(self) -> None:
+        if not self.closed:
+            self.session.h3.send_headers(self.stream_id, [(b":status", b"100")])
             self.session.link.transmit_soon()
 
     def unacked(self) -> int:
@@ -170,110 +180,6 @@ class H3Stream:
             self.writable.wake()
         if self.exchange is not None:
             self.exchange.lost()
-
-
-class H3Exchange(Exchange):
-    """An Exchange whose response goes out as HTTP/3 HEADERS/DATA frames."""
-
-    __slots__ = ("stream", "want_trailers", "trailers")
-
-    def __init__(self, stream: H3Stream, scope: dict[str, Any], started_at: float) -> None:
-        Exchange.__init__(self, stream, scope, True, False, started_at)
-        self.stream = stream
-        self.want_trailers = False
-        self.trailers: list[tuple[bytes, bytes]] | None = None
-
-    def send(self, message: dict[str, Any]) -> Coroutine[Any, Any, None]:  # type: ignore[override]
-        kind = message["type"]
-        if kind == "http.response.trailers":
-            return self._trailers(message)
-        if kind == "http.response.start" and message.get("trailers"):
-            self.want_trailers = True
-        elif self.want_trailers and kind == "http.response.body":
-            message = {**message, "more_body": True}  # the trailers end the stream
-        return Exchange.send(self, message)
-
-    async def _trailers(self, message: dict[str, Any]) -> None:
-        if not self.want_trailers or self.response_complete:
-            raise ProtocolError("http.response.trailers without trailers: true")
-        self._check_open("http.response.trailers")
-        self.trailers = (self.trailers or []) + _clean(message.get("headers", ()))
-        if not message.get("more_trailers", False):
-            self.want_trailers = False
-            self.stream.end(self.trailers)
-            self.complete()
-
-    def write_body(self, body: bytes, more: bool) -> None:
-        if self.content_length is None:
-            self._write_head(body, more)
-        elif body and not self.head and self.status not in _NO_BODY_STATUS:
-            self.written += len(body)
-            self.stream.write(body)
-
-    def _write_head(self, body: bytes, more: bool) -> None:
-        status = self.status
-        content_length = None
-        own_server = False
-        headers = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    raise ProtocolError(f"invalid content-length {value!r}") from None
-            elif lname not in _DROPPED:
-                if lname == b"server":
-                    own_server = True
-                headers.append((lname, value))
-        no_body = status in _NO_BODY_STATUS or status < 200
-        if no_body:
-            content_length = None
-        elif content_length is None and not more:
-            content_length = len(body)
-        if content_length is not None:
-            headers.append((b"content-length", b"%d" % content_length))
-        self.content_length = -1 if content_length is None else content_length
-        if self.head or no_body:
-            body = b""
-        self.written += len(body)
-        self.stream.start_response(status, headers, body, more or self.want_trailers,
-                                   own_server)
-
-    def respond(self, status: int, body: bytes,
-                content_type: bytes = b"text/plain; charset=utf-8",
-                extra: Headers = ()) -> None:
-        self.status = status
-        self.response_started = True
-        self.content_length = len(body)
-        body = b"" if self.head else body
-        self.written = len(body)
-        headers = [(b"content-type", content_type),
-                   (b"content-length", b"%d" % self.content_length),
-                   *((n.lower(), v) for n, v in extra)]
-        self.stream.start_response(status, headers, body, False)
-        self.complete()
-
-    def fail(self, status: int, detail: str, headers: Headers = ()) -> None:
-        text = f"{status} {http.HTTPStatus(status).phrase}" + (f": {detail}" if detail else "")
-        self.respond(status, (text + "\n").encode(), extra=headers)
-
-    def send_head(self, status: int, headers: Headers, content_length: int) -> None:
-        self.status = status
-        self.response_started = True
-        self.content_length = content_length
-        pairs = [(n.lower(), v) for n, v in headers]
-        if status not in _NO_BODY_STATUS:
-            pairs.append((b"content-length", b"%d" % content_length))
-        self.stream.start_response(status, pairs, b"", True)
-
-    def write_raw(self, data: bytes) -> None:
-        self.written += len(data)
-        self.stream.write(data)
-
-
-def _clean(headers: Any) -> list[tuple[bytes, bytes]]:
-    return [(n.lower(), v) for n, v in headers if n.lower() not in _DROPPED]
 
 
 class H3Session:
@@ -355,6 +261,7 @@ class H3Session:
         cookies: list[bytes] = []
         length: bytes | None = None
         has_host = False
+        expect_100 = False
         for name, value in event.headers:
             size += len(name) + len(value) + 32
             if name[:1] == b":":
@@ -372,6 +279,8 @@ class H3Session:
                 continue
             if name == b"content-length":
                 length = value
+            elif name == b"expect":
+                expect_100 = value.lower() == b"100-continue"
             elif name == b"host":
                 has_host = True
             headers.append((name, value))
@@ -406,7 +315,8 @@ class H3Session:
         if self.proxied:
             assert self.state.proxies is not None
             forwarded.apply(scope, self.state.proxies)
-        ex = stream.exchange = H3Exchange(stream, scope, time.monotonic())
+        # time.monotonic(), not loop.time(), for started_at (see h1.py).
+        ex = stream.exchange = Exchange(stream, scope, True, expect_100, time.monotonic())
         if event.stream_ended:
             ex.message_complete()
         else:
@@ -453,7 +363,7 @@ class H3Session:
             stream.body_deadline = 0.0
             stream.exchange.message_complete()
 
-    def refuse(self, stream: H3Stream, ex: H3Exchange, refusal: rules.Refusal) -> None:
+    def refuse(self, stream: H3Stream, ex: Exchange, refusal: rules.Refusal) -> None:
         """Answer `refusal` instead of the app, or reset the stream if the
         app has begun answering; either way the app sees http.disconnect."""
         if ex.response_started:
