@@ -32,8 +32,8 @@ from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
 from zion.http import accept_errors, access_log, admission
+from zion.http.connection_start import ConnectionStart
 from zion.http.exchange import Exchange
-from zion.http.h1 import H1Protocol
 from zion.http.proxy_listener import ProxyListener
 from zion.http.state import ASGIApp, Dispatch, ServerState
 from zion.http.websocket import WebSocketProtocol, request_bytes
@@ -288,10 +288,10 @@ async def _listen(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLConte
         return listener
     loop = state.loop
     if ssl_ctx is None:
-        return await loop.create_server(lambda: H1Protocol(state, accepted=True), sock=sock,
+        return await loop.create_server(lambda: ConnectionStart(state, accepted=True), sock=sock,
                                         backlog=settings.server.backlog)
     return await loop.create_server(
-        lambda: H1Protocol(state, accepted=True), sock=sock, ssl=ssl_ctx,
+        lambda: ConnectionStart(state, accepted=True), sock=sock, ssl=ssl_ctx,
         ssl_handshake_timeout=limits.handshake_timeout,
         # uvloop waits 30 s by default for the peer's close_notify after we
         # close; a closed connection should not linger that long.
@@ -330,7 +330,7 @@ async def _listen_unix(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSL
     tls: dict[str, Any] = {} if ssl_ctx is None else {
         "ssl": ssl_ctx, "ssl_handshake_timeout": limits.handshake_timeout,
         "ssl_shutdown_timeout": _TLS_SHUTDOWN_TIMEOUT}
-    return await state.loop.create_unix_server(lambda: H1Protocol(state), sock=sock,
+    return await state.loop.create_unix_server(lambda: ConnectionStart(state), sock=sock,
                                                backlog=state.settings.server.backlog, **tls)
 
 

@@ -77,16 +77,16 @@ async def test_the_preface_advertises_our_limits_and_no_extended_connect():
     assert settings[0x3] == 7 and settings[0x8] == 0 and settings[0x6] == 16384
 
 
-async def test_alpn_h2_switches_a_new_connection_from_http1():
-    from zion.http.h1 import H1Protocol
+async def test_alpn_h2_hands_a_new_connection_to_http2():
+    from zion.http.connection_start import ConnectionStart
     from zion.http.h2 import H2Protocol
 
     state = make_state()
-    h1 = H1Protocol(state)
-    tr = FakeTransport(h1)
+    start = ConnectionStart(state)
+    tr = FakeTransport(start)
     tr.extra["ssl_object"] = SimpleNamespace(selected_alpn_protocol=lambda: "h2",
                                              session_reused=False)
-    h1.connection_made(tr)  # type: ignore[arg-type]
+    start.connection_made(tr)  # type: ignore[arg-type]
     assert isinstance(tr.protocol, H2Protocol) and state.connections == {tr.protocol}
     assert tr.take()[3] == 0x4  # our SETTINGS frame, the server preface
 

@@ -27,7 +27,6 @@ from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.files import PATHSEND
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
-from zion.http.h2 import H2Protocol
 from zion.http.state import count_response
 from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
 # Why reading is paused (flow_control.py), as plain ints for the hot path.
 _WRITE_FULL = int(PauseReason.WRITE_BUFFER_FULL)
 _BODY_UNREAD = int(PauseReason.BODY_UNREAD)
@@ -72,28 +70,20 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
-        "last_request", "held_for_drain", "write_blocked_at", "proxied", "handshaking",
-        "sniff",
+        "last_request", "held_for_drain", "write_blocked_at", "proxied",
         # response being written
         "chunked",
     )
-    # Made in connection_made: the parser holds the protocol, and a protocol
-    # in no cycle is freed the moment uvloop drops it after a failed TLS
-    # handshake, which is how __del__ learns that the handshake ended.
+    # Made in connection_made (ConnectionStart picked HTTP/1.1 by then).
     parser: httptools.HttpRequestParser
 
-    def __init__(self, state: ServerState, accepted: bool = False) -> None:
+    def __init__(self, state: ServerState) -> None:
         # connection state
         self.state = state
         self.loop = state.loop
         self.limits = state.limits
         self.transport: asyncio.Transport | None = None
         self.flow = FlowControl(self.loop)
-        # Made by the listener for a connection it just accepted: counted as
-        # load from now on, not only once its TLS handshake is done.
-        self.handshaking = accepted
-        if accepted:
-            state.connection_accepted()
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
         self.pauses = ReadPauses()  # one flag per reason; reading resumes when none is left
@@ -121,39 +111,14 @@ class H1Protocol(asyncio.Protocol):
         self.held_for_drain = False  # a pipelined request waits for the write buffer
         self.write_blocked_at = 0.0  # since when the client has not taken our bytes
         self.proxied = False  # the peer may speak for its clients (forwarded headers)
-        # h2c prior knowledge: the first bytes may be HTTP/2's preface (what
-        # came of it so far), or None once the connection is HTTP/1.1.
-        self.sniff: bytes | None = b"" if state.h2c else None
         # response being written (one at a time: the current exchange's)
         self.chunked = False
 
     # -- asyncio.Protocol ------------------------------------------------------
 
-    def __del__(self) -> None:
-        if self.handshaking:  # uvloop dropped us: the TLS handshake failed
-            self.handshaking = False
-            self.state.handshake_ended()
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.handshaking:
-            self.handshaking = False
-            self.state.handshake_ended()
         # uvloop's SSL transport is not an asyncio.Transport subclass.
         tr: Any = transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            # The handshake is done by now (uvloop calls us after it).
-            counters = self.state.counters
-            counters.tls_handshakes += 1
-            if ssl_object.session_reused:
-                counters.tls_resumed += 1
-        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-            # ALPN chose HTTP/2 during the handshake: hand the transport over
-            # before anything of ours runs on it, as the WebSocket switch does.
-            h2 = H2Protocol(self.state)
-            tr.set_protocol(h2)
-            h2.connection_made(tr)
-            return
         self.transport = tr
         self.pauses.transport = tr
         self.parser = httptools.HttpRequestParser(self)
@@ -198,15 +163,6 @@ class H1Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.sniff is not None:
-            data = self.sniff + data
-            if _H2_PREFACE.startswith(data[:len(_H2_PREFACE)]):
-                if len(data) < len(_H2_PREFACE):
-                    self.sniff = data  # the preface is split over reads
-                    return
-                self._switch_to_h2c(data)
-                return
-            self.sniff = None
         self.began_in_chunk = False
         was_in_headers = self.in_headers
         try:
@@ -416,20 +372,6 @@ class H1Protocol(asyncio.Protocol):
     def _tls_extension(self) -> dict[str, Any] | None:
         assert self.transport is not None
         return tls_extension(self.transport.get_extra_info("ssl_object"))
-
-    def _switch_to_h2c(self, data: bytes) -> None:
-        """The client spoke HTTP/2 from its first byte (h2c prior
-        knowledge): hand the transport over, as ALPN "h2" does over TLS."""
-        assert self.transport is not None
-        transport = self.transport
-        self.closing = True  # nothing of ours runs on this transport any more
-        self.deadline_kind = _NONE
-        self.state.connection_closed(self)
-        self._release_parser()
-        h2 = H2Protocol(self.state)
-        transport.set_protocol(h2)
-        h2.connection_made(transport)
-        h2.data_received(data)
 
     def _release_parser(self) -> None:
         """This connection is done with HTTP/1.1 (closed, or handed over).

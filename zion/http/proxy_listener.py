@@ -24,8 +24,8 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from zion.http.accept_errors import AcceptErrors
+from zion.http.connection_start import ConnectionStart
 from zion.http.forwarded import TrustedProxies
-from zion.http.h1 import H1Protocol
 from zion.log import get_logger
 from zion.proxy import MAX_LENGTH, Command, ProxyHeader, ProxyProtocolError, parse
 
@@ -46,38 +46,6 @@ _NOT_LISTENING_RETRY = 0.001  # seconds, after accept(2) says EINVAL
 _RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOWN,
                            errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                            errno.ENETUNREACH, errno.EPERM})
-
-
-class ProxiedH1Protocol(H1Protocol):
-    """HTTP/1.1 (or the HTTP/2 that ALPN hands over to) for a connection whose
-    client is the one its PROXY header named.
-
-    Its X-Forwarded-*/Forwarded headers are not believed unless the operator
-    asked (server.proxy_protocol_trust_forwarded): a balancer that writes a
-    PROXY header passes the bytes after it through untouched (TCP mode), so
-    those headers came from the client, who can write any address there.
-    A LOCAL header (the balancer's own health check) names no client: the
-    peer is judged as any other, by forwarded_allow_ips."""
-
-    __slots__ = ("origin", "trust_forwarded")
-
-    def __init__(self, state: ServerState, origin: tuple[str, int] | None,
-                 trust_forwarded: bool = False) -> None:
-        super().__init__(state)
-        # The listener counted it (connection_accepted) when it took it;
-        # connection_made, or __del__ after a failed handshake, ends that.
-        self.handshaking = True
-        self.origin = origin
-        self.trust_forwarded = trust_forwarded
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self.origin is not None:
-            # Ourselves, or the HTTP/2 protocol ALPN chose: neither has read
-            # a byte yet, so every scope sees the original client.
-            proto: Any = transport.get_protocol()
-            proto.client = self.origin
-            proto.proxied = proto.proxied and self.trust_forwarded
 
 
 class ProxyListener:
@@ -174,10 +142,17 @@ class ProxyListener:
         state = self.state
         made = False
 
-        def protocol() -> ProxiedH1Protocol:
+        def protocol() -> ConnectionStart:
             nonlocal made
             made = True  # from here the protocol ends the handshake's load
-            return ProxiedH1Protocol(state, origin, self.trust_forwarded)
+            # Its X-Forwarded-*/Forwarded headers are not believed unless the
+            # operator asked (server.proxy_protocol_trust_forwarded): a balancer
+            # that writes a PROXY header passes the bytes after it through
+            # untouched (TCP mode), so those came from the client. A LOCAL
+            # header (the balancer's own check) names no client: the peer is
+            # judged as any other, by forwarded_allow_ips.
+            return ConnectionStart(state, counted=True, origin=origin,
+                                   trust_forwarded=self.trust_forwarded)
 
         try:
             if self.ssl_ctx is None:

@@ -151,6 +151,12 @@ class ServerState:
         self.connections.discard(conn)
         self.slot.conns = len(self.connections) + self.handshaking
 
+    def connection_handed_over(self, conn: OpenConnection) -> None:
+        """`conn` passed its transport to the protocol it picked, which opens
+        it again: one connection, counted once."""
+        self.connections.discard(conn)
+        self.counters.connections -= 1
+
 
 def _nothing() -> None:
     pass
