@@ -319,6 +319,10 @@ async def _listen_quic(state: ServerState, index: int, quic: WorkerQuic, config:
     endpoint = QuicEndpoint(state.loop, config, cid.factory(index, quic.generation),
                             quic.reset_key, state.limits.h2_stream_window, accept)
     await state.loop.create_datagram_endpoint(lambda: endpoint, sock=quic.sock)
+    # RFC 7838: the same host offers HTTP/3 on this UDP port; browsers try it
+    # for later requests (ma: how long they may remember it, one day).
+    # HTTP/3 answers carry it too: it is part of every default header set.
+    state.date.add(b"alt-svc", b'h3=":%d"; ma=86400' % port)
     return endpoint
 
 

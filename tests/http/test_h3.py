@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import hashlib
 
+import httpx
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import get, wait_for
 from tests.support.h3client import H3Client, StreamWasReset, h3_connect
 from tests.support.serve import serve
 
@@ -82,3 +83,16 @@ def _aioquic_quiet():
     import logging
 
     logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+async def test_http1_and_http2_answers_advertise_http3(start_zion):
+    srv = serve(start_zion, APP, "--http3", workers=1)
+    alt_svc = f'h3=":{srv.port}"; ma=86400'
+    assert (await get(srv.port, "/")).headers["alt-svc"] == alt_svc
+    async with httpx.AsyncClient(http2=True, verify=False) as client:
+        h2 = await client.get(f"https://127.0.0.1:{srv.port}/")
+    assert h2.http_version == "HTTP/2" and h2.headers["alt-svc"] == alt_svc
+    # The port it names answers HTTP/3.
+    async with h3_connect(srv.port) as h3:
+        answer = await asyncio.wait_for(h3.request("/"), 20)
+    assert answer.status == 200 and answer.body.startswith(b"3 GET 0 ")

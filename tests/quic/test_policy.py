@@ -71,7 +71,9 @@ async def test_http3_binds_a_udp_group_and_attaches_the_program(start_zion):
 
 async def test_http3_off_binds_no_udp(start_zion):
     srv = start_zion()
-    assert (await get(srv.port, "/")).status == 200
+    response = await get(srv.port, "/")
+    assert response.status == 200
+    assert "alt-svc" not in response.headers  # nothing answers QUIC
     assert not _udp_inodes(srv.port)
     assert not srv.events("quic_steering_attached")
 

@@ -41,6 +41,12 @@ class DateCache:
         self.pairs_without_server: list[tuple[bytes, bytes]] = []
         self.refresh()
 
+    def add(self, name: bytes, value: bytes) -> None:
+        """One more default header, from now on (the worker's Alt-Svc)."""
+        self._extra += name + b": " + value + b"\r\n"
+        self._extra_pairs.append((name, value))
+        self.refresh()
+
     def refresh(self) -> None:
         now = formatdate(usegmt=True).encode()
         date = b"date: " + now + b"\r\n" if self._date else b""
