@@ -35,11 +35,11 @@ async def test_requests_from_many_connections_reach_both_workers(start_zion):
 
         results = await asyncio.wait_for(asyncio.gather(*(two(c) for c in clients)), 60)
     digest = hashlib.sha256(body).hexdigest()
-    for (get, post) in results:
-        assert get[:2] == (200, f"3 GET 0 {_EMPTY}".encode())
-        assert post[:2] == (200, f"3 POST {len(body)} {digest}".encode())
-        assert get[2] == post[2]  # one connection, one worker
-    pids = {int(get[2]) for get, _ in results}
+    for (fetched, posted) in results:
+        assert fetched[:2] == (200, f"3 GET 0 {_EMPTY}".encode())
+        assert posted[:2] == (200, f"3 POST {len(body)} {digest}".encode())
+        assert fetched[2] == posted[2]  # one connection, one worker
+    pids = {int(fetched[2]) for fetched, _ in results}
     assert pids == set(srv.worker_pids())  # both workers served HTTP/3
     lines = wait_for(lambda: len(found := [e for e in srv.events("access")
                                            if e.get("http") == "3"]) >= 20 and found,
