@@ -132,9 +132,10 @@ def _raw_upgrade(port: int, path: str, rcvbuf: int = 0) -> ssl.SSLSocket:
     return tls
 
 
-def _send_until_blocked(tls: ssl.SSLSocket, data: bytes, chunk: int = 65536) -> int:
-    """Send until done or the peer stops taking bytes for 2 s; bytes sent."""
-    tls.settimeout(2)
+def _send_until_blocked(tls: ssl.SSLSocket, data: bytes | memoryview, idle: float = 2.0,
+                        chunk: int = 65536) -> int:
+    """Send until done or the peer stops taking bytes for `idle` s; bytes sent."""
+    tls.settimeout(idle)
     sent = 0
     try:
         while sent < len(data):
@@ -144,26 +145,58 @@ def _send_until_blocked(tls: ssl.SSLSocket, data: bytes, chunk: int = 65536) -> 
     return sent
 
 
+def _unread(server_port: int, client_port: int) -> int:
+    """Bytes the kernel holds for the server that the server has not read:
+    rx_queue of its end of the connection (/proc/net/tcp, hex)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (int(local.split(":")[1], 16) == server_port
+                and int(remote.split(":")[1], 16) == client_port):
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no socket {server_port} -> {client_port}")
+
+
+async def _stopped_reading(port: int, client_port: int) -> bool:
+    """The worker leaves the connection's bytes unread: the same non-zero
+    count before and after three requests it answered (turns of its loop, in
+    which a connection still read would have been)."""
+    unread = _unread(port, client_port)
+    await _round_trips(port, 3)
+    return unread > 0 and _unread(port, client_port) == unread
+
+
 async def test_a_ping_flood_from_a_client_that_never_reads_is_bounded(start_zion):
     srv = _deaf_server(start_zion)
     [worker] = srv.worker_pids()
     await _round_trips(srv.port)
     before = _rss_mib(worker)
     tls = _raw_upgrade(srv.port, "/ws", rcvbuf=4096)
-    # 1,000,000 masked pings with no payload (RFC 6455 5.2: 0x89, mask bit, key).
-    flood = b"\x89\x80\x00\x00\x00\x00" * 1_000_000
-    sent = await asyncio.to_thread(_send_until_blocked, tls, flood)
-    assert sent < len(flood), "the server read the whole flood"
-    # The server stopped reading once its writes were paused: the pongs it
-    # owes wait as pings not decoded yet, not as replies queued for a client
-    # that reads nothing. Its transport holds write_buffer_high and one pong.
+    client_port = tls.getsockname()[1]
+    # Masked pings with 125 bytes of payload (RFC 6455 5.2, 5.5: the most a
+    # control frame carries), each owed a pong of 127 bytes. The kernel may
+    # hold the pongs of up to tcp_wmem's maximum in the worker's socket (and
+    # queue the flood itself in both sockets' autotuned buffers): 16 MiB past
+    # that, a worker that kept reading would hold 16 MiB of pongs itself.
+    ping = b"\x89\xfd\x00\x00\x00\x00" + b"p" * 125
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    flood = memoryview(ping * ((wmem_max + (16 << 20)) // len(ping)))
+    sent = 0
+    while True:
+        sent += await asyncio.to_thread(_send_until_blocked, tls, flood[sent:], 1.0)
+        if await _stopped_reading(srv.port, client_port) or sent == len(flood):
+            break
+    # The worker stopped reading once its writes were paused: the pongs it
+    # owes wait as pings not decoded yet, in the kernel's socket buffer, not
+    # as replies queued for a client that reads nothing.
+    assert await _stopped_reading(srv.port, client_port), (
+        f"the worker read the whole flood ({sent} bytes) and kept reading")
+    # Its transport holds write_buffer_high and one pong.
     high = 262144  # [limits] write_buffer_high
-    for _ in range(10):
-        await _round_trips(srv.port, 1)
-        [buffered] = map(int, (await get(srv.port, "/buffers")).body.split())
-        assert buffered <= high + 1024, f"{buffered} bytes of pongs queued"
+    [buffered] = map(int, (await get(srv.port, "/buffers")).body.split())
+    assert buffered <= high + 1024, f"{buffered} bytes of pongs queued"
     grown = _rss_mib(worker) - before
-    assert grown < 16, f"worker grew {grown:.0f} MiB under a ping flood"
+    assert grown < 16, f"worker grew {grown:.0f} MiB under a ping flood of {sent} bytes"
     tls.close()
 
 
