@@ -130,7 +130,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
             "max_connections": settings.limits.max_connections,
             "overloaded": overloaded(),
             "shedding": admission.at_limit(settings.limits.concurrency,
-                                           len(state.connections), len(state.tasks)),
+                                           len(state.connections), inflight.count()),
             "requests_total": state.requests_total,
             "demux": {**demux_info,
                       # connections the program left to the kernel's hash
@@ -140,6 +140,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
 
     state = ServerState(settings, spec.index, loop, slot,
                         counters.for_worker(spec.index, spec.generation))
+    inflight = admission.InFlight()  # what --limit-concurrency counts
 
     def overloaded() -> bool:
         return len(state.connections) >= settings.limits.max_connections
@@ -152,10 +153,10 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     def ready() -> bool:
         # Not while leaving, draining, or shedding (--limit-concurrency).
         return not (leaving or state.draining or admission.at_limit(
-            settings.limits.concurrency, len(state.connections), len(state.tasks)))
+            settings.limits.concurrency, len(state.connections), inflight.count()))
 
     static = StaticFiles(server_settings.root, state.tasks) if server_settings.root else None
-    state.dispatch = handler_chain(state, app, static,
+    state.dispatch = handler_chain(state, inflight, app, static,
                                    Builtins(status, overloaded, ready,
                                             # Every connection came through a balancer.
                                             behind_proxy_protocol=server_settings.proxy_protocol
@@ -353,8 +354,8 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles | None,
-                  builtins: Builtins | None) -> Dispatch:
+def handler_chain(state: ServerState, inflight: admission.InFlight, app: ASGIApp | None,
+                  static: StaticFiles | None, builtins: Builtins | None) -> Dispatch:
     """Who answers a request, in order: zion's /_zion/ endpoints, files that
     exist under --root, the app, the default page. Past --limit-concurrency
     the files and the app are shed (503 + Retry-After); /_zion/ always
@@ -367,15 +368,19 @@ def handler_chain(state: ServerState, app: ASGIApp | None, static: StaticFiles |
     def dispatch(ex: Exchange) -> None:
         if builtins is not None and ex.scope["path"].startswith(PREFIX):
             builtins.respond(ex)
-        # len(tasks), not slot.inflight: a task counts from its creation,
-        # so requests that arrive in one read are counted one by one.
         elif limits.concurrency and not admission.admit(ex, limits, len(connections),
-                                                         len(tasks)):
+                                                         inflight):
             return
         elif static is not None and static.wants(ex, has_app=app is not None):
+            if limits.concurrency:
+                inflight.enter(ex)  # left once its response is complete
             static.serve(ex)
         elif app is not None:
-            ex.run(admission.with_deadline(app, ex, timeout) if timeout else app, tasks)
+            answer = admission.with_deadline(app, ex, timeout) if timeout else app
+            if limits.concurrency:
+                inflight.enter(ex)
+                answer = inflight.counted(answer, ex)
+            ex.run(answer, tasks)
         else:
             default_page.respond(ex, state.worker_index)
 

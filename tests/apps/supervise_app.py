@@ -28,6 +28,16 @@ def sleep_in_async_def(seconds):
     time.sleep(seconds)
 
 
+async def _held():
+    # Until the test creates $ZION_TEST_RELEASE (60 s at most): in flight
+    # for as long as the test needs, whatever the machine's load.
+    release = os.environ["ZION_TEST_RELEASE"]
+    for _ in range(3000):
+        if os.path.exists(release):
+            return
+        await asyncio.sleep(0.02)
+
+
 async def answer(send, status=200, body=b"ok"):
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain"),
@@ -73,4 +83,12 @@ async def app(scope, receive, send):
         return
     elif path == "/slow":
         await asyncio.sleep(_arg(scope, "s", 1))
+    elif path == "/hold":
+        await _held()
+    elif path == "/answer-then-hold":
+        # The response first, then work in the same task, as a framework's
+        # background task does (Starlette's BackgroundTasks).
+        await answer(send)
+        await _held()
+        return
     await answer(send)

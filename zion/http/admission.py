@@ -41,11 +41,10 @@ class Shed(NamedTuple):
 
 def shed(limits: LimitsSettings, connections: int, inflight: int) -> Shed | None:
     """`connections`: open on this worker, the asking one included;
-    `inflight`: app tasks running (requests the app is handling, this one
-    not yet; and any task outliving its response, as in uvicorn). Past
+    `inflight`: requests being answered (`InFlight`), this one not yet. Past
     `limits.concurrency` of either (uvicorn's --limit-concurrency: connections
-    or tasks), the request is shed. Existing connections keep being served up
-    to the limit; the one connection too many is answered and closed."""
+    or requests), the request is shed. Existing connections keep being served
+    up to the limit; the one connection too many is answered and closed."""
     limit = limits.concurrency
     if not limit:
         return None
@@ -57,6 +56,58 @@ def shed(limits: LimitsSettings, connections: int, inflight: int) -> Shed | None
     return None
 
 
+class InFlight:
+    """Requests the app or the static files are answering: from dispatch
+    until the response is complete or the client is gone, or the task ends.
+
+    Not the number of app tasks (uvicorn's rule): a task can outlive its
+    response (a background task, the framework's teardown), and a client that
+    sends its next request as soon as the last response ended would find its
+    own finished request still counted and get a 503. Counted from dispatch,
+    not from the task's first step, so requests that arrive in one read are
+    counted one by one."""
+
+    __slots__ = ("_answering",)
+
+    def __init__(self) -> None:
+        self._answering: set[Exchange] = set()
+
+    def enter(self, ex: Exchange) -> None:
+        self._answering.add(ex)
+
+    def leave(self, ex: Exchange) -> None:
+        self._answering.discard(ex)
+
+    def busy(self, limit: int) -> int:
+        """How many are being answered: exact once it reaches `limit`, an
+        upper bound below it. The completed ones are swept only at the limit,
+        so a check below it costs O(1) and the set stays near `limit`."""
+        if len(self._answering) >= limit:
+            self._sweep()
+        return len(self._answering)
+
+    def count(self) -> int:
+        self._sweep()
+        return len(self._answering)
+
+    def _sweep(self) -> None:
+        done = [ex for ex in self._answering if ex.response_complete or ex.disconnected]
+        self._answering.difference_update(done)
+
+    def counted(self, app: ASGIApp, ex: Exchange) -> ASGIApp:
+        """The app, for this one exchange, leaving the count when its task
+        ends (an app that returns without a complete response)."""
+
+        async def run(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                      send: Callable[[Any], Awaitable[None]]) -> None:
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.leave(ex)
+
+        return run
+
+
 def at_limit(concurrency: int, connections: int, inflight: int) -> bool:
     """Whether a new connection's request would be shed now (readiness, the
     HAProxy agent, status): the same rule as `shed`, for a connection that
@@ -64,9 +115,9 @@ def at_limit(concurrency: int, connections: int, inflight: int) -> bool:
     return bool(concurrency) and (connections + 1 > concurrency or inflight >= concurrency)
 
 
-def admit(ex: Exchange, limits: LimitsSettings, connections: int, inflight: int) -> bool:
+def admit(ex: Exchange, limits: LimitsSettings, connections: int, inflight: InFlight) -> bool:
     """Answer a shed request (503 + Retry-After) and say False; or True."""
-    refusal = shed(limits, connections, inflight)
+    refusal = shed(limits, connections, inflight.busy(limits.concurrency))
     if refusal is None:
         return True
     if refusal.close:
