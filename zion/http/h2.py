@@ -1,4 +1,5 @@
-"""HTTP/2 over TLS (ALPN "h2"): every stream is an Exchange.
+"""HTTP/2 connections (ALPN "h2" over TLS, h2c prior knowledge): the
+connection's rules here; each stream carries an Exchange (h2_stream.py).
 
 Frames and HPACK come from `zttp` (sans-I/O, Zig core): bench/h2_codec.py
 measured ~2 µs of server CPU per small request against ~85 µs for the pure
@@ -59,12 +60,12 @@ from zttp import H2ErrorCode
 
 from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
-from zion.http.exchange import Exchange, ProtocolError
+from zion.http.exchange import Exchange
 from zion.http.files import PATHSEND
 from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
+from zion.http.h2_stream import H2Stream
 from zion.http.h2_tunnel import StreamTransport
 from zion.http.tls_scope import tls_extension
-from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
@@ -73,18 +74,6 @@ if TYPE_CHECKING:
 log = get_logger("zion.http")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
-# Body bytes zttp may hold for a stream whose window is shut before the app's
-# send() waits for the client.
-_STREAM_HIGH = 65536
-# Send back-pressure whatever window the client advertises (up to 2^31-1, RFC
-# 9113 6.9.1): zttp moves what the window allows into its output queue at
-# once, and that queue reaches the transport only when we flush it. Past this
-# many unflushed bytes a writer's drain() flushes at once, so the transport's
-# own high-water mark (write_buffer_high -> pause_writing) sees them and the
-# writer waits; and a writer yields to the loop after every write_buffer_high
-# bytes the transport took, so one fast reader (nghttp -w30 -W30) cannot hold
-# the loop, and every other client of the worker, for a whole download.
-_FLUSH_HIGH = 65536
 # zttp 0.0.35 calls a codec's 4096th stream, or its 257th reset (its own and
 # the peer's, however slowly they came; browsers cancel streams as pages
 # change), a flood: GOAWAY ENHANCE_YOUR_CALM, and the streams in flight are
@@ -103,180 +92,6 @@ _HELD_HIGH = 65536
 _WRITE_FULL, _HANDOVER = int(PauseReason.WRITE_BUFFER_FULL), int(PauseReason.HANDOVER)
 # The 8 bytes of our PINGs: a liveness probe, and the graceful GOAWAY's.
 _PING_ALIVE, _PING_GOAWAY = b"zionping", b"zionbye!"
-
-
-class H2Stream:
-    """One stream as the Connection an Exchange talks to."""
-
-    __slots__ = ("proto", "state", "loop", "client", "server", "stream_id", "handle",
-                 "exchange", "tunnel", "ended", "closed", "window", "received", "earned",
-                 "credited", "client_ended", "body_deadline", "discard_until")
-
-    def __init__(self, proto: H2Protocol, stream_id: int) -> None:
-        self.proto = proto
-        self.state = proto.state
-        self.loop = proto.loop
-        self.client = proto.client
-        self.server = proto.server
-        self.stream_id = stream_id
-        self.handle = proto.conn.stream(stream_id)
-        self.exchange: Exchange | None = None
-        self.tunnel: StreamTransport | None = None  # a WebSocket's (RFC 8441), not an exchange
-        self.ended = False  # END_STREAM sent
-        self.client_ended = False  # END_STREAM received
-        self.closed = False  # reset, or the connection is gone
-        # Made when a writer waits: the client opened this stream's window.
-        self.window: Wakeup | None = None
-        # Receive flow control: body bytes received, the credit zttp would have
-        # given back (frame bytes, padding included), the credit we gave back.
-        self.received = 0
-        self.earned = 0
-        self.credited = 0
-        self.body_deadline = 0.0  # body_timeout while the request body arrives
-        self.discard_until = 0  # answered: the rest of the body is dropped up to here
-
-    # -- the exchange's response as HEADERS and DATA (connection.Carrier) --------
-
-    def start_response(self, status: int, headers: list[tuple[bytes, bytes]],
-                       length: int | None, body: bytes, end: bool, own_server: bool) -> None:
-        if self.closed:
-            return
-        proto = self.proto
-        if length is not None:
-            headers.append((b"content-length", b"%d" % length))
-        if proto.state.date.prefix is proto.date_prefix:  # the tick has not changed them
-            headers += proto.date_pairs_own if own_server else proto.date_pairs
-        else:
-            headers += proto.default_headers(own_server)
-        handle = self.handle
-        try:
-            if not body and end:
-                # END_STREAM rides on the HEADERS frame: no empty DATA frame.
-                handle.send_response(status, headers, True)
-                self.ended = True
-            else:
-                handle.send_response(status, headers)
-                if body:
-                    handle.send_data(body)
-                    proto.unflushed += len(body)
-                if end:
-                    handle.end_message()
-                    self.ended = True
-        except zttp.LocalProtocolError:
-            raise ProtocolError(f"invalid response header for status {status}") from None
-        if not end:
-            proto.wrote()
-        # else the stream is done: H2Protocol._stream_gone sends it, at once
-        # when no other stream is open (no extra loop iteration per request).
-
-    def send_body(self, data: bytes, end: bool) -> None:
-        if self.closed or self.ended:
-            return
-        if data:
-            self.handle.send_data(data)
-            self.proto.unflushed += len(data)
-        if end:
-            self.ended = True
-            self.handle.end_message()  # sent by H2Protocol._stream_gone, which follows
-        else:
-            self.proto.wrote()
-
-    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.end(headers)
-
-    def send_continue(self) -> None:
-        if not self.closed and not self.ended:
-            self.handle.send_informational(100)
-            self.proto.wrote()
-
-    def write(self, data: bytes) -> None:
-        """A WebSocket's frames (h2_tunnel), as DATA."""
-        if not self.closed and data:
-            self.handle.send_data(data)
-            proto = self.proto
-            proto.unflushed += len(data)
-            proto.wrote()
-
-    async def drain(self) -> None:
-        """Wait while this response has about write_buffer_high queued in
-        zion, zttp and the transport together, whatever the client's window."""
-        proto = self.proto
-        if proto.unflushed >= _FLUSH_HIGH:
-            proto.flush_now()  # the transport sees them: it may pause_writing now
-        if not self.closed and self._parked():
-            deadline = self.loop.time() + proto.limits.send_timeout
-            while not self.closed and self._parked():
-                left = deadline - self.loop.time()
-                if left <= 0:
-                    # The client keeps this stream's window shut: a zero-window
-                    # stall would hold the app (and its memory) for ever.
-                    proto.reset(self, H2ErrorCode.FLOW_CONTROL_ERROR)
-                    break
-                if self.window is None:
-                    self.window = Wakeup(self.loop)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.window.wait(), left)
-        if proto.flow.write_paused:
-            await proto.flow.drain()
-        elif proto.since_yield >= proto.limits.write_buffer_high:
-            # The transport took it all at once (a fast reader): let the
-            # loop serve the worker's other clients before the next chunk.
-            proto.since_yield = 0
-            await asyncio.sleep(0)
-
-    def _parked(self) -> bool:
-        """Too much of this stream waits for the client's window: over
-        _STREAM_HIGH of its own, or any while the connection's streams
-        together hold over write_buffer_high (a client that opens many
-        streams and their windows not at all)."""
-        pending = self.handle.pending_bytes or 0
-        if pending > _STREAM_HIGH:
-            return True
-        if not pending:
-            return False
-        total = sum(s.handle.pending_bytes or 0 for s in self.proto.streams.values())
-        return total > self.proto.limits.write_buffer_high
-
-    def pause_reading(self) -> None:
-        """Nothing to do: this stream's window, not the socket, bounds what
-        an app that does not read may be sent."""
-
-    def resume_reading(self) -> None:
-        # The app has read: it may be owed window.
-        proto = self.proto
-        if self.earned > self.credited or proto.conn_earned > proto.conn_credited:
-            proto.credit_later()
-
-    def exchange_done(self, exchange: Exchange) -> None:
-        self.proto.stream_done(self, exchange)
-
-    def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
-        if not self.ended and not self.closed:
-            self.ended = True
-            try:
-                self.handle.end_message(trailers) if trailers else self.handle.end_message()
-            except zttp.LocalProtocolError:
-                raise ProtocolError("invalid response trailers") from None
-            # Sent by H2Protocol._stream_gone, which follows.
-
-    def close(self) -> None:
-        """A response that cannot be finished: reset this stream only."""
-        self.proto.reset(self, H2ErrorCode.INTERNAL_ERROR)
-
-    def lost(self) -> None:
-        self.closed = True
-        if self.window is not None:
-            self.window.wake()
-        if self.exchange is not None:
-            self.exchange.lost()
-        elif self.tunnel is not None:
-            self.tunnel.lost()
-
-    def window_opened(self) -> None:
-        if self.window is not None:
-            self.window.wake()
-        if self.tunnel is not None:
-            self.tunnel.window_opened()
 
 
 class H2Protocol(asyncio.Protocol):

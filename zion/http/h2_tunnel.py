@@ -18,7 +18,8 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from zion.http.h2 import H2Protocol, H2Stream
+    from zion.http.h2 import H2Protocol
+    from zion.http.h2_stream import H2Stream
 
 # Hop-by-hop in HTTP/1.1, meaningless or forbidden over HTTP/2 (RFC 9113
 # 8.2.2), or the upgrade's own: never copied into the HEADERS frame.
@@ -79,7 +80,7 @@ class StreamTransport(asyncio.Transport):
             self.stream.write(bytes(data))
             if self.proto.unflushed >= _HIGH:
                 # Whatever the client's window: the transport must see it to
-                # push back (h2.py, _FLUSH_HIGH).
+                # push back (h2_stream.py, _FLUSH_HIGH).
                 self.proto.flush_now()
             if not self.write_paused and self._busy():
                 self.write_paused = True
