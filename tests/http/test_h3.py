@@ -5,13 +5,17 @@ same limits and access log as HTTP/1.1 and HTTP/2."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import os
+import subprocess
 
 import httpx
 import pytest
 
 from tests.conftest import get, wait_for
+from tests.http.test_browser import CHROMIUM, _devtools_port, _page_result
 from tests.support.h3client import H3Client, StreamWasReset, h3_connect
 from tests.support.serve import serve
 
@@ -96,3 +100,49 @@ async def test_http1_and_http2_answers_advertise_http3(start_zion):
     async with h3_connect(srv.port) as h3:
         answer = await asyncio.wait_for(h3.request("/"), 20)
     assert answer.status == 200 and answer.body.startswith(b"3 GET 0 ")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="needs Debian's chromium (scripts/setup.sh installs it)")
+async def test_chromium_loads_a_page_over_http3(start_zion, tmp_path):
+    """Chromium over QUIC to zion's workers. Forced with
+    --origin-to-force-quic-on: Chromium acts on Alt-Svc only from a
+    certificate a root it trusts vouches for (not --ignore-certificate-errors),
+    and this machine has no NSS tools to make it trust the self-signed one;
+    the Alt-Svc header itself is checked above."""
+    srv = serve(start_zion, APP, "--http3", "--access-log", workers=2)
+    assert CHROMIUM is not None
+    pem = srv.wait_event("listening")["tls"].removeprefix("self-signed:")
+    origin = f"127.0.0.1:{srv.port}"
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
+         # QUIC checks the certificate itself: this one's key is vouched for.
+         f"--ignore-certificate-errors-spki-list={_spki(pem)}",
+         f"--origin-to-force-quic-on={origin}", "--remote-debugging-port=0",
+         f"--user-data-dir={tmp_path / 'profile'}", f"https://{origin}/page"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    loaded = ("location.protocol === 'https:' && document.readyState === 'complete' ? "
+              "performance.getEntriesByType('navigation')[0].nextHopProtocol + ' ' + "
+              "document.body.textContent.slice(0, 7) : 'waiting'")
+    try:
+        devtools = await asyncio.wait_for(asyncio.to_thread(_devtools_port, browser), 30)
+        result = await asyncio.wait_for(_page_result(devtools, loaded), 30)
+    finally:
+        browser.kill()
+        browser.wait(10)
+        assert browser.stderr is not None
+        browser.stderr.close()
+    assert result == "h3 3 GET 0"
+    line = wait_for(lambda: [e for e in srv.events("access") if e["path"] == "/page"], 10,
+                    "the page's access line")[0]
+    assert line["http"] == "3" and line["status"] == 200
+
+
+def _spki(pem_path: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    with open(pem_path, "rb") as fh:
+        cert = x509.load_pem_x509_certificate(fh.read())
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
