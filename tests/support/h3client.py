@@ -36,6 +36,28 @@ class H3Client(QuicConnectionProtocol):
         self.h3 = H3Connection(self._quic)
         self.pending: dict[int, Response] = {}
         self.terminated: ConnectionTerminated | None = None
+        self.datagrams: list[bytes] = []  # every datagram received, as it came
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert isinstance(data, bytes)
+        self.datagrams.append(data)
+        super().datagram_received(data, addr)
+
+    def send_request(self, path: str = "/") -> int:
+        """Start a GET without waiting for its answer."""
+        sid = self._quic.get_next_available_stream_id()
+        self.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
+                                   (b":authority", b"localhost"), (b":path", path.encode())],
+                             end_stream=True)
+        self.transmit()
+        return sid
+
+    @property
+    def reset_token(self) -> bytes:
+        """The stateless reset token the server gave for the CID in use."""
+        token = self._quic._peer_cid.stateless_reset_token
+        assert token
+        return token
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset) and event.stream_id in self.pending:
