@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from zion.http import files
 from zion.http.connection import ClientDisconnected
-from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ class Exchange:
     __slots__ = (
         "conn", "scope", "keep_alive", "head", "expect_100", "started_at",
         # request body, fed by the connection
-        "body", "body_size", "received", "body_complete", "body_delivered", "wakeup",
+        "body", "body_size", "received", "body_complete", "body_delivered", "waiter",
         "disconnected",
         # response
         "response_started", "response_complete", "status", "headers", "content_length",
@@ -91,7 +90,9 @@ class Exchange:
         self.received = 0  # the whole body so far, for limits.max_body_size
         self.body_complete = False
         self.body_delivered = False
-        self.wakeup = Wakeup(conn.loop)
+        # The app's task waits on it (receive); made only when it has to wait:
+        # most requests never do (a one-shot Future, as wakeup.Wakeup is).
+        self.waiter: asyncio.Future[None] | None = None
         self.disconnected = False
         # response
         self.response_started = False
@@ -124,7 +125,11 @@ class Exchange:
         self._wake()
 
     def _wake(self) -> None:
-        self.wakeup.wake()
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- ASGI receive ----------------------------------------------------------
 
@@ -156,7 +161,10 @@ class Exchange:
         return {"type": "http.request", "body": body, "more_body": more}
 
     async def _wait(self) -> None:
-        await self.wakeup.wait()
+        """Until the next _wake(); callers re-check their condition after."""
+        if self.waiter is None:
+            self.waiter = self.conn.loop.create_future()
+        await self.waiter
 
     # -- ASGI send -------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from zion.http import forwarded, response, rules
+from zion.http import response, rules
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.files import PATHSEND
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = get_logger("zion.http")
 
-ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 # Why reading is paused (flow_control.py), as plain ints for the hot path.
 _WRITE_FULL = int(PauseReason.WRITE_BUFFER_FULL)
 _BODY_UNREAD = int(PauseReason.BODY_UNREAD)
@@ -53,6 +52,7 @@ class _NoCallbacks:
 _IDLE_PARSER = httptools.HttpRequestParser(_NoCallbacks())
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_STATUS_LINES = response.STATUS_LINES
 
 
 class _Reject(Exception):
@@ -269,36 +269,21 @@ class H1Protocol(asyncio.Protocol):
             raise _Reject(400, "non-ASCII request target") from None
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": ASGI_VERSION,
-            "http_version": parser.get_http_version(),
-            "server": self.server,
-            "client": self.client,
-            "scheme": self.state.scheme,
-            "method": parser.get_method().decode("ascii"),
-            "root_path": self.state.root_path,
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": query,
-            "headers": self.headers,
-            "state": self.state.lifespan_state.copy(),
-        }
-        if self.proxied:
-            assert self.state.proxies is not None
-            forwarded.apply(scope, self.state.proxies)
-        if self.state.client_certs:
-            scope["extensions"] = {"tls": self._tls_extension()}
-        if self.ws_upgrade and self.state.websocket_enabled and parser.should_upgrade():
+        state = self.state
+        ws = self.ws_upgrade and state.websocket_enabled and parser.should_upgrade()
+        # A WebSocket has no HTTP response to send a file as.
+        extensions: dict[str, Any] = {} if ws else {PATHSEND: {}}
+        if state.client_certs:
+            extensions["tls"] = self._tls_extension()
+        scope = rules.http_scope(state, parser.get_http_version(),
+                                 parser.get_method().decode("ascii"), path, raw_path, query,
+                                 self.headers, self.client, self.server, extensions,
+                                 self.proxied)
+        if ws:
             # The switch happens when the parser stops at the upgrade point
             # (HttpParserUpgrade in data_received); no HTTP exchange for it.
             self.ws_pending = scope
             return
-        # Not in a WebSocket's scope (above): it has no HTTP response to send a file as.
-        if self.state.client_certs:
-            scope["extensions"][PATHSEND] = {}
-        else:
-            scope["extensions"] = {PATHSEND: {}}
         # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
         # uvloop's is libuv's cached millisecond, and a request takes microseconds.
         ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, time.monotonic())
@@ -406,7 +391,8 @@ class H1Protocol(asyncio.Protocol):
                        length: int | None, body: bytes, end: bool, own_server: bool) -> None:
         ex = self.current  # answers go out one at a time, in request order
         date = self.state.date
-        parts = [response.status_line(status), date.without_server if own_server else date.prefix]
+        parts = [_STATUS_LINES.get(status) or response.status_line(status),
+                 date.without_server if own_server else date.prefix]
         for name, value in headers:
             # A CR or LF would end the field early: response splitting.
             if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:

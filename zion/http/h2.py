@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import zttp
 from zttp import H2ErrorCode
 
-from zion.http import forwarded, rules, zttp_shim
+from zion.http import rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
 from zion.http.files import PATHSEND
@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 
 log = get_logger("zion.http")
 
-ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 # zttp 0.0.35 calls a codec's 4096th stream, or its 257th reset (its own and
 # the peer's, however slowly they came; browsers cancel streams as pages
 # change), a flood: GOAWAY ENHANCE_YOUR_CALM, and the streams in flight are
@@ -405,27 +404,12 @@ class H2Protocol(asyncio.Protocol):
             path = ""
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": ASGI_VERSION,
-            "http_version": "2",
-            "server": self.server,
-            "client": self.client,
-            "scheme": self.state.scheme,  # "http" on an h2c connection
-            "method": method.decode("ascii", "replace"),
-            "root_path": self.state.root_path,
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": event.query,
-            "headers": headers,
-            "state": self.state.lifespan_state.copy(),
-            "extensions": {"http.response.trailers": {}},
-        }
+        extensions: dict[str, Any] = {"http.response.trailers": {}}
         if self.tls is not None:
-            scope["extensions"]["tls"] = self.tls
-        if self.proxied:
-            assert self.state.proxies is not None
-            forwarded.apply(scope, self.state.proxies)
+            extensions["tls"] = self.tls
+        scope = rules.http_scope(self.state, "2", method.decode("ascii", "replace"), path,
+                                 raw_path, event.query, headers, self.client, self.server,
+                                 extensions, self.proxied)
         self.streams[sid] = stream
         too_large = size > self.max_header_list or len(headers) > self.limits.max_headers
         if (protocol is not None and protocol == b"websocket" and method == b"CONNECT" and path
@@ -433,7 +417,7 @@ class H2Protocol(asyncio.Protocol):
                 and self.state.websocket_factory is not None):
             self._websocket(stream, scope, event.target, headers)
             return
-        scope["extensions"][PATHSEND] = {}  # not a WebSocket's (above)
+        extensions[PATHSEND] = {}  # not a WebSocket's (above)
         now = self.loop.time()
         # time.monotonic(), not loop.time(), for started_at: the same clock, but
         # uvloop's is libuv's cached millisecond (see h1.py).

@@ -10,15 +10,47 @@ answered 413, max_connections and body_timeout did not exist on HTTP/2).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from zion.http import access_log
+from zion.http import access_log, forwarded
 from zion.http.state import count_response
 
 if TYPE_CHECKING:
     from zion.http.exchange import Exchange
     from zion.http.state import ServerState
     from zion.settings import LimitsSettings as Limits
+
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
+
+def http_scope(state: ServerState, http_version: str, method: str, path: str, raw_path: bytes,
+               query: bytes, headers: list[tuple[bytes, bytes]],
+               client: tuple[str, int] | None, server: tuple[str, int] | None,
+               extensions: dict[str, Any], proxied: bool) -> dict[str, Any]:
+    """The ASGI http scope: the same keys on every protocol; client, scheme
+    and server rewritten from the forwarding headers when the peer is a
+    proxy we trust (`proxied`)."""
+    scope = {
+        "type": "http",
+        "asgi": ASGI_VERSION,
+        "http_version": http_version,
+        "server": server,
+        "client": client,
+        "scheme": state.scheme,  # "http" on a no-TLS listener (h2c included)
+        "method": method,
+        "root_path": state.root_path,
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query,
+        "headers": headers,
+        "state": state.lifespan_state.copy(),
+        "extensions": extensions,
+    }
+    if proxied:
+        assert state.proxies is not None
+        forwarded.apply(scope, state.proxies)
+    return scope
 
 
 class Refusal(NamedTuple):
