@@ -79,3 +79,22 @@ def test_parse_range():
     assert parse_range(b"bytes=10-", 10) is False
     assert parse_range(b"bytes=0-1,3-4", 10) is None
     assert parse_range(b"items=0-1", 10) is None
+
+
+def test_plain_http_sends_static_files_with_sendfile(start_zion, tmp_path):
+    """--no-tls: the body goes by sendfile(2) (http/files.py), ranges too;
+    /metrics counts what sendfile returned."""
+    import subprocess
+
+    from tests.admin.support import metrics, total
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    (tmp_path / "data.bin").write_bytes(data)
+    srv = start_zion("--root", str(tmp_path), "--no-tls", "--no-bpf-demux",
+                     "--admin", "127.0.0.1:0", workers=1)
+    url = f"http://127.0.0.1:{srv.port}/data.bin"
+    whole = subprocess.run(["curl", "-s", url], capture_output=True, timeout=30).stdout
+    part = subprocess.run(["curl", "-s", "-r", "10-19", url], capture_output=True,
+                          timeout=30).stdout
+    assert whole == data and part == data[10:20]
+    assert total(metrics(srv), "zion_sendfile_bytes_total") == len(data) + 10
