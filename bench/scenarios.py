@@ -208,6 +208,9 @@ def _app_server(s: ServerDef) -> bool:
     return _http(s) and s.family not in ("floor", "nginx")
 
 
+# zion-before (ZION_BENCH_BEFORE) shows what pathsend and sendfile changed.
+_FILE_SERVERS = ("zion", "zion-before", "granian", "nginx")
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("throughput", throughput, (3.0, 10.0), _http, interleaved=True),
     Scenario("stalled", stalled, (4.0, 6.0), lambda s: _http(s) and s.family != "floor",
@@ -216,10 +219,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("reload", reloads, (6.0, 15.0),
              lambda s: _http(s) and s.family != "floor" and s.reload_signal is not None),
     Scenario("files", files, (4.0, 10.0),
-             lambda s: s.name in ("zion", "granian", "nginx"), app="app:app_files",
+             lambda s: s.name in _FILE_SERVERS, app="app:app_files",
              interleaved=True),
     Scenario("files-plain", files, (4.0, 10.0),
-             lambda s: s.name in ("zion", "granian", "nginx"), app="app:app_files",
+             lambda s: s.name in _FILE_SERVERS, app="app:app_files",
              interleaved=True, plain=True),
     Scenario("websocket", websocket, (3.0, 10.0),
              lambda s: s.family in ("zion", "uvicorn", "granian", "hypercorn")

@@ -55,7 +55,8 @@ def tls_srv(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[Zi
 
 @pytest.fixture(scope="module")
 def plain_srv(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[ZionProcess]:
-    srv = _serve(_env(tmp_path_factory, data, ZION_LIMITS_SEND_TIMEOUT="2"), "--no-tls")
+    srv = _serve(_env(tmp_path_factory, data, ZION_LIMITS_SEND_TIMEOUT="2"), "--no-tls",
+                 "--access-log")
     yield srv
     srv.stop()
 
@@ -109,6 +110,9 @@ def test_plain_http_sends_the_file_with_sendfile(plain_srv, data, tmp_path):
         assert filecmp.cmp(out, data / name, shallow=False)
     # Counted from what sendfile(2) returned: the bytes never passed through Python.
     assert total(metrics(plain_srv), "zion_sendfile_bytes_total") - before == SIZES[BIG] + 1
+    logged = wait_for(lambda: [e for e in plain_srv.events("access")
+                               if e.get("path") == f"/file/{BIG}"], 10, "the access log line")
+    assert logged[-1]["bytes"] == SIZES[BIG]
 
 
 @pytest.mark.parametrize("case", ["relative", "missing", "directory", "wrong-length"])

@@ -173,6 +173,7 @@ async def _sendfile(ex: Exchange, transport: Any, fd: int, offset: int, count: i
                 conn.close()  # the file is shorter than announced
                 return False
             offset += sent
+            ex.written += sent  # the access log's body bytes
             counters.sendfile_bytes += sent
             await asyncio.sleep(0)  # the loop's other clients, between steps
         return True
