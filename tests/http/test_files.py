@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from tests.admin.support import metrics, total
-from tests.conftest import APPS, ZionProcess, client_context, read_until_closed, wait_for
+from tests.conftest import (
+    APPS,
+    ZionProcess,
+    client_context,
+    read_response,
+    read_until_closed,
+    wait_for,
+)
 
 SIZES = {"empty.bin": 0, "one.bin": 1, "1m.bin": 1 << 20, "100m.bin": 100 << 20}
 BIG = "100m.bin"
@@ -113,6 +120,17 @@ def test_plain_http_sends_the_file_with_sendfile(plain_srv, data, tmp_path):
     logged = wait_for(lambda: [e for e in plain_srv.events("access")
                                if e.get("path") == f"/file/{BIG}"], 10, "the access log line")
     assert logged[-1]["bytes"] == SIZES[BIG]
+
+
+async def test_plain_http_pipelined_files_keep_their_framing(plain_srv, data):
+    """sendfile writes the socket directly: the next answer must wait for it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain_srv.port)
+    writer.write(b"".join(f"GET /file/{name} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+                          for name in ("1m.bin", "empty.bin", "one.bin")))
+    for name in ("1m.bin", "empty.bin", "one.bin"):
+        resp = await asyncio.wait_for(read_response(reader), 20)
+        assert resp.status == 200 and resp.body == (data / name).read_bytes()
+    writer.close()
 
 
 @pytest.mark.parametrize("case", ["relative", "missing", "directory", "wrong-length"])
