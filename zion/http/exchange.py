@@ -21,6 +21,7 @@ from zion.http.connection import ClientDisconnected
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import HTTPReceiveEvent, HTTPRequestEvent, HTTPScope
     from zion.http.connection import Carrier
     from zion.http.state import ASGIApp
 
@@ -76,7 +77,7 @@ class Exchange:
         "written", "bodyless", "want_trailers", "trailers",
     )
 
-    def __init__(self, conn: Carrier, scope: dict[str, Any], keep_alive: bool,
+    def __init__(self, conn: Carrier, scope: HTTPScope | dict[str, Any], keep_alive: bool,
                  expect_100: bool, started_at: float) -> None:
         self.conn = conn
         self.scope = scope
@@ -133,7 +134,7 @@ class Exchange:
 
     # -- ASGI receive ----------------------------------------------------------
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> HTTPReceiveEvent:
         while not self.body_delivered and not self.disconnected:
             if self.body or self.body_complete:
                 return self._take_body()
@@ -148,7 +149,7 @@ class Exchange:
             await self._wait()
         return {"type": "http.disconnect"}
 
-    def _take_body(self) -> dict[str, Any]:
+    def _take_body(self) -> HTTPRequestEvent:
         chunks = self.body
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.body = []

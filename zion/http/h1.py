@@ -32,6 +32,7 @@ from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import HTTPScope
     from zion.http.state import ServerState
 
 log = get_logger("zion.http")
@@ -106,7 +107,7 @@ class H1Protocol(asyncio.Protocol):
         self.expect_100 = False
         self.content_length = 0
         self.ws_upgrade = False  # this request asks for `upgrade: websocket`
-        self.ws_pending: dict[str, Any] | None = None  # its scope, until the switch
+        self.ws_pending: HTTPScope | None = None  # its scope, until the switch
         self.last_request = False  # a request without keep-alive was parsed
         self.held_for_drain = False  # a pipelined request waits for the write buffer
         self.write_blocked_at = 0.0  # since when the client has not taken our bytes

@@ -69,6 +69,7 @@ from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import HTTPScope
     from zion.http.state import ServerState
 
 log = get_logger("zion.http")
@@ -452,7 +453,7 @@ class H2Protocol(asyncio.Protocol):
         if self.accepted >= _STREAMS_RECYCLE:
             self._recycle(self.accepted >= _STREAMS_PER_CONNECTION)
 
-    def _websocket(self, stream: H2Stream, scope: dict[str, Any], target: bytes,
+    def _websocket(self, stream: H2Stream, scope: HTTPScope, target: bytes,
                    headers: list[tuple[bytes, bytes]]) -> None:
         """RFC 8441: this stream is a WebSocket from here on."""
         factory = self.state.websocket_factory

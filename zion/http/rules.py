@@ -16,22 +16,23 @@ from zion.http import access_log, forwarded
 from zion.http.state import count_response
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import ASGIVersions, HTTPScope
     from zion.http.exchange import Exchange
     from zion.http.state import ServerState
     from zion.settings import LimitsSettings as Limits
 
 
-ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+ASGI_VERSION: ASGIVersions = {"version": "3.0", "spec_version": "2.4"}
 
 
 def http_scope(state: ServerState, http_version: str, method: str, path: str, raw_path: bytes,
                query: bytes, headers: list[tuple[bytes, bytes]],
                client: tuple[str, int] | None, server: tuple[str, int] | None,
-               extensions: dict[str, Any], proxied: bool) -> dict[str, Any]:
+               extensions: dict[str, Any], proxied: bool) -> HTTPScope:
     """The ASGI http scope: the same keys on every protocol; client, scheme
     and server rewritten from the forwarding headers when the peer is a
     proxy we trust (`proxied`)."""
-    scope = {
+    scope: HTTPScope = {
         "type": "http",
         "asgi": ASGI_VERSION,
         "http_version": http_version,
@@ -49,7 +50,8 @@ def http_scope(state: ServerState, http_version: str, method: str, path: str, ra
     }
     if proxied:
         assert state.proxies is not None
-        forwarded.apply(scope, state.proxies)
+        untyped: Any = scope  # forwarded.py rewrites WebSocket scopes too
+        forwarded.apply(untyped, state.proxies)
     return scope
 
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zion.counters import WorkerCounters
+from zion.http.asgi_types import HTTPScope
 from zion.http.forwarded import TrustedProxies
 from zion.http.response import DateCache
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
     from zion.http.exchange import Exchange
     from zion.settings import Settings
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
+# The scope: one of asgi_types' TypedDicts (http), or a WebSocket's / the
+# lifespan's dict; an app may type it as it likes.
+ASGIApp = Callable[[Any, Callable[[], Awaitable[Any]],
                     Callable[[Any], Awaitable[None]]], Awaitable[None]]
 # Answers one exchange: zion's built-ins, static files, the app - composed by
 # the worker, so http/ knows none of them.
@@ -23,7 +26,7 @@ Dispatch = Callable[["Exchange"], None]
 # Builds the protocol an upgraded connection switches to:
 # (scope, request target, request headers, bytes after the request) -> protocol;
 # None instead of bytes: an HTTP/2 extended CONNECT (RFC 8441), no HTTP/1.1 handshake.
-WebSocketFactory = Callable[[dict[str, Any], bytes, list[tuple[bytes, bytes]], bytes | None],
+WebSocketFactory = Callable[[HTTPScope, bytes, list[tuple[bytes, bytes]], bytes | None],
                             asyncio.Protocol]
 
 
