@@ -45,17 +45,17 @@ def _free_port() -> int:
         return int(port)
 
 
-def _kernel_source(tmp_path) -> str | None:
-    settings = load_settings(None, {"tls": {"state_dir": str(tmp_path)}}, {})
+def _kernel_source(state_dir) -> str | None:
+    settings = load_settings(None, {"tls": {"state_dir": str(state_dir)}}, {})
     return preflight_and_headers(settings)
 
 
 @contextmanager
-def _steered(tmp_path, count: int = 3, slots_fd: int | None = None,
+def _steered(state_dir, count: int = 3, slots_fd: int | None = None,
              port: int | None = None) -> Iterator[tuple[UdpGroup, QuicProgram]]:
     group = bind_udp_group("127.0.0.1", port or _free_port(), socket.AF_INET, count)
     program = steering.load(steering.source_path().read_text(), group.sockets, 0, slots_fd,
-                            STALL_NS, _kernel_source(tmp_path))
+                            STALL_NS, _kernel_source(state_dir))
     try:
         program.attach(group.sockets[0])
         yield group, program
@@ -101,8 +101,8 @@ def _marker(n: int) -> bytes:
     return b"<m%05d>" % n
 
 
-def test_server_cid_reaches_its_slot_from_any_source_port(tmp_path) -> None:
-    with _steered(tmp_path, 4) as (group, program):
+def test_server_cid_reaches_its_slot_from_any_source_port(state_dir) -> None:
+    with _steered(state_dir, 4) as (group, program):
         sent = []
         for slot in range(4):
             server_cid = cid.encode(slot, 0)
@@ -118,11 +118,11 @@ def test_server_cid_reaches_its_slot_from_any_source_port(tmp_path) -> None:
         assert program.stats()["by_cid"] == len(datagrams)
 
 
-def test_kernel_hash_splits_a_rebinding_client(tmp_path) -> None:
+def test_kernel_hash_splits_a_rebinding_client(state_dir) -> None:
     """What the program prevents: with no program the kernel's reuseport
     hash spreads one connection's packets (one CID, twenty source ports) over
     the group, so most reach a worker that does not know the connection."""
-    with _steered(tmp_path, 4) as (group, _program):
+    with _steered(state_dir, 4) as (group, _program):
         server_cid = cid.encode(2, 0)
         datagrams = [packets.short(server_cid, _marker(n)) for n in range(20)]
         _send(group.port, datagrams)
@@ -133,11 +133,11 @@ def test_kernel_hash_splits_a_rebinding_client(tmp_path) -> None:
         assert spread[2] < 20 and sum(1 for n in spread if n) >= 2, spread
 
 
-def test_both_initials_of_a_handshake_reach_one_socket(tmp_path) -> None:
+def test_both_initials_of_a_handshake_reach_one_socket(state_dir) -> None:
     """A post-quantum ClientHello spans two Initials; a client may send the
     second (and its 0-RTT) from another source port. Each DCID's packets
     land together, whichever socket the first one chose."""
-    with _steered(tmp_path, 4) as (group, program):
+    with _steered(state_dir, 4) as (group, program):
         dcids = [os.urandom(8 + n % 13) for n in range(40)]
         first = [packets.initial(d, _marker(n)) for n, d in enumerate(dcids)]
         second = [packets.initial(d, _marker(n) + b"2nd") for n, d in enumerate(dcids)]
@@ -156,8 +156,8 @@ def test_both_initials_of_a_handshake_reach_one_socket(tmp_path) -> None:
         assert stats["initial_new"] == 40 and stats["initial_seen"] == 80
 
 
-def test_unknown_datagrams_go_by_the_hash_never_dropped(tmp_path) -> None:
-    with _steered(tmp_path, 3) as (group, program):
+def test_unknown_datagrams_go_by_the_hash_never_dropped(state_dir) -> None:
+    with _steered(state_dir, 3) as (group, program):
         junk = [
             b"",                                    # an empty datagram
             b"\x41",                                # a short header cut short
@@ -176,8 +176,8 @@ def test_unknown_datagrams_go_by_the_hash_never_dropped(tmp_path) -> None:
         assert program.stats()["pass"] >= len(junk) * 3 - 3  # random bytes may parse
 
 
-def test_server_cid_of_an_absent_socket_goes_by_the_hash(tmp_path) -> None:
-    with _steered(tmp_path, 3) as (group, program):
+def test_server_cid_of_an_absent_socket_goes_by_the_hash(state_dir) -> None:
+    with _steered(state_dir, 3) as (group, program):
         gone = [cid.encode(7, 0), cid.encode(1, 3)]  # slot 7, generation 3: no socket
         _send(group.port, [packets.short(c, b"x") for c in gone])
         assert sum(map(len, _receive(group.sockets, 2))) == 2
@@ -195,18 +195,18 @@ def _tcp_group(port: int, count: int) -> ListenerGroup:
     return ListenerGroup(tuple(socks), "127.0.0.1", port, socket.AF_INET)
 
 
-def test_first_initial_goes_to_the_least_loaded_healthy_worker(tmp_path) -> None:
+def test_first_initial_goes_to_the_least_loaded_healthy_worker(state_dir) -> None:
     """The Initial's first sight reads the TCP demux's status board: the
     least-loaded live worker wins, and a stalled one gets nothing."""
     port = _free_port()
     settings = load_settings(None, {"server": {"workers": 3},
-                                    "tls": {"state_dir": str(tmp_path)}}, {})
+                                    "tls": {"state_dir": str(state_dir)}}, {})
     tcp = _tcp_group(port, 3)
     demux = policy.setup(settings, tcp)
     assert demux.routing and demux.program is not None and demux.board is not None
     board = demux.board
     try:
-        with _steered(tmp_path, 3, demux.program.slots_fd, port) as (group, program):
+        with _steered(state_dir, 3, demux.program.slots_fd, port) as (group, program):
             now = time.monotonic_ns()
             for slot, conns in enumerate((5, 2, 9)):
                 board.set_state(slot, SlotState.READY, pid=1)
@@ -234,8 +234,8 @@ def test_first_initial_goes_to_the_least_loaded_healthy_worker(tmp_path) -> None
         tcp.close()
 
 
-def test_a_new_generation_takes_new_connections_the_old_keeps_its_own(tmp_path) -> None:
-    with _steered(tmp_path, 2) as (old, program):
+def test_a_new_generation_takes_new_connections_the_old_keeps_its_own(state_dir) -> None:
+    with _steered(state_dir, 2) as (old, program):
         new = [bind_udp("127.0.0.1", old.port, socket.AF_INET) for _ in range(2)]
         try:
             for slot, sock in enumerate(new):
@@ -258,15 +258,15 @@ def test_a_new_generation_takes_new_connections_the_old_keeps_its_own(tmp_path) 
                 sock.close()
 
 
-def test_the_verifier_takes_256_workers(tmp_path) -> None:
+def test_the_verifier_takes_256_workers(state_dir) -> None:
     port = _free_port()
     settings = load_settings(None, {"server": {"workers": 256},
-                                    "tls": {"state_dir": str(tmp_path)}}, {})
+                                    "tls": {"state_dir": str(state_dir)}}, {})
     tcp = _tcp_group(port, 256)
     demux = policy.setup(settings, tcp)
     try:
         assert demux.routing and demux.program is not None
-        with _steered(tmp_path, 256, demux.program.slots_fd, port) as (group, program):
+        with _steered(state_dir, 256, demux.program.slots_fd, port) as (group, program):
             _send(port, [packets.short(cid.encode(255, 0), b"last")])
             assert [i for i, d in enumerate(_receive(group.sockets, 1)) if d] == [255]
             assert program.stats()[QuicStat.BY_CID.name.lower()] == 1
@@ -275,7 +275,7 @@ def test_the_verifier_takes_256_workers(tmp_path) -> None:
         tcp.close()
 
 
-def test_dual_stack_group_steers_ipv6_and_ipv4_mapped(tmp_path) -> None:
+def test_dual_stack_group_steers_ipv6_and_ipv4_mapped(state_dir) -> None:
     """Bound to "::" with IPV6_V6ONLY off: the program reads the same
     offsets (the skb's data is at the UDP header for both families)."""
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
@@ -283,7 +283,7 @@ def test_dual_stack_group_steers_ipv6_and_ipv4_mapped(tmp_path) -> None:
         port = probe.getsockname()[1]
     group = bind_udp_group("::", port, socket.AF_INET6, 3)
     program = steering.load(steering.source_path().read_text(), group.sockets, 0, None,
-                            STALL_NS, _kernel_source(tmp_path))
+                            STALL_NS, _kernel_source(state_dir))
     try:
         program.attach(group.sockets[0])
         sent = 0
