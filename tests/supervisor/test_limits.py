@@ -97,8 +97,10 @@ async def test_a_leaking_worker_is_replaced_without_a_failed_request(start_zion)
     # 160 x 4 MiB went through two workers of 160 MiB: each was replaced at
     # least once, and none grew near the hard ceiling (HARD_FACTOR, a kill)
     # while its replacement started. What it overshoots by is what the four
-    # clients leak between two looks of the master: about 1.2 times the limit
-    # on an idle machine, up to 1.47 on one loaded 7 times over (its looks late).
+    # clients leak between two looks of the master, which come every 20 ms
+    # while a worker grows this fast (limits.look_soon): at a look every
+    # 250 ms a fresh worker taking all four clients went from below 128 MiB
+    # to past the ceiling between two looks and was killed mid-request.
     assert peak[0] < limit * MIB * HARD_FACTOR, f"peak RSS {peak[0] / MIB:.0f} MiB"
 
 
@@ -116,6 +118,21 @@ def test_memory_verdicts_from_this_process_rss():
                 for limit in (mib * 4, mib - 1, max(1, int(mib / 1.6)))]
     assert verdicts == [Memory.OK, Memory.OVER, Memory.CEILING]
     assert rss_bytes(2**22 + 12345) is None  # no such process (pid_max is at most 2^22)
+
+
+def test_a_worker_growing_fast_far_below_the_limit_is_looked_at_soon():
+    from zion.supervisor.limits import look_soon
+
+    def soon(rss_mib: float, previous: tuple[float, float] | None, now: float) -> bool:
+        prev = None if previous is None else (previous[0], int(previous[1] * MIB))
+        return look_soon(int(rss_mib * MIB), prev, now, 160, 0.8, 0.25)
+
+    assert soon(130, (0.0, 129), 0.25)  # past 80 % of the limit
+    assert soon(40, None, 0.0)  # new: no rate yet
+    assert not soon(40, (0.0, 40), 0.25) and not soon(40, (0.0, 60), 0.25)  # steady, shrinking
+    # 60 MiB in a quarter second (a fast leak): 128 MiB is near at that rate.
+    assert soon(100, (0.0, 40), 0.25)
+    assert not soon(100, (0.0, 99), 0.25)
 
 
 def test_only_a_ready_slot_whose_heartbeat_is_older_than_the_timeout_is_stuck():

@@ -66,6 +66,24 @@ class MemoryVerdict:
     verdict: Memory
 
 
+def look_soon(rss: int, previous: tuple[float, int] | None, now: float, limit_mib: int,
+              near: float, interval: float) -> bool:
+    """Whether a worker's next RSS look should come at the fast cadence: it
+    is past `near` times the limit, or it is new (no growth rate known yet),
+    or, growing as it grew since its `previous` look (when, RSS), it would
+    pass that mark within two regular `interval`s (one for a late look). A
+    fast leak (4 MiB per request at a few hundred requests a second) grows
+    past the limit and the hard ceiling between two looks a quarter of a
+    second apart: it would be killed with requests in flight instead of
+    replaced."""
+    mark = near * limit_mib * MIB
+    if rss > mark or previous is None:
+        return True
+    then, before = previous
+    rate = max(0, rss - before) / max(now - then, 1e-3)
+    return rss + rate * 2 * interval > mark
+
+
 def memory_verdict(pid: int, limit_mib: int) -> MemoryVerdict | None:
     """None when the process is gone."""
     rss = rss_bytes(pid)

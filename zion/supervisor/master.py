@@ -32,7 +32,7 @@ from zion.errors import BindError, ExitCode, ZionError
 from zion.settings import Settings
 from zion.supervisor import generation, notify
 from zion.supervisor.generation import Generation, Reload, Step
-from zion.supervisor.limits import MIB, Memory, memory_verdict, stuck_slots
+from zion.supervisor.limits import MIB, Memory, look_soon, memory_verdict, stuck_slots
 from zion.supervisor.pool import WorkerHandle, WorkerPool, kill
 from zion.supervisor.reloader import FileWatcher, globs, watch_dirs
 from zion.supervisor.respawn import GiveUp, RespawnPolicy, describe
@@ -44,8 +44,9 @@ logger = log.get_logger("zion.master")
 # A stop that outlives the drain timeout by this much gets SIGKILL.
 _STOP_GRACE = 5.0
 # Seconds between reads of the workers' RSS (--limit-worker-memory): a
-# statm read per worker; more often once one is near the limit, where a fast
-# leak overshoots by what it grows between two reads.
+# statm read per worker; more often once one is near the limit or growing
+# fast enough to get there before the next read (limits.look_soon), where a
+# fast leak overshoots by what it grows between two reads.
 _MEMORY_CHECK = 0.25
 _MEMORY_CHECK_NEAR = 0.02
 _NEAR = 0.8
@@ -83,6 +84,7 @@ class Master:
         # starting for (it serves until the replacement is ready).
         self.replacing: dict[int, WorkerHandle] = {}
         self.memory_check_at = 0.0
+        self.memory_seen: dict[int, tuple[float, int]] = {}  # pid -> (when, RSS)
 
     # -- boot -------------------------------------------------------------------
 
@@ -279,6 +281,10 @@ class Master:
             return
         self.respawn.on_ready(handle.index)
         self.current.board.set_state(handle.index, SlotState.READY, handle.pid)
+        # A new worker may take a leaking predecessor's clients at once: its
+        # RSS is looked at now, and then at the pace its growth asks for
+        # (limits.look_soon), not up to a quarter second later.
+        self.memory_check_at = 0.0
         if (old := self.replacing.pop(handle.index, None)) is not None:
             # The replacement accepts on the same listener now: the old one
             # drains what it holds and exits.
@@ -372,6 +378,7 @@ class Master:
         if not limit or gen is None or now < self.memory_check_at:
             return
         near = False
+        previous, self.memory_seen = self.memory_seen, {}
         for handle in self.pool.of_generation(gen.number):
             if handle.stopping or not handle.ready:
                 continue
@@ -379,7 +386,9 @@ class Master:
             if seen is None:
                 continue
             if seen.verdict is Memory.OK:
-                near = near or seen.rss > _NEAR * limit * MIB
+                self.memory_seen[handle.pid] = (now, seen.rss)
+                near = near or look_soon(seen.rss, previous.get(handle.pid), now, limit, _NEAR,
+                                         _MEMORY_CHECK)
                 continue
             rss_mib = round(seen.rss / MIB, 1)
             index = handle.index
