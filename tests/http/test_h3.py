@@ -146,3 +146,29 @@ def _spki(pem_path: str) -> str:
         cert = x509.load_pem_x509_certificate(fh.read())
     der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+async def test_a_client_that_stops_reading_cannot_grow_the_worker(start_zion):
+    """A 200 MB answer to a client that stops taking datagrams (so nothing
+    is acknowledged, whatever window it advertised): the app's send() waits
+    on the stream's unacknowledged bytes, the worker's memory stays far
+    below the body, and after send_timeout the stream is reset."""
+    srv = serve(start_zion, APP, "--http3", workers=1,
+                env={"ZION_LIMITS_SEND_TIMEOUT": "3"})
+    async with h3_connect(srv.port) as client:
+        warm = await asyncio.wait_for(client.request("/"), 20)
+        pid = int(warm.headers[b"x-pid"])
+        before = _peak_rss_kib(pid)
+        client.send_request("/big?200000000")
+        assert client._transport is not None
+        client._transport.pause_reading()  # no datagram read, none acknowledged
+        timed_out = await asyncio.to_thread(srv.wait_event, "h3_send_timeout", 60)
+        client._transport.resume_reading()
+    assert timed_out["stream"] == 4
+    # Without the wait the app would have queued all 200 MB in aioquic.
+    assert _peak_rss_kib(pid) - before < 50_000
