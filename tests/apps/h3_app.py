@@ -1,7 +1,9 @@
 """A bare ASGI app for the HTTP/3 tests: answers with the protocol, the
 size and digest of the body it read, and the worker's pid (x-pid), so a
-test sees which worker served each request."""
+test sees which worker served each request. /hold?FILE answers (200 KB) once
+FILE exists; /big?N sends N bytes."""
 
+import asyncio
 import hashlib
 import os
 
@@ -22,6 +24,11 @@ async def app(scope, receive, send):
         if not message.get("more_body"):
             break
     pid = str(os.getpid()).encode()
+    if scope["path"] == "/hold":
+        # Answers once the file named by the query string exists.
+        release = scope["query_string"].decode()
+        while not os.path.exists(release):
+            await asyncio.sleep(0.02)
     if scope["path"] == "/big":
         total = int(scope["query_string"] or b"1048576")
         await send({"type": "http.response.start", "status": 200,
@@ -34,6 +41,8 @@ async def app(scope, receive, send):
             await send({"type": "http.response.body", "body": part, "more_body": sent < total})
         return
     text = f"{scope['http_version']} {scope['method']} {size} {digest.hexdigest()}"
+    if scope["path"] == "/hold":
+        text += " " * 200_000  # enough datagrams (and acknowledgements) to notice a reset
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"x-pid", pid)]})
     await send({"type": "http.response.body", "body": text.encode()})

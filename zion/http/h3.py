@@ -199,6 +199,7 @@ class H3Session:
         self.streams: dict[int, H3Stream] = {}
         self.overloaded = rules.over_connections(state)
         self.closing = False
+        self.closed = False  # our CONNECTION_CLOSE is queued
         self.gone = False
         self.idle_since = self.loop.time()  # no request in progress since
         state.connection_opened(self)
@@ -239,6 +240,8 @@ class H3Session:
         for stream in self.streams.values():
             if stream.writable is not None:
                 stream.writable.wake()
+        if self.closing and not self.streams:
+            self.shutdown()  # the last answers may be acknowledged now
 
     def ended(self) -> None:
         self.gone = True
@@ -421,14 +424,23 @@ class H3Session:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Close once no request is in progress (H3_NO_ERROR); a draining
-        worker's idle connections end at its next tick."""
+        """Close (H3_NO_ERROR) once no request is in progress and the client
+        has acknowledged every answer: aioquic's close drops stream data not
+        yet sent or lost in flight. A draining worker's idle connections end
+        at its next tick."""
         self.closing = True
-        if not self.streams and not self.gone:
+        if not self.streams and not self.gone and self._answers_delivered():
             self.close()
 
+    def _answers_delivered(self) -> bool:
+        # Client-initiated bidirectional streams (RFC 9000 2.1: id % 4 == 0);
+        # our control and QPACK streams never finish.
+        return all(stream.sender.is_finished for sid, stream in self.quic._streams.items()
+                   if sid % 4 == 0)
+
     def close(self) -> None:
-        if self.gone:
+        if self.gone or self.closed:
             return
+        self.closed = True
         self.quic.close(error_code=ErrorCode.H3_NO_ERROR)
         self.link.transmit_soon()

@@ -11,7 +11,7 @@ pins each handshake's Initials together, choosing by the hash.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from zion.demux import headers, preflight
@@ -109,19 +109,69 @@ def _fallback(reason: FallbackReason, detail: str, errno: int | None,
 
 @dataclass
 class QuicGroup:
-    """The UDP group the master holds for HTTP/3 and its steering."""
+    """The UDP group the master holds for HTTP/3 and its steering, for one
+    generation of workers (whose server CIDs carry `generation`)."""
 
     udp: UdpGroup
-    outcome: QuicOutcome
+    outcome: QuicOutcome  # shared by the generations: one program for the port
+    generation: int = 0
 
     @property
     def master_fds(self) -> tuple[int, ...]:
         return self.outcome.master_fds
 
     def for_worker(self, index: int) -> WorkerQuic:
-        # Generation 0 always: the group and its program are carried over
-        # reloads unchanged (docs/http3.md, what is missing).
-        return self.udp.for_worker(index, 0)
+        return self.udp.for_worker(index, self.generation)
+
+    def next_generation(self, number: int, count: int) -> QuicGroup:
+        """The group of a reload's generation `number`. With the program
+        routing: new sockets in the same reuseport group, entered in the
+        program's sockarray under `number`, so the old workers keep their
+        sockets (and connections) while the new ones start; new connections
+        move to them at commit. Otherwise (no program, whose absence would
+        let the kernel hash spread every connection over old and new
+        sockets; or another worker count than the program was built for)
+        the group is carried over: new workers replace the old ones on the
+        same sockets, and the old connections end with a stateless reset."""
+        program = self.outcome.program
+        if not self.outcome.routing or program is None or program.workers != count:
+            return self
+        try:
+            udp = bind_udp_group(self.udp.host, self.udp.port, self.udp.family, count)
+        except BindError as exc:
+            logger.warning("quic_generation_failed", error=str(exc), using="the same sockets")
+            return self
+        udp = replace(udp, reset_key=self.udp.reset_key)  # tokens stay derivable
+        try:
+            for slot, sock in enumerate(udp.sockets):
+                program.set_socket(slot, number, sock)
+        except ShimError as exc:
+            udp.close()
+            logger.warning("quic_generation_failed", error=describe(exc),
+                           using="the same sockets")
+            return self
+        return QuicGroup(udp, self.outcome, number)
+
+    def commit(self, old: QuicGroup) -> None:
+        """New connections (first Initials) go to this generation from now
+        on; the master lets go of the old sockets. The old workers hold
+        their own until they exit: their connections' packets reach them by
+        their CIDs' generation until then."""
+        if self is old:
+            return
+        assert self.outcome.program is not None
+        try:
+            self.outcome.program.set_generation(self.generation)
+        except ShimError as exc:
+            logger.warning("quic_generation_failed", error=describe(exc),
+                           using="the previous generation for new connections")
+        old.udp.close()
+
+    def abort(self, current: QuicGroup) -> None:
+        """A failed reload: its sockets leave the group (their sockarray
+        entries go with them)."""
+        if self is not current:
+            self.udp.close()
 
     def close(self) -> None:
         self.outcome.close()

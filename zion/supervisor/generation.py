@@ -43,8 +43,8 @@ class Generation:
     group: ListenerGroup
     demux: DemuxOutcome
     board: StatusBoard
-    # --http3: the UDP group and its steering, held for the master's life
-    # (reloads carry it over: no worker reads it yet, see zion/quic/policy.py).
+    # --http3: this generation's UDP sockets and the steering program they
+    # share with the others (zion/quic/policy.py, QuicGroup.next_generation).
     quic: QuicGroup | None = None
 
     @property
@@ -119,16 +119,23 @@ def begin(current: Generation, settings: Settings) -> Reload:
     # whichever worker answers; across a rotation they do one full handshake.
     ssl_ctx, _ = _context(settings)
     count = worker_count(settings)
+    number = current.number + 1
+    quic = current.quic.next_generation(number, count) if current.quic is not None else None
     if count == current.count and settings.demux == old.demux:
-        new = Generation(current.number + 1, settings, ssl_ctx, current.group, current.demux,
-                         current.board, current.quic)
+        new = Generation(number, settings, ssl_ctx, current.group, current.demux,
+                         current.board, quic)
     else:
-        new = _regroup(current, settings, ssl_ctx, count)
+        try:
+            new = _regroup(current, settings, ssl_ctx, count, quic)
+        except BindError:
+            if quic is not None and current.quic is not None:
+                quic.abort(current.quic)
+            raise
     return Reload(new, set(range(count)))
 
 
 def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext | None,
-             count: int) -> Generation:
+             count: int, quic: QuicGroup | None) -> Generation:
     old = current.group
     socks = list(old.sockets[:count])
     try:
@@ -148,7 +155,7 @@ def _regroup(current: Generation, settings: Settings, ssl_ctx: ssl.SSLContext | 
             "listeners being retired; sysctl -w net.ipv4.tcp_migrate_req=1 makes the kernel "
             "move them to the others when those listeners close")
     return Generation(current.number + 1, settings, ssl_ctx, group, demux,
-                      demux.board or StatusBoard.anonymous(count), current.quic)
+                      demux.board or StatusBoard.anonymous(count), quic)
 
 
 def stop_listening(sock: socket.socket) -> None:
@@ -244,6 +251,8 @@ def requeue(gen: Generation, index: int) -> int:
 def commit(old: Generation, new: Generation) -> None:
     """Swap the new generation's program in (one setsockopt: the kernel
     replaces the group's program atomically) and release the old one."""
+    if new.quic is not None and old.quic is not None:
+        new.quic.commit(old.quic)
     if new.group is old.group:
         return
     policy.swap(old.demux, new.demux, new.group.sockets[0], new.settings)
@@ -253,6 +262,8 @@ def abort(current: Generation, new: Generation) -> None:
     """Undo a reload that failed: sockets bound for it leave the group (the
     running program does not know them, so nothing was routed to them apart
     from the kernel hash when no program is attached) and its program goes."""
+    if new.quic is not None and current.quic is not None:
+        new.quic.abort(current.quic)
     if new.group is current.group:
         return
     for sock in new.group.sockets[current.count:]:
