@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import get, wait_for
 from tests.http.test_browser import CHROMIUM, _devtools_port, _page_result
+from tests.support.bpf import cannot_load_bpf
 from tests.support.h3client import H3Client, StreamWasReset, h3_connect
 from tests.support.serve import serve
 
@@ -50,6 +51,29 @@ async def test_requests_from_many_connections_reach_both_workers(start_zion):
                      20, "20 HTTP/3 access lines")
     assert {(e["method"], e["status"]) for e in lines} == {("GET", 200), ("POST", 200)}
     assert {e["path"] for e in lines} == {"/a?x=1", "/p"}
+
+
+@pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+async def test_a_rebinding_client_stays_on_its_worker(start_zion):
+    """Before each request the client moves to a new UDP source port (what a
+    NAT rebinding looks like): with bpf/zion_quic.c every datagram still
+    reaches the worker owning the connection's CIDs, so every request is
+    answered by it. (Without the program the kernel's hash would send some
+    ports to the other worker, which answers with a stateless reset:
+    tests/quic/test_rebinding.py shows that split.)"""
+    srv = serve(start_zion, APP, "--http3", workers=2)
+    assert srv.wait_event("quic_steering_attached")["bpf_quic"] == "attached"
+    async with h3_connect(srv.port) as client:
+        first = await asyncio.wait_for(client.request("/"), 20)
+        ports = set()
+        pids = set()
+        for _ in range(8):
+            ports.add(await client.rebind())
+            answer = await asyncio.wait_for(client.request("/"), 20)
+            assert answer.status == 200
+            pids.add(answer.headers[b"x-pid"])
+    assert len(ports) == 8
+    assert pids == {first.headers[b"x-pid"]}
 
 
 async def test_body_over_the_limit_is_413(start_zion):

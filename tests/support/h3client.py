@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -51,6 +52,21 @@ class H3Client(QuicConnectionProtocol):
                              end_stream=True)
         self.transmit()
         return sid
+
+    async def rebind(self) -> int:
+        """Move to a new UDP source port, as a NAT rebinding does: the same
+        connection (and CIDs), datagrams from another 4-tuple. Returns the
+        new port."""
+        loop = asyncio.get_running_loop()
+        # As aioquic's connect() makes its own: dual-stack, peers as v4-mapped.
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Forward(self), sock=sock)
+        old, self._transport = self._transport, transport  # type: ignore[assignment]
+        if old is not None:
+            old.close()
+        return int(transport.get_extra_info("sockname")[1])
 
     @property
     def reset_token(self) -> bytes:
@@ -109,6 +125,16 @@ class H3Client(QuicConnectionProtocol):
         return await response.done
 
 
+class _Forward(asyncio.DatagramProtocol):
+    """The client's datagrams on its new socket after a rebind."""
+
+    def __init__(self, client: H3Client) -> None:
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.client.datagram_received(data, addr)
+
+
 def client_configuration() -> QuicConfiguration:
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
     config.verify_mode = ssl.CERT_NONE
@@ -121,3 +147,5 @@ async def h3_connect(port: int, host: str = "127.0.0.1") -> AsyncIterator[H3Clie
                        create_protocol=H3Client, wait_connected=True) as client:
         assert isinstance(client, H3Client)
         yield client
+    if client._transport is not None:
+        client._transport.close()  # after a rebind, not the one connect() made

@@ -1,0 +1,149 @@
+"""HTTP/3 against HTTP/2 on one real zion worker: server CPU per request.
+
+Starts `zion serve app:app --workers 1 --http3` (bench/app.py), then sends
+the same small GETs over HTTP/2 (h2load, C) and over HTTP/3 (aioquic's
+client: pure Python, so the client is slow and the wall-clock rate says
+little; the worker's CPU per request, read from /proc, is the figure).
+
+    .venv/bin/python bench/h3_server.py [--requests N] [--connections C] [--streams S]
+
+Needs h2load (Debian's nghttp2-client) and aioquic. Short by design: a
+couple of thousand requests each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Client(QuicConnectionProtocol):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.h3 = H3Connection(self._quic)
+        self.waiting: dict[int, asyncio.Future[int]] = {}
+        self.status: dict[int, int] = {}
+
+    def quic_event_received(self, event: object) -> None:
+        for h3_event in self.h3.handle_event(event):  # type: ignore[arg-type]
+            if isinstance(h3_event, HeadersReceived):
+                self.status[h3_event.stream_id] = int(dict(h3_event.headers)[b":status"])
+            if isinstance(h3_event, HeadersReceived | DataReceived) and h3_event.stream_ended:
+                future = self.waiting.pop(h3_event.stream_id, None)
+                if future is not None:
+                    future.set_result(self.status.pop(h3_event.stream_id, 0))
+
+    async def get(self) -> int:
+        sid = self._quic.get_next_available_stream_id()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.waiting[sid] = future
+        self.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
+                                   (b":authority", b"localhost"), (b":path", b"/")],
+                             end_stream=True)
+        self.transmit()
+        return await future
+
+
+async def _h3(port: int, requests: int, connections: int, streams: int) -> int:
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    per_connection = requests // connections
+    ok = 0
+
+    async def one() -> None:
+        nonlocal ok
+        async with connect("127.0.0.1", port, configuration=config,
+                           create_protocol=_Client) as client:
+            assert isinstance(client, _Client)
+            left = per_connection
+
+            async def stream() -> None:
+                nonlocal left, ok
+                while left > 0:
+                    left -= 1
+                    ok += await client.get() == 200
+
+            await asyncio.gather(*(stream() for _ in range(streams)))
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=10)
+    args = parser.parse_args()
+    port = _free_port()
+    state = tempfile.mkdtemp(prefix="zion-h3-bench-")
+    env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{REPO}", "ZION_TLS_STATE_DIR": state}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "zion", "serve", "app:app", "--port", str(port), "--workers",
+         "1", "--http3", "--log-format", "json"], cwd=BENCH, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        worker = None
+        assert server.stdout is not None
+        for line in server.stdout:
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "workers_ready":
+                worker = int(event["pids"][0])
+                break
+        assert worker is not None, "zion did not start"
+        results = {}
+        cpu = _cpu_seconds(worker)
+        start = time.perf_counter()
+        h2load = subprocess.run(
+            ["h2load", "-n", str(args.requests), "-c", str(args.connections), "-m",
+             str(args.streams), f"https://127.0.0.1:{port}/"], capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        found = re.search(r"(\d+) succeeded", h2load.stdout)
+        succeeded = int(found.group(1)) if found else 0
+        results["HTTP/2 (h2load)"] = (succeeded, _cpu_seconds(worker) - cpu, wall)
+        cpu = _cpu_seconds(worker)
+        start = time.perf_counter()
+        ok = asyncio.run(_h3(port, args.requests, args.connections, args.streams))
+        wall = time.perf_counter() - start
+        results["HTTP/3 (aioquic client)"] = (ok, _cpu_seconds(worker) - cpu, wall)
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(f"{'protocol':<26}{'ok':>7}{'server CPU/req':>16}{'req/s (client-bound)':>22}")
+    for name, (ok, cpu_s, wall) in results.items():
+        per = cpu_s / ok * 1e6 if ok else float("nan")
+        print(f"{name:<26}{ok:>7}{per:>13.0f} µs{ok / wall:>22.0f}")
+
+
+if __name__ == "__main__":
+    main()
