@@ -91,7 +91,8 @@ async def _h3(port: int, requests: int, connections: int, streams: int) -> int:
                 nonlocal left, ok
                 while left > 0:
                     left -= 1
-                    ok += await client.get() == 200
+                    status = await client.get()  # not `ok += await`: ok is read before
+                    ok += status == 200
 
             await asyncio.gather(*(stream() for _ in range(streams)))
 

@@ -6,9 +6,18 @@ only derive because every worker shares the master's reset key."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
+import ssl
+import time
 
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from tests.conftest import wait_for
 from tests.support.h3client import h3_connect
 from tests.support.serve import serve
 
@@ -31,3 +40,37 @@ async def test_a_dead_workers_connection_gets_a_stateless_reset(start_zion):
     reset = next(d for d in client.datagrams if d.endswith(token))
     assert reset[0] & 0xC0 == 0x40  # looks like a short-header packet
     assert 21 <= len(reset) <= 43
+
+
+async def test_a_handshake_that_never_finishes_is_dropped(start_zion):
+    """One real Initial from a client that then goes silent: the worker
+    counts the connection, and forgets it after handshake_timeout (not
+    after QUIC's 60 s idle timeout)."""
+    srv = serve(start_zion, "h3_app:app", "--http3", workers=1,
+                env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "1"})
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    quic = QuicConnection(configuration=config)
+    quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+            sock.sendto(data, ("127.0.0.1", srv.port))
+
+        def connections() -> int:
+            # The asking HTTP/1.1 connection counts too.
+            return int(json.loads(_status(srv.port))["connections"]) - 1
+
+        await asyncio.to_thread(wait_for, lambda: connections() == 1, 20, "the QUIC connection")
+        await asyncio.to_thread(wait_for, lambda: connections() == 0, 20,
+                                "the silent handshake to be dropped")
+
+
+def _status(port: int) -> bytes:
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/_zion/status",
+                                context=context, timeout=10) as response:
+        return bytes(response.read())

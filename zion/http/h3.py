@@ -202,6 +202,8 @@ class H3Session:
         self.closed = False  # our CONNECTION_CLOSE is queued
         self.gone = False
         self.idle_since = self.loop.time()  # no request in progress since
+        self.opened_at = self.idle_since
+        self.handshake_done = False
         state.connection_opened(self)
 
     # -- from the endpoint ------------------------------------------------------
@@ -215,6 +217,7 @@ class H3Session:
                 self.proxied = self.state.speaks_for_clients(self.client)
             return
         if isinstance(event, events.HandshakeCompleted):
+            self.handshake_done = True
             counters = self.state.counters
             counters.tls_handshakes += 1
             if event.session_resumed:
@@ -411,6 +414,14 @@ class H3Session:
 
     def check_deadline(self, now: float) -> None:
         if self.gone:
+            return
+        if not self.handshake_done:
+            if now - self.opened_at >= self.limits.handshake_timeout:
+                # An Initial costs a sender nothing (and its source address
+                # may be forged); the connection it made is dropped after
+                # handshake_timeout, not QUIC's idle timeout.
+                log.debug("h3_handshake_timeout", client=self.client)
+                self.link.abandon()
             return
         for stream in list(self.streams.values()):
             ex = stream.exchange

@@ -83,7 +83,11 @@ class Link:
     def receive(self, data: bytes, addr: Address) -> None:
         self.quic.receive_datagram(data, addr, now=self.endpoint.loop.time())
         self._events()
-        self.transmit()
+        # Not at once: the datagrams read in this iteration, and the answers
+        # the app tasks they started write before the callback runs, leave
+        # in one pass (one ACK and one packet where each would have built its
+        # own: aioquic's packet building is most of the cost per request).
+        self.transmit_soon()
 
     def transmit_soon(self) -> None:
         """Send what the HTTP layer queued, once, at the end of this iteration."""
@@ -130,6 +134,11 @@ class Link:
             if isinstance(event, events.ConnectionTerminated):
                 self._end()
                 return
+
+    def abandon(self) -> None:
+        """Forget the connection now, sending nothing (a handshake that never
+        finished: its peer may not even exist)."""
+        self._end()
 
     def _end(self) -> None:
         if self.ended:
