@@ -7,12 +7,14 @@ Needs root (or CAP_BPF) and Debian's bcc; CI runs as root, so these run there.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 
 import pytest
 
+from tests.admin.support import admin_get
 from tests.conftest import get, wait_for
 from tests.support.bpf import UNCHECKED_PACKET_READ, cannot_load_bpf, prog_fds, zion_prog_ids
 
@@ -21,7 +23,7 @@ CAPSH = shutil.which("capsh")
 
 
 async def test_attach_logs_bpftool_shows_and_every_worker_gets_connections(start_zion):
-    srv = start_zion(workers=4)
+    srv = start_zion("--admin", "127.0.0.1:0", workers=4)
     attached = srv.wait_event("demux_attached")
     assert attached["bpf_demux"] == "attached" and isinstance(attached["fd"], int)
     assert attached["mode"] == "least-loaded"
@@ -39,8 +41,12 @@ async def test_attach_logs_bpftool_shows_and_every_worker_gets_connections(start
     status = (await get(srv.port, "/_zion/status")).json()
     slots = status["demux"]["workers"]
     dispatched = sum(s["dispatches"] for s in slots)
-    # Every accepted connection went through the program: the 400 and this one.
-    assert dispatched == total + 1, slots
+    # Every accepted connection went through the program: the 400 and this
+    # one. On a loaded machine a worker may be seen blocked and its queue
+    # moved; each moved connection runs the program again (as a migration).
+    _, body = admin_get(srv, "/status")
+    requeued = sum(w["requeued"] for w in json.loads(body)["workers"])
+    assert total + 1 <= dispatched <= total + 1 + requeued, (slots, requeued)
     assert status["demux"]["fallbacks"] == 0
     for slot in slots:
         assert slot["dispatches"] >= per_worker[str(slot["worker"])]
