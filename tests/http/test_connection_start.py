@@ -37,3 +37,18 @@ async def test_other_first_bytes_go_to_http11_and_a_silent_client_is_closed():
     assert len(state.connections) == 2
     silent.protocol.check_deadline(state.loop.time() + state.limits.header_timeout)
     assert silent.closed and len(state.connections) == 1
+
+
+async def test_upgrade_h2c_answers_101_and_our_settings_come_first():
+    state = make_state(limits={"h2_max_streams": 7})
+    tr = _start(state)
+    tr.feed(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+            b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+    assert isinstance(tr.protocol, H2Protocol) and state.counters.connections == 1
+    assert tr.take().startswith(b"HTTP/1.1 101 ")
+    tr.feed(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    out = tr.take()
+    length = int.from_bytes(out[:3], "big")
+    pairs = {int.from_bytes(out[i:i + 2], "big"): int.from_bytes(out[i + 2:i + 6], "big")
+             for i in range(9, 9 + length, 6)}
+    assert out[3] == 0x4 and pairs[0x3] == 7 and pairs[0x1] == 0  # SETTINGS, ours

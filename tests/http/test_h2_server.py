@@ -422,6 +422,13 @@ async def test_h2c_prior_knowledge_on_a_no_tls_listener(start_zion: Any) -> None
                             f"http://127.0.0.1:{srv.port}/echo"],
                            capture_output=True, text=True, timeout=30).stdout
     assert plain.startswith("1.1 GET") and plain.endswith(" 1.1")
+    # Upgrade: h2c (curl --http2 on http://): 101, then the request is stream 1;
+    # with a body it is served as HTTP/1.1 (the body would have to be read first).
+    for extra, expect in (([], "2 GET 0 "), (["--data-binary", "hi"], "1.1 POST 2 ")):
+        up = subprocess.run(["curl", "-s", "--http2", "-w", " %{http_version}", *extra,
+                             f"http://127.0.0.1:{srv.port}/echo"],
+                            capture_output=True, text=True, timeout=30).stdout
+        assert up.startswith(expect) and up.endswith(expect.split()[0]), up
     srv.stop()
     off = start_zion("--no-tls", "--no-bpf-demux", "--no-http2", "h2_app:app", workers=1)
     refused = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from zion.http.h1 import H1Protocol
+from zion.http.h1 import H1Protocol, H2cRequest
 from zion.http.h2 import H2Protocol
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class ConnectionStart(asyncio.Protocol):
                 return
             proto: H1Protocol | H2Protocol = H2Protocol(self.state)
         else:
-            proto = H1Protocol(self.state)
+            proto = H1Protocol(self.state, upgrade_to_h2)
         transport, self.transport = self.transport, None
         self.state.connection_handed_over(self)
         self._hand_over(transport, proto, data)
@@ -119,3 +119,16 @@ class ConnectionStart(asyncio.Protocol):
             transport, self.transport = self.transport, None
             self.state.connection_closed(self)
             transport.close()
+
+
+def upgrade_to_h2(state: ServerState, request: H2cRequest, transport: Any, trailing: bytes,
+                  client: tuple[str, int] | None, proxied: bool) -> None:
+    """An `Upgrade: h2c` request was answered 101 (h1.py): HTTP/2 takes the
+    transport, the request is its stream 1; `client`, `proxied` as HTTP/1.1
+    had them (a PROXY header's client among them)."""
+    proto = H2Protocol(state, request)
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    proto.client, proto.proxied = client, proxied
+    if trailing:
+        proto.data_received(trailing)

@@ -15,9 +15,12 @@ per-request path.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -53,6 +56,19 @@ class _NoCallbacks:
 _IDLE_PARSER = httptools.HttpRequestParser(_NoCallbacks())
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SWITCHING_TO_H2C = (b"HTTP/1.1 101 Switching Protocols\r\n"
+                     b"connection: Upgrade\r\nupgrade: h2c\r\n\r\n")
+# What an `upgrade` header asks for.
+_NO_UPGRADE, _WEBSOCKET, _H2C = 0, 1, 2
+# An upgraded request's fields that are HTTP/1.1's own (RFC 9113 8.2.2).
+_NOT_OVER_H2 = frozenset({b"connection", b"upgrade", b"http2-settings", b"keep-alive",
+                          b"proxy-connection", b"transfer-encoding", b"te"})
+# An `Upgrade: h2c` request for HTTP/2: method, target, headers, HTTP2-Settings.
+H2cRequest = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]
+# Hands the transport to HTTP/2 for it: (state, request, transport, bytes
+# after the request, client, proxied); connection_start.upgrade_to_h2.
+H2cUpgrade = Callable[["ServerState", H2cRequest, Any, bytes, "tuple[str, int] | None", bool],
+                      None]
 _STATUS_LINES = response.STATUS_LINES
 
 
@@ -70,7 +86,8 @@ class H1Protocol(asyncio.Protocol):
         "overloaded", "upgrade_seen", "served",
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
-        "parsing", "expect_100", "content_length", "ws_upgrade", "ws_pending",
+        "parsing", "expect_100", "content_length", "upgrade", "ws_pending", "to_h2",
+        "h2c_pending", "upgrade_body",
         "last_request", "held_for_drain", "write_blocked_at", "proxied",
         # response being written
         "chunked",
@@ -78,7 +95,9 @@ class H1Protocol(asyncio.Protocol):
     # Made in connection_made (ConnectionStart picked HTTP/1.1 by then).
     parser: httptools.HttpRequestParser
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, to_h2: H2cUpgrade | None = None) -> None:
+        """`to_h2`: makes the HTTP/2 protocol an `Upgrade: h2c` request switches
+        to (connection_start.py; None: such requests are served as HTTP/1.1)."""
         # connection state
         self.state = state
         self.loop = state.loop
@@ -106,7 +125,10 @@ class H1Protocol(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.expect_100 = False
         self.content_length = 0
-        self.ws_upgrade = False  # this request asks for `upgrade: websocket`
+        self.upgrade = _NO_UPGRADE  # what this request's `upgrade` asks for
+        self.to_h2 = to_h2
+        self.h2c_pending: H2cRequest | None = None  # an Upgrade: h2c request, until the switch
+        self.upgrade_body = 0  # body bytes of an unswitched upgrade request still to come
         self.ws_pending: HTTPScope | None = None  # its scope, until the switch
         self.last_request = False  # a request without keep-alive was parsed
         self.held_for_drain = False  # a pipelined request waits for the write buffer
@@ -164,6 +186,9 @@ class H1Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.upgrade_body:
+            self._upgrade_body(data)
+            return
         self.began_in_chunk = False
         was_in_headers = self.in_headers
         try:
@@ -172,7 +197,10 @@ class H1Protocol(asyncio.Protocol):
             if self.ws_pending is not None:
                 self._switch_to_websocket(data[exc.args[0]:] if exc.args else b"")
                 return
-            # Other upgrades (h2c, unknown protocols) are served as plain
+            if self.h2c_pending is not None:
+                self._switch_to_h2(data[exc.args[0]:] if exc.args else b"")
+                return
+            # Other upgrades (h2c we may not switch, unknown protocols) are served as plain
             # HTTP/1.1 and never switched; the parser stops at the upgrade
             # point, so the connection closes after the answer.
             self.upgrade_seen = True
@@ -180,6 +208,9 @@ class H1Protocol(asyncio.Protocol):
                 self.parsing.keep_alive = False
             for ex in self.pipeline:
                 ex.keep_alive = False
+            if self.upgrade_body:
+                self._upgrade_body(data[exc.args[0]:] if exc.args else b"")
+                return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, _Reject):
@@ -219,7 +250,7 @@ class H1Protocol(asyncio.Protocol):
         self.began_in_chunk = True
         self.expect_100 = False
         self.content_length = 0
-        self.ws_upgrade = False
+        self.upgrade = _NO_UPGRADE
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.deadline_kind = _HEADERS
 
@@ -237,8 +268,12 @@ class H1Protocol(asyncio.Protocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100 = True
-        elif name == b"upgrade" and value.lower() == b"websocket":
-            self.ws_upgrade = True
+        elif name == b"upgrade":
+            kind = value.lower()
+            if kind == b"websocket":
+                self.upgrade = _WEBSOCKET
+            elif kind == b"h2c":
+                self.upgrade = _H2C
         elif name == b"content-length":
             try:
                 self.content_length = int(value)
@@ -271,7 +306,7 @@ class H1Protocol(asyncio.Protocol):
         if "%" in path:
             path = urllib.parse.unquote(path)
         state = self.state
-        ws = self.ws_upgrade and state.websocket_enabled and parser.should_upgrade()
+        ws = self.upgrade == _WEBSOCKET and state.websocket_enabled and parser.should_upgrade()
         # A WebSocket has no HTTP response to send a file as.
         extensions: dict[str, Any] = {} if ws else {PATHSEND: {}}
         if state.client_certs:
@@ -285,11 +320,22 @@ class H1Protocol(asyncio.Protocol):
             # (HttpParserUpgrade in data_received); no HTTP exchange for it.
             self.ws_pending = scope
             return
+        if self.upgrade == _H2C and self.to_h2 is not None:
+            request = self._h2c_request(parser)
+            if request is not None:
+                # Switched when the parser stops at the upgrade point; the
+                # request becomes HTTP/2's stream 1.
+                self.h2c_pending = request
+                return
         # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
         # uvloop's is libuv's cached millisecond, and a request takes microseconds.
         ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, time.monotonic())
         self.parsing = ex
         self.pipeline.append(ex)
+        if self.upgrade and self.content_length and parser.should_upgrade():
+            # httptools skips the body of an upgrade request (it expects the
+            # new protocol's bytes): an upgrade we do not take gets it here.
+            self.upgrade_body = self.content_length
         # Until on_message_complete (at once, for a request without a body).
         self.deadline = rules.body_deadline(self.limits, self.loop.time())
         self.deadline_kind = _BODY
@@ -310,6 +356,8 @@ class H1Protocol(asyncio.Protocol):
             self.deadline = rules.body_deadline(self.limits, self.loop.time())
 
     def on_message_complete(self) -> None:
+        if self.upgrade_body:
+            return  # not before the body (_upgrade_body)
         ex = self.parsing
         self.parsing = None
         if self.deadline_kind == _BODY:
@@ -358,6 +406,63 @@ class H1Protocol(asyncio.Protocol):
     def _tls_extension(self) -> dict[str, Any] | None:
         assert self.transport is not None
         return tls_extension(self.transport.get_extra_info("ssl_object"))
+
+    def _upgrade_body(self, data: bytes) -> None:
+        """The body of an upgrade request served as HTTP/1.1, past the
+        parser; what follows it is dropped (the connection closes after the
+        answer, as for any unswitched upgrade)."""
+        chunk = data[:self.upgrade_body]
+        self.upgrade_body -= len(chunk)
+        try:
+            if chunk:
+                self.on_body(chunk)
+            if not self.upgrade_body:
+                self.on_message_complete()
+        except _Reject as exc:
+            self.upgrade_body = 0
+            self.reject(exc.status, exc.detail)
+            return
+        if self.current is None and self.pipeline:
+            self.start_next()
+
+    def _h2c_request(self, parser: httptools.HttpRequestParser) -> H2cRequest | None:
+        """An `Upgrade: h2c` request HTTP/2 can answer as its stream 1 (RFC
+        7540 3.2; RFC 9113 3.1 deprecates it, but curl --http2 sends it on
+        http://), or None: it is served as HTTP/1.1. Not with a body (it
+        would have to be read before the switch), and only with exactly one
+        well-formed HTTP2-Settings (base64url of 6-byte settings)."""
+        if not parser.should_upgrade() or self.content_length:
+            return None
+        settings = [v for n, v in self.headers if n == b"http2-settings"]
+        if len(settings) != 1 or any(n == b"transfer-encoding" for n, _ in self.headers):
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(settings[0] + b"=" * (-len(settings[0]) % 4))
+        except (ValueError, binascii.Error):
+            return None
+        if len(raw) % 6:
+            return None
+        headers = [(n, v) for n, v in self.headers if n not in _NOT_OVER_H2]
+        return parser.get_method(), self.url, headers, settings[0]
+
+    def _switch_to_h2(self, trailing: bytes) -> None:
+        """101, then the transport goes to HTTP/2 (connection_start.py), which
+        answers the upgraded request on stream 1 once the client's preface
+        comes (RFC 7540 3.2). This object is done once it returns."""
+        request, self.h2c_pending = self.h2c_pending, None
+        assert request is not None and self.transport is not None and self.to_h2 is not None
+        if self.current is not None or self.pipeline:
+            self.reject(400, "h2c upgrade pipelined behind another request")
+            return
+        transport = self.transport
+        transport.write(_SWITCHING_TO_H2C)
+        self.closing = True  # nothing of ours runs on this transport any more
+        self.deadline_kind = _NONE
+        self.state.connection_handed_over(self)
+        self._release_parser()
+        if self.pauses.reasons:
+            transport.resume_reading()
+        self.to_h2(self.state, request, transport, trailing, self.client, self.proxied)
 
     def _release_parser(self) -> None:
         """This connection is done with HTTP/1.1 (closed, or handed over).

@@ -70,6 +70,7 @@ from zion.log import get_logger
 
 if TYPE_CHECKING:
     from zion.http.asgi_types import HTTPScope
+    from zion.http.h1 import H2cRequest
     from zion.http.state import ServerState
 
 log = get_logger("zion.http")
@@ -104,11 +105,15 @@ class H2Protocol(asyncio.Protocol):
         "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
         "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
-        "goaway_sent_at", "overloaded", "self_dependent", "priorities",
+        "goaway_sent_at", "overloaded", "self_dependent", "priorities", "upgrade",
+        "preface_due",
     )
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, upgrade: H2cRequest | None = None) -> None:
+        """`upgrade`: the HTTP/1.1 request of an `Upgrade: h2c`, our stream 1."""
         self.state = state
+        self.upgrade = upgrade
+        self.preface_due = False  # zttp's SETTINGS of an upgraded connection: not yet out
         self.loop = state.loop
         self.limits = limits = state.limits
         self.transport: Any = None
@@ -185,8 +190,21 @@ class H2Protocol(asyncio.Protocol):
         self.proxied = self.state.speaks_for_clients(self.client)
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.heard_at = self.loop.time()
+        self.pauses.transport = tr
+        if self.upgrade is not None:
+            method, target, headers, settings = self.upgrade
+            self.upgrade = None
+            # zttp sends its SETTINGS once the client's preface came: _send
+            # makes them ours then.
+            self.conn.initiate_upgrade_connection(method, target, headers, settings)
+            self.preface_due = True
+            return
         self.conn.initiate_connection()
-        preface = zttp_shim.rewrite_settings(self.conn.data_to_send(), {
+        tr.write(self._preface(self.conn.data_to_send()))
+
+    def _preface(self, data: bytes) -> bytes:
+        """zttp's SETTINGS frame (first in `data`) with our values."""
+        preface = zttp_shim.rewrite_settings(data, {
             zttp_shim.MAX_CONCURRENT_STREAMS: self.max_streams,
             zttp_shim.MAX_HEADER_LIST_SIZE: self.max_header_list,
             zttp_shim.INITIAL_WINDOW_SIZE: self.stream_window,
@@ -198,8 +216,7 @@ class H2Protocol(asyncio.Protocol):
         if self.conn_window > zttp_shim.DEFAULT_WINDOW:
             # The connection window has no SETTINGS of its own (RFC 9113 6.9.2).
             preface += zttp_shim.window_update(0, self.conn_window - zttp_shim.DEFAULT_WINDOW)
-        self.pauses.transport = tr
-        tr.write(preface)
+        return preface
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -603,6 +620,9 @@ class H2Protocol(asyncio.Protocol):
         self._send(self.conn.data_to_send())
 
     def _send(self, data: bytes, final: bool = False) -> None:
+        if self.preface_due and data:
+            self.preface_due = False
+            data = self._preface(data)
         if self.strip_updates:
             # Only after request body bytes can zttp have queued a WINDOW_UPDATE.
             self.strip_updates = False
