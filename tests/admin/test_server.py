@@ -242,7 +242,10 @@ def test_workers_hold_no_admin_socket(start_zion):
              what="the worker replaced")
     assert holders(["-lt", f"sport = :{port}"]) == {srv.pid}
     assert holders(["-lt", f"sport = :{agent}"]) == {srv.pid}
-    assert holders(["-t", "state", "established", f"sport = :{port}"]) == {srv.pid}
+    # No worker holds the client's connection. (The master itself may have
+    # closed it by now: its 5 s per-connection deadline can pass while a
+    # loaded machine boots the replacement; a leaked copy would outlive that.)
+    assert holders(["-t", "state", "established", f"sport = :{port}"]) <= {srv.pid}
     pending.close()
 
 
