@@ -75,6 +75,8 @@ class Exchange:
         # response
         "response_started", "response_complete", "status", "headers", "content_length",
         "written", "bodyless", "want_trailers", "trailers",
+        # the app's Task and the set that keeps it referenced (run)
+        "task", "background",
     )
 
     def __init__(self, conn: Carrier, scope: HTTPScope | dict[str, Any], keep_alive: bool,
@@ -106,6 +108,8 @@ class Exchange:
         self.bodyless = False  # HEAD, 1xx, 204, 304: the body is not sent (RFC 9110 6.4.1)
         self.want_trailers = False
         self.trailers: list[tuple[bytes, bytes]]  # made when the app asks for trailers
+        self.task: asyncio.Task[None] | None = None
+        self.background: set[asyncio.Task[Any]] | None = None
 
     # -- fed by the connection -------------------------------------------------
 
@@ -319,10 +323,15 @@ class Exchange:
     # -- running the app -------------------------------------------------------
 
     def run(self, app: ASGIApp, background: set[asyncio.Task[Any]]) -> None:
+        # Kept in `background` (drain waits for it, and cancels what is left)
+        # until its own last step leaves it (_guarded's finally): no done
+        # callback, which costs every request a Handle and a trip through
+        # the loop's ready queue once the Task has finished.
         task = start_task(self.conn.loop, self._guarded(app))
         if not task.done():
+            self.task = task
+            self.background = background
             background.add(task)
-            task.add_done_callback(background.discard)
 
     async def _guarded(self, app: ASGIApp) -> None:
         state = self.conn.state
@@ -347,6 +356,8 @@ class Exchange:
                     self.conn.close()
         finally:
             slot.inflight -= 1
+            if self.background is not None:
+                self.background.discard(self.task)  # type: ignore[arg-type]
 
     def _app_failed(self, exc: Exception) -> None:
         if self.disconnected:

@@ -499,11 +499,13 @@ class H1Protocol(asyncio.Protocol):
         date = self.state.date
         parts = [_STATUS_LINES.get(status) or response.status_line(status),
                  date.without_server if own_server else date.prefix]
-        for name, value in headers:
-            # A CR or LF would end the field early: response splitting.
-            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                raise ProtocolError(f"invalid response header {name!r}")
-            parts += (name, b": ", value, b"\r\n")
+        if headers:
+            fields = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+            # A CR or LF in a name or value would end the field early:
+            # response splitting. Each field line holds exactly one of each.
+            if fields.count(b"\n") != len(headers) or fields.count(b"\r") != len(headers):
+                _refuse_fields(headers)
+            parts.append(fields)
         chunked = False
         if length is not None:
             parts += (b"content-length: ", b"%d" % length, b"\r\n")
@@ -634,6 +636,14 @@ class H1Protocol(asyncio.Protocol):
     def _resume(self, reason: int) -> None:
         if not self.closing:
             self.pauses.resume(reason)
+
+
+def _refuse_fields(headers: list[tuple[bytes, bytes]]) -> None:
+    """Raise for the first field with a CR or LF in its name or value."""
+    for name, value in headers:
+        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+            raise ProtocolError(f"invalid response header {name!r}")
+    raise ProtocolError("invalid response header")
 
 
 def _parser_detail(exc: Exception) -> str:
