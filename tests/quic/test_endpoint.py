@@ -13,11 +13,13 @@ import socket
 import ssl
 import time
 
+import pytest
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from tests.conftest import wait_for
+from tests.support.bpf import cannot_load_bpf
 from tests.support.h3client import h3_connect
 from tests.support.serve import serve
 
@@ -72,5 +74,33 @@ def _status(port: int) -> bytes:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with urllib.request.urlopen(f"https://127.0.0.1:{port}/_zion/status",
-                                context=context, timeout=10) as response:
+                                context=context, timeout=3) as response:
         return bytes(response.read())
+
+
+@pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+async def test_a_frozen_worker_gets_no_new_quic_connections(start_zion):
+    """SIGSTOP one of two workers: once the status board shows it stalled,
+    the program admits every new QUIC connection to the other one (the
+    kernel hash would send about half to the frozen worker, where their
+    handshakes would hang)."""
+    srv = serve(start_zion, "h3_app:app", "--http3", workers=2)
+    frozen, alive = srv.wait_event("workers_ready")["pids"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        def stalled() -> bool:
+            try:
+                board = json.loads(_status(srv.port))["demux"]["workers"]
+            except OSError:
+                return False  # this request met the frozen worker: ask again
+            return any(w["pid"] == frozen and w["state"] == "stalled" for w in board)
+
+        await asyncio.to_thread(wait_for, stalled, 30, "the frozen worker to look stalled")
+        pids = []
+        for _ in range(4):
+            async with h3_connect(srv.port) as client:
+                answer = await asyncio.wait_for(client.request("/"), 20)
+                pids.append(int(answer.headers[b"x-pid"]))
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert pids == [alive] * 4
