@@ -123,7 +123,8 @@ class Exchange:
 
     def message_complete(self) -> None:
         self.body_complete = True
-        self._wake()
+        if self.waiter is not None:  # most requests never wait: no call for them
+            self._wake()
 
     def lost(self) -> None:
         self.disconnected = True
@@ -316,7 +317,8 @@ class Exchange:
 
     def complete(self) -> None:
         self.response_complete = True
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
         if not self.disconnected:
             self.conn.exchange_done(self)
 
