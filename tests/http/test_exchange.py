@@ -59,6 +59,26 @@ async def test_body_with_the_headers_or_later_gives_the_same_answer():
     assert answers == [b"len=5 task=1", b"len=5 task=1"]
 
 
+async def test_a_body_that_ends_in_a_later_read_wakes_the_waiting_app():
+    # The last chunk (0 CRLF CRLF) comes alone, after the app has taken
+    # "hello" and waits again: only the message's end can wake it.
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"len=%d" % len(body)})
+
+    tr = connect(make_state(), app)
+    tr.feed(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await settle()
+    tr.feed(b"0\r\n\r\n")
+    await until(lambda: tr.buffer.endswith(b"len=5"))
+
+
 async def test_send_after_disconnect_raises_oserror_and_receive_says_disconnect():
     result: dict[str, Any] = {}
     gone = asyncio.Event()
