@@ -22,6 +22,7 @@ from tests.conftest import wait_for
 from tests.support.bpf import cannot_load_bpf
 from tests.support.h3client import h3_connect
 from tests.support.serve import serve
+from zion.quic.endpoint import RETRY_ABOVE
 
 
 async def test_a_dead_workers_connection_gets_a_stateless_reset(start_zion):
@@ -104,3 +105,25 @@ async def test_a_frozen_worker_gets_no_new_quic_connections(start_zion):
     finally:
         os.kill(frozen, signal.SIGCONT)
     assert pids == [alive] * 4
+
+
+async def test_past_many_handshakes_a_new_client_is_retried(start_zion):
+    """RETRY_ABOVE Initials that never go on, then a real client: it gets a
+    Retry (RFC 9000 8.1.2: prove your address first), comes back with the
+    token to the worker the Retry's CID names, and is served."""
+    srv = serve(start_zion, "h3_app:app", "--http3", workers=1)
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(RETRY_ABOVE + 2):
+            quic = QuicConnection(configuration=config)
+            quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
+            for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+                sock.sendto(data, ("127.0.0.1", srv.port))
+        await asyncio.to_thread(wait_for, lambda: json.loads(_status(srv.port))["connections"]
+                                > RETRY_ABOVE, 20, "the silent handshakes")
+        async with h3_connect(srv.port) as client:
+            answer = await asyncio.wait_for(client.request("/"), 20)
+    assert answer.status == 200
+    # A long header (0x80) whose type bits say Retry (0x30, QUIC v1).
+    assert [d for d in client.datagrams if d[0] & 0xB0 == 0xB0]

@@ -32,9 +32,11 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import (
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from zion.log import get_logger
 from zion.quic import cid
@@ -49,6 +51,12 @@ _MIN_INITIAL = 1200
 # than the packet that triggered it, so two endpoints cannot loop on them.
 _MIN_RESET = 21
 _MAX_RESET = 43
+# Handshakes in progress on one worker past which a new connection must
+# first prove its address with a Retry (RFC 9000 8.1.2): an Initial costs
+# its sender nothing and may come from a forged address, a handshake costs
+# the worker a connection's state and a signature. Below it, no extra round
+# trip.
+RETRY_ABOVE = 64
 
 Address = Any  # (host, port) or (host, port, flowinfo, scope_id)
 
@@ -69,7 +77,8 @@ class Session(Protocol):
 class Link:
     """One QUIC connection on the endpoint: feeds it, runs its timer, sends."""
 
-    __slots__ = ("endpoint", "quic", "session", "timer", "timer_at", "flush_due", "ended")
+    __slots__ = ("endpoint", "quic", "session", "timer", "timer_at", "flush_due", "ended",
+                 "handshaking")
 
     def __init__(self, endpoint: QuicEndpoint, quic: ServerConnection) -> None:
         self.endpoint = endpoint
@@ -79,6 +88,8 @@ class Link:
         self.timer_at: float | None = None
         self.flush_due = False
         self.ended = False
+        self.handshaking = True
+        endpoint.handshakes += 1
 
     def receive(self, data: bytes, addr: Address) -> None:
         self.quic.receive_datagram(data, addr, now=self.endpoint.loop.time())
@@ -125,7 +136,9 @@ class Link:
         endpoint = self.endpoint
         quic = self.quic
         while (event := quic.next_event()) is not None:
-            if isinstance(event, events.ConnectionIdIssued):
+            if isinstance(event, events.HandshakeCompleted):
+                self._handshake_over()
+            elif isinstance(event, events.ConnectionIdIssued):
                 endpoint.links[event.connection_id] = self
             elif isinstance(event, events.ConnectionIdRetired):
                 endpoint.links.pop(event.connection_id, None)
@@ -140,10 +153,16 @@ class Link:
         finished: its peer may not even exist)."""
         self._end()
 
+    def _handshake_over(self) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            self.endpoint.handshakes -= 1
+
     def _end(self) -> None:
         if self.ended:
             return
         self.ended = True
+        self._handshake_over()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -168,6 +187,12 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.accepting = True  # False while draining: new Initials are ignored
         self.resets_sent = 0
+        self.handshakes = 0  # connections whose handshake is not over
+        self.retry_above = RETRY_ABOVE
+        # Its key is this worker's: a retried Initial comes back to this
+        # worker, since the Retry's source CID names its slot.
+        self.retry = QuicRetryTokenHandler()
+        self.retries_sent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDPTransport is not a subclass of asyncio's: no isinstance.
@@ -202,19 +227,51 @@ class QuicEndpoint(asyncio.DatagramProtocol):
             return
         if header.packet_type == QuicPacketType.INITIAL:
             if len(data) >= _MIN_INITIAL and self.accepting:
-                self._new_connection(header.destination_cid, data, addr)
+                self._initial(header, data, addr)
             return
         if header.version is None:
             self._stateless_reset(header.destination_cid, len(data), addr)
 
-    def _new_connection(self, original_dcid: bytes, data: bytes, addr: Address) -> None:
+    def _initial(self, header: Any, data: bytes, addr: Address) -> None:
+        """A client's first Initial: a new connection, or a Retry first when
+        this worker has too many handshakes in progress."""
+        now = self.loop.time()
+        if header.token:
+            try:
+                original = self.retry.validate_token(
+                    address=addr, destination_cid=header.destination_cid, token=header.token,
+                    now=now)
+            except ValueError:
+                pass  # not ours (or stale): as if it had none
+            else:
+                self._new_connection(header.destination_cid, data, addr, original,
+                                     header.destination_cid)
+                return
+        if self.handshakes >= self.retry_above:
+            # Its source CID is one of ours, so the retried Initial (sent to
+            # it) is steered back to this worker by the program.
+            source = self.new_cid(self.configuration.connection_id_length)
+            self.retries_sent += 1
+            self.sendto(encode_quic_retry(
+                version=header.version, source_cid=source,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=self.retry.create_token(
+                    address=addr, original_destination_connection_id=header.destination_cid,
+                    retry_source_connection_id=source, now=now)), addr)
+            return
+        self._new_connection(header.destination_cid, data, addr, header.destination_cid, None)
+
+    def _new_connection(self, dcid: bytes, data: bytes, addr: Address, original_dcid: bytes,
+                        retry_scid: bytes | None) -> None:
         quic = ServerConnection(configuration=self.configuration, new_cid=self.new_cid,
                                 reset_key=self.reset_key, stream_window=self.stream_window,
-                                original_destination_connection_id=original_dcid)
+                                original_destination_connection_id=original_dcid,
+                                retry_source_connection_id=retry_scid)
         link = Link(self, quic)
         # The client's Initials (a post-quantum ClientHello spans two) keep
-        # its chosen DCID until our first answer reaches it.
-        self.links[original_dcid] = link
+        # the DCID they came with until our first answer reaches it.
+        self.links[dcid] = link
         self.links[quic.host_cid] = link
         link.session = self.accept(link)
         link.receive(data, addr)
