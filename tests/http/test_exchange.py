@@ -36,22 +36,24 @@ async def test_app_runs_inside_a_task_from_its_first_line():
     assert isinstance(seen["task"], asyncio.Task) and seen["thread"] == 42
 
 
-async def test_body_with_the_headers_or_later_gives_the_same_answer():
-    async def app(scope, receive, send):
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"len=%d task=%d" % (
-            len(body), asyncio.current_task() is not None)})
+async def body_length(scope, receive, send):
+    """Reads the whole body, then answers its length and whether it ran in a Task."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"len=%d task=%d" % (
+        len(body), asyncio.current_task() is not None)})
 
+
+async def test_body_with_the_headers_or_later_gives_the_same_answer():
     head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n"
     answers = []
     for chunks in ([head + b"hello"], [head, b"hel", b"lo"]):
-        tr = connect(make_state(), app)
+        tr = connect(make_state(), body_length)
         for chunk in chunks:
             tr.feed(chunk)
             await settle()
@@ -62,21 +64,11 @@ async def test_body_with_the_headers_or_later_gives_the_same_answer():
 async def test_a_body_that_ends_in_a_later_read_wakes_the_waiting_app():
     # The last chunk (0 CRLF CRLF) comes alone, after the app has taken
     # "hello" and waits again: only the message's end can wake it.
-    async def app(scope, receive, send):
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"len=%d" % len(body)})
-
-    tr = connect(make_state(), app)
+    tr = connect(make_state(), body_length)
     tr.feed(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
     await settle()
     tr.feed(b"0\r\n\r\n")
-    await until(lambda: tr.buffer.endswith(b"len=5"))
+    await until(lambda: tr.buffer.endswith(b"len=5 task=1"))
 
 
 async def test_send_after_disconnect_raises_oserror_and_receive_says_disconnect():
