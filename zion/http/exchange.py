@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import http
 import sys
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from zion.http import files
@@ -47,15 +47,8 @@ class ProtocolError(Exception):
     """The app broke the ASGI contract (bad message, bad header)."""
 
 
-def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
-               ) -> asyncio.Task[None]:
-    """A Task for one request. Python 3.12 can run its first step eagerly,
-    saving a trip through the ready queue; 3.11 has no correct way to."""
-    if _EAGER:
-        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
-    return loop.create_task(coro)
-
-
+# A Task for one request (Exchange.run): Python 3.12 can run its first step
+# eagerly, saving a trip through the ready queue; 3.11 has no correct way to.
 _EAGER = sys.version_info >= (3, 12)
 
 
@@ -179,7 +172,8 @@ class Exchange:
         if kind == "http.response.body":
             if not self.response_started:
                 raise ProtocolError("http.response.body sent before http.response.start")
-            self._check_open(kind)
+            if self.disconnected or self.response_complete:  # the flags first: no call
+                self._check_open(kind)
             more = message.get("more_body", False)
             body = message.get("body", b"")
             # With trailers coming, the trailers end the response, not the body.
@@ -197,7 +191,8 @@ class Exchange:
         if kind == "http.response.start":
             if self.response_started:
                 raise ProtocolError("http.response.start sent twice")
-            self._check_open(kind)
+            if self.disconnected or self.response_complete:
+                self._check_open(kind)
             self.response_started = True
             self.status = int(message["status"])
             self.headers = message.get("headers", ())
@@ -329,7 +324,11 @@ class Exchange:
         # until its own last step leaves it (_guarded's finally): no done
         # callback, which costs every request a Handle and a trip through
         # the loop's ready queue once the Task has finished.
-        task = start_task(self.conn.loop, self._guarded(app))
+        if _EAGER:
+            task = asyncio.Task(self._guarded(app), loop=self.conn.loop,  # type: ignore[call-arg]
+                                eager_start=True)
+        else:
+            task = self.conn.loop.create_task(self._guarded(app))
         if not task.done():
             self.task = task
             self.background = background
