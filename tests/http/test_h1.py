@@ -369,3 +369,30 @@ async def test_closed_connections_are_freed_without_the_cyclic_gc(start_zion):
                 f"{left} HTTP/1.1 connections still in memory after they closed")
     finally:
         await get(srv.port, "/gc?on")
+
+
+@pytest.mark.parametrize(("target", "path", "raw_path", "query"), [
+    (b"/a/b", "/a/b", b"/a/b", b""),
+    (b"/a?x=1&y=2", "/a", b"/a", b"x=1&y=2"),
+    (b"/a?x=1?y", "/a", b"/a", b"x=1?y"),  # a second "?" belongs to the query
+    (b"/a?", "/a", b"/a", b""),
+    (b"/a%20b?q=%41", "/a b", b"/a%20b", b"q=%41"),  # the query stays raw
+    (b"/a?x=1#frag", "/a", b"/a", b"x=1"),  # a fragment is never the server's
+    (b"http://example.com/p?q=1", "/p", b"/p", b"q=1"),  # absolute-form
+])
+async def test_the_request_target_is_split_into_path_and_query(target, path, raw_path, query):
+    from tests.support.fake_transport import connect as connect_fake
+    from tests.support.fake_transport import make_state, settle
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(path=scope["path"], raw_path=scope["raw_path"], query=scope["query_string"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    tr = connect_fake(make_state(), app)
+    tr.feed(b"GET " + target + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+    await settle()
+    assert tr.take().startswith(b"HTTP/1.1 204")
+    assert seen == {"path": path, "raw_path": raw_path, "query": query}

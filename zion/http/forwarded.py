@@ -53,6 +53,10 @@ class TrustedProxies:
                    for net in self.networks)
 
 
+# The request fields apply() reads (lowercase names, as both protocols keep them).
+FIELDS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+
 def apply(scope: dict[str, Any], proxies: TrustedProxies) -> None:
     """Rewrite client, scheme and server from the forwarding headers of a
     request that came from a trusted peer."""

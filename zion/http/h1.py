@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from zion.http import response, rules
+from zion.http import forwarded, response, rules
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.files import PATHSEND
@@ -54,6 +54,8 @@ class _NoCallbacks:
 
 
 _IDLE_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+# Request fields on_header acts on; any other field is only kept.
+_LOOKED_AT = frozenset({b"expect", b"upgrade", b"content-length", *forwarded.FIELDS})
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING_TO_H2C = (b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -86,7 +88,8 @@ class H1Protocol(asyncio.Protocol):
         "overloaded", "upgrade_seen", "served",
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
-        "parsing", "expect_100", "content_length", "upgrade", "ws_pending", "to_h2",
+        "parsing", "expect_100", "content_length", "upgrade", "forwarding", "ws_pending",
+        "to_h2",
         "h2c_pending", "upgrade_body",
         "last_request", "held_for_drain", "write_blocked_at", "proxied",
         # response being written
@@ -126,6 +129,7 @@ class H1Protocol(asyncio.Protocol):
         self.expect_100 = False
         self.content_length = 0
         self.upgrade = _NO_UPGRADE  # what this request's `upgrade` asks for
+        self.forwarding = False  # it has a field forwarded.apply reads
         self.to_h2 = to_h2
         self.h2c_pending: H2cRequest | None = None  # an Upgrade: h2c request, until the switch
         self.upgrade_body = 0  # body bytes of an unswitched upgrade request still to come
@@ -251,6 +255,7 @@ class H1Protocol(asyncio.Protocol):
         self.expect_100 = False
         self.content_length = 0
         self.upgrade = _NO_UPGRADE
+        self.forwarding = False
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.deadline_kind = _HEADERS
 
@@ -260,14 +265,23 @@ class H1Protocol(asyncio.Protocol):
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > self.limits.max_header_size:
+        headers = self.headers
+        size = self.header_bytes + len(name) + len(value) + 4
+        self.header_bytes = size
+        limits = self.limits
+        if size > limits.max_header_size:
             raise _Reject(431, "header section too large")
-        if len(self.headers) >= self.limits.max_headers:
+        if len(headers) >= limits.max_headers:
             raise _Reject(431, "too many header fields")
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100 = True
+        if name in _LOOKED_AT:  # one set lookup for the common field that is none of them
+            self._look_at(name, value)
+        headers.append((name, value))
+
+    def _look_at(self, name: bytes, value: bytes) -> None:
+        if name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100 = True
         elif name == b"upgrade":
             kind = value.lower()
             if kind == b"websocket":
@@ -279,7 +293,8 @@ class H1Protocol(asyncio.Protocol):
                 self.content_length = int(value)
             except ValueError:
                 raise _Reject(400, "bad content-length") from None
-        self.headers.append((name, value))
+        else:  # forwarded.FIELDS: worth reading only from a peer we trust
+            self.forwarding = True
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
@@ -290,15 +305,17 @@ class H1Protocol(asyncio.Protocol):
                 raise _Reject(refusal.status, refusal.detail)
         parser = self.parser
         url = self.url
-        if b"?" in url or b"%" in url or not url.startswith(b"/"):
+        if url[:1] == b"/" and b"#" not in url:
+            # Origin-form: llhttp has already refused every byte parse_url
+            # would (controls, DEL, non-ASCII), so it would split it the same.
+            raw_path, _, query = url.partition(b"?")
+        else:
             try:
                 parsed = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 raise _Reject(400, "invalid request target") from None
             raw_path = parsed.path or b"/"
             query = parsed.query or b""
-        else:
-            raw_path, query = url, b""
         try:
             path = raw_path.decode("ascii")
         except UnicodeDecodeError:
@@ -306,7 +323,8 @@ class H1Protocol(asyncio.Protocol):
         if "%" in path:
             path = urllib.parse.unquote(path)
         state = self.state
-        ws = self.upgrade == _WEBSOCKET and state.websocket_enabled and parser.should_upgrade()
+        upgrade = self.upgrade
+        ws = upgrade == _WEBSOCKET and state.websocket_enabled and parser.should_upgrade()
         # A WebSocket has no HTTP response to send a file as.
         extensions: dict[str, Any] = {} if ws else {PATHSEND: {}}
         if state.client_certs:
@@ -314,25 +332,26 @@ class H1Protocol(asyncio.Protocol):
         scope = rules.http_scope(state, parser.get_http_version(),
                                  parser.get_method().decode("ascii"), path, raw_path, query,
                                  self.headers, self.client, self.server, extensions,
-                                 self.proxied)
-        if ws:
-            # The switch happens when the parser stops at the upgrade point
-            # (HttpParserUpgrade in data_received); no HTTP exchange for it.
-            self.ws_pending = scope
-            return
-        if self.upgrade == _H2C and self.to_h2 is not None:
-            request = self._h2c_request(parser)
-            if request is not None:
-                # Switched when the parser stops at the upgrade point; the
-                # request becomes HTTP/2's stream 1.
-                self.h2c_pending = request
+                                 self.proxied and self.forwarding)
+        if upgrade:
+            if ws:
+                # The switch happens when the parser stops at the upgrade point
+                # (HttpParserUpgrade in data_received); no HTTP exchange for it.
+                self.ws_pending = scope
                 return
+            if upgrade == _H2C and self.to_h2 is not None:
+                request = self._h2c_request(parser)
+                if request is not None:
+                    # Switched when the parser stops at the upgrade point; the
+                    # request becomes HTTP/2's stream 1.
+                    self.h2c_pending = request
+                    return
         # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
         # uvloop's is libuv's cached millisecond, and a request takes microseconds.
         ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, time.monotonic())
         self.parsing = ex
         self.pipeline.append(ex)
-        if self.upgrade and self.content_length and parser.should_upgrade():
+        if upgrade and self.content_length and parser.should_upgrade():
             # httptools skips the body of an upgrade request (it expects the
             # new protocol's bytes): an upgrade we do not take gets it here.
             self.upgrade_body = self.content_length
