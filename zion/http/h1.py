@@ -72,6 +72,8 @@ H2cRequest = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]
 H2cUpgrade = Callable[["ServerState", H2cRequest, Any, bytes, "tuple[str, int] | None", bool],
                       None]
 _STATUS_LINES = response.STATUS_LINES
+# One (name, value) pair as a field line, without a Python frame per field.
+_FIELD_LINE = b"%s: %s\r\n".__mod__
 
 
 class _Reject(Exception):
@@ -519,15 +521,16 @@ class H1Protocol(asyncio.Protocol):
         parts = [_STATUS_LINES.get(status) or response.status_line(status),
                  date.without_server if own_server else date.prefix]
         if headers:
-            fields = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+            fields = b"".join(map(_FIELD_LINE, headers))
             # A CR or LF in a name or value would end the field early:
             # response splitting. Each field line holds exactly one of each.
-            if fields.count(b"\n") != len(headers) or fields.count(b"\r") != len(headers):
+            count = len(headers)
+            if fields.count(b"\n") != count or fields.count(b"\r") != count:
                 _refuse_fields(headers)
             parts.append(fields)
         chunked = False
         if length is not None:
-            parts += (b"content-length: ", b"%d" % length, b"\r\n")
+            parts.append(b"content-length: %d\r\n" % length)
         elif status in _NO_BODY_STATUS or status < 200:
             pass
         elif ex is not None and ex.scope["http_version"] == "1.1":
