@@ -9,7 +9,11 @@ import base64
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -17,11 +21,21 @@ import pytest
 from tests.conftest import get, wait_for
 from tests.http.test_browser import CHROMIUM, _devtools_port, _page_result
 from tests.support.bpf import cannot_load_bpf
-from tests.support.h3client import H3Client, StreamWasReset, h3_connect
+from tests.support.h3client import H3Client, NotProcessed, StreamWasReset, h3_connect
 from tests.support.serve import serve
 
 APP = "h3_app:app"
 _EMPTY = hashlib.sha256(b"").hexdigest()
+needs_bpf = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+
+
+async def _until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
 
 
 async def test_requests_from_many_connections_reach_both_workers(start_zion):
@@ -53,7 +67,7 @@ async def test_requests_from_many_connections_reach_both_workers(start_zion):
     assert {e["path"] for e in lines} == {"/a?x=1", "/p"}
 
 
-@pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
+@needs_bpf
 async def test_a_rebinding_client_stays_on_its_worker(start_zion):
     """Before each request the client moves to a new UDP source port (what a
     NAT rebinding looks like): with bpf/zion_quic.c every datagram still
@@ -196,3 +210,75 @@ async def test_a_client_that_stops_reading_cannot_grow_the_worker(start_zion):
     assert timed_out["stream"] == 4
     # Without the wait the app would have queued all 200 MB in aioquic.
     assert _peak_rss_kib(pid) - before < 50_000
+
+
+@needs_bpf
+async def test_a_reload_during_requests_loses_none_and_says_goaway(start_zion, tmp_path):
+    """RFC 9114 5.2 on SIGHUP: each old worker sends GOAWAY on its HTTP/3
+    connections (first the largest stream ID, then, once the client has
+    seen it, the first stream not taken), answers the requests in flight
+    and closes. Four clients requesting in a loop through the reload, each
+    doing what RFC 9114 asks of a client (no new request on a connection
+    after its GOAWAY; a request the server says it did not process is
+    retried): none fails."""
+    srv = serve(start_zion, APP, "--http3", workers=2)
+    release = tmp_path / "release"
+    old_pids = set(srv.worker_pids())
+    stop = asyncio.Event()
+    answered: list[int] = []
+    failed: list[str] = []
+    moved = 0  # connections left after their GOAWAY
+
+    async def requests() -> None:
+        nonlocal moved
+        async with contextlib.AsyncExitStack() as stack:
+            client: H3Client | None = None
+            while not stop.is_set():
+                if client is None or client.goaway is not None:
+                    moved += client is not None
+                    client = await asyncio.wait_for(
+                        stack.enter_async_context(h3_connect(srv.port)), 30)
+                try:
+                    answer = await asyncio.wait_for(client.request("/"), 30)
+                except NotProcessed:
+                    continue  # not done by the server: asked again
+                except Exception as exc:
+                    failed.append(repr(exc))
+                    continue
+                if answer.status == 200:
+                    answered.append(int(answer.headers[b"x-pid"]))
+                else:
+                    failed.append(f"status {answer.status}")
+
+    async with h3_connect(srv.port) as held_client:
+        held = asyncio.ensure_future(held_client.request(f"/hold?{release}"))
+        loads = [asyncio.ensure_future(requests()) for _ in range(4)]
+        try:
+            await _until(lambda: len(answered) >= 8, 60, "answers before the reload")
+            srv.signal(signal.SIGHUP)
+            new_pids = set((await asyncio.to_thread(srv.wait_event, "reload_complete", 120))
+                           ["pids"])
+            # The held request's worker is draining: the GOAWAY comes now,
+            # while the request is still in progress, not with its answer.
+            await _until(lambda: len(held_client.goaways) == 2, 30, "both GOAWAYs")
+            assert not held.done()
+            # A client that goes on regardless: its new request is refused
+            # unprocessed (H3_REQUEST_REJECTED), not served by a leaving worker.
+            with pytest.raises(NotProcessed):
+                await asyncio.wait_for(held_client.request("/"), 30)
+            release.touch()
+            kept = await asyncio.wait_for(held, 30)
+            await _until(lambda: not old_pids & set(srv.worker_pids()), 60,
+                         "the old workers to exit")
+            after = len(answered)
+            await _until(lambda: len(answered) >= after + 8, 60, "answers after the reload")
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*loads, return_exceptions=True), 60)
+    assert failed == []
+    assert kept.status == 200 and int(kept.headers[b"x-pid"]) in old_pids
+    # "No new request", then "stream 4 and later were not processed" (the
+    # held request was stream 0, the only one the client opened).
+    assert held_client.goaways == [(1 << 62) - 4, 4]
+    assert moved >= 1  # a requesting client saw its worker's GOAWAY and moved
+    assert set(answered) & old_pids and set(answered) & new_pids

@@ -16,11 +16,20 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+
+# RFC 9114 8.1
+H3_REQUEST_REJECTED = 0x10B
+_GOAWAY = 0x7
 
 
 class StreamWasReset(Exception):
     pass
+
+
+class NotProcessed(Exception):
+    """RFC 9114 5.2 / 4.1.1: the server says it did not process this request
+    (a GOAWAY below its stream ID, or H3_REQUEST_REJECTED): safe to retry."""
 
 
 @dataclass
@@ -38,6 +47,12 @@ class H3Client(QuicConnectionProtocol):
         self.pending: dict[int, Response] = {}
         self.terminated: ConnectionTerminated | None = None
         self.datagrams: list[bytes] = []  # every datagram received, as it came
+        # The stream IDs of the server's GOAWAY frames, in order. aioquic's
+        # H3Connection reads past GOAWAY without a word, so the client reads
+        # the server's control stream itself.
+        self.goaways: list[int] = []
+        self._uni: dict[int, bytearray] = {}
+        self._uni_read: dict[int, int] = {}
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert isinstance(data, bytes)
@@ -75,19 +90,61 @@ class H3Client(QuicConnectionProtocol):
         assert token
         return token
 
+    @property
+    def goaway(self) -> int | None:
+        """The last GOAWAY's stream ID: no new request belongs here."""
+        return self.goaways[-1] if self.goaways else None
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset) and event.stream_id in self.pending:
             response = self.pending.pop(event.stream_id)
             if response.done is not None and not response.done.done():
-                response.done.set_exception(StreamWasReset(event.error_code))
+                response.done.set_exception(
+                    NotProcessed(event.stream_id) if event.error_code == H3_REQUEST_REJECTED
+                    else StreamWasReset(event.error_code))
+        if isinstance(event, StreamDataReceived) and event.stream_id % 4 == 3:
+            self._server_uni(event.stream_id, event.data)
         if isinstance(event, ConnectionTerminated):
             self.terminated = event
-            for response in self.pending.values():
+            for sid, response in self.pending.items():
                 if response.done is not None and not response.done.done():
-                    response.done.set_exception(ConnectionError(event.reason_phrase))
+                    response.done.set_exception(
+                        NotProcessed(sid) if self.goaway is not None and sid >= self.goaway
+                        else ConnectionError(event.reason_phrase))
             self.pending.clear()
         for h3_event in self.h3.handle_event(event):
             self._h3_event(h3_event)
+
+    def _server_uni(self, sid: int, data: bytes) -> None:
+        """Frames on the server's control stream (RFC 9114 6.2.1: stream type
+        0x00, then frames of type, length, payload): GOAWAYs are noted."""
+        buf = self._uni.setdefault(sid, bytearray())
+        buf += data
+        pos = self._uni_read.get(sid, 0)
+        if pos == 0:
+            kind = _varint(buf, 0)
+            if kind is None:
+                return
+            if kind[0] != 0:  # not the control stream (QPACK's)
+                self._uni_read[sid] = -1
+                return
+            pos = kind[1]
+        if pos < 0:
+            return
+        while (head := _varint(buf, pos)) is not None \
+                and (size := _varint(buf, head[1])) is not None \
+                and size[1] + size[0] <= len(buf):
+            if head[0] == _GOAWAY:
+                goaway = _varint(buf, size[1])
+                assert goaway is not None
+                self.goaways.append(goaway[0])
+                for psid, response in list(self.pending.items()):
+                    if psid >= goaway[0] and response.done is not None \
+                            and not response.done.done():
+                        del self.pending[psid]
+                        response.done.set_exception(NotProcessed(psid))
+            pos = size[1] + size[0]
+        self._uni_read[sid] = pos
 
     def _h3_event(self, event: H3Event) -> None:
         if not isinstance(event, HeadersReceived | DataReceived):
@@ -123,6 +180,20 @@ class H3Client(QuicConnectionProtocol):
             self.h3.send_data(sid, body, end_stream=True)
         self.transmit()
         return await response.done
+
+
+def _varint(data: bytearray, pos: int) -> tuple[int, int] | None:
+    """A QUIC variable-length integer at `pos` and the offset after it, or
+    None if `data` does not hold all of it yet (RFC 9000 16)."""
+    if pos >= len(data):
+        return None
+    size = 1 << (data[pos] >> 6)
+    if pos + size > len(data):
+        return None
+    value = data[pos] & 0x3F
+    for octet in data[pos + 1:pos + size]:
+        value = value << 8 | octet
+    return value, pos + size
 
 
 class _Forward(asyncio.DatagramProtocol):

@@ -22,6 +22,15 @@ Who bounds what:
 - Extended CONNECT (RFC 9220 WebSocket over HTTP/3) is not served: aioquic
   advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, so a CONNECT with :protocol
   is answered 501, as HTTP/2 answers a protocol it does not serve.
+
+Closing (a drain, a reload, keepalive_timeout): RFC 9114 5.2's graceful
+shutdown, which aioquic has no call for. A first GOAWAY with the largest
+stream ID says "no new requests here"; once the client acknowledged it (so
+what it sent before is in), a second GOAWAY names the first stream ID not
+processed, and later request streams are refused with H3_REQUEST_REJECTED
+(the client may retry them elsewhere: nothing was done). Requests below it
+are answered; the connection closes (H3_NO_ERROR) when they all are and the
+client acknowledged the answers.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.h3.exceptions import H3Error
 from aioquic.quic import events
@@ -52,6 +62,13 @@ ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 # Unacknowledged response bytes one stream may have in aioquic before its
 # writer waits (see the module docstring).
 _STREAM_HIGH = 65536
+# RFC 9114 5.2: the largest client-initiated bidirectional stream ID; a
+# GOAWAY naming it refuses no request the client has already sent.
+_GOAWAY_ALL = (1 << 62) - 4
+# Seconds a closing session waits for the client to acknowledge its GOAWAY
+# before going on without: a client that went away acknowledges nothing,
+# and it must not hold a draining worker until drain_timeout.
+_GOAWAY_WAIT = 2.0
 
 
 class H3Stream:
@@ -198,7 +215,12 @@ class H3Session:
         self.proxied = False
         self.streams: dict[int, H3Stream] = {}
         self.overloaded = rules.over_connections(state)
-        self.closing = False
+        self.closing = False  # shutting down: GOAWAY sent (or no HTTP/3 yet)
+        self.goaway_at = 0.0  # when the last GOAWAY was queued
+        # The stream ID of our last GOAWAY: request streams from it on are
+        # refused (H3_REQUEST_REJECTED); None until the second GOAWAY.
+        self.refuse_from: int | None = None
+        self.rejected: set[int] = set()
         self.closed = False  # our CONNECTION_CLOSE is queued
         self.gone = False
         self.idle_since = self.loop.time()  # no request in progress since
@@ -229,6 +251,11 @@ class H3Session:
                 stream.lost()
         if self.h3 is None:
             return
+        if self.refuse_from is not None and isinstance(
+                event, events.StreamDataReceived | events.StreamReset) \
+                and event.stream_id % 4 == 0 and event.stream_id >= self.refuse_from:
+            self._reject(event.stream_id)
+            return
         for h3_event in self.h3.handle_event(event):
             if isinstance(h3_event, HeadersReceived):
                 if h3_event.stream_id not in self.streams:
@@ -243,8 +270,8 @@ class H3Session:
         for stream in self.streams.values():
             if stream.writable is not None:
                 stream.writable.wake()
-        if self.closing and not self.streams:
-            self.shutdown()  # the last answers may be acknowledged now
+        if self.closing:
+            self._step()  # a GOAWAY or the last answers may be acknowledged now
 
     def ended(self) -> None:
         self.gone = True
@@ -391,7 +418,7 @@ class H3Session:
         self._forget(stream.stream_id)
         stream.closed = True
         self.link.transmit_soon()
-        if not self.streams and (self.closing or self.state.draining):
+        if self.closing or self.state.draining:
             self.shutdown()
 
     def _forget(self, sid: int) -> H3Stream | None:
@@ -429,25 +456,73 @@ class H3Session:
                 stream.body_deadline = 0.0
                 if not ex.body_complete:
                     self.refuse(stream, ex, rules.BODY_TIMED_OUT)
-        if not self.streams and (self.state.draining
-                                 or now - self.idle_since >= self.limits.keepalive_timeout):
-            # Idle for keepalive_timeout, as HTTP/1.1 and HTTP/2 connections.
+        if self.state.draining or self.closing or (
+                not self.streams and now - self.idle_since >= self.limits.keepalive_timeout):
+            # Draining (a GOAWAY is safe with requests in flight: they are
+            # answered), or idle for keepalive_timeout, as HTTP/1.1 and HTTP/2.
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Close (H3_NO_ERROR) once no request is in progress and the client
-        has acknowledged every answer: aioquic's close drops stream data not
-        yet sent or lost in flight. A draining worker's idle connections end
-        at its next tick."""
-        self.closing = True
-        if not self.streams and not self.gone and self._answers_delivered():
+        """Begin (or go on with) the graceful close in the module docstring.
+        A session whose handshake has not chosen HTTP/3 has no control stream
+        for a GOAWAY: it closes once no request is in progress."""
+        if self.gone or self.closed:
+            return
+        if not self.closing:
+            self.closing = True
+            if self.h3 is not None:
+                self._goaway(_GOAWAY_ALL)
+        self._step()
+
+    def _step(self) -> None:
+        if self.gone or self.closed:
+            return
+        if self.h3 is None:
+            if not self.streams and self._answers_delivered():
+                self.close()
+            return
+        seen = self._goaway_acknowledged() or self.loop.time() - self.goaway_at >= _GOAWAY_WAIT
+        if self.refuse_from is None:
+            if seen:
+                # Every stream the client opened so far is taken (RFC 9000
+                # 2.1: opening one opens all lower ones); it sent them before
+                # it acknowledged the first GOAWAY.
+                self.refuse_from = self.quic._local_max_streams_bidi.used * 4
+                self._goaway(self.refuse_from)
+            return
+        if seen and not self.streams and self._answers_delivered():
             self.close()
 
+    def _goaway(self, stream_id: int) -> None:
+        self.quic.send_stream_data(self.h3._local_control_stream_id,
+                                   encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id)))
+        self.goaway_at = self.loop.time()
+        self.link.transmit_soon()
+
+    def _goaway_acknowledged(self) -> bool:
+        # The control stream never ends: all of it acknowledged is an empty
+        # send buffer (aioquic drops acknowledged bytes from its front).
+        control = self.quic._streams.get(self.h3._local_control_stream_id)
+        return control is None or not control.sender._buffer
+
+    def _reject(self, sid: int) -> None:
+        """RFC 9114 5.2: a request on a stream at or past our GOAWAY's ID was
+        not processed; H3_REQUEST_REJECTED tells the client it may retry it."""
+        if sid in self.rejected:
+            return
+        self.rejected.add(sid)
+        with contextlib.suppress(Exception):
+            self.quic.reset_stream(sid, ErrorCode.H3_REQUEST_REJECTED)
+            self.quic.stop_stream(sid, ErrorCode.H3_REQUEST_REJECTED)
+        self.link.transmit_soon()
+
     def _answers_delivered(self) -> bool:
-        # Client-initiated bidirectional streams (RFC 9000 2.1: id % 4 == 0);
-        # our control and QPACK streams never finish.
+        # Client-initiated bidirectional streams (RFC 9000 2.1: id % 4 == 0)
+        # below the GOAWAY's ID (the ones past it were refused); our control
+        # and QPACK streams never finish.
+        limit = self.refuse_from if self.refuse_from is not None else _GOAWAY_ALL
         return all(stream.sender.is_finished for sid, stream in self.quic._streams.items()
-                   if sid % 4 == 0)
+                   if sid % 4 == 0 and sid < limit)
 
     def close(self) -> None:
         if self.gone or self.closed:
