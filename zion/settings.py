@@ -338,6 +338,20 @@ class LimitsSettings:
     h2_ping_timeout: float = setting(15.0, "Seconds a PING may go unanswered (no byte at all "
                                      "from the client) before the connection is closed.",
                                      check=positive)
+    h3_max_streams: int = setting(128, "HTTP/3 requests open at once on one QUIC connection "
+                                  "(the client's initial MAX_STREAMS for bidirectional streams, "
+                                  "RFC 9000 4.6; one more is granted as each ends). A client "
+                                  "waits past it; opening one anyway closes the connection "
+                                  "(STREAM_LIMIT_ERROR). Each may hold h2_stream_window of "
+                                  "unread body.", check=between(1, 1024),
+                                  flag=Flag("--limit-h3-max-streams", "N"))
+    h3_retry_above: int = setting(64, "QUIC handshakes in progress on one worker past which a "
+                                  "new client must first prove its address with a Retry (RFC "
+                                  "9000 8.1.2; one more round trip): an Initial costs its sender "
+                                  "nothing and its source may be forged, a handshake costs the "
+                                  "worker a connection's state and a signature. 0 = a Retry "
+                                  "for every new connection.", check=non_negative,
+                                  flag=Flag("--limit-h3-retry-above", "N"))
     max_requests: int = setting(0, "A worker that has served this many requests drains and "
                                 "is replaced (0 = never), against leaks in app code.",
                                 check=non_negative, flag=Flag("--limit-max-requests", "N"))

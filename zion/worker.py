@@ -317,8 +317,11 @@ async def _listen_quic(state: ServerState, index: int, quic: WorkerQuic, config:
     def accept(link: Link) -> H3Session:
         return H3Session(state, link, server)
 
+    limits = state.limits
     endpoint = QuicEndpoint(state.loop, config, cid.factory(index, quic.generation),
-                            quic.reset_key, state.limits.h2_stream_window, accept)
+                            quic.reset_key, limits.h2_stream_window, accept,
+                            max_streams=limits.h3_max_streams,
+                            retry_above=limits.h3_retry_above)
     await state.loop.create_datagram_endpoint(lambda: endpoint, sock=quic.sock)
     # RFC 7838: the same host offers HTTP/3 on this UDP port; browsers try it
     # for later requests (ma: how long they may remember it, one day).

@@ -91,8 +91,11 @@ async def test_a_rebinding_client_stays_on_its_worker(start_zion):
 
 
 async def test_body_over_the_limit_is_413(start_zion):
-    srv = serve(start_zion, APP, "--http3", "--limit-max-body-size", "1000", workers=1)
+    srv = serve(start_zion, APP, "--http3", "--limit-max-body-size", "1000",
+                "--limit-h3-max-streams", "5", workers=1)
     async with h3_connect(srv.port) as client:
+        # limits.h3_max_streams is the MAX_STREAMS the client was given.
+        assert client._quic._remote_max_streams_bidi == 5
         # Declared too large: refused before any of the body is read.
         declared = await asyncio.wait_for(client.request(
             "/", "POST", body=b"x" * 5000, headers=[(b"content-length", b"5000")]), 20)

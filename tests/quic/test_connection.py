@@ -19,6 +19,7 @@ from zion.settings import load_settings
 CLIENT, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 443)
 KEY = b"k" * 32
 WINDOW = 65536
+STREAMS = 7
 
 
 def _pair(tmp_path, slot: int = 3, generation: int = 5) -> tuple[QuicConnection, ServerConnection]:
@@ -30,7 +31,7 @@ def _pair(tmp_path, slot: int = 3, generation: int = 5) -> tuple[QuicConnection,
     first = client.datagrams_to_send(now=0.0)
     server = ServerConnection(configuration=configuration(settings),
                               new_cid=cid.factory(slot, generation), reset_key=KEY,
-                              stream_window=WINDOW,
+                              stream_window=WINDOW, max_streams=STREAMS,
                               original_destination_connection_id=_dcid(first[0][0]))
     for data, _ in first:
         server.receive_datagram(data, CLIENT, now=0.0)
@@ -89,3 +90,19 @@ def test_a_stream_window_does_not_move_while_held(tmp_path):
     assert stream.receiver.highest_offset > window
     # Slid to what arrived plus our window (in steps of half a window), never doubled.
     assert stream.max_stream_data_local <= stream.receiver.highest_offset + WINDOW
+
+
+def test_requests_open_at_once_are_max_streams(tmp_path):
+    client, server = _pair(tmp_path)
+    # The client's initial MAX_STREAMS (bidirectional) is limits.h3_max_streams.
+    assert client._remote_max_streams_bidi == STREAMS
+    sids = []
+    for _ in range(STREAMS):
+        sids.append(sid := client.get_next_available_stream_id())
+        client.send_stream_data(sid, b"request", end_stream=True)
+    _exchange(client, server, 1.0)
+    for sid in sids:
+        server.send_stream_data(sid, b"answer", end_stream=True)
+    _exchange(client, server, 2.0)
+    # Streams that ended give their places to new ones, no more.
+    assert client._remote_max_streams_bidi == 2 * STREAMS

@@ -22,7 +22,6 @@ from tests.conftest import wait_for
 from tests.support.bpf import cannot_load_bpf
 from tests.support.h3client import h3_connect
 from tests.support.serve import serve
-from zion.quic.endpoint import RETRY_ABOVE
 
 
 async def test_a_dead_workers_connection_gets_a_stateless_reset(start_zion):
@@ -108,20 +107,23 @@ async def test_a_frozen_worker_gets_no_new_quic_connections(start_zion):
 
 
 async def test_past_many_handshakes_a_new_client_is_retried(start_zion):
-    """RETRY_ABOVE Initials that never go on, then a real client: it gets a
-    Retry (RFC 9000 8.1.2: prove your address first), comes back with the
-    token to the worker the Retry's CID names, and is served."""
-    srv = serve(start_zion, "h3_app:app", "--http3", workers=1)
+    """More Initials that never go on than --limit-h3-retry-above, then a
+    real client: it gets a Retry (RFC 9000 8.1.2: prove your address first),
+    comes back with the token to the worker the Retry's CID names, and is
+    served."""
+    retry_above = 4
+    srv = serve(start_zion, "h3_app:app", "--http3", "--limit-h3-retry-above",
+                str(retry_above), workers=1)
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
     config.verify_mode = ssl.CERT_NONE
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _ in range(RETRY_ABOVE + 2):
+        for _ in range(retry_above + 2):
             quic = QuicConnection(configuration=config)
             quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
             for data, _ in quic.datagrams_to_send(now=time.monotonic()):
                 sock.sendto(data, ("127.0.0.1", srv.port))
         await asyncio.to_thread(wait_for, lambda: json.loads(_status(srv.port))["connections"]
-                                > RETRY_ABOVE, 20, "the silent handshakes")
+                                > retry_above, 20, "the silent handshakes")
         async with h3_connect(srv.port) as client:
             answer = await asyncio.wait_for(client.request("/"), 20)
     assert answer.status == 200

@@ -11,7 +11,8 @@ Who bounds what:
   is read, else as it arrives) and body_timeout (408), via rules.py as on
   the other protocols. A stream's receive window slides only past what the
   app read (zion/quic/connection.py), so an app that does not read holds at
-  most its window per stream; aioquic allows 128 streams per connection.
+  most its window per stream, and a connection at most
+  limits.h3_max_streams requests at once (zion/quic/connection.py).
 - Responses: a writer waits (drain) while its stream has more than
   _STREAM_HIGH bytes not yet acknowledged in aioquic's send buffer, or the
   connection's streams together more than write_buffer_high, whatever

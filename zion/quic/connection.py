@@ -50,7 +50,8 @@ class ServerConnection(QuicConnection):
     """One server-side QUIC connection whose CIDs come from `new_cid`."""
 
     def __init__(self, *, configuration: QuicConfiguration, new_cid: Callable[[int], bytes],
-                 reset_key: bytes, stream_window: int, **kwargs: Any) -> None:
+                 reset_key: bytes, stream_window: int, max_streams: int,
+                 **kwargs: Any) -> None:
         self._zion_new_cid = new_cid
         self._zion_reset_key = reset_key
         self._zion_stream_window = stream_window
@@ -64,6 +65,11 @@ class ServerConnection(QuicConnection):
         first.stateless_reset_token = reset_token(reset_key, first.cid)
         self.host_cid = first.cid
         self._local_initial_source_connection_id = first.cid
+        # limits.h3_max_streams: request streams open at once (aioquic fixes
+        # 128 and has no setting; the transport parameters are not written
+        # yet, and aioquic grants one more each time a stream ends).
+        bidi = self._local_max_streams_bidi
+        bidi.value = bidi.sent = max_streams
 
     def _replenish_connection_ids(self) -> None:
         length = self._configuration.connection_id_length

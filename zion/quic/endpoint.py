@@ -51,13 +51,6 @@ _MIN_INITIAL = 1200
 # than the packet that triggered it, so two endpoints cannot loop on them.
 _MIN_RESET = 21
 _MAX_RESET = 43
-# Handshakes in progress on one worker past which a new connection must
-# first prove its address with a Retry (RFC 9000 8.1.2): an Initial costs
-# its sender nothing and may come from a forged address, a handshake costs
-# the worker a connection's state and a signature. Below it, no extra round
-# trip.
-RETRY_ABOVE = 64
-
 Address = Any  # (host, port) or (host, port, flowinfo, scope_id)
 
 
@@ -176,19 +169,22 @@ class QuicEndpoint(asyncio.DatagramProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, configuration: QuicConfiguration,
                  new_cid: Callable[[int], bytes], reset_key: bytes, stream_window: int,
-                 accept: Callable[[Link], Session]) -> None:
+                 accept: Callable[[Link], Session], *, max_streams: int,
+                 retry_above: int) -> None:
         self.loop = loop
         self.configuration = configuration
         self.new_cid = new_cid
         self.reset_key = reset_key
         self.stream_window = stream_window
+        self.max_streams = max_streams
         self.accept = accept
         self.links: dict[bytes, Link] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.accepting = True  # False while draining: new Initials are ignored
         self.resets_sent = 0
         self.handshakes = 0  # connections whose handshake is not over
-        self.retry_above = RETRY_ABOVE
+        # limits.h3_retry_above: past it a new client gets a Retry first.
+        self.retry_above = retry_above
         # Its key is this worker's: a retried Initial comes back to this
         # worker, since the Retry's source CID names its slot.
         self.retry = QuicRetryTokenHandler()
@@ -266,6 +262,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
                         retry_scid: bytes | None) -> None:
         quic = ServerConnection(configuration=self.configuration, new_cid=self.new_cid,
                                 reset_key=self.reset_key, stream_window=self.stream_window,
+                                max_streams=self.max_streams,
                                 original_destination_connection_id=original_dcid,
                                 retry_source_connection_id=retry_scid)
         link = Link(self, quic)
