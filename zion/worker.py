@@ -177,6 +177,14 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     quic_endpoint = (await _listen_quic(state, spec.index, quic, quic_config)
                      if quic is not None else None)
     stop = asyncio.Event()
+
+    def stop_accepting() -> None:
+        server.close()
+        if uds_server is not None:
+            uds_server.close()
+        if quic_endpoint is not None:
+            quic_endpoint.accepting = False  # its sessions end with the connections
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
@@ -189,16 +197,23 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
 
     def recycle_soon() -> None:
         # SIGUSR2 from the master: past --limit-worker-memory, a replacement
-        # is starting on this listener. Keep accepting until it is ready (the
-        # master then sends SIGTERM), but keep no connection alive: each
-        # response from now on says `connection: close` (HTTP/2: GOAWAY once
-        # a stream ends), so the client's next request reconnects and the
-        # demux sends it elsewhere. Idle connections are not closed here: a
-        # client may be sending on one right now (the keep-alive race), and
-        # without a response it cannot know the request was not processed.
+        # is starting on this listener. Take no new connection: the kernel
+        # queues them on the listener (the master holds it) for the
+        # replacement, and the program steers new ones to the other workers.
+        # A worker past its limit that kept accepting until its replacement
+        # was ready grew on with every new client (4 MiB a request in
+        # tests/supervisor/test_limits.py: past the hard ceiling, and killed,
+        # while a loaded machine booted the replacement). Keep no connection
+        # alive either: each response says `connection: close` (HTTP/2:
+        # GOAWAY once a stream ends), so the client's next request reconnects.
         nonlocal recycling
+        if recycling:
+            return
         recycling = True
         state.draining = True
+        stop_accepting()
+        for conn in list(state.connections):
+            conn.shutdown()
 
     loop.add_signal_handler(signal.SIGUSR2, recycle_soon)
     beat = _Heartbeat(loop, state, settings.demux.heartbeat_interval_ms / 1000)
@@ -234,20 +249,12 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
         watchdog.stop()
     beat.stop()
     fd_probe.stop()
-    server.close()
-    if uds_server is not None:
-        uds_server.close()
-    if quic_endpoint is not None:
-        quic_endpoint.accepting = False  # its sessions end with the connections below
+    stop_accepting()
     state.draining = True
     logger.debug("worker_draining", connections=len(state.connections),
                  not_yet_http=_accepted_not_served(server))
-    if not recycling:
-        # Being replaced, every response has said `connection: close` since
-        # SIGUSR2: the idle ones close at their keep-alive timeout, not now,
-        # when a client may be sending on one.
-        for conn in list(state.connections):
-            conn.shutdown()
+    for conn in list(state.connections):
+        conn.shutdown()
     deadline = loop.time() + settings.supervisor.drain_timeout
     quiet_since = None
     # Connections still in their TLS handshake are invisible until it ends, so

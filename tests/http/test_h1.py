@@ -20,6 +20,8 @@ from tests.conftest import (
     read_until_closed,
     wait_for,
 )
+from tests.support.fake_transport import connect as fake_connect
+from tests.support.fake_transport import make_state, settle, until
 
 
 @pytest.fixture
@@ -396,3 +398,71 @@ async def test_the_request_target_is_split_into_path_and_query(target, path, raw
     await settle()
     assert tr.take().startswith(b"HTTP/1.1 204")
     assert seen == {"path": path, "raw_path": raw_path, "query": query}
+
+
+# -- drain, over a fake transport ------------------------------------------------
+
+GET_X = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+async def _answer_after(gate: asyncio.Event | None, scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if gate is not None:  # a streamed response: its head goes out now
+        await send({"type": "http.response.body", "body": b"o", "more_body": True})
+        await gate.wait()
+        await send({"type": "http.response.body", "body": b"k"})
+        return
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_a_request_sent_on_an_idle_connection_as_the_drain_begins_is_answered():
+    # The keep-alive race: the client reuses the connection the instant the
+    # worker starts draining. Closing it then loses a request the client
+    # cannot know was not run; it is answered, saying `connection: close`.
+    state = make_state()
+    tr = fake_connect(state, lambda s, r, se: _answer_after(None, s, r, se))
+    tr.feed(GET_X)
+    await until(lambda: tr.buffer.endswith(b"ok"))
+    assert b"connection: close" not in tr.take()
+    state.draining = True
+    tr.protocol.shutdown()
+    assert not tr.closed
+    tr.feed(GET_X)
+    await until(lambda: tr.closed)
+    answer = tr.take()
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close\r\n" in answer
+
+
+async def test_a_response_begun_before_the_drain_keeps_its_connection_for_the_next_request():
+    # Its head promised keep-alive; the client will send again on it.
+    state = make_state()
+    gate = asyncio.Event()
+    tr = fake_connect(state, lambda s, r, se: _answer_after(gate, s, r, se))
+    tr.feed(GET_X)
+    await until(lambda: b"\r\n\r\n" in tr.buffer)
+    state.draining = True
+    tr.protocol.shutdown()
+    gate.set()
+    await until(lambda: tr.buffer.endswith(b"0\r\n\r\n"))
+    await settle()
+    assert not tr.closed
+    tr.feed(GET_X)  # gate is set: answered at once, with `connection: close`
+    await until(lambda: tr.closed)
+    answers = tr.take()
+    assert answers.count(b"HTTP/1.1 200") == 2 and answers.count(b"connection: close") == 1
+
+
+async def test_an_idle_connection_closes_a_short_grace_after_the_drain_begins():
+    state = make_state(limits={"keepalive_timeout": 60.0})
+    tr = fake_connect(state, lambda s, r, se: _answer_after(None, s, r, se))
+    tr.feed(GET_X)
+    await until(lambda: tr.buffer.endswith(b"ok"))
+    now = asyncio.get_running_loop().time()
+    tr.protocol.check_deadline(now + 2)
+    assert not tr.closed  # not draining: the keep-alive timeout (60 s) holds
+    state.draining = True
+    tr.protocol.shutdown()
+    tr.protocol.check_deadline(now + 0.5)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 2)
+    assert tr.closed

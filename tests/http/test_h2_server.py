@@ -198,7 +198,7 @@ async def test_drain_sends_goaway_and_finishes_the_stream_in_flight(start_zion: 
     await asyncio.get_running_loop().run_in_executor(
         None, lambda: wait_for(lambda: _inflight(srv) >= 1, what="the request in flight"))
     srv.signal(signal.SIGTERM)
-    data = await asyncio.wait_for(_read_to_eof(reader), 20)
+    data = await asyncio.wait_for(_read_to_eof(reader, writer), 20)
     frames = _frames(data)
     goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
     assert goaway.error_code == 0 and goaway.last_stream_id >= sid
@@ -235,7 +235,7 @@ async def test_reload_sends_goaway_and_the_stream_in_flight_finishes(start_zion:
     await asyncio.get_running_loop().run_in_executor(
         None, lambda: wait_for(lambda: _inflight(srv) >= 1, what="the request in flight"))
     srv.signal(signal.SIGHUP)  # new workers start, the old one drains
-    data = await asyncio.wait_for(_read_to_eof(reader), 20)
+    data = await asyncio.wait_for(_read_to_eof(reader, writer), 20)
     frames = _frames(data)
     goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
     assert goaway.error_code == 0 and goaway.last_stream_id >= sid
@@ -253,8 +253,14 @@ def _inflight(srv: ZionProcess) -> int:
     return inflight(srv.port)
 
 
-async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
+async def _read_to_eof(reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter | None = None) -> bytes:
+    """Every byte until the server closes (frames from the server preface on).
+    With `writer`, each PING is acknowledged, as a real client does after a
+    GOAWAY too (the h2 library closes its state at GOAWAY and refuses to):
+    unanswered, the drain's PING holds the real GOAWAY for h2_ping_timeout."""
     data = bytearray()
+    acked = 0  # bytes of `data` looked at for PINGs
     while True:
         try:
             chunk = await reader.read(65536)
@@ -263,6 +269,14 @@ async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
         if not chunk:
             break
         data += chunk
+        while writer is not None and len(data) - acked >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(data[acked:acked + 9]))
+            if len(data) - acked < 9 + length:
+                break
+            frame.parse_body(memoryview(data[acked + 9:acked + 9 + length]))
+            acked += 9 + length
+            if isinstance(frame, PingFrame) and "ACK" not in frame.flags:
+                writer.write(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
     return bytes(data)
 
 

@@ -47,6 +47,14 @@ _PIPELINED = int(PauseReason.PIPELINED)
 _LAST = int(PauseReason.LAST_REQUEST)
 # Deadline kinds.
 _NONE, _FIRST, _HEADERS, _IDLE, _BODY = 0, 1, 2, 3, 4
+# How long a draining worker keeps a connection whose last response promised
+# keep-alive. A client that reuses it sends its next request at once, and that
+# request may already be on the wire when the drain starts: closing then loses
+# it (the client sees the connection end without an answer and cannot know
+# whether the request ran). Within this grace it is answered with
+# `connection: close`; past it, the close races only a client that waited
+# exactly this long, as at any keep-alive timeout. Capped by keepalive_timeout.
+_DRAIN_GRACE = 1.0
 
 
 class _NoCallbacks:
@@ -406,8 +414,7 @@ class H1Protocol(asyncio.Protocol):
         self.served += 1
         if self.current is exchange:
             self.current = None
-        if (not exchange.keep_alive or state.draining or self.upgrade_seen
-                or not exchange.body_complete):
+        if not exchange.keep_alive or self.upgrade_seen or not exchange.body_complete:
             # A body the app never read would have to be drained first; closing
             # is cheaper and keeps the next request's framing unambiguous.
             self.close()
@@ -420,6 +427,9 @@ class H1Protocol(asyncio.Protocol):
             return
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         self.deadline_kind = _IDLE
+        if state.draining:
+            # The drain began after this response's head promised keep-alive.
+            self._drain_grace()
         # Nothing waits now; a body the app left unread belonged to that exchange.
         if self.pauses.reasons:
             self._resume(_PIPELINED | _BODY_UNREAD)
@@ -610,11 +620,16 @@ class H1Protocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Drain: finish what is in flight, then close.
 
-        An idle keep-alive connection is closed now (clients retry those). A
-        new one that has not sent its first request yet is not idle: its
-        request is on the way, so it is answered, with `connection: close`."""
-        if self.current is None and not self.pipeline and self.parsing is None and self.served:
-            self.close()
+        Every response from now on says `connection: close` (state.draining).
+        An idle keep-alive connection closes after _DRAIN_GRACE, not now: the
+        client may be sending on it this instant. A new one that has not sent
+        its first request yet keeps its header deadline: its request is on
+        the way, and it is answered."""
+        if self.deadline_kind == _IDLE:
+            self._drain_grace()
+
+    def _drain_grace(self) -> None:
+        self.deadline = min(self.deadline, self.loop.time() + _DRAIN_GRACE)
 
     def write(self, data: bytes) -> None:
         if not self.closing and self.transport is not None:

@@ -311,8 +311,7 @@ class Master:
         if self.stopping or handle.stopping or self.retiring.holds(handle):
             logger.debug("worker_exited", index=handle.index, child=handle.pid, status=how)
             return
-        if self._replacement_died(handle, code):
-            return
+        self._replacement_died(handle, how)
         if self.reload is not None and handle.generation == self.reload.new.number:
             if self.reload.on_death(handle.index) is Step.ABORT:
                 self._abort_reload(f"new worker {handle.index} died before ready ({how})")
@@ -410,25 +409,20 @@ class Master:
                 self._spawn(gen, index)
         self.memory_check_at = now + (_MEMORY_CHECK_NEAR if near else _MEMORY_CHECK)
 
-    def _replacement_died(self, handle: WorkerHandle, code: int) -> bool:
-        """A memory replacement died before it was ready: the old worker keeps
-        the slot (the next check tries again); the failure counts toward the
-        crash-loop limit like any other."""
+    def _replacement_died(self, handle: WorkerHandle, how: str) -> None:
+        """A memory replacement died before it was ready. The old worker took
+        no connection since SIGUSR2 (it is past its limit): it drains, and the
+        slot is respawned like that of any worker that died, the failure
+        counted by the crash-loop policy (the caller goes on to it)."""
         old = self.replacing.get(handle.index)
         if old is None or old is handle or handle.ready or self.current is None:
-            return False
-        if handle.generation != self.current.number or self.respawn is None:
-            return False
+            return
+        if handle.generation != self.current.number:
+            return
         del self.replacing[handle.index]
-        verdict = self.respawn.on_death(handle.index, False, code, time.monotonic())
-        self.respawn.due.pop(handle.index, None)
         logger.warning("worker_replacement_died", index=handle.index, child=handle.pid,
-                       status=describe(code), serving=old.pid)
-        if isinstance(verdict, GiveUp):
-            self._fatal(verdict.reason)
-        elif old.pid in self.pool.workers:
-            self.current.board.set_state(handle.index, SlotState.READY, old.pid)
-        return True
+                       status=how, draining=old.pid)
+        self.pool.stop(old)
 
     def _respawn_due(self) -> None:
         assert self.respawn is not None and self.current is not None
