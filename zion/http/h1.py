@@ -561,7 +561,9 @@ class H1Protocol(asyncio.Protocol):
                 parts.append(b"0\r\n\r\n")
         elif body:
             parts.append(body)
-        self.write(b"".join(parts))
+        transport = self.transport  # self.write, without its call
+        if not self.closing and transport is not None:
+            transport.write(b"".join(parts))
 
     def send_body(self, data: bytes, end: bool) -> None:
         if self.chunked:
