@@ -5,6 +5,7 @@ hold none of it, and boot never aborts because of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -82,12 +83,25 @@ async def test_http3_off_binds_no_udp(start_zion):
     assert not srv.events("quic_steering_attached")
 
 
-async def test_http3_without_the_demux_is_the_kernel_hash(start_zion):
-    srv = start_zion("--http3", "--no-bpf-demux")
+async def test_http3_without_the_demux_is_the_kernel_hash(start_zion, tmp_path):
+    """And a reload that adds a worker carries the sockets over, with one
+    more for the new slot (no program to keep generations apart)."""
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[server]\nworkers = 2\n")
+    srv = start_zion("h3_app:app", "--http3", "--no-bpf-demux", "--config", str(cfg),
+                     workers=None)
     line = srv.wait_event("quic_steering_disabled")
     assert line["bpf_quic"] == "disabled" and line["using"] == "kernel reuseport hash"
     assert len(_udp_inodes(srv.port)) == 2
     assert (await get(srv.port, "/")).status == 200
+    cfg.write_text("[server]\nworkers = 3\n")
+    srv.signal(signal.SIGHUP)
+    done = await asyncio.to_thread(srv.wait_event, "reload_complete", 120)
+    assert len(done["pids"]) == 3
+    assert len(_udp_inodes(srv.port)) == 3
+    async with h3_connect(srv.port) as client:
+        answer = await asyncio.wait_for(client.request("/"), 20)
+    assert answer.status == 200 and int(answer.headers[b"x-pid"]) in done["pids"]
 
 
 async def test_a_steering_failure_is_a_warning_not_a_stop(start_zion, tmp_path):
@@ -154,3 +168,42 @@ async def test_a_reload_lets_old_workers_finish_their_quic_connections(start_zio
     # resets, so it would have gone on with the old worker's half of them).
     assert not [d for d in old_client.datagrams if d.endswith(token)]
     assert fresh.status == 200 and int(fresh.headers[b"x-pid"]) in new_pids
+
+
+@needs_bpf
+async def test_a_reload_that_changes_the_worker_count_keeps_old_quic_connections(start_zion,
+                                                                                tmp_path):
+    """2 -> 3 workers by SIGHUP while an HTTP/3 request is held: the program
+    is compiled for a worker count, so the reload loads one for three on
+    the same maps (the old generation's sockets stay in its sockarray) and
+    swaps it in at commit. The old worker answers the held request on its
+    connection, no stateless reset reaches the client, and new connections
+    go to the three new workers."""
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[server]\nworkers = 2\n")
+    srv = serve(start_zion, "h3_app:app", "--http3", "--config", str(cfg), workers=None)
+    assert srv.wait_event("quic_steering_attached")["workers"] == 2
+    release = tmp_path / "release"
+    old_pids = set(srv.worker_pids())
+    async with h3_connect(srv.port) as old_client:
+        held = asyncio.ensure_future(old_client.request(f"/hold?{release}"))
+        token = old_client.reset_token
+        cfg.write_text("[server]\nworkers = 3\n")
+        srv.signal(signal.SIGHUP)
+        done = await asyncio.to_thread(srv.wait_event, "reload_complete", 120)
+        new_pids = set(done["pids"])
+        assert len(new_pids) == 3 and not new_pids & old_pids
+        swapped = srv.events("quic_steering_attached")
+        assert [e["workers"] for e in swapped] == [2, 3]
+        assert swapped[-1]["generation"] == 1
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(h3_connect(srv.port)) for _ in range(3)]
+            fresh = await asyncio.wait_for(
+                asyncio.gather(*(c.request("/") for c in clients)), 30)
+        release.touch()
+        answer = await asyncio.wait_for(held, 30)
+    assert answer.status == 200 and int(answer.headers[b"x-pid"]) in old_pids
+    assert not [d for d in old_client.datagrams if d.endswith(token)]
+    assert all(f.status == 200 for f in fresh)
+    # Least-loaded admission over the new board: three connections, three workers.
+    assert {int(f.headers[b"x-pid"]) for f in fresh} == new_pids

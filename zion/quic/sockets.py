@@ -49,9 +49,12 @@ class UdpGroup:
     def for_worker(self, index: int, generation: int) -> WorkerQuic:
         return WorkerQuic(self.sockets[index], generation, self.reset_key)
 
-    def close(self) -> None:
+    def close(self, keep: tuple[socket.socket, ...] = ()) -> None:
+        """Close the sockets, but those in `keep` (carried into another
+        generation's group)."""
         for sock in self.sockets:
-            sock.close()
+            if sock not in keep:
+                sock.close()
 
 
 def bind_udp(host: str, port: int, family: socket.AddressFamily) -> socket.socket:

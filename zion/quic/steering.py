@@ -132,18 +132,26 @@ class QuicProgram:
 
 
 def load(source: str, sockets: Sequence[socket.socket], generation: int,
-         slots_fd: int | None, stall_ns: int, kernel_source: str | None) -> QuicProgram:
+         slots_fd: int | None, stall_ns: int, kernel_source: str | None,
+         maps_of: QuicProgram | None = None) -> QuicProgram:
     """Compile and load the program in the helper, create the sockarray with
     sockets[i] as slot i of `generation`, and make that generation current.
-    Raises Unavailable or ShimError."""
+    With `maps_of` (a reload that changes the worker count, which the
+    program is compiled for): the new program uses that program's
+    sockarray, generation and counters maps instead of new ones, so the
+    CIDs of older generations stay routable once it replaces it; it is not
+    attached and `generation` is not made current (QuicGroup.commit does
+    both). Raises Unavailable or ShimError."""
     workers = len(sockets)
     program_text(source, workers, -1, slots_fd, stall_ns)  # a bad count fails here
+    shared = None if maps_of is None else (maps_of.sockarray_fd, maps_of.gen_fd,
+                                           maps_of.stats_fd)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         parent.close()
         _helper(child, source, [s.fileno() for s in sockets], generation, slots_fd, stall_ns,
-                kernel_source)
+                kernel_source, shared)
     child.close()
     try:
         parent.settimeout(_TIMEOUT)
@@ -169,7 +177,11 @@ def load(source: str, sockets: Sequence[socket.socket], generation: int,
         raise Unavailable(FallbackReason(reason), detail, errno)
     if "error" in reply or len(fds) != 4:
         raise Unavailable(FallbackReason.PROBE_FAILED, reply.get("error", "no descriptors"))
+    # With maps_of, fds[1:] are this master's own descriptors of the shared
+    # maps (SCM_RIGHTS made new ones): each program closes its own.
     program = QuicProgram(fds[0], fds[1], fds[2], fds[3], reply["text"], workers)
+    if maps_of is not None:
+        return program
     try:
         program.set_generation(generation)
     except ShimError:
@@ -179,7 +191,8 @@ def load(source: str, sockets: Sequence[socket.socket], generation: int,
 
 
 def _helper(conn: socket.socket, source: str, fds: list[int], generation: int,
-            slots_fd: int | None, stall_ns: int, kernel_source: str | None) -> NoReturn:
+            slots_fd: int | None, stall_ns: int, kernel_source: str | None,
+            shared: tuple[int, int, int] | None) -> NoReturn:
     # Nothing of the master's may run here: its handlers would write into
     # the master's wake-up pipe.
     signal.set_wakeup_fd(-1)
@@ -193,10 +206,14 @@ def _helper(conn: socket.socket, source: str, fds: list[int], generation: int,
         # with bpf(2) and referenced as pseudo fds (bcc cannot declare a
         # sockarray at all); the LRU and scratch maps are bcc's, kept alive
         # by the loaded program.
-        sockarray_fd = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
-                                  cid.SOCKARRAY_ENTRIES, name="zion_quic_socks")
-        gen_fd = map_create(_BPF_MAP_TYPE_ARRAY, 4, 4, 1, name="zion_quic_gen")
-        stats_fd = map_create(_BPF_MAP_TYPE_ARRAY, 4, 8, len(QuicStat), name="zion_quic_stats")
+        if shared is not None:  # inherited from the master by fork
+            sockarray_fd, gen_fd, stats_fd = shared
+        else:
+            sockarray_fd = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
+                                      cid.SOCKARRAY_ENTRIES, name="zion_quic_socks")
+            gen_fd = map_create(_BPF_MAP_TYPE_ARRAY, 4, 4, 1, name="zion_quic_gen")
+            stats_fd = map_create(_BPF_MAP_TYPE_ARRAY, 4, 8, len(QuicStat),
+                                  name="zion_quic_stats")
         text = program_text(source, len(fds), sockarray_fd, slots_fd, stall_ns, gen_fd,
                             stats_fd)
         compiled = compile_program(bcc, text, kernel_source,

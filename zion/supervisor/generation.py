@@ -120,17 +120,16 @@ def begin(current: Generation, settings: Settings) -> Reload:
     ssl_ctx, _ = _context(settings)
     count = worker_count(settings)
     number = current.number + 1
-    quic = current.quic.next_generation(number, count) if current.quic is not None else None
     if count == current.count and settings.demux == old.demux:
         new = Generation(number, settings, ssl_ctx, current.group, current.demux,
-                         current.board, quic)
+                         current.board)
     else:
-        try:
-            new = _regroup(current, settings, ssl_ctx, count, quic)
-        except BindError:
-            if quic is not None and current.quic is not None:
-                quic.abort(current.quic)
-            raise
+        new = _regroup(current, settings, ssl_ctx, count, None)
+    if current.quic is not None:
+        # After the TCP side: a new count or demux means a new QUIC program
+        # reading the new status board.
+        new.quic = current.quic.next_generation(number, count, settings, new.demux,
+                                                new.demux is current.demux)
     return Reload(new, set(range(count)))
 
 
