@@ -42,9 +42,14 @@ What zttp decides and what zion adds:
 - zion rewrites the values of zttp's SETTINGS preface (same frame, same
   ids): MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE and INITIAL_WINDOW_SIZE
   from our limits, ENABLE_CONNECT_PROTOCOL (RFC 8441) when WebSockets are
-  on, and HEADER_TABLE_SIZE 0: a client's HPACK encoder then refers to no
-  earlier header block, which is what lets a fresh codec decode the next
-  one (RFC 7541 4.2; request headers cost a few more bytes on the wire).
+  on. HEADER_TABLE_SIZE stays zttp's 4096: a client's HPACK encoder then
+  indexes the fields it repeats (:authority, user-agent, cookies), and
+  zttp decodes an index instead of Huffman-coded literals (about 19k of
+  ~158k instructions per request when the table was 0). A fresh codec's
+  decoder starts with an empty table, so before a hand-over zion sends
+  SETTINGS HEADER_TABLE_SIZE 0 and hands over only once the client has
+  acknowledged it (RFC 7541 4.2: its encoder has emptied its table), then
+  gives the 4096 back.
 """
 
 from __future__ import annotations
@@ -105,8 +110,8 @@ class H2Protocol(asyncio.Protocol):
         "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
         "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
-        "goaway_sent_at", "overloaded", "self_dependent", "priorities", "upgrade",
-        "preface_due",
+        "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade",
+        "preface_due", "settings_sent", "table_wait",
     )
 
     def __init__(self, state: ServerState, upgrade: H2cRequest | None = None) -> None:
@@ -174,7 +179,11 @@ class H2Protocol(asyncio.Protocol):
         self.overloaded = False  # opened past max_connections: its requests get 503
         # Streams whose HEADERS or PRIORITY named themselves as their parent.
         self.self_dependent: set[int] = set()
-        self.priorities = zttp_shim.SelfDependency()
+        self.frames = zttp_shim.FrameScan()
+        # SETTINGS frames we sent (zttp's preface, then our own); the ACK count
+        # at which our HEADER_TABLE_SIZE 0 is in force, 0 = none asked for.
+        self.settings_sent = 1
+        self.table_wait = 0
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -210,8 +219,6 @@ class H2Protocol(asyncio.Protocol):
             zttp_shim.INITIAL_WINDOW_SIZE: self.stream_window,
             # RFC 8441 3: a client may open WebSockets as streams.
             zttp_shim.ENABLE_CONNECT_PROTOCOL: int(self.state.websocket_enabled),
-            # A fresh codec can take over (module docstring).
-            zttp_shim.HEADER_TABLE_SIZE: 0,
         })
         if self.conn_window > zttp_shim.DEFAULT_WINDOW:
             # The connection window has no SETTINGS of its own (RFC 9113 6.9.2).
@@ -249,9 +256,14 @@ class H2Protocol(asyncio.Protocol):
         if self.closing:
             return
         self.heard = True
-        found = self.priorities.scan(data)
+        frames = self.frames
+        found = frames.scan(data)
         if found:
             self.self_dependent.update(found)
+        if self.table_wait and frames.acks >= self.table_wait:
+            # The client's HPACK table is empty now: hand over after this read.
+            self.table_wait = 0
+            self.recycle_due = True
         router = self.router
         if router is not None:
             data = router.split(data)  # newer streams' frames wait for the fresh codec
@@ -730,12 +742,22 @@ class H2Protocol(asyncio.Protocol):
     # -- codec hand-over (module docstring) --------------------------------------
 
     def _recycle(self, hard: bool) -> None:
-        """The codec nears zttp's lifetime caps: hand over at the end of this
-        read; at the hard cap (a hand-over did not hold them off), end."""
+        """The codec nears zttp's lifetime caps: ask the client to empty its
+        HPACK table, and hand over once it has; at the hard cap (a hand-over
+        did not hold them off), end."""
         if hard:
             self.retire(True)
-        elif self.router is None and not self.goaway and not self.goaway_sent_at:
-            self.recycle_due = True
+        elif (self.router is None and not self.table_wait and not self.recycle_due
+              and not self.goaway and not self.goaway_sent_at):
+            self._table_size(0)
+            self.table_wait = self.settings_sent
+
+    def _table_size(self, size: int) -> None:
+        """Our own SETTINGS HEADER_TABLE_SIZE (module docstring); zttp's
+        decoder takes any size up to its 4096 either way."""
+        self.settings_sent += 1
+        if self.transport is not None:
+            self.transport.write(zttp_shim.settings({zttp_shim.HEADER_TABLE_SIZE: size}))
 
     def _start_handover(self) -> None:
         """From now on the old codec sees only the connection's frames and
@@ -761,6 +783,7 @@ class H2Protocol(asyncio.Protocol):
                                                 router.boundary)
         self.accepted = self.resets_total = 0
         self.recycled += 1
+        self._table_size(zttp_shim.DEFAULT_HEADER_TABLE)  # the client may index again
         self.pauses.resume(_HANDOVER)
         held = router.rest()
         if held and not self.closing:

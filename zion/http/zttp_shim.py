@@ -34,6 +34,7 @@ PING_FRAME, GOAWAY_FRAME, WINDOW_UPDATE_FRAME = 0x6, 0x7, 0x8
 END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
 HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x1, 0x3, 0x4
 MAX_HEADER_LIST_SIZE, ENABLE_CONNECT_PROTOCOL = 0x6, 0x8
+DEFAULT_HEADER_TABLE = 4096  # RFC 9113 6.5.2 (zttp's decoder is sized so)
 DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2, before any SETTINGS or WINDOW_UPDATE
 MAX_STREAM_ID = 2**31 - 1
 _ACK = 0x1
@@ -116,13 +117,16 @@ def seeded_connection(peer_settings: dict[int, int], send_window: int,
     below every stream the fresh one will see) with that many bytes, which
     are thrown away like the rest of its output.
 
-    Its HPACK decoder starts empty, which is right only because zion's
-    SETTINGS tell clients HEADER_TABLE_SIZE 0 (their encoders then never
-    refer to earlier header blocks). Its encoder starts empty too, and that
-    needs nothing: HPACK indices count from the newest entry (RFC 7541
-    2.3.3), the client's decoder adds the new codec's entries in the same
-    order and evicts its older ones first. The made-up answer uses only the
-    static table (":status 200"), so it adds no entry the client lacks."""
+    Its HPACK decoder starts empty, which is right only because the client
+    has acknowledged a HEADER_TABLE_SIZE 0 first (h2.py sends it before a
+    hand-over): its encoder has then emptied its table and refers to no
+    earlier header block (RFC 7541 4.2); the size update that says so may
+    open the first block the fresh codec decodes, which takes it. Its
+    encoder starts empty too, and that needs nothing: HPACK indices count
+    from the newest entry (RFC 7541 2.3.3), the client's decoder adds the
+    new codec's entries in the same order and evicts its older ones first.
+    The made-up answer uses only the static table (":status 200"), so it
+    adds no entry the client lacks."""
     if send_window < 0:
         raise ValueError("a negative send window cannot be seeded")
     conn = new_connection()
@@ -195,18 +199,25 @@ class FrameRouter:
         return bytes(self.held) + self.partial
 
 
-class SelfDependency:
-    """RFC 9113 5.3.1: a stream cannot depend on itself (PROTOCOL_ERROR).
-    zttp 0.0.35 reads the priority fields of HEADERS and PRIORITY frames
-    without checking this, so the frame headers are walked here (one
-    9-byte header per frame; DATA payloads are skipped, not read). Removed
-    by zttp rejecting such frames itself."""
+class FrameScan:
+    """The frame headers of every read, walked here (one 9-byte header per
+    frame; DATA payloads are skipped, not read) for what zttp 0.0.35 does
+    not tell:
 
-    __slots__ = ("skip", "partial")
+    - RFC 9113 5.3.1: a stream cannot depend on itself (PROTOCOL_ERROR);
+      zttp reads the priority fields of HEADERS and PRIORITY frames without
+      checking this. Removed by zttp rejecting such frames itself.
+    - SETTINGS ACKs (`acks`, counted since the preface): zttp surfaces no
+      ACK, and ignores one it did not ask for, so a SETTINGS frame zion
+      writes itself (settings()) is known to be in force once the count
+      reaches it. Removed by an ACK event, or settable SETTINGS."""
+
+    __slots__ = ("skip", "partial", "acks")
 
     def __init__(self, preface: int = len(PREFACE)) -> None:
         self.skip = preface  # bytes of the current frame (or preface) still to pass
         self.partial = b""
+        self.acks = 0
 
     def scan(self, data: bytes) -> Sequence[int]:
         """The stream ids in `data` that name themselves as their parent.
@@ -229,6 +240,8 @@ class SelfDependency:
                 sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
                 if int.from_bytes(data[at:at + 4], "big") & 0x7FFFFFFF == sid:
                     found = [*found, sid]
+            elif kind == 4 and data[pos + 4] & 1:  # SETTINGS with the ACK flag
+                self.acks += 1
             pos += 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2])
         if pos >= end:
             self.skip = pos - end
