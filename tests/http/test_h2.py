@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 from types import SimpleNamespace
 from typing import Any
@@ -505,6 +506,38 @@ async def test_a_long_connection_outlives_zttps_stream_limit_without_a_goaway():
         peer.client.responses.clear()
     assert served == 8000 and peer.proto.recycled == 2 and not peer.tr.closed
     assert peer.client.remote_settings.get(table) == 4096
+
+
+async def test_finished_and_reset_streams_leave_no_cycle_for_the_collector():
+    """A worker frees each request's objects (stream, exchange, scope, Task)
+    as it ends, not at the next cyclic collection."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/hold":  # until the client resets the stream
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return
+        await echo(scope, receive, send)
+
+    peer = FakePeer(make_state(), app)
+    kept = [peer.client.request() for _ in range(2)]
+    await peer.until(lambda: all(peer.client.responses[s].ended for s in kept))
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        done = [peer.client.request() for _ in range(20)]
+        held = peer.client.request(path="/hold")
+        await peer.until(lambda: all(peer.client.responses[s].ended for s in done))
+        await peer.run(2)
+        peer.client.h2.reset_stream(held)  # the app's receive() says so; its task ends
+        await peer.until(lambda: not peer.proto.streams and not peer.state.tasks)
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert "H2Stream" not in cyclic and "Exchange" not in cyclic, cyclic
 
 
 async def test_a_hand_over_waits_for_the_old_codecs_streams_then_serves_the_held_ones():

@@ -562,6 +562,11 @@ class H2Protocol(asyncio.Protocol):
             return
         self.streams.pop(stream.stream_id, None)
         stream.closed = True
+        # The exchange refers to its stream (ex.conn): without this reference
+        # back, the request's objects (exchange, scope, Task) are freed at
+        # once, not by the next cyclic collection (~13 objects a request;
+        # 12.8k of 138k instructions per request went to collecting them).
+        stream.exchange = None
         self._stream_gone(stream)
 
     def _discarded(self, stream: H2Stream, reset: bool = False) -> None:

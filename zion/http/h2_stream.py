@@ -196,8 +196,10 @@ class H2Stream:
         self.closed = True
         if self.window is not None:
             self.window.wake()
-        if self.exchange is not None:
-            self.exchange.lost()
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None  # no cycle left to the cyclic collector (h2.stream_done)
+            ex.lost()
         elif self.tunnel is not None:
             self.tunnel.lost()
 
