@@ -8,7 +8,12 @@ is the cost of one request without start-up. The HTTP/2 client that makes
 the frames is pure-Python `h2`, far dearer than the server: its own cost is
 measured the same way (the "client only" rows) and taken off.
 
-    .venv/bin/python bench/h2_instructions.py [--out bench/results]
+    .venv/bin/python bench/h2_instructions.py [--uvloop] [--out bench/results]
+
+The loop is asyncio's by default (the figures in docs/benchmarks.md); its
+call_soon, Handle and _run_once are Python code, about 22k instructions of
+an HTTP/1.1 request. --uvloop runs the same shapes on uvloop, as zion's
+workers do: closer to what a worker spends, lower by about that much.
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ def _frames(n: int, batch: int) -> None:
         client.data_to_send()
 
 
-def _child(shape: str, n: int) -> None:
+def _child(shape: str, n: int, loop: str) -> None:
     sys.path.insert(0, str(BENCH))
     import h2_exchange
 
+    if loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     h2_exchange.N = n
     if shape == "h1":
         asyncio.run(h2_exchange._h1())
@@ -58,10 +67,14 @@ def _child(shape: str, n: int) -> None:
         _frames(n, 16 if shape == "client16" else 1)
 
 
+LOOP = "asyncio"
+
+
 def _instructions(shape: str, n: int) -> int:
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         __file__, "--child", shape, str(n)], capture_output=True, text=True, check=True).stderr
+         __file__, "--child", shape, str(n), LOOP], capture_output=True, text=True,
+        check=True).stderr
     found = re.search(r"Collected : (\d+)", out)
     if not found:
         raise RuntimeError(f"no instruction count from callgrind:\n{out[-2000:]}")
@@ -73,12 +86,16 @@ def per_request(shape: str) -> float:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        _child(sys.argv[2], int(sys.argv[3]))
+    global LOOP
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else "asyncio")
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--uvloop", action="store_true", help="run the shapes on uvloop")
     args = parser.parse_args()
+    if args.uvloop:
+        LOOP = "uvloop"
     shapes = ["h1", "h2", "client", "h2x16", "client16"]
     with ThreadPoolExecutor(2) as pool:
         ir = dict(zip(shapes, pool.map(per_request, shapes), strict=True))
@@ -88,7 +105,7 @@ def main() -> None:
     lines = [
         f"# Instructions per request, in-process ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
         f"valgrind callgrind, (Ir({N2}) - Ir({N1})) / {N2 - N1}; bench/h2_instructions.py. "
-        "GET with two headers, a 12-byte answer from a trivial ASGI app; asyncio loop, "
+        f"GET with two headers, a 12-byte answer from a trivial ASGI app; {LOOP} loop, "
         "no sockets, no TLS.", "",
         "| path | instructions / request | vs HTTP/1.1 |", "|---|---|---|",
         f"| HTTP/1.1 keep-alive | {h1:,.0f} | 1.00 |",
