@@ -210,6 +210,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
         if recycling:
             return
         recycling = True
+        logger.info("worker_draining_for_replacement", connections=len(state.connections))
         state.draining = True
         stop_accepting()
         for conn in list(state.connections):

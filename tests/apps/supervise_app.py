@@ -45,8 +45,26 @@ async def answer(send, status=200, body=b"ok"):
     await send({"type": "http.response.body", "body": body})
 
 
+async def _slow_second_boot():
+    # With $ZION_TEST_SLOW_BOOT (a directory): the first worker boots at once,
+    # every later one (a replacement) waits in lifespan startup, before it
+    # listens, until the test creates `release` there (30 s at most).
+    where = os.environ.get("ZION_TEST_SLOW_BOOT")
+    if not where:
+        return
+    booted = os.path.join(where, "booted")
+    if not os.path.exists(booted):
+        open(booted, "w").close()
+        return
+    for _ in range(1500):
+        if os.path.exists(os.path.join(where, "release")):
+            return
+        await asyncio.sleep(0.02)
+
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
+        await _slow_second_boot()
         await accept_lifespan(receive, send)
         return
     path = scope["path"]

@@ -32,7 +32,7 @@ from zion.errors import BindError, ExitCode, ZionError
 from zion.settings import Settings
 from zion.supervisor import generation, notify
 from zion.supervisor.generation import Generation, Reload, Step
-from zion.supervisor.limits import MIB, Memory, look_soon, memory_verdict, stuck_slots
+from zion.supervisor.limits import MIB, Memory, RssReader, memory_verdict, stuck_slots
 from zion.supervisor.pool import WorkerHandle, WorkerPool, kill
 from zion.supervisor.reloader import FileWatcher, globs, watch_dirs
 from zion.supervisor.respawn import GiveUp, RespawnPolicy, describe
@@ -43,13 +43,14 @@ logger = log.get_logger("zion.master")
 
 # A stop that outlives the drain timeout by this much gets SIGKILL.
 _STOP_GRACE = 5.0
-# Seconds between reads of the workers' RSS (--limit-worker-memory): a
-# statm read per worker; more often once one is near the limit or growing
-# fast enough to get there before the next read (limits.look_soon), where a
-# fast leak overshoots by what it grows between two reads.
-_MEMORY_CHECK = 0.25
-_MEMORY_CHECK_NEAR = 0.02
-_NEAR = 0.8
+# Seconds between reads of the workers' RSS (--limit-worker-memory): one
+# pread per worker (limits.RssReader). What a leak grows between two reads is
+# what it overshoots the limit by, and it must stay below the hard ceiling
+# (limits.HARD_FACTOR), or the worker is killed with requests in flight. A
+# pace that quickened only once growth was seen missed a worker idle at one
+# read and leaking at the next: one client leaking 4 MiB a request took a
+# fresh worker from under 80 % of 100 MiB to past 150 MiB in 250 ms.
+_MEMORY_CHECK = 0.02
 
 
 class Master:
@@ -84,7 +85,7 @@ class Master:
         # starting for (it serves until the replacement is ready).
         self.replacing: dict[int, WorkerHandle] = {}
         self.memory_check_at = 0.0
-        self.memory_seen: dict[int, tuple[float, int]] = {}  # pid -> (when, RSS)
+        self.rss = RssReader()
 
     # -- boot -------------------------------------------------------------------
 
@@ -250,7 +251,8 @@ class Master:
         quic = gen.quic.for_worker(index) if gen.quic is not None else None
         close = [s.fileno() for s in self._held_sockets()
                  if s is not mine and (quic is None or s is not quic.sock)]
-        close += [*self.signals.fds, *self._held_demux_fds(), *self.admin.fds()]
+        close += [*self.signals.fds, *self._held_demux_fds(), *self.admin.fds(),
+                  *self.rss.fds.values()]
         settings, ssl_ctx, board, info = gen.settings, gen.ssl_ctx, gen.board, gen.demux.info()
         counters, uds = self.counters, self.uds
         handle = self.pool.spawn(
@@ -281,10 +283,6 @@ class Master:
             return
         self.respawn.on_ready(handle.index)
         self.current.board.set_state(handle.index, SlotState.READY, handle.pid)
-        # A new worker may take a leaking predecessor's clients at once: its
-        # RSS is looked at now, and then at the pace its growth asks for
-        # (limits.look_soon), not up to a quarter second later.
-        self.memory_check_at = 0.0
         if (old := self.replacing.pop(handle.index, None)) is not None:
             # The replacement accepts on the same listener now: the old one
             # drains what it holds and exits.
@@ -367,31 +365,29 @@ class Master:
             kill(handle.pid, signal.SIGKILL)
 
     def _check_memory(self) -> None:
-        """--limit-worker-memory, four times a second: a worker past the limit
-        gets a replacement on its own listener and stops keeping connections
-        alive; once the replacement is ready it drains (_on_ready_fd). Past
-        the hard ceiling it is killed."""
+        """--limit-worker-memory, every _MEMORY_CHECK: a worker past the limit
+        gets a replacement on its own listener and takes no new connection;
+        once the replacement is ready it drains (_on_ready_fd). Past the hard
+        ceiling it is killed."""
         limit = self.settings.limits.worker_memory
         gen = self.current
         now = time.monotonic()
         if not limit or gen is None or now < self.memory_check_at:
             return
-        near = False
-        previous, self.memory_seen = self.memory_seen, {}
+        self.memory_check_at = now + _MEMORY_CHECK
+        self.rss.keep_only(self.pool.workers)
         for handle in self.pool.of_generation(gen.number):
             if handle.stopping or not handle.ready:
                 continue
-            seen = memory_verdict(handle.pid, limit)
-            if seen is None:
+            rss = self.rss.rss(handle.pid)
+            if rss is None:
                 continue
-            if seen.verdict is Memory.OK:
-                self.memory_seen[handle.pid] = (now, seen.rss)
-                near = near or look_soon(seen.rss, previous.get(handle.pid), now, limit, _NEAR,
-                                         _MEMORY_CHECK)
+            verdict = memory_verdict(rss, limit)
+            if verdict is Memory.OK:
                 continue
-            rss_mib = round(seen.rss / MIB, 1)
+            rss_mib = round(rss / MIB, 1)
             index = handle.index
-            if seen.verdict is Memory.CEILING:
+            if verdict is Memory.CEILING:
                 logger.error("worker_memory_killed", index=index, child=handle.pid,
                              rss_mib=rss_mib, limit_mib=limit)
                 if self.replacing.get(index) is handle:
@@ -403,11 +399,12 @@ class Master:
                                action="replacing; it drains once the replacement is ready")
                 self.tallies.memory[index] = self.tallies.memory.get(index, 0) + 1
                 self.replacing[index] = handle
-                # No keep-alive from now on: its clients reconnect, and the
-                # program sends them elsewhere (the slot is STARTING).
+                # It takes no new connection and keeps none alive from now
+                # on; the program sends new ones elsewhere (the slot is
+                # STARTING), and the kernel queues the rest on its listener
+                # for the replacement.
                 kill(handle.pid, signal.SIGUSR2)
                 self._spawn(gen, index)
-        self.memory_check_at = now + (_MEMORY_CHECK_NEAR if near else _MEMORY_CHECK)
 
     def _replacement_died(self, handle: WorkerHandle, how: str) -> None:
         """A memory replacement died before it was ready. The old worker took
