@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import zttp
 from zttp import H2ErrorCode
 
-from zion.http import rules, zttp_shim
+from zion.http import forwarded, rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
 from zion.http.files import PATHSEND
@@ -98,6 +98,12 @@ _HELD_HIGH = 65536
 _WRITE_FULL, _HANDOVER = int(PauseReason.WRITE_BUFFER_FULL), int(PauseReason.HANDOVER)
 # The 8 bytes of our PINGs: a liveness probe, and the graceful GOAWAY's.
 _PING_ALIVE, _PING_GOAWAY = b"zionping", b"zionbye!"
+# The request fields _request looks at (one set lookup for the common field
+# that is none of them); forwarding fields only matter from a trusted proxy.
+_LOOKED_AT = frozenset({b"cookie", b"content-length", b"expect"}) | forwarded.FIELDS
+# zttp's event types as module names: one lookup each in _events' dispatch.
+_NeedData, _Data, _Request, _EndOfMessage = (zttp.NeedData, zttp.Data, zttp.Request,
+                                             zttp.EndOfMessage)
 
 
 class H2Protocol(asyncio.Protocol):
@@ -304,16 +310,16 @@ class H2Protocol(asyncio.Protocol):
         while True:
             event = conn.next_event()
             kind = type(event)
-            if kind is zttp.NeedData:
+            if kind is _NeedData:
                 return
-            if kind is zttp.Data:
+            if kind is _Data:
                 if self._data(event):  # type: ignore[arg-type]
                     return
-            elif kind is zttp.Request:
+            elif kind is _Request:
                 self._request(event)  # type: ignore[arg-type]
                 if self.closing:  # a flood, or the last stream of a retired connection
                     return
-            elif kind is zttp.EndOfMessage:
+            elif kind is _EndOfMessage:
                 stream = streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
                     stream.client_ended = True
@@ -404,20 +410,23 @@ class H2Protocol(asyncio.Protocol):
         headers = event.headers
         if type(headers) is not list:
             headers = list(headers)
-        size = 0
+        size = 32 * len(headers)  # RFC 9113 6.5.2's header list size: 32 a field,
         cookies = 0
-        expect_100 = False
+        expect_100 = forwarding = False
         length: bytes | None = None
         for name, value in headers:
-            size += len(name) + len(value) + 32  # RFC 9113 6.5.2's header list size
-            if name == b"cookie":
-                cookies += 1
-            elif name == b"content-length":
-                length = value
-            elif name == b"expect":
-                # zttp's expect_continue is for HTTP/1.1 only. The 100 goes out
-                # at once: the body is what the app will read anyway.
-                expect_100 = value.lower() == b"100-continue"
+            size += len(name) + len(value)  # and its name and value
+            if name in _LOOKED_AT:
+                if name == b"cookie":
+                    cookies += 1
+                elif name == b"content-length":
+                    length = value
+                elif name == b"expect":
+                    # zttp's expect_continue is for HTTP/1.1 only. The 100 goes
+                    # out at once: the body is what the app will read anyway.
+                    expect_100 = value.lower() == b"100-continue"
+                else:
+                    forwarding = True
         if cookies > 1:
             # RFC 9113 8.2.3: crumbs may arrive as separate fields; frameworks
             # read one cookie header, so they are joined as HTTP/1.1 sends them.
@@ -439,7 +448,7 @@ class H2Protocol(asyncio.Protocol):
             extensions["tls"] = self.tls
         scope = rules.http_scope(self.state, "2", method.decode("ascii", "replace"), path,
                                  raw_path, event.query, headers, self.client, self.server,
-                                 extensions, self.proxied)
+                                 extensions, self.proxied and forwarding)
         self.streams[sid] = stream
         too_large = size > self.max_header_list or len(headers) > self.limits.max_headers
         if (protocol is not None and protocol == b"websocket" and method == b"CONNECT" and path
@@ -448,7 +457,6 @@ class H2Protocol(asyncio.Protocol):
             self._websocket(stream, scope, event.target, headers)
             return
         extensions[PATHSEND] = {}  # not a WebSocket's (above)
-        now = self.loop.time()
         # time.monotonic(), not loop.time(), for started_at: the same clock, but
         # uvloop's is libuv's cached millisecond (see h1.py).
         ex = stream.exchange = Exchange(stream, scope, True, False, time.monotonic())
@@ -456,7 +464,7 @@ class H2Protocol(asyncio.Protocol):
             stream.client_ended = True
             ex.message_complete()
         else:
-            stream.body_deadline = rules.body_deadline(self.limits, now)
+            stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
         refusal = rules.admit_request(self.state, self.overloaded)
         if refusal is None and length is not None:
             declared = rules.declared_length(self.limits, length)
@@ -581,9 +589,15 @@ class H2Protocol(asyncio.Protocol):
         if stream.received:
             self.credit_due = True  # what the app left unread is given back, below
         if self.streams:
-            self.wrote()  # with the other streams' answers, at the end of this iteration
+            # With the other streams' answers, at the end of this iteration (wrote()).
+            if not self.flush_pending:
+                self.flush_pending = True
+                self.loop.call_soon(self._flush)
         else:
-            self._flush()
+            # At once: no other stream's answer to wait for (_flush, inline).
+            self.flush_pending = False
+            self.unflushed = 0
+            self._send(self.conn.data_to_send())
             if self.goaway or self.retiring or self.state.draining:
                 self.shutdown()
             else:
