@@ -51,4 +51,5 @@ async def test_upgrade_h2c_answers_101_and_our_settings_come_first():
     length = int.from_bytes(out[:3], "big")
     pairs = {int.from_bytes(out[i:i + 2], "big"): int.from_bytes(out[i + 2:i + 6], "big")
              for i in range(9, 9 + length, 6)}
-    assert out[3] == 0x4 and pairs[0x3] == 7 and pairs[0x1] == 0  # SETTINGS, ours
+    # SETTINGS, ours: our stream limit, zttp's HPACK table kept (h2.py docstring)
+    assert out[3] == 0x4 and pairs[0x3] == 7 and pairs[0x1] == 4096
