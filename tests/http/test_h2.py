@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 from types import SimpleNamespace
 from typing import Any
 
 import h2.errors
+import h2.exceptions
 import h2.settings
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, SettingsFrame
 
@@ -538,6 +540,37 @@ async def test_finished_and_reset_streams_leave_no_cycle_for_the_collector():
         gc.garbage.clear()
         gc.enable()
     assert "H2Stream" not in cyclic and "Exchange" not in cyclic, cyclic
+
+
+async def test_a_client_that_never_acknowledges_the_empty_table_is_not_handed_over():
+    """The fresh codec's HPACK table starts empty: without the client's ACK
+    of HEADER_TABLE_SIZE 0 its encoder may still refer to entries, so there
+    is no hand-over; before zttp's cap the connection ends with the
+    graceful GOAWAY, every request sent before it answered."""
+    peer = FakePeer(make_state(), echo)
+    send = peer.tr.feed
+
+    def without_settings_acks(data: bytes) -> None:
+        kept, pos = b"", 0
+        while pos + 9 <= len(data):
+            end = pos + 9 + int.from_bytes(data[pos:pos + 3], "big")
+            if not (data[pos + 3] == 0x4 and data[pos + 4] & 0x1):
+                kept += data[pos:end]
+            pos = end
+        send(kept + data[pos:])
+
+    await peer.run(2)  # the ACK of zttp's own SETTINGS went through
+    peer.tr.feed = without_settings_acks  # type: ignore[method-assign]
+    answered = 0
+    with contextlib.suppress(h2.exceptions.ProtocolError):  # h2 chokes on the PING after it
+        while not peer.proto.goaway_sent_at:
+            r = peer.client.responses[peer.client.request()]
+            await peer.until(lambda r=r: r.ended or peer.proto.goaway_sent_at)
+            answered += r.ended and r.status == 200
+            peer.client.responses.clear()
+    # The graceful GOAWAY's first step (2^31-1 and a PING), no hand-over.
+    assert peer.proto.goaway_sent_at and not peer.proto.goaway and peer.proto.recycled == 0
+    assert 3000 < answered < 4096 and not peer.tr.closed
 
 
 async def test_a_hand_over_waits_for_the_old_codecs_streams_then_serves_the_held_ones():
