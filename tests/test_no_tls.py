@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import websockets
 
-from tests.conftest import read_response, wait_for
+from tests.conftest import close, read_response, wait_for
 from tests.support.proxy_headers import ask, inet, raw_socket, v1, v2
 from zion.errors import ConfigError
 from zion.settings import load_settings
@@ -26,7 +26,7 @@ async def plain_get(port: int, path: str = "/", headers: str = "") -> tuple[int,
     writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n"
                  .encode())
     resp = await asyncio.wait_for(read_response(reader), 10)
-    writer.close()
+    await close(writer)
     return resp.status, resp.body
 
 
@@ -82,7 +82,7 @@ async def test_no_tls_with_proxy_protocol(start_zion):
                  + b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     reader, writer = await asyncio.open_connection(sock=sock)
     facts = (await asyncio.wait_for(read_response(reader), 10)).json()
-    writer.close()
+    await close(writer)
     assert facts["client"] == ["203.0.113.7", 1111] and facts["scheme"] == "http"
     sock = raw_socket(srv.port)
     sock.sendall(v1("203.0.113.8", 2222))

@@ -169,6 +169,8 @@ def machine() -> Iterator[Machine]:
             except subprocess.TimeoutExpired:
                 boot.kill()
                 boot.wait(10)
+        if boot is not None and boot.stderr is not None:
+            boot.stderr.close()
         subprocess.run(["umount", "-l", str(merged)], check=False, timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.conftest import (
     REPO,
     Response,
     client_context,
+    close,
     connect,
     read_response,
     wait_for,
@@ -29,15 +31,28 @@ from zion.settings import TLSSettings
 from zion.tls import build_context, ensure_self_signed
 
 
+@dataclass
+class Handshake:
+    """What one closed connection showed: the answer and its TLS facts."""
+
+    data: bytes
+    version: str | None
+    alpn: str | None
+    session: ssl.SSLSession | None
+    reused: bool
+
+
 def handshake(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
-              ) -> tuple[ssl.SSLSocket, bytes]:
-    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                           server_hostname="localhost", session=session)
-    sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return sock, data
+              ) -> Handshake:
+    """One request on a new TLS connection, read to its end and closed."""
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                         server_hostname="localhost", session=session) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return Handshake(data, sock.version(), sock.selected_alpn_protocol(), sock.session,
+                         sock.session_reused)
 
 
 def test_self_signed_made_once_and_verifies(start_zion, state_dir):
@@ -48,11 +63,10 @@ def test_self_signed_made_once_and_verifies(start_zion, state_dir):
     ctx = ssl.create_default_context(cafile=str(pem))  # verify for real, incl. hostname
     ctx.set_alpn_protocols(["http/1.1"])
     for host in ("localhost",):
-        sock, data = handshake(srv.port, ctx)
-        assert data.startswith(b"HTTP/1.1 200")
-        assert sock.selected_alpn_protocol() == "http/1.1"
-        assert sock.version() in ("TLSv1.3", "TLSv1.2")
-        sock.close()
+        shake = handshake(srv.port, ctx)
+        assert shake.data.startswith(b"HTTP/1.1 200")
+        assert shake.alpn == "http/1.1"
+        assert shake.version in ("TLSv1.3", "TLSv1.2")
         assert host
     ensure_self_signed(state_dir)
     assert pem.read_bytes() == first  # reused, not regenerated
@@ -76,8 +90,8 @@ def test_tls_below_1_2_refused(start_zion):
     ok = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ok.check_hostname, ok.verify_mode = False, ssl.CERT_NONE
     ok.maximum_version = ssl.TLSVersion.TLSv1_2
-    sock, data = handshake(srv.port, ok)
-    assert sock.version() == "TLSv1.2" and data.startswith(b"HTTP/1.1 200")
+    shake = handshake(srv.port, ok)
+    assert shake.version == "TLSv1.2" and shake.data.startswith(b"HTTP/1.1 200")
 
 
 def test_session_tickets_resume_across_workers(start_zion):
@@ -85,19 +99,16 @@ def test_session_tickets_resume_across_workers(start_zion):
     srv = start_zion(workers=4)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    sock, _ = handshake(srv.port, ctx)
-    session = sock.session
-    sock.close()
+    session = handshake(srv.port, ctx).session
     resumed, workers = 0, set()
     total = 80
     for _ in range(total):
-        sock, data = handshake(srv.port, ctx, session)
-        resumed += sock.session_reused
-        for line in data.split(b"\r\n"):
+        shake = handshake(srv.port, ctx, session)
+        resumed += shake.reused
+        for line in shake.data.split(b"\r\n"):
             if line.startswith(b"x-zion-worker:"):
                 workers.add(line.split(b":")[1].strip())
-        session = sock.session
-        sock.close()
+        session = shake.session
     assert len(workers) >= 3, f"connections should spread over workers, saw {workers}"
     assert resumed / total >= 0.95, f"only {resumed}/{total} handshakes resumed"
 
@@ -180,17 +191,14 @@ async def get_with(port: int, ctx: ssl.SSLContext) -> Response:
         await writer.drain()
         return await asyncio.wait_for(read_response(reader), 10)
     finally:
-        writer.close()
+        await close(writer)
 
 
 def _session(port: int, ctx: ssl.SSLContext,
              session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession | None, bool]:
-    sock, data = handshake(port, ctx, session)
-    assert data.startswith(b"HTTP/1.1 200")
-    try:
-        return sock.session, sock.session_reused
-    finally:
-        sock.close()
+    shake = handshake(port, ctx, session)
+    assert shake.data.startswith(b"HTTP/1.1 200")
+    return shake.session, shake.reused
 
 
 def test_ticket_keys_rotate_on_reload_and_after_their_lifetime(start_zion):

@@ -65,12 +65,13 @@ _CTX.check_hostname, _CTX.verify_mode = False, ssl.CERT_NONE
 
 
 def tls_request(port: int, path: str = "/", session: ssl.SSLSession | None = None,
-                host: str = "127.0.0.1") -> tuple[bytes, ssl.SSLSocket]:
-    """One request on a new TLS connection (a session given: resume it)."""
-    sock = _CTX.wrap_socket(socket.create_connection((host, port), timeout=10),
-                           server_hostname="localhost", session=session)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data, sock
+                host: str = "127.0.0.1") -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """One request on a new TLS connection (a session given: resume it): the
+    answer, the connection's session and whether it resumed `session`."""
+    with _CTX.wrap_socket(socket.create_connection((host, port), timeout=10),
+                          server_hostname="localhost", session=session) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data, sock.session, sock.session_reused

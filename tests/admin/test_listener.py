@@ -3,6 +3,7 @@ here, time passed in, so bounds and deadlines are checked without waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -63,20 +64,20 @@ def read_all(sock: socket.socket, admin: AdminListeners) -> bytes:
 
 
 def test_a_request_becomes_an_event_and_gets_one_answer(admin: AdminListeners) -> None:
-    sock = connect(admin, Kind.HTTP)
-    sock.sendall(b"GET /metrics?x=1 HTTP/1.1\r\nhost: a\r\n\r\n")
-    answer = read_all(sock, admin)
-    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"connection: close\r\n" in answer
-    assert answer.endswith(b"\r\n\r\nGET /metrics\n")
-    assert not admin.conns
+    with connect(admin, Kind.HTTP) as sock:
+        sock.sendall(b"GET /metrics?x=1 HTTP/1.1\r\nhost: a\r\n\r\n")
+        answer = read_all(sock, admin)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"connection: close\r\n" in answer
+        assert answer.endswith(b"\r\n\r\nGET /metrics\n")
+        assert not admin.conns
 
 
 def test_head_gets_no_body(admin: AdminListeners) -> None:
-    sock = connect(admin, Kind.HTTP)
-    sock.sendall(b"HEAD /ready HTTP/1.0\r\n\r\n")
-    answer = read_all(sock, admin)
-    assert b"content-length: 12\r\n" in answer and answer.endswith(b"\r\n\r\n")
+    with connect(admin, Kind.HTTP) as sock:
+        sock.sendall(b"HEAD /ready HTTP/1.0\r\n\r\n")
+        answer = read_all(sock, admin)
+        assert b"content-length: 12\r\n" in answer and answer.endswith(b"\r\n\r\n")
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
@@ -87,57 +88,54 @@ def test_head_gets_no_body(admin: AdminListeners) -> None:
 ])
 def test_bad_requests_are_answered_by_the_listener(admin: AdminListeners, request_bytes: bytes,
                                                    status: bytes) -> None:
-    sock = connect(admin, Kind.HTTP)
-    sock.sendall(request_bytes)
-    answer = read_all(sock, admin)
-    assert answer.startswith(b"HTTP/1.1 " + status)
+    with connect(admin, Kind.HTTP) as sock:
+        sock.sendall(request_bytes)
+        answer = read_all(sock, admin)
+        assert answer.startswith(b"HTTP/1.1 " + status)
 
 
 def test_agent_gets_its_line_then_a_clean_close(admin: AdminListeners) -> None:
-    sock = connect(admin, Kind.AGENT)
-    # agent-send: bytes we never read must not turn the close into a reset.
-    sock.sendall(b"zion/a\n")
-    assert read_all(sock, admin) == b"up ready 100%\n"
+    with connect(admin, Kind.AGENT) as sock:
+        # agent-send: bytes we never read must not turn the close into a reset.
+        sock.sendall(b"zion/a\n")
+        assert read_all(sock, admin) == b"up ready 100%\n"
 
 
 def test_a_silent_client_is_dropped_at_its_deadline(admin: AdminListeners) -> None:
-    sock = connect(admin, Kind.HTTP)
-    sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # never finishes
-    start = time.monotonic()
-    pump(admin, now=start, rounds=3)
-    assert len(admin.conns) == 1
-    deadline = admin.next_deadline()
-    assert deadline is not None and deadline <= start + listener.CONNECTION_TIMEOUT + 1
-    pump(admin, now=start + listener.CONNECTION_TIMEOUT + 1, rounds=1)
-    assert not admin.conns
-    sock.settimeout(5)
-    assert sock.recv(100) == b""
+    with connect(admin, Kind.HTTP) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # never finishes
+        start = time.monotonic()
+        pump(admin, now=start, rounds=3)
+        assert len(admin.conns) == 1
+        deadline = admin.next_deadline()
+        assert deadline is not None and deadline <= start + listener.CONNECTION_TIMEOUT + 1
+        pump(admin, now=start + listener.CONNECTION_TIMEOUT + 1, rounds=1)
+        assert not admin.conns
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
 
 
 def test_connections_are_capped_per_listener(admin: AdminListeners) -> None:
-    idle = []
-    for _ in range(listener.MAX_CONNECTIONS + 5):
-        idle.append(connect(admin, Kind.HTTP))
-        pump(admin, rounds=1)
-    http = [c for c in admin.conns.values() if c.kind is Kind.HTTP]
-    assert len(http) == listener.MAX_CONNECTIONS
-    http_fd = next(fd for fd, (_, k) in admin.listeners.items() if k is Kind.HTTP)
-    assert http_fd not in admin.read_fds()
-    # Scrapers that hog the HTTP side leave the agent-check alone.
-    agent = connect(admin, Kind.AGENT)
-    assert read_all(agent, admin) == b"up ready 100%\n"
-    for sock in idle:
-        sock.close()
+    with contextlib.ExitStack() as idle:
+        for _ in range(listener.MAX_CONNECTIONS + 5):
+            idle.enter_context(connect(admin, Kind.HTTP))
+            pump(admin, rounds=1)
+        http = [c for c in admin.conns.values() if c.kind is Kind.HTTP]
+        assert len(http) == listener.MAX_CONNECTIONS
+        http_fd = next(fd for fd, (_, k) in admin.listeners.items() if k is Kind.HTTP)
+        assert http_fd not in admin.read_fds()
+        # Scrapers that hog the HTTP side leave the agent-check alone.
+        with connect(admin, Kind.AGENT) as agent:
+            assert read_all(agent, admin) == b"up ready 100%\n"
 
 
 def test_bind_errors_are_typed() -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    with pytest.raises(BindError, match=f"cannot bind the admin listener 127.0.0.1:{port}"):
-        listener.bind(f"127.0.0.1:{port}", "admin")
-    taken.close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BindError, match=f"cannot bind the admin listener 127.0.0.1:{port}"):
+            listener.bind(f"127.0.0.1:{port}", "admin")
 
 
 def test_bytes_never_read_do_not_cut_a_long_answer(admin: AdminListeners) -> None:
@@ -147,30 +145,30 @@ def test_bytes_never_read_do_not_cut_a_long_answer(admin: AdminListeners) -> Non
     our side when we close."""
     address = admin.address(Kind.HTTP)
     assert address is not None
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(address)
-    sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
-    body = b"m" * 16_000_000  # more than the kernel buffers (tcp_wmem max 4 MiB)
-    got: list[bytes] = []
-    errors: list[BaseException] = []
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(address)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        body = b"m" * 16_000_000  # more than the kernel buffers (tcp_wmem max 4 MiB)
+        got: list[bytes] = []
+        errors: list[BaseException] = []
 
-    def read() -> None:
-        try:
-            while chunk := sock.recv(65536):
-                got.append(chunk)
-        except OSError as exc:
-            errors.append(exc)
+        def read() -> None:
+            try:
+                while chunk := sock.recv(65536):
+                    got.append(chunk)
+            except OSError as exc:
+                errors.append(exc)
 
-    reader = threading.Thread(target=read)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not admin.write_fds() and time.monotonic() < deadline:
-        pump(admin, rounds=1, answer=Reply(200, body))  # answering, most of it still queued
-    sock.sendall(b"x" * 1000)  # bytes after the request that nobody reads
-    while admin.conns and time.monotonic() < deadline:
-        pump(admin, rounds=1, answer=Reply(200, body))
-    reader.join(10)
-    assert not errors, errors
-    assert b"".join(got).endswith(body)
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not admin.write_fds() and time.monotonic() < deadline:
+            pump(admin, rounds=1, answer=Reply(200, body))  # answering, most of it still queued
+        sock.sendall(b"x" * 1000)  # bytes after the request that nobody reads
+        while admin.conns and time.monotonic() < deadline:
+            pump(admin, rounds=1, answer=Reply(200, body))
+        reader.join(10)
+        assert not errors, errors
+        assert b"".join(got).endswith(body)

@@ -3,6 +3,7 @@ comes from real requests, real worker processes and real signals."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -44,9 +45,9 @@ def test_metrics_are_real_counts_of_real_requests(start_zion):
     for path, times in (("/", 5), ("/status/404", 3), ("/status/500", 2)):
         for _ in range(times):
             tls_request(srv.port, path)
-    _, sock = tls_request(srv.port)  # a TLS session to resume
-    _, sock = tls_request(srv.port, session=sock.session)
-    assert sock.session_reused
+    _, session, _ = tls_request(srv.port)  # a TLS session to resume
+    _, _, reused = tls_request(srv.port, session=session)
+    assert reused
     slow, answers = background(srv.port, "/slow?3")
 
     def in_flight():
@@ -173,25 +174,24 @@ def test_draining_host_is_not_ready_and_agent_says_drain(start_zion):
 def test_hostile_admin_clients_do_not_delay_supervision(start_zion):
     srv = serve_hash(start_zion)
     port = int(srv.wait_event("admin_listening")["port"])
-    hogs = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
-    for sock in hogs:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the end of the head
-    big = socket.create_connection(("127.0.0.1", port), timeout=5)
-    big.sendall(b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n")
-    assert big.recv(100).startswith(b"HTTP/1.1 431")
-    victim = srv.worker_pids()[0]
-    os.kill(victim, signal.SIGKILL)
-    killed = time.monotonic()
-    wait_for(lambda: victim not in srv.worker_pids() and len(srv.worker_pids()) == 2
-             and srv.events("worker_died"), what="the worker replaced")
-    # respawn_backoff is 0.1 s: the master did its job at once, hogs or not.
-    assert time.monotonic() - killed < 2
-    start = time.monotonic()
-    assert agent_line(srv).startswith(("up ready", "down"))
-    assert admin_get(srv, "/ready")[0] in (200, 503)
-    assert time.monotonic() - start < 1
-    for sock in hogs:
-        sock.close()
+    with contextlib.ExitStack() as hogs:
+        for _ in range(40):
+            sock = hogs.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the end of the head
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as big:
+            big.sendall(b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n")
+            assert big.recv(100).startswith(b"HTTP/1.1 431")
+        victim = srv.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: victim not in srv.worker_pids() and len(srv.worker_pids()) == 2
+                 and srv.events("worker_died"), what="the worker replaced")
+        # respawn_backoff is 0.1 s: the master did its job at once, hogs or not.
+        assert time.monotonic() - killed < 2
+        start = time.monotonic()
+        assert agent_line(srv).startswith(("up ready", "down"))
+        assert admin_get(srv, "/ready")[0] in (200, 503)
+        assert time.monotonic() - start < 1
 
 
 def test_admin_settings_errors_are_one_line(start_zion, zion_env):
@@ -202,13 +202,13 @@ def test_admin_settings_errors_are_one_line(start_zion, zion_env):
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "admin." in proc.stderr
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    busy = f"127.0.0.1:{taken.getsockname()[1]}"
-    proc = subprocess.run([sys.executable, "-m", "zion", "serve", "--port", "0", "--agent", busy],
-                          capture_output=True, text=True, env=zion_env, cwd=APPS, timeout=30)
-    taken.close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = subprocess.run([sys.executable, "-m", "zion", "serve", "--port", "0", "--agent",
+                               busy], capture_output=True, text=True, env=zion_env, cwd=APPS,
+                              timeout=30)
     assert proc.returncode == 1
     assert f"cannot bind the agent listener {busy}" in proc.stderr + proc.stdout
 
@@ -232,21 +232,20 @@ def test_workers_hold_no_admin_socket(start_zion):
     srv = serve_hash(start_zion)
     port = int(srv.wait_event("admin_listening")["port"])
     agent = int(srv.wait_event("agent_listening")["port"])
-    pending = socket.create_connection(("127.0.0.1", port), timeout=5)
-    pending.sendall(b"GET /metrics HTTP/1.1\r\n")
-    wait_for(lambda: holders(["-t", "state", "established", f"sport = :{port}"]),
-             what="the master to accept")
-    victim = srv.worker_pids()[0]
-    os.kill(victim, signal.SIGKILL)  # its replacement forks while the connection is open
-    wait_for(lambda: victim not in srv.worker_pids() and len(srv.worker_pids()) == 2,
-             what="the worker replaced")
-    assert holders(["-lt", f"sport = :{port}"]) == {srv.pid}
-    assert holders(["-lt", f"sport = :{agent}"]) == {srv.pid}
-    # No worker holds the client's connection. (The master itself may have
-    # closed it by now: its 5 s per-connection deadline can pass while a
-    # loaded machine boots the replacement; a leaked copy would outlive that.)
-    assert holders(["-t", "state", "established", f"sport = :{port}"]) <= {srv.pid}
-    pending.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as pending:
+        pending.sendall(b"GET /metrics HTTP/1.1\r\n")
+        wait_for(lambda: holders(["-t", "state", "established", f"sport = :{port}"]),
+                 what="the master to accept")
+        victim = srv.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)  # its replacement forks while the connection is open
+        wait_for(lambda: victim not in srv.worker_pids() and len(srv.worker_pids()) == 2,
+                 what="the worker replaced")
+        assert holders(["-lt", f"sport = :{port}"]) == {srv.pid}
+        assert holders(["-lt", f"sport = :{agent}"]) == {srv.pid}
+        # No worker holds the client's connection. (The master itself may have
+        # closed it by now: its 5 s per-connection deadline can pass while a
+        # loaded machine boots the replacement; a leaked copy would outlive that.)
+        assert holders(["-t", "state", "established", f"sport = :{port}"]) <= {srv.pid}
 
 
 def test_reload_cannot_move_the_admin_listener(start_zion, tmp_path):

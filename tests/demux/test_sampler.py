@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -13,27 +14,26 @@ from zion.demux.sampler import QueueSampler, sample
 
 
 def test_sample_reads_each_listeners_real_queue():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    board = StatusBoard.anonymous(1)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
-    wait_for(lambda: (sample([listener], board), board.slots[0].backlog == 5)[1], 5,
-             "five queued connections")
-    for _ in range(2):
-        listener.accept()[0].close()
-    sample([listener], board)
-    assert board.slots[0].backlog == 3
-    sampler = QueueSampler(interval=10.0)
-    board.slots[0].backlog = 99
-    sampler.maybe_sample(100.0, [listener], board)
-    assert board.slots[0].backlog == 3
-    board.slots[0].backlog = 99
-    sampler.maybe_sample(105.0, [listener], board)  # not due yet
-    assert board.slots[0].backlog == 99
-    for c in clients:
-        c.close()
-    listener.close()
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        board = StatusBoard.anonymous(1)
+        for _ in range(5):
+            stack.enter_context(socket.create_connection(listener.getsockname()))
+        wait_for(lambda: (sample([listener], board), board.slots[0].backlog == 5)[1], 5,
+                 "five queued connections")
+        for _ in range(2):
+            listener.accept()[0].close()
+        sample([listener], board)
+        assert board.slots[0].backlog == 3
+        sampler = QueueSampler(interval=10.0)
+        board.slots[0].backlog = 99
+        sampler.maybe_sample(100.0, [listener], board)
+        assert board.slots[0].backlog == 3
+        board.slots[0].backlog = 99
+        sampler.maybe_sample(105.0, [listener], board)  # not due yet
+        assert board.slots[0].backlog == 99
 
 
 @pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))

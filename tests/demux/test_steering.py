@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import connect, get, read_response, wait_for
+from tests.conftest import close, connect, get, read_response, wait_for
 from tests.support.bpf import cannot_load_bpf
 
 pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
@@ -211,8 +211,7 @@ async def test_a_burst_of_keepalive_connections_splits_evenly(start_zion):
         split = sorted(Counter(pids).values())
         assert len(split) == 4 and split[-1] / split[0] <= 1.2, split
     finally:
-        for _, writer in conns:
-            writer.close()
+        await asyncio.gather(*(close(writer) for _, writer in conns))
 
 
 async def test_a_tls_handshake_in_progress_counts_as_load(start_zion):

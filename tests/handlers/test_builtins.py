@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.conftest import connect, get, read_response
+import asyncio
+
+from tests.conftest import close, connect, get, read_response
 from zion.handlers.builtins import is_loopback
 
 
@@ -143,8 +145,7 @@ async def test_healthz_reports_a_worker_at_max_connections(start_zion):
     # client would get 503 - so the health check says so too.
     resp = await get(srv.port, "/_zion/healthz")
     assert resp.status == 503 and resp.body == b"overloaded: at max_connections\n"
-    for _reader, writer in idle:
-        writer.close()
+    await asyncio.gather(*(close(writer) for _reader, writer in idle))
     for _ in range(100):
         if (await get(srv.port, "/_zion/healthz")).status == 200:
             break

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import connect, get, read_until_closed
+from tests.conftest import close, connect, get, read_until_closed
 from zion.handlers.static import parse_range
 
 
@@ -66,7 +66,7 @@ async def test_no_path_traversal(site, path):
     reader, writer = await connect(site.port)
     writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
     data = await read_until_closed(reader)
-    writer.close()
+    await close(writer)
     assert b"do not serve" not in data and b"root:" not in data
     assert data.split(b" ", 2)[1] in (b"404", b"400")
 

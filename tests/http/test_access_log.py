@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import APPS, REPO, connect, get, read_response, wait_for
+from tests.conftest import APPS, REPO, close, connect, get, read_response, wait_for
 from zion.http.access_log import AccessRecord, check_format, format_line
 
 
@@ -28,7 +28,7 @@ async def test_fields_on_http11_and_http2(start_zion):
     writer.write(b"POST /echo?a=1&b=two HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
                  b"connection: close\r\n\r\nhello")
     resp = await read_response(reader)
-    writer.close()
+    await close(writer)
     line = _access(srv)[0]
     assert (line["method"], line["path"], line["status"], line["http"]) == (
         "POST", "/echo?a=1&b=two", 200, "1.1")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.admin.support import admin_get, agent_line
 from tests.admin.support import status as admin_status
-from tests.conftest import ZionProcess, connect, get, read_until_closed, wait_for
+from tests.conftest import ZionProcess, close, connect, get, read_until_closed, wait_for
 from tests.support.h2peer import open_tls, pump
 from tests.support.serve import serve
 from zion.http.admission import Expiry, at_limit, expiry, shed, streaming
@@ -145,7 +145,7 @@ async def test_past_the_concurrency_limit_requests_get_503_with_retry_after_at_o
     reader, writer = await connect(srv.port)
     writer.write(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
     raw = await read_until_closed(reader, 20)
-    writer.close()
+    await close(writer)
     assert not any(task.done() for task in held)
     head = raw.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 503") and b"\r\nretry-after: 7" in head
@@ -209,4 +209,4 @@ async def test_http2_streams_past_the_limit_get_503_and_the_connection_stays(
     again = client.request(path="/")
     await pump(client, reader, writer, lambda: client.responses[again].ended)
     assert [client.responses[sid].status for sid in (*held, again)] == [200, 200, 200]
-    writer.close()
+    await close(writer)

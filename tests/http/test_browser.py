@@ -38,6 +38,8 @@ async def test_browser_page_round_trips_a_websocket_message(start_zion, tmp_path
     finally:
         browser.kill()
         browser.wait(10)
+        assert browser.stderr is not None
+        browser.stderr.close()
     # The WebSocket is a stream of the page's HTTP/2 connection (RFC 8441).
     assert text == "got:echo:ping from the browser (HTTP/2)"
     assert protocol == "h2"  # HTTP/2 is on by default and Chromium offers it first

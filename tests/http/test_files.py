@@ -19,6 +19,7 @@ from tests.conftest import (
     APPS,
     ZionProcess,
     client_context,
+    close,
     read_response,
     read_until_closed,
     wait_for,
@@ -139,7 +140,7 @@ async def test_plain_http_pipelined_files_keep_their_framing(plain_srv, data):
     for name in ("1m.bin", "empty.bin", "one.bin"):
         resp = await asyncio.wait_for(read_response(reader), 20)
         assert resp.status == 200 and resp.body == (data / name).read_bytes()
-    writer.close()
+    await close(writer)
 
 
 @pytest.mark.parametrize("case", ["relative", "missing", "directory", "wrong-length"])
@@ -169,7 +170,7 @@ async def test_a_file_shorter_than_announced_ends_the_connection(tls_srv, plain_
         server_hostname="localhost" if scheme == "https" else None)
     writer.write(b"GET /raw/short HTTP/1.1\r\nhost: x\r\n\r\n")
     got = await read_until_closed(reader, timeout=20)
-    writer.close()
+    await close(writer)
     head, _, body = got.partition(b"\r\n\r\n")
     assert b"content-length: 4096" in head.lower() and len(body) < 4096
 

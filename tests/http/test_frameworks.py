@@ -20,7 +20,15 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import APPS, ZionProcess, client_context, connect, read_response, wait_for
+from tests.conftest import (
+    APPS,
+    ZionProcess,
+    client_context,
+    close,
+    connect,
+    read_response,
+    wait_for,
+)
 
 
 def _serve(app: str, env: dict[str, str], *args: str) -> ZionProcess:
@@ -94,7 +102,7 @@ async def test_body_in_the_headers_record_or_a_later_one_gives_the_same_answer(f
             writer.write(head + body)
         await writer.drain()
         resp = await asyncio.wait_for(read_response(reader), 10)
-        writer.close()
+        await close(writer)
         answers.append((resp.status, resp.body))
     assert answers[0] == answers[1] and answers[0][0] == 200
 

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import (
     client_context,
+    close,
     connect,
     get,
     inflight,
@@ -51,7 +52,7 @@ async def test_keep_alive_and_standard_headers(server):
     resp = await read_response(reader)
     assert resp.headers["connection"] == "close"
     assert await read_until_closed(reader) == b""
-    writer.close()
+    await close(writer)
 
 
 async def test_http10_closes_by_default(server):
@@ -59,7 +60,7 @@ async def test_http10_closes_by_default(server):
     writer.write(b"GET / HTTP/1.0\r\n\r\n")
     resp = await read_response(reader)
     assert resp.status == 200 and resp.headers["connection"] == "close"
-    writer.close()
+    await close(writer)
 
 
 async def test_pipelined_requests_answered_in_order(server):
@@ -70,7 +71,7 @@ async def test_pipelined_requests_answered_in_order(server):
     for i in range(1, 6):
         resp = await read_response(reader)
         assert resp.body == b"got %d bytes" % i
-    writer.close()
+    await close(writer)
 
 
 async def test_chunked_request_body(server):
@@ -79,7 +80,7 @@ async def test_chunked_request_body(server):
                  b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
     resp = await read_response(reader)
     assert resp.body == b"got 11 bytes"
-    writer.close()
+    await close(writer)
 
 
 async def test_streamed_response_is_chunked(start_zion):
@@ -94,7 +95,7 @@ async def test_large_response_with_backpressure(server):
     writer.write(b"GET /big?4000000 HTTP/1.1\r\nhost: x\r\n\r\n")
     resp = await read_response(reader)
     assert len(resp.body) == 4_000_000
-    writer.close()
+    await close(writer)
 
 
 async def test_expect_100_continue(server):
@@ -105,7 +106,7 @@ async def test_expect_100_continue(server):
     writer.write(b"data")
     resp = await read_response(reader)
     assert resp.status == 200 and resp.body == b"got 4 bytes"
-    writer.close()
+    await close(writer)
 
 
 async def test_head_has_headers_but_no_body(server):
@@ -115,7 +116,7 @@ async def test_head_has_headers_but_no_body(server):
     assert head.status == 200 and head.headers["content-length"] == "11"
     after = await read_response(reader)  # the next response starts right after the head
     assert after.body == b"got 0 bytes"
-    writer.close()
+    await close(writer)
 
 
 async def test_app_without_response_gets_500(server):
@@ -142,7 +143,7 @@ async def test_bad_requests_get_4xx_and_close(server, raw, status):
     data = await read_until_closed(reader)
     assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
     assert b"connection: close" in data
-    writer.close()
+    await close(writer)
     await still_serving(server.port)
 
 
@@ -163,7 +164,7 @@ async def test_header_bomb_without_end_is_cut_off(server):
     await flood(writer, b"GET / HTTP/1.1\r\nx-bomb: ", b"v" * 4096, 40)
     data = await read_until_closed(reader)
     assert data.startswith(b"HTTP/1.1 431 "), data[:80]
-    writer.close()
+    await close(writer)
     await still_serving(server.port)
 
 
@@ -173,7 +174,7 @@ async def test_chunked_body_over_limit_gets_413(server):
                 b"1000\r\n" + b"z" * 4096 + b"\r\n", 30)
     data = await read_until_closed(reader)
     assert b"413" in data.split(b"\r\n", 1)[0]
-    writer.close()
+    await close(writer)
     await still_serving(server.port)
 
 
@@ -183,7 +184,7 @@ async def test_slowloris_gets_408(server):
     await writer.drain()
     data = await read_until_closed(reader, timeout=10)  # header_timeout is 1 s here
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
-    writer.close()
+    await close(writer)
     await still_serving(server.port)
 
 
@@ -193,7 +194,7 @@ async def test_idle_keepalive_closed(start_zion):
     writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
     await read_response(reader)
     assert await read_until_closed(reader, timeout=10) == b""
-    writer.close()
+    await close(writer)
 
 
 async def test_bytes_that_are_not_tls(server):
@@ -236,7 +237,7 @@ async def test_app_content_length_written_once(server):
     resp = await read_response(reader)
     assert resp.raw_head.lower().count(b"content-length:") == 1
     assert resp.body == b"x" * 10
-    writer.close()
+    await close(writer)
 
 
 def _rss_mib(pid: int) -> float:
@@ -280,7 +281,7 @@ async def test_slow_body_gets_408_at_body_timeout(start_zion):
     await writer.drain()
     out = await read_until_closed(reader, timeout=10)
     assert out.startswith(b"HTTP/1.1 408") and b"body not received in time" in out
-    writer.close()
+    await close(writer)
     await still_serving(srv.port)
 
 
@@ -302,7 +303,7 @@ async def test_a_reader_that_stops_reading_is_cut_at_send_timeout(start_zion, tm
     assert await connections() == 1
     got = await read_until_closed(reader, timeout=10)
     assert len(got) < 32 * 1024 * 1024  # cut before the whole file went out
-    writer.close()
+    await close(writer)
 
 
 async def test_connections_the_server_closed_stop_counting_at_once(start_zion):
@@ -338,7 +339,7 @@ async def test_bytes_after_connection_close_get_the_answer_then_a_close(server):
                  b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
     await writer.drain()
     out = await read_until_closed(reader)
-    writer.close()
+    await close(writer)
     assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1") == 1
     assert b"400" not in out.split(b"\r\n", 1)[0]
 

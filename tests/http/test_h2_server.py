@@ -25,7 +25,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from tests.conftest import ZionProcess, client_context, connect, get, wait_for
+from tests.conftest import ZionProcess, client_context, close, connect, get, wait_for
 from tests.support.h2peer import open_tls, pump
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
@@ -56,7 +56,7 @@ async def test_http2_is_on_by_default_and_no_http2_turns_it_off(start_zion: Any)
         ctx.set_alpn_protocols(["h2", "http/1.1"])
         _, writer = await connect(srv.port, ctx=ctx)
         assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == expect
-        writer.close()
+        await close(writer)
         resp = await get(srv.port, "/")  # an HTTP/1.1-only client, either way
         assert resp.status == 200 and resp.body.startswith(b"1.1 GET")
         srv.stop()
@@ -142,7 +142,7 @@ async def test_trailers_head_and_a_slow_stream_beside_fast_ones(h2srv: ZionProce
     assert rs[trailers].body == b"body" and rs[trailers].trailers == [(b"x-sum", b"42")]
     assert rs[head].body == b"" and rs[head].header(b"content-length") == b"1000"
     await pump(client, reader, writer, lambda: rs[slow].ended)
-    writer.close()
+    await close(writer)
 
 
 async def _attack_then_serve(srv: ZionProcess, attack: bytes) -> GoAwayFrame:
@@ -151,7 +151,7 @@ async def _attack_then_serve(srv: ZionProcess, attack: bytes) -> GoAwayFrame:
     _, reader, writer = await open_tls(srv.port)
     writer.write(attack)
     data = await asyncio.wait_for(_read_to_eof(reader), 20)
-    writer.close()
+    await close(writer)
     goaways = [f for f in _frames(data) if isinstance(f, GoAwayFrame)]
     assert goaways, "no GOAWAY before the close"
     async with _client(srv) as c:
@@ -161,7 +161,8 @@ async def _attack_then_serve(srv: ZionProcess, attack: bytes) -> GoAwayFrame:
 
 
 async def test_rapid_reset_gets_goaway_and_the_worker_serves_on(h2srv: ZionProcess) -> None:
-    client, _, _ = await open_tls(h2srv.port)  # only to build the frames
+    client, _, writer = await open_tls(h2srv.port)  # only to build the frames
+    await close(writer)
     client.h2.remote_settings.max_concurrent_streams = 2**20
     for _ in range(1000):
         sid = client.request(end=False)
@@ -199,6 +200,7 @@ async def test_drain_sends_goaway_and_finishes_the_stream_in_flight(start_zion: 
         None, lambda: wait_for(lambda: _inflight(srv) >= 1, what="the request in flight"))
     srv.signal(signal.SIGTERM)
     data = await asyncio.wait_for(_read_to_eof(reader, writer), 20)
+    await close(writer)
     frames = _frames(data)
     goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
     assert goaway.error_code == 0 and goaway.last_stream_id >= sid
@@ -223,7 +225,7 @@ async def test_open_streams_count_as_load_for_the_demux(h2srv: ZionProcess) -> N
     await pump(client, reader, writer, lambda: all(rs[s].ended for s in sids))
     await loop.run_in_executor(
         None, lambda: wait_for(lambda: _inflight(h2srv) == 0, what="the streams done"))
-    writer.close()
+    await close(writer)
 
 
 async def test_reload_sends_goaway_and_the_stream_in_flight_finishes(start_zion: Any) -> None:
@@ -236,6 +238,7 @@ async def test_reload_sends_goaway_and_the_stream_in_flight_finishes(start_zion:
         None, lambda: wait_for(lambda: _inflight(srv) >= 1, what="the request in flight"))
     srv.signal(signal.SIGHUP)  # new workers start, the old one drains
     data = await asyncio.wait_for(_read_to_eof(reader, writer), 20)
+    await close(writer)
     frames = _frames(data)
     goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
     assert goaway.error_code == 0 and goaway.last_stream_id >= sid
@@ -416,7 +419,7 @@ async def test_a_parked_http2_body_gets_408_after_body_timeout(start_zion: Any) 
     rs = client.responses
     await pump(client, reader, writer, lambda: rs[parked].ended or rs[parked].reset is not None)
     assert rs[parked].status == 408
-    writer.close()
+    await close(writer)
     await asyncio.to_thread(wait_for, lambda: _inflight(srv) == 0, 10, "nothing in flight")
 
 

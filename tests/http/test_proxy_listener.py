@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from tests.conftest import client_context, read_response, read_until_closed, wait_for
+from tests.conftest import client_context, close, read_response, read_until_closed, wait_for
 from tests.support.fake_transport import make_state
 from tests.support.h2peer import Client, pump
 from tests.support.proxy_headers import ask, inet, inet6, raw_socket, tlv, v1, v2
@@ -81,7 +81,7 @@ async def closed_without_answer(sock: socket.socket, tls: bool = True) -> bool:
         writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         return await read_until_closed(reader) == b""
     finally:
-        writer.close()
+        await close(writer)
 
 
 @pytest.fixture
@@ -211,7 +211,7 @@ async def test_a_silent_peer_is_closed_after_the_header_timeout(start_zion):
     started = loop.time()
     reader, writer = await asyncio.open_connection(sock=raw_socket(srv.port))
     assert await read_until_closed(reader) == b""  # we never write a byte
-    writer.close()
+    await close(writer)
     assert loop.time() - started < 5
     line = wait_for(lambda: srv.events("proxy_header_rejected"), 10, "the rejection logged")[-1]
     assert "within 0.5 s" in line["reason"]
@@ -229,7 +229,7 @@ async def test_http2_over_a_proxied_connection(proxied):
     client = Client()
     sid = client.request(path="/")
     await pump(client, reader, writer, lambda: client.responses[sid].ended)
-    writer.close()
+    await close(writer)
     facts = json.loads(bytes(client.responses[sid].body))
     assert facts["client"] == ["203.0.113.10", 5555] and facts["http_version"] == "2"
 
@@ -255,7 +255,7 @@ async def _forwarded_behind_header(srv: Any) -> dict[str, Any]:
                  b"forwarded: for=198.51.100.2\r\n"
                  b"x-forwarded-proto: http\r\nconnection: close\r\n\r\n")
     facts: dict[str, Any] = (await read_response(reader)).json()
-    writer.close()
+    await close(writer)
     return facts
 
 
@@ -373,6 +373,8 @@ backend proxy_be
     finally:
         haproxy.terminate()
         haproxy.wait(10)
+        if haproxy.stdout is not None:
+            haproxy.stdout.close()
 
 
 def test_connections_before_http_are_load_for_the_demux(tmp_path):
@@ -428,7 +430,7 @@ async def _load_accounting(tmp_path: Path) -> None:
         writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
         assert (slot.accepted, slot.conns, state.handshaking) == (3, 1, 0)
-        writer.close()
+        await close(writer)
         await until(lambda: slot.conns == 0)
         # An untrusted peer is accepted (and counted so) but never load.
         sock = raw_socket(port, source="127.0.0.2")

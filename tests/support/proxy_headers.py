@@ -9,7 +9,7 @@ import ssl
 import struct
 from typing import Any
 
-from tests.conftest import client_context, read_response
+from tests.conftest import client_context, close, read_response
 from zion.proxy import V2_SIGNATURE
 
 CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
@@ -57,4 +57,4 @@ async def ask(sock: socket.socket, path: str = "/", ctx: ssl.SSLContext | None =
         resp = await asyncio.wait_for(read_response(reader), 10)
         return resp.json() if resp.status == 200 else resp
     finally:
-        writer.close()
+        await close(writer)
