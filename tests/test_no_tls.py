@@ -23,10 +23,12 @@ APP = "whoami_app:app"
 
 async def plain_get(port: int, path: str = "/", headers: str = "") -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n"
-                 .encode())
-    resp = await asyncio.wait_for(read_response(reader), 10)
-    await close(writer)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n"
+                     .encode())
+        resp = await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        await close(writer)
     return resp.status, resp.body
 
 
