@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import HTTPSendEvent
     from zion.http.exchange import Exchange
     from zion.settings import LimitsSettings
 
@@ -139,7 +140,7 @@ def expiry(head_written: bool) -> Expiry:
     return Expiry.ABORT if head_written else Expiry.RESPOND_504
 
 
-def streaming(message: dict[str, Any]) -> bool:
+def streaming(message: HTTPSendEvent) -> bool:
     """A body chunk with more to come: the response streams, and from here on
     send_timeout (a client that stops reading) governs it, not the request
     timeout (a long stream is not a slow app)."""
@@ -165,7 +166,7 @@ async def run_with_deadline(app: ASGIApp, ex: Exchange, seconds: float,
     reset. A streaming response disarms the deadline at its first chunk."""
     deadline = asyncio.timeout(seconds)
 
-    async def watched(message: Any) -> None:
+    async def watched(message: HTTPSendEvent) -> None:
         if streaming(message) and deadline.when() is not None:
             deadline.reschedule(None)
         await send(message)

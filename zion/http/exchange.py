@@ -21,7 +21,15 @@ from zion.http.connection import ClientDisconnected
 from zion.log import get_logger
 
 if TYPE_CHECKING:
-    from zion.http.asgi_types import HTTPReceiveEvent, HTTPRequestEvent, HTTPScope
+    from zion.http.asgi_types import (
+        HTTPReceiveEvent,
+        HTTPRequestEvent,
+        HTTPResponseBodyEvent,
+        HTTPResponseStartEvent,
+        HTTPResponseTrailersEvent,
+        HTTPScope,
+        HTTPSendEvent,
+    )
     from zion.http.connection import Carrier
     from zion.http.state import ASGIApp
 
@@ -167,15 +175,19 @@ class Exchange:
 
     # -- ASGI send -------------------------------------------------------------
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: HTTPSendEvent) -> None:
+        # `kind` picks the branch; mypy narrows a TypedDict union only on
+        # message["type"] itself, so each branch names its member (a local
+        # name, no cast() call on the request path).
         kind = message["type"]
         if kind == "http.response.body":
+            body_event: HTTPResponseBodyEvent = message  # type: ignore[assignment]
             if not self.response_started:
                 raise ProtocolError("http.response.body sent before http.response.start")
             if self.disconnected or self.response_complete:  # the flags first: no call
                 self._check_open(kind)
-            more = message.get("more_body", False)
-            body = message.get("body", b"")
+            more = body_event.get("more_body", False)
+            body = body_event.get("body", b"")
             # With trailers coming, the trailers end the response, not the body.
             end = not more and not self.want_trailers
             if self.content_length is None:
@@ -193,21 +205,22 @@ class Exchange:
                 raise ProtocolError("http.response.start sent twice")
             if self.disconnected or self.response_complete:
                 self._check_open(kind)
+            start: HTTPResponseStartEvent = message  # type: ignore[assignment]
             self.response_started = True
-            self.status = int(message["status"])
-            self.headers = message.get("headers", ())
-            if message.get("trailers", False):
+            self.status = int(start["status"])
+            self.headers = start.get("headers", ())
+            if start.get("trailers", False):
                 self.want_trailers = True
                 self.trailers = []
             return
         if kind == "http.response.trailers":
-            await self._trailers(message)
+            await self._trailers(message)  # type: ignore[arg-type]
             return
         if kind == files.PATHSEND:
             if not self.response_started or self.content_length is not None:
                 raise ProtocolError("http.response.pathsend must follow http.response.start")
             self._check_open(kind)
-            await files.pathsend(self, message)
+            await files.pathsend(self, message)  # type: ignore[arg-type]
             return
         raise ProtocolError(f"unexpected ASGI message type {kind!r}")
 
@@ -217,7 +230,7 @@ class Exchange:
         if self.response_complete:
             raise ProtocolError(f"{kind} after the response was complete")
 
-    async def _trailers(self, message: dict[str, Any]) -> None:
+    async def _trailers(self, message: HTTPResponseTrailersEvent) -> None:
         if not self.want_trailers or self.response_complete:
             raise ProtocolError("http.response.trailers without trailers: true")
         self._check_open("http.response.trailers")

@@ -29,12 +29,12 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import HTTPResponsePathsendEvent
     from zion.http.exchange import Exchange
 
 log = get_logger("zion.http")
@@ -61,7 +61,7 @@ class PathsendError(RuntimeError):
     client that left."""
 
 
-async def pathsend(ex: Exchange, message: Mapping[str, Any]) -> None:
+async def pathsend(ex: Exchange, message: HTTPResponsePathsendEvent) -> None:
     """Answer with the file `message["path"]` names, after the app's
     http.response.start (its status and headers). Errors are raised before
     the head is written, so the app fails with nothing on the wire (a 500)."""
