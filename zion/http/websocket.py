@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from websockets.datastructures import Headers
@@ -53,6 +53,18 @@ from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import (
+        WebSocketAcceptEvent,
+        WebSocketCloseEvent,
+        WebSocketConnectEvent,
+        WebSocketEvent,
+        WebSocketReceiveEvent,
+        WebSocketResponseBodyEvent,
+        WebSocketResponseStartEvent,
+        WebSocketScope,
+        WebSocketSendEvent,
+        WebSocketSendMessage,
+    )
     from zion.http.state import ASGIApp, ServerState
 
 log = get_logger("zion.websocket")
@@ -103,7 +115,7 @@ class _ServerProtocol(ServerProtocol):
 
     chosen: str | None = None
 
-    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+    def select_subprotocol(self, subprotocols: Sequence[str]) -> Subprotocol | None:
         if self.chosen is None:
             return None
         if self.chosen not in subprotocols:
@@ -113,7 +125,7 @@ class _ServerProtocol(ServerProtocol):
         return Subprotocol(self.chosen)
 
 
-def websocket_scope(http_scope: dict[str, Any]) -> dict[str, Any]:
+def websocket_scope(http_scope: dict[str, Any]) -> WebSocketScope:
     """The ASGI websocket scope for an upgrade request parsed as HTTP."""
     subprotocols: list[str] = []
     for name, value in http_scope["headers"]:
@@ -198,7 +210,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.paused = 0
         self.reading_paused = False
         self.feed_handle: asyncio.Handle | None = None
-        self.queue: deque[dict[str, Any]] = deque()
+        self.queue: deque[WebSocketConnectEvent | WebSocketReceiveEvent] = deque()
         self.queued_bytes = 0
         self.partial_bytes = 0
         self.wakeup = Wakeup(self.loop)
@@ -446,7 +458,7 @@ class WebSocketProtocol(asyncio.Protocol):
         # PING: ServerProtocol has queued the pong already.
 
     def _message(self, opcode: Opcode, data: bytes) -> None:
-        message: dict[str, Any]
+        message: WebSocketReceiveEvent
         if opcode is Opcode.TEXT:
             try:
                 text = data.decode()
@@ -482,7 +494,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # -- ASGI ----------------------------------------------------------------------
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> WebSocketEvent:
         while not self.queue:
             if self.disconnect_code is not None:
                 return {"type": "websocket.disconnect", "code": self.disconnect_code,
@@ -499,16 +511,19 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._unhold(_QUEUE_FULL)
         return message
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: WebSocketSendMessage) -> None:
+        # `kind` picks the branch; mypy narrows a TypedDict union only on
+        # message["type"] itself, so each branch names its member.
         kind = message["type"]
         if kind == "websocket.send":
             if self.phase != _OPEN or self.ws.state is not State.OPEN:
                 self._refuse(kind)
-            text = message.get("text")
+            data: WebSocketSendEvent = message  # type: ignore[assignment]
+            text = data.get("text")
             if text is not None:
                 self.ws.send_text(text.encode())
             else:
-                self.ws.send_binary(message.get("bytes") or b"")
+                self.ws.send_binary(data.get("bytes") or b"")
             self._flush()
             if self.flow.write_paused:
                 await self.flow.drain()
@@ -517,25 +532,28 @@ class WebSocketProtocol(asyncio.Protocol):
         elif kind == "websocket.accept":
             if self.phase != _CONNECTING:
                 self._refuse(kind)
-            self._accept(message)
+            self._accept(message)  # type: ignore[arg-type]
         elif kind == "websocket.close":
             if self.phase == _CONNECTING:
                 # Closed before accepting: the handshake is refused (ASGI: 403).
                 self._deny(403, [], b"")
             elif self.phase == _OPEN and self.ws.state is State.OPEN:
-                self.ws.send_close(message.get("code") or 1000, message.get("reason") or "")
+                close: WebSocketCloseEvent = message  # type: ignore[assignment]
+                self.ws.send_close(close.get("code") or 1000, close.get("reason") or "")
                 self.close_deadline = self.loop.time() + _CLOSE_TIMEOUT
                 self._flush()
         elif kind == "websocket.http.response.start":
             if self.phase != _CONNECTING:
                 self._refuse(kind)
+            start: WebSocketResponseStartEvent = message  # type: ignore[assignment]
             self.phase = _HTTP_DENIAL
-            self.denial = (int(message["status"]), list(message.get("headers", ())))
+            self.denial = (int(start["status"]), list(start.get("headers", ())))
         elif kind == "websocket.http.response.body":
             if self.phase != _HTTP_DENIAL or self.denial is None:
                 self._refuse(kind)
-            self.denial_body.append(message.get("body", b""))
-            if not message.get("more_body", False):
+            body: WebSocketResponseBodyEvent = message  # type: ignore[assignment]
+            self.denial_body.append(body.get("body", b""))
+            if not body.get("more_body", False):
                 status, headers = self.denial
                 self._deny(status, headers, b"".join(self.denial_body))
         else:
@@ -546,7 +564,7 @@ class WebSocketProtocol(asyncio.Protocol):
             raise ClientDisconnected(f"websocket closed before {kind}")
         raise ProtocolError(f"{kind} not allowed now")
 
-    def _accept(self, message: dict[str, Any]) -> None:
+    def _accept(self, message: WebSocketAcceptEvent) -> None:
         self.ws.chosen = message.get("subprotocol")
         if self.http2:
             self._accept_h2(message)
@@ -570,7 +588,7 @@ class WebSocketProtocol(asyncio.Protocol):
             log.info("access", method="GET", path=self.scope["path"], status=reply.status_code,
                      client=self.scope["client"][0] if self.scope["client"] else None)
 
-    def _accept_h2(self, message: dict[str, Any]) -> None:
+    def _accept_h2(self, message: WebSocketAcceptEvent) -> None:
         """RFC 8441 5: a 200 accepts, and the stream stays open both ways."""
         pairs: list[tuple[bytes, bytes]] = []
         subprotocol = self.ws.select_subprotocol(self.scope["subprotocols"])
@@ -716,7 +734,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.transport.close()
 
 
-def _size(message: dict[str, Any]) -> int:
+def _size(message: Mapping[str, Any]) -> int:
     """What a queued message holds in memory, for websocket.max_queue_bytes
     (a str of non-Latin-1 text takes 2 or 4 bytes a character)."""
     text = message.get("text")
