@@ -80,7 +80,7 @@ class Exchange:
         "task", "background",
     )
 
-    def __init__(self, conn: Carrier, scope: HTTPScope | dict[str, Any], keep_alive: bool,
+    def __init__(self, conn: Carrier, scope: HTTPScope, keep_alive: bool,
                  expect_100: bool, started_at: float) -> None:
         self.conn = conn
         self.scope = scope

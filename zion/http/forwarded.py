@@ -7,7 +7,10 @@ connections pay nothing)."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zion.http.asgi_types import HTTPScope, WebSocketScope
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,7 +60,7 @@ class TrustedProxies:
 FIELDS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
 
 
-def apply(scope: dict[str, Any], proxies: TrustedProxies) -> None:
+def apply(scope: HTTPScope | WebSocketScope, proxies: TrustedProxies) -> None:
     """Rewrite client, scheme and server from the forwarding headers of a
     request that came from a trusted peer."""
     xff = proto = host = forwarded = None

@@ -54,12 +54,13 @@ from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
+    from zion.http.asgi_types import ASGIVersions, HTTPScope
     from zion.http.state import ServerState
     from zion.quic.endpoint import Link
 
 log = get_logger("zion.http")
 
-ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+ASGI_VERSION: ASGIVersions = {"version": "3.0", "spec_version": "2.4"}
 # Unacknowledged response bytes one stream may have in aioquic before its
 # writer waits (see the module docstring).
 _STREAM_HIGH = 65536
@@ -330,7 +331,7 @@ class H3Session:
             path = ""
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope: dict[str, Any] = {
+        scope: HTTPScope = {
             "type": "http",
             "asgi": ASGI_VERSION,
             "http_version": "3",

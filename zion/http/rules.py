@@ -49,8 +49,7 @@ def http_scope(state: ServerState, http_version: str, method: str, path: str, ra
     }
     if proxied:
         assert state.proxies is not None
-        untyped: Any = scope  # forwarded.py rewrites WebSocket scopes too
-        forwarded.apply(untyped, state.proxies)
+        forwarded.apply(scope, state.proxies)
     return scope
 
 
