@@ -55,12 +55,15 @@ class ZionProcess:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            text = raw.decode(errors="replace").rstrip("\n")
-            with self._lock:
-                self.raw.append(text)
-                with contextlib.suppress(ValueError):
-                    self.lines.append(json.loads(text))
+        # Closed here at its end: a worker that outlives its master (and the
+        # test) holds the pipe open past close(), which cannot close it then.
+        with self.proc.stdout:
+            for raw in self.proc.stdout:
+                text = raw.decode(errors="replace").rstrip("\n")
+                with self._lock:
+                    self.raw.append(text)
+                    with contextlib.suppress(ValueError):
+                        self.lines.append(json.loads(text))
 
     def events(self, name: str) -> list[dict[str, Any]]:
         with self._lock:

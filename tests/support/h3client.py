@@ -214,9 +214,15 @@ def client_configuration() -> QuicConfiguration:
 
 @contextlib.asynccontextmanager
 async def h3_connect(port: int, host: str = "127.0.0.1") -> AsyncIterator[H3Client]:
-    async with connect(host, port, configuration=client_configuration(),
-                       create_protocol=H3Client, wait_connected=True) as client:
-        assert isinstance(client, H3Client)
-        yield client
-    if client._transport is not None:
-        client._transport.close()  # after a rebind, not the one connect() made
+    client: H3Client | None = None
+    try:
+        async with connect(host, port, configuration=client_configuration(),
+                           create_protocol=H3Client, wait_connected=True) as connected:
+            assert isinstance(connected, H3Client)
+            client = connected
+            yield client
+    finally:
+        # After a rebind, the transport is not the one connect() made and
+        # closes at the end of its block: this one, even when the test failed.
+        if client is not None and client._transport is not None:
+            client._transport.close()
