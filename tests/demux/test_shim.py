@@ -59,7 +59,12 @@ def _landing(group: ListenerGroup, connections: int) -> list[int]:
 def _attached(state_dir, count: int = 3, **demux):
     """A plain reuseport group of `count` listeners with the program attached;
     yields the settings, the group and the outcome, and releases all. A long
-    stall threshold: heartbeats written once stay fresh for the test."""
+    stall threshold and a 1 s heartbeat interval: a heartbeat written once
+    stays fresh (an idle worker's pace is 4 + 2 intervals), and the ages the
+    tests write stay on their side of each mark, however long a loaded
+    machine takes to open the connections (at the 5 ms default, 20 ms of
+    delay moved an idle worker past its pace: 2 failures at load 7)."""
+    demux.setdefault("heartbeat_interval_ms", 1000)
     settings = _settings(state_dir, stall_threshold_ms=60_000, **demux)
     group = _group(count)
     outcome = policy.setup(settings, group)
