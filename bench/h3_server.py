@@ -48,11 +48,21 @@ def _free_port() -> int:
 
 
 class _Client(QuicConnectionProtocol):
+    # True: the requests a connection's streams issue in one loop iteration
+    # leave in one transmission (as h2load writes its -m streams' requests
+    # together, and browsers coalesce); False: one transmission per request.
+    coalesce = False
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.h3 = H3Connection(self._quic)
         self.waiting: dict[int, asyncio.Future[int]] = {}
         self.status: dict[int, int] = {}
+        self.flush_due = False
+
+    def _flush(self) -> None:
+        self.flush_due = False
+        self.transmit()
 
     def quic_event_received(self, event: object) -> None:
         for h3_event in self.h3.handle_event(event):  # type: ignore[arg-type]
@@ -70,7 +80,11 @@ class _Client(QuicConnectionProtocol):
         self.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
                                    (b":authority", b"localhost"), (b":path", b"/")],
                              end_stream=True)
-        self.transmit()
+        if not self.coalesce:
+            self.transmit()
+        elif not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return await future
 
 
@@ -105,6 +119,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--streams", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the three runs, interleaved (the figures per run)")
     args = parser.parse_args()
     port = _free_port()
     state = tempfile.mkdtemp(prefix="zion-h3-bench-")
@@ -122,26 +138,32 @@ def main() -> None:
                 worker = int(event["pids"][0])
                 break
         assert worker is not None, "zion did not start"
-        results = {}
-        cpu = _cpu_seconds(worker)
-        start = time.perf_counter()
-        h2load = subprocess.run(
-            ["h2load", "-n", str(args.requests), "-c", str(args.connections), "-m",
-             str(args.streams), f"https://127.0.0.1:{port}/"], capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        found = re.search(r"(\d+) succeeded", h2load.stdout)
-        succeeded = int(found.group(1)) if found else 0
-        results["HTTP/2 (h2load)"] = (succeeded, _cpu_seconds(worker) - cpu, wall)
-        cpu = _cpu_seconds(worker)
-        start = time.perf_counter()
-        ok = asyncio.run(_h3(port, args.requests, args.connections, args.streams))
-        wall = time.perf_counter() - start
-        results["HTTP/3 (aioquic client)"] = (ok, _cpu_seconds(worker) - cpu, wall)
+        results: list[tuple[str, int, float, float]] = []
+        for _ in range(args.rounds):
+            cpu = _cpu_seconds(worker)
+            start = time.perf_counter()
+            h2load = subprocess.run(
+                ["h2load", "-n", str(args.requests), "-c", str(args.connections), "-m",
+                 str(args.streams), f"https://127.0.0.1:{port}/"], capture_output=True,
+                text=True)
+            wall = time.perf_counter() - start
+            found = re.search(r"(\d+) succeeded", h2load.stdout)
+            succeeded = int(found.group(1)) if found else 0
+            results.append(("HTTP/2 (h2load)", succeeded, _cpu_seconds(worker) - cpu, wall))
+            for coalesce in (False, True):
+                _Client.coalesce = coalesce
+                cpu = _cpu_seconds(worker)
+                start = time.perf_counter()
+                ok = asyncio.run(_h3(port, args.requests, args.connections, args.streams))
+                wall = time.perf_counter() - start
+                name = "HTTP/3 (aioquic, batched)" if coalesce else "HTTP/3 (aioquic client)"
+                results.append((name, ok, _cpu_seconds(worker) - cpu, wall))
     finally:
         server.terminate()
         server.wait(30)
     print(f"{'protocol':<26}{'ok':>7}{'server CPU/req':>16}{'req/s (client-bound)':>22}")
-    for name, (ok, cpu_s, wall) in results.items():
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    for name, ok, cpu_s, wall in results:
         per = cpu_s / ok * 1e6 if ok else float("nan")
         print(f"{name:<26}{ok:>7}{per:>13.0f} µs{ok / wall:>22.0f}")
 

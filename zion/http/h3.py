@@ -48,19 +48,17 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.h3.exceptions import H3Error
 from aioquic.quic import events
 
-from zion.http import forwarded, rules
+from zion.http import rules
 from zion.http.exchange import Exchange, ProtocolError
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
 if TYPE_CHECKING:
-    from zion.http.asgi_types import ASGIVersions, HTTPScope
     from zion.http.state import ServerState
     from zion.quic.endpoint import Link
 
 log = get_logger("zion.http")
 
-ASGI_VERSION: ASGIVersions = {"version": "3.0", "spec_version": "2.4"}
 # Unacknowledged response bytes one stream may have in aioquic before its
 # writer waits (see the module docstring).
 _STREAM_HIGH = 65536
@@ -331,25 +329,9 @@ class H3Session:
             path = ""
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope: HTTPScope = {
-            "type": "http",
-            "asgi": ASGI_VERSION,
-            "http_version": "3",
-            "server": self.server,
-            "client": self.client,
-            "scheme": "https",
-            "method": method.decode("ascii", "replace"),
-            "root_path": self.state.root_path,
-            "path": path,
-            "raw_path": path_bytes,
-            "query_string": query,
-            "headers": headers,
-            "state": self.state.lifespan_state.copy(),
-            "extensions": {"http.response.trailers": {}},
-        }
-        if self.proxied:
-            assert self.state.proxies is not None
-            forwarded.apply(scope, self.state.proxies)
+        scope = rules.http_scope(self.state, "3", method.decode("ascii", "replace"), path,
+                                 path_bytes, query, headers, self.client, self.server,
+                                 {"http.response.trailers": {}}, self.proxied)
         # time.monotonic(), not loop.time(), for started_at (see h1.py).
         ex = stream.exchange = Exchange(stream, scope, True, expect_100, time.monotonic())
         if event.stream_ended:

@@ -173,6 +173,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
                  retry_above: int) -> None:
         self.loop = loop
         self.configuration = configuration
+        self.cid_length = configuration.connection_id_length
         self.new_cid = new_cid
         self.reset_key = reset_key
         self.stream_window = stream_window
@@ -203,6 +204,14 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         return set(self.links.values())
 
     def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+        if data and not data[0] & 0x80:
+            # A short header (RFC 9000 17.3: form bit clear), nearly every
+            # datagram: its DCID is ours, so of our fixed length, right after
+            # the first octet; no header parse to find the connection.
+            link = self.links.get(data[1:1 + self.cid_length])
+            if link is not None:
+                link.receive(data, addr)
+                return
         try:
             header = pull_quic_header(Buffer(data=data),
                                       host_cid_length=self.configuration.connection_id_length)
