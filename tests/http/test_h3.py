@@ -104,6 +104,10 @@ async def test_body_over_the_limit_is_413(start_zion):
         # No length given: refused when the body passes the limit.
         streamed = await asyncio.wait_for(client.request("/", "POST", body=b"x" * 5000), 20)
         within = await asyncio.wait_for(client.request("/", "POST", body=b"x" * 1000), 20)
+        # The app waits for a body the client holds back until the 100.
+        expecting = await asyncio.wait_for(client.request_expecting_100("/", b"x" * 10), 20)
+    assert expecting.interim == [100] and expecting.status == 200
+    assert not within.interim
     assert declared.status == 413 and b"larger than 1000" in declared.body
     assert streamed.status == 413
     assert within.status == 200 and within.body.startswith(b"3 POST 1000 ")

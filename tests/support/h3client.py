@@ -36,6 +36,7 @@ class NotProcessed(Exception):
 class Response:
     status: int = 0
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    interim: list[int] = field(default_factory=list)  # 1xx statuses before the answer
     body: bytes = b""
     done: asyncio.Future[Response] | None = None
 
@@ -115,6 +116,22 @@ class H3Client(QuicConnectionProtocol):
         for h3_event in self.h3.handle_event(event):
             self._h3_event(h3_event)
 
+    async def request_expecting_100(self, path: str, body: bytes) -> Response:
+        """A POST with `expect: 100-continue` whose body is sent only once
+        the server's 100 came (RFC 9110 10.1.1)."""
+        sid = self._quic.get_next_available_stream_id()
+        response = Response(done=self._loop.create_future())
+        self.pending[sid] = response
+        self.h3.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"https"),
+                                   (b":authority", b"localhost"), (b":path", path.encode()),
+                                   (b"expect", b"100-continue")])
+        self.transmit()
+        while not response.interim and not response.done.done():
+            await asyncio.sleep(0.01)
+        self.h3.send_data(sid, body, end_stream=True)
+        self.transmit()
+        return await response.done
+
     def _server_uni(self, sid: int, data: bytes) -> None:
         """Frames on the server's control stream (RFC 9114 6.2.1: stream type
         0x00, then frames of type, length, payload): GOAWAYs are noted."""
@@ -153,12 +170,13 @@ class H3Client(QuicConnectionProtocol):
         if response is None:
             return
         if isinstance(event, HeadersReceived):
-            if not response.status:
-                for name, value in event.headers:
-                    if name == b":status":
-                        response.status = int(value)
-                    else:
-                        response.headers[name] = value
+            status = next(int(v) for n, v in event.headers if n == b":status") \
+                if not response.status else 0
+            if 100 <= status < 200:
+                response.interim.append(status)
+            elif status:
+                response.status = status
+                response.headers.update((n, v) for n, v in event.headers if n != b":status")
         else:
             response.body += event.data
         if event.stream_ended:
