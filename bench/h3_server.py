@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -161,6 +162,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
     print(f"{'protocol':<26}{'ok':>7}{'server CPU/req':>16}{'req/s (client-bound)':>22}")
     print(f"load average {os.getloadavg()[0]:.2f}")
     for name, ok, cpu_s, wall in results:
