@@ -71,8 +71,8 @@ async def app(scope, receive, send):
     if path == "/block":
         sleep_in_async_def(_arg(scope, "s", 60))
     elif path == "/leak":
-        # 4 MiB per request, touched so that it is resident.
-        LEAKED.append(b"\x01" * (4 << 20))
+        # 4 MiB per request (or ?mib=N), touched so that it is resident.
+        LEAKED.append(b"\x01" * (int(_arg(scope, "mib", 4)) << 20))
     elif path == "/forever":
         try:
             await asyncio.Event().wait()

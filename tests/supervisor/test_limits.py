@@ -111,12 +111,14 @@ async def test_a_worker_past_its_memory_limit_takes_no_new_connection(start_zion
     # Its replacement is slow to boot (held in lifespan startup): a new
     # connection waits in the listener's queue for it, and the old worker,
     # still growing, never takes it.
-    srv = serve(start_zion, "supervise_app:app", "--limit-worker-memory", "100", workers=1,
+    srv = serve(start_zion, "supervise_app:app", "--limit-worker-memory", "200", workers=1,
                 env={"ZION_TEST_SLOW_BOOT": str(tmp_path)})
     old = srv.worker_pids()[0]
-    async with httpx.AsyncClient(verify=False, timeout=30) as client:
-        while not srv.events("worker_draining_for_replacement"):
-            await client.get(f"https://127.0.0.1:{srv.port}/leak")
+    # One request takes it past the limit, not past the ceiling (1.5 times):
+    # a loop of small leaks could open a new connection after the drain began
+    # and wait, with the test, for the release below.
+    assert (await get(srv.port, "/leak?mib=200")).status == 200
+    await asyncio.to_thread(srv.wait_event, "worker_draining_for_replacement", 20)
     async with httpx.AsyncClient(verify=False, timeout=30) as client:
         answer = asyncio.create_task(client.get(f"https://127.0.0.1:{srv.port}/"))
         await asyncio.to_thread(wait_for, lambda: len(srv.worker_pids()) == 2, 30,
