@@ -75,6 +75,9 @@ def _find_as_nobody(cache: Path, hide: list[str]) -> dict[str, object]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+# Merging and then deleting 64 MiB of headers: 10 s here, past the default
+# 60 s at load 9.
+@pytest.mark.timeout(180)
 def test_an_inaccessible_lib_modules_moves_on_to_usr_src(shared_tmp):
     # Python 3.11's Path.is_dir() raises PermissionError there: that is "no
     # headers here", and /usr/src is the next source.
@@ -97,6 +100,9 @@ def test_when_nothing_is_left_the_reason_names_each_path_and_errno(shared_tmp):
     assert "/usr/src: EACCES" in detail, detail
 
 
+# Merging and then deleting 64 MiB of headers: 10 s here, past the default
+# 60 s at load 9.
+@pytest.mark.timeout(180)
 def test_a_cache_merged_by_root_under_umask_077_is_readable_by_the_service_user(shared_tmp):
     # `zion doctor` as root from a shell with umask 077 merges the headers;
     # the service user must then be able to compile against them.
