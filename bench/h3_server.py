@@ -53,6 +53,9 @@ class _Client(QuicConnectionProtocol):
     # leave in one transmission (as h2load writes its -m streams' requests
     # together, and browsers coalesce); False: one transmission per request.
     coalesce = False
+    # Datagrams received by every client connection (the server's flights):
+    # a server that sends each stream's answer alone costs the client more too.
+    datagrams = 0
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -60,6 +63,10 @@ class _Client(QuicConnectionProtocol):
         self.waiting: dict[int, asyncio.Future[int]] = {}
         self.status: dict[int, int] = {}
         self.flush_due = False
+
+    def datagram_received(self, data: bytes | str, addr: object) -> None:
+        _Client.datagrams += 1
+        super().datagram_received(data, addr)  # type: ignore[arg-type]
 
     def _flush(self) -> None:
         self.flush_due = False
@@ -113,6 +120,45 @@ async def _h3(port: int, requests: int, connections: int, streams: int) -> int:
 
     await asyncio.gather(*(one() for _ in range(connections)))
     return ok
+
+
+async def h3_for(port: int, seconds: float, connections: int, streams: int) -> dict[str, float]:
+    """GETs of / from `connections` x `streams` for `seconds` (bench/scenarios.py's
+    http3 scenario, any server). `failed`: requests sent and not answered 200,
+    including those still unanswered 30 s after the end; `errors`: connections
+    that raised (refused, closed by the server, a failed handshake)."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    sent = ok = 0
+    datagrams = _Client.datagrams
+    start = time.perf_counter()
+    until = start + seconds
+
+    async def one() -> None:
+        nonlocal sent, ok
+        async with connect("127.0.0.1", port, configuration=config,
+                           create_protocol=_Client) as client:
+            assert isinstance(client, _Client)
+
+            async def stream() -> None:
+                nonlocal sent, ok
+                while time.perf_counter() < until:
+                    sent += 1
+                    status = await client.get()
+                    ok += status == 200
+
+            await asyncio.gather(*(stream() for _ in range(streams)))
+
+    runs = asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
+    try:
+        outcomes = await asyncio.wait_for(runs, seconds + 30)
+    except TimeoutError:
+        outcomes = []
+    wall = time.perf_counter() - start
+    errors = sum(isinstance(o, BaseException) for o in outcomes) if outcomes else connections
+    return {"sent": sent, "requests": ok, "failed": sent - ok, "errors": errors,
+            "seconds": wall, "rps": ok / wall,
+            "datagrams_per_req": (_Client.datagrams - datagrams) / max(ok, 1)}
 
 
 def main() -> None:

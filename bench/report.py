@@ -229,6 +229,7 @@ def write(results: dict, outdir: Path, stamp: str) -> Path:
         lambda v: [v["reloads"], v["requests"], v["failed"],
                    "yes" if v["server_survived"] else "NO"])
     lines += _websocket(results.get("websocket"))
+    lines += _http3(results.get("http3"))
     lines += _files(results.get("files"), "TLS")
     lines += _files(results.get("files-plain"), "plain HTTP/1.1")
     lines += ["## Non-default settings", ""]
@@ -274,6 +275,36 @@ def _websocket(rows: dict | None) -> list[str]:
             f"{_fmt(_med([x['msgs_per_s'] for x in big]))} | "
             f"{_fmt(_med([x['server_cpu_per_msg_us'] for x in big]), 1)} | "
             f"{sum(x['errors'] for x in small + big)} |")
+    return [*out, ""]
+
+
+def _http3(rows: dict | None) -> list[str]:
+    if not rows:
+        return []
+    out = ["## HTTP/3 (1 worker, QUIC on the TCP port's number, both on aioquic)", "",
+           "Client: aioquic's, pure Python, in the bench's process (4 connections x 10 "
+           "streams, an iteration's requests coalesced): req/s is client-bound, server CPU "
+           "per request (whole process tree, /proc) is the comparable figure. Median "
+           "[min–max] over rounds.", "",
+           "| server | req/s | server CPU µs/req | server / client cores | "
+           "datagrams to the client per req | failed | load (1 min) |",
+           "|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        out.append(
+            f"| {name} | {_fmt(_med([r['rps'] for r in runs]))} | "
+            f"{_fmt(_med([r['server_cpu_per_req_us'] for r in runs]))} | "
+            f"{statistics.median(r['server_cpu_s'] / r['seconds'] for r in runs):.2f} / "
+            f"{statistics.median(r['client_cpu_s'] / r['seconds'] for r in runs):.2f} | "
+            f"{_fmt(_med([r.get('datagrams_per_req', 0.0) for r in runs]), 2)} | "
+            f"{sum(r['failed'] + r['errors'] for r in runs)} | "
+            f"{_fmt(_med([r['loadavg_1m'] for r in runs]), 1)} |")
+    zion, peer = rows.get("zion-h3"), rows.get("hypercorn-h3")
+    if zion and peer:  # ratios within each round (the rounds interleave), then the median
+        pairs = list(zip(zion, peer, strict=False))
+        rps = _med([z["rps"] / p["rps"] for z, p in pairs])
+        cpu = _med([z["server_cpu_per_req_us"] / p["server_cpu_per_req_us"] for z, p in pairs])
+        out += ["", f"zion-h3 / hypercorn-h3 within each round: req/s **{_fmt(rps, 2)}×**, "
+                f"server CPU per request **{_fmt(cpu, 2)}×** (below 1: zion spends less)."]
     return [*out, ""]
 
 

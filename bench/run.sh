@@ -17,10 +17,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   # the processes it started (servers.py: each server in a session of its own).
 fi
 work=bench/.work
-if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsproto, zttp' 2>/dev/null; then
+if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsproto, zttp, aioquic' 2>/dev/null; then
   python3 -m venv "$work/venv"
   "$work/venv/bin/pip" install -q --disable-pip-version-check \
-    'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian hypercorn matplotlib \
-    wsproto websockets zttp  # zttp: uvicorn's HTTP/2 (--http zttp --http2), bench/h2_load.py
+    'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian 'hypercorn[h3]' matplotlib \
+    wsproto websockets zttp  # zttp: uvicorn's HTTP/2 (--http zttp --http2), bench/h2_load.py;
+  # hypercorn[h3]: aioquic, for hypercorn's HTTP/3 and the http3 scenario's client
 fi
 exec "$work/venv/bin/python" bench/run.py "$@"

@@ -103,6 +103,36 @@ def reloads(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
             "reloads": count, "server_survived": alive}
 
 
+def http3(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
+    """HTTP/3 GETs of the small answer, one worker: aioquic's client
+    (bench/h3_server.py's, pure Python, in this process: req/s is
+    client-bound, server CPU per request is the comparable figure), 4
+    connections x 10 streams, each loop iteration's requests coalesced into
+    one transmission as h2load does; a 1 s warm-up first."""
+    import asyncio
+    import resource
+
+    import h3_server  # aioquic: only this scenario needs it
+
+    h3_server._Client.coalesce = True
+    run = Running(sdef, ctx, WORK / "logs")
+    try:
+        asyncio.run(h3_server.h3_for(run.port, 1.0, 4, 10))
+        cpu0 = run.cpu_seconds()
+        client0 = resource.getrusage(resource.RUSAGE_SELF)
+        out: dict = asyncio.run(h3_server.h3_for(run.port, secs, 4, 10))
+        out["server_cpu_s"] = run.cpu_seconds() - cpu0
+        client1 = resource.getrusage(resource.RUSAGE_SELF)
+        out["client_cpu_s"] = (client1.ru_utime - client0.ru_utime
+                               + client1.ru_stime - client0.ru_stime)
+        out["server_cpu_per_req_us"] = out["server_cpu_s"] / max(out["requests"], 1) * 1e6
+        out.update(argv=run.argv, loadavg_1m=os.getloadavg()[0],
+                   processes=len(run.tree()))
+        return out
+    finally:
+        run.stop()
+
+
 def websocket(sdef: ServerDef, ctx: Ctx, secs: float) -> dict:
     """WebSocket echo over wss: small and 16 KiB text messages, 16 connections."""
     run = Running(sdef, ctx, WORK / "logs")
@@ -198,9 +228,13 @@ class Scenario:
         return self.seconds[0] if quick else self.seconds[1]
 
 
+# Servers that exist for the http3 scenario only (the others run them over TCP).
+_H3_SERVERS = ("zion-h3", "hypercorn-h3")
+
+
 def _http(s: ServerDef) -> bool:
     # uvicorn-wsproto differs from uvicorn only in its WebSocket implementation.
-    return s.name != "uvicorn-wsproto"
+    return s.name != "uvicorn-wsproto" and s.name not in _H3_SERVERS
 
 
 def _app_server(s: ServerDef) -> bool:
@@ -226,7 +260,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              interleaved=True, plain=True),
     Scenario("websocket", websocket, (3.0, 10.0),
              lambda s: s.family in ("zion", "uvicorn", "granian", "hypercorn")
-             and s.name not in ("zion-hash", "zion-nodemux"),
+             and s.name not in ("zion-hash", "zion-nodemux", *_H3_SERVERS),
              interleaved=True, may_fail=True),
+    # hypercorn has one HTTP/3 worker at most (pgjones/hypercorn#114): both get one.
+    Scenario("http3", http3, (5.0, 10.0), lambda s: s.name in _H3_SERVERS, workers=1,
+             interleaved=True),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}

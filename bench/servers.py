@@ -27,6 +27,10 @@ NON_DEFAULTS = {
              "requests); ssl_protocols TLSv1.2 TLSv1.3 (1.22 defaults to TLS 1.2 only); "
              "access_log off; sendfile on (files, plain HTTP; off by default)",
     "zion": "--log-level warning (as every Python server here)",
+    "zion-h3": "--http3 (HTTP/3 on the TCP port's number; off by default)",
+    "hypercorn-h3": "--quic-bind 127.0.0.1:PORT (HTTP/3 on the TCP port's number; hypercorn "
+                    "needs the [h3] extra, aioquic); one worker: with more, packets of one "
+                    "connection reach another worker (pgjones/hypercorn#114)",
 }
 
 
@@ -58,7 +62,7 @@ class ServerDef:
             out += self._zion_head() if token == "{zion}" else [token.format(**values)]
         if ctx.plain:
             out = _without_tls(out) + (["--no-tls"] if self.family == "zion" else [])
-        return [*out, *self.extra]
+        return [*out, *(token.format(**values) for token in self.extra)]
 
     def _zion_head(self) -> list[str]:
         # zion-before: the same venv running another checkout's zion package.
@@ -123,6 +127,9 @@ SERVERS = [
     ServerDef("gunicorn-uvicorn", "gunicorn", reload_signal=signal.SIGHUP),
     ServerDef("granian", "granian"),
     ServerDef("hypercorn", "hypercorn"),
+    # HTTP/3 scenario only (one worker): the same app over QUIC, both on aioquic.
+    ServerDef("zion-h3", "zion", ["--http3"], reload_signal=signal.SIGHUP),
+    ServerDef("hypercorn-h3", "hypercorn", ["--quic-bind", "127.0.0.1:{port}"]),
     ServerDef("nginx", "nginx", reload_signal=signal.SIGHUP),
     # The floor (bench/floor_server.py): bare uvloop TLS, constant answer, no ASGI.
     ServerDef("uvloop-floor", "floor"),
