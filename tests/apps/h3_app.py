@@ -1,6 +1,7 @@
 """A bare ASGI app for the HTTP/3 tests: answers with the protocol, the
 size and digest of the body it read, and the worker's pid (x-pid), so a
-test sees which worker served each request. /hold?FILE answers (200 KB) once
+test sees which worker served each request (/pid also in its body, for a
+browser's page to show). /hold?FILE answers (200 KB) once
 FILE exists; /big?N sends N bytes."""
 
 import asyncio
@@ -41,6 +42,8 @@ async def app(scope, receive, send):
             await send({"type": "http.response.body", "body": part, "more_body": sent < total})
         return
     text = f"{scope['http_version']} {scope['method']} {size} {digest.hexdigest()}"
+    if scope["path"] == "/pid":
+        text = f"{scope['http_version']} {os.getpid()}"
     if scope["path"] == "/hold":
         text += " " * 200_000  # enough datagrams (and acknowledgements) to notice a reset
     await send({"type": "http.response.start", "status": 200,
