@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -68,20 +67,10 @@ def _life(counts: dict[str, int], args: argparse.Namespace) -> int:
     outdir = Path(tempfile.mkdtemp(prefix="zion-h3-cg-out-"))
     env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{REPO}", "ZION_TLS_STATE_DIR": state,
            "ZION_SUPERVISOR_BOOT_TIMEOUT": "600"}
-    server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outdir}/cg.%p",
-         sys.executable, "-m", "zion", "serve", "app:app", "--port", str(port), "--workers",
-         "1", "--http3", "--no-bpf-demux", "--log-format", "json"], cwd=BENCH, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, worker = h3_server.start_zion(
+        port, env, wrapper=("valgrind", "--tool=callgrind", f"--callgrind-out-file={outdir}/cg.%p"),
+        extra=("--no-bpf-demux",))
     try:
-        worker = None
-        assert server.stdout is not None
-        for line in server.stdout:
-            event = json.loads(line) if line.startswith("{") else {}
-            if event.get("event") == "workers_ready":
-                worker = int(event["pids"][0])
-                break
-        assert worker is not None, "zion did not start"
         for name, n in counts.items():
             if name == "h2":
                 out = subprocess.run(["h2load", "-n", str(n), "-c", str(args.connections),

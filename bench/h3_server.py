@@ -161,6 +161,28 @@ async def h3_for(port: int, seconds: float, connections: int, streams: int) -> d
             "datagrams_per_req": (_Client.datagrams - datagrams) / max(ok, 1)}
 
 
+def start_zion(port: int, env: dict[str, str], wrapper: tuple[str, ...] = (),
+               extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], int]:
+    """`zion serve` of bench/app.py, one worker, --http3, its log as JSON lines,
+    run under `wrapper` (valgrind, for h3_instructions.py): the process and its
+    worker's pid, once the worker is ready. The caller stops the process."""
+    server = subprocess.Popen(
+        [*wrapper, sys.executable, "-m", "zion", "serve", "app:app", "--port", str(port),
+         "--workers", "1", "--http3", *extra, "--log-format", "json"], cwd=BENCH, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "workers_ready":
+                return server, int(event["pids"][0])
+        raise AssertionError("zion did not start")
+    except BaseException:
+        server.terminate()
+        server.wait(300)
+        raise
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=2000)
@@ -172,19 +194,8 @@ def main() -> None:
     port = _free_port()
     state = tempfile.mkdtemp(prefix="zion-h3-bench-")
     env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{REPO}", "ZION_TLS_STATE_DIR": state}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "zion", "serve", "app:app", "--port", str(port), "--workers",
-         "1", "--http3", "--log-format", "json"], cwd=BENCH, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, worker = start_zion(port, env)
     try:
-        worker = None
-        assert server.stdout is not None
-        for line in server.stdout:
-            event = json.loads(line) if line.startswith("{") else {}
-            if event.get("event") == "workers_ready":
-                worker = int(event["pids"][0])
-                break
-        assert worker is not None, "zion did not start"
         results: list[tuple[str, int, float, float]] = []
         for _ in range(args.rounds):
             cpu = _cpu_seconds(worker)
