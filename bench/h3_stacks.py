@@ -224,7 +224,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--per-connection", type=int, default=25)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--no-dynamic-table", action="store_true",
+                        help="keep the client's QPACK encoder off the dynamic table, "
+                             "whatever capacity the server advertises (zttp 0.0.35 "
+                             "advertises 4096 and has no setting for it)")
     args = parser.parse_args()
+    if args.no_dynamic_table:
+        import pylsqpack
+
+        apply = pylsqpack.Encoder.apply_settings
+        pylsqpack.Encoder.apply_settings = (  # type: ignore[method-assign]
+            lambda self, max_table_capacity, blocked_streams: apply(
+                self, max_table_capacity=0, blocked_streams=blocked_streams))
     key, cert = _cert()
     from zion.quic import cid
 
