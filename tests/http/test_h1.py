@@ -467,3 +467,39 @@ async def test_an_idle_connection_closes_a_short_grace_after_the_drain_begins():
     assert not tr.closed
     tr.protocol.check_deadline(now + 2)
     assert tr.closed
+
+
+# -- when the header deadline starts, over a fake transport -------------------------
+
+async def test_a_second_request_that_stops_mid_header_gets_408_at_the_header_timeout():
+    # The request starts at its target's first bytes (h1.py has no
+    # on_message_begin): from there the header timeout holds, not the idle
+    # keep-alive timeout the connection had before.
+    state = make_state(limits={"keepalive_timeout": 60.0, "header_timeout": 5.0})
+    tr = fake_connect(state, lambda s, r, se: _answer_after(None, s, r, se))
+    tr.feed(GET_X)
+    await until(lambda: tr.buffer.endswith(b"ok"))
+    tr.take()
+    tr.feed(b"GET /next HTTP/1.1\r\nhost: x\r\n")  # never finishes the header section
+    now = asyncio.get_running_loop().time()
+    tr.protocol.check_deadline(now + 4)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 6)
+    assert tr.closed and tr.take().startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_request_target_split_over_reads_is_one_target():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["path"], scope["query_string"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    tr = fake_connect(make_state(), app)
+    for part in (b"GE", b"T /a/", b"b?x", b"=1 HTTP/1.1\r\nhost: x\r\n\r\nGET /c", b" HTTP/1.1\r\n",
+                 b"host: x\r\n\r\n"):
+        tr.feed(part)
+        await settle()
+    assert tr.take().count(b"HTTP/1.1 204") == 2
+    assert seen == [("/a/b", b"x=1"), ("/c", b"")]

@@ -255,23 +255,31 @@ class H1Protocol(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.header_bytes = 0
-        self.header_raw = 0
-        self.in_headers = True
-        self.began_in_chunk = True
-        self.expect_100 = False
-        self.content_length = 0
-        self.upgrade = _NO_UPGRADE
-        self.forwarding = False
-        self.deadline = self.loop.time() + self.limits.header_timeout
-        self.deadline_kind = _HEADERS
+    # No on_message_begin: httptools calls back only what the protocol has,
+    # and a request's first span is its target (llhttp refuses a request line
+    # without one), so the request begins at its first on_url: one call from
+    # C into Python fewer per request. The header deadline then starts at the
+    # target's first bytes rather than the method's; before them the idle
+    # (keep-alive) or first-request deadline still holds, and llhttp refuses
+    # a method longer than its longest known one.
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > self.limits.max_request_line:
+        if self.in_headers:  # the target, split over reads
+            url = self.url + url
+        else:  # a new request
+            self.headers = []
+            self.header_bytes = 0
+            self.header_raw = 0
+            self.in_headers = True
+            self.began_in_chunk = True
+            self.expect_100 = False
+            self.content_length = 0
+            self.upgrade = _NO_UPGRADE
+            self.forwarding = False
+            self.deadline = self.loop.time() + self.limits.header_timeout
+            self.deadline_kind = _HEADERS
+        self.url = url
+        if len(url) > self.limits.max_request_line:
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
