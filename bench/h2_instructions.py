@@ -8,7 +8,7 @@ is the cost of one request without start-up. The HTTP/2 client that makes
 the frames is pure-Python `h2`, far dearer than the server: its own cost is
 measured the same way (the "client only" rows) and taken off.
 
-    .venv/bin/python bench/h2_instructions.py [--uvloop] [--out bench/results]
+    .venv/bin/python bench/h2_instructions.py [--uvloop] [--h1-only] [--out bench/results]
 
 The loop is asyncio's by default (the figures in docs/benchmarks.md); its
 call_soon, Handle and _run_once are Python code, about 22k instructions of
@@ -93,9 +93,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--uvloop", action="store_true", help="run the shapes on uvloop")
+    parser.add_argument("--h1-only", action="store_true",
+                        help="HTTP/1.1 keep-alive alone, the median of 3 (before/after a cut)")
     args = parser.parse_args()
     if args.uvloop:
         LOOP = "uvloop"
+    if args.h1_only:
+        with ThreadPoolExecutor(2) as pool:
+            runs = sorted(pool.map(per_request, ["h1"] * 3))
+        print(f"HTTP/1.1 keep-alive, {LOOP}: {runs[1]:,.0f} instructions / request "
+              f"(median of 3: {', '.join(f'{r:,.0f}' for r in runs)})")
+        return
     shapes = ["h1", "h2", "client", "h2x16", "client16"]
     with ThreadPoolExecutor(2) as pool:
         ir = dict(zip(shapes, pool.map(per_request, shapes), strict=True))
