@@ -342,7 +342,7 @@ class LimitsSettings:
                                   "(the client's initial MAX_STREAMS for bidirectional streams, "
                                   "RFC 9000 4.6; one more is granted as each ends). A client "
                                   "waits past it; opening one anyway closes the connection "
-                                  "(STREAM_LIMIT_ERROR). Each may hold h2_stream_window of "
+                                  "(STREAM_LIMIT_ERROR). Each may hold h3_stream_window of "
                                   "unread body.", check=between(1, 1024),
                                   flag=Flag("--limit-h3-max-streams", "N"))
     h3_retry_above: int = setting(64, "QUIC handshakes in progress on one worker past which a "
@@ -352,6 +352,23 @@ class LimitsSettings:
                                   "worker a connection's state and a signature. 0 = a Retry "
                                   "for every new connection.", check=non_negative,
                                   flag=Flag("--limit-h3-retry-above", "N"))
+    h3_stream_window: int = setting(262144, "HTTP/3 receive window of each request stream, "
+                                    "bytes (QUIC initial_max_stream_data, RFC 9000 4.1): "
+                                    "request body bytes a client may send ahead of what the "
+                                    "app has read. It slides past what arrived, never doubles, "
+                                    "and stays put while the app has 64 KiB unread.",
+                                    check=between(16384, 2**31 - 1))
+    h3_connection_window: int = setting(1048576, "HTTP/3 receive window of a whole QUIC "
+                                        "connection, bytes (initial_max_data): how far past "
+                                        "what arrived, across its streams, a client may send; "
+                                        "it does not move while any of its requests' apps has "
+                                        "64 KiB unread.", check=between(65536, 2**31 - 1))
+    h3_idle_timeout: float = setting(60.0, "Seconds without a packet after which a QUIC "
+                                     "connection is gone, silently (max_idle_timeout, RFC "
+                                     "9000 10.1; the smaller of the client's and this counts). "
+                                     "Not keepalive_timeout: a connection with no request "
+                                     "closes after that, but while an app takes its time no "
+                                     "packet need flow.", check=positive)
     max_requests: int = setting(0, "A worker that has served this many requests drains and "
                                 "is replaced (0 = never), against leaks in app code.",
                                 check=non_negative, flag=Flag("--limit-max-requests", "N"))

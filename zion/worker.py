@@ -327,7 +327,7 @@ async def _listen_quic(state: ServerState, index: int, quic: WorkerQuic, config:
 
     limits = state.limits
     endpoint = QuicEndpoint(state.loop, config, cid.factory(index, quic.generation),
-                            quic.reset_key, limits.h2_stream_window, accept,
+                            quic.reset_key, accept,
                             max_streams=limits.h3_max_streams,
                             retry_above=limits.h3_retry_above)
     await state.loop.create_datagram_endpoint(lambda: endpoint, sock=quic.sock)

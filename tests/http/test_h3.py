@@ -99,10 +99,18 @@ async def test_a_rebinding_client_stays_on_its_worker(start_zion):
 
 async def test_body_over_the_limit_is_413(start_zion):
     srv = serve(start_zion, APP, "--http3", "--limit-max-body-size", "1000",
-                "--limit-h3-max-streams", "5", workers=1)
+                "--limit-h3-max-streams", "5", workers=1,
+                env={"ZION_LIMITS_H3_STREAM_WINDOW": "100000",
+                     "ZION_LIMITS_H3_CONNECTION_WINDOW": "300000",
+                     "ZION_LIMITS_H3_IDLE_TIMEOUT": "45"})
     async with h3_connect(srv.port) as client:
-        # limits.h3_max_streams is the MAX_STREAMS the client was given.
-        assert client._quic._remote_max_streams_bidi == 5
+        # The limits are the transport parameters the client was given:
+        # MAX_STREAMS, the receive windows, the idle timeout.
+        quic = client._quic
+        assert quic._remote_max_streams_bidi == 5
+        assert quic._remote_max_stream_data_bidi_remote == 100_000
+        assert quic._remote_max_data == 300_000
+        assert quic._remote_max_idle_timeout == 45.0
         # Declared too large: refused before any of the body is read.
         declared = await asyncio.wait_for(client.request(
             "/", "POST", body=b"x" * 5000, headers=[(b"content-length", b"5000")]), 20)

@@ -6,10 +6,12 @@ in its packets)."""
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated
 
 from zion.quic import cid
 from zion.quic.connection import ServerConnection, reset_token
@@ -18,12 +20,16 @@ from zion.settings import load_settings
 
 CLIENT, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 443)
 KEY = b"k" * 32
-WINDOW = 65536
+WINDOW = 65536  # limits.h3_stream_window
+CONNECTION_WINDOW = 100_000  # limits.h3_connection_window
+IDLE = 7.0  # limits.h3_idle_timeout
 STREAMS = 7
 
 
 def _pair(tmp_path, slot: int = 3, generation: int = 5) -> tuple[QuicConnection, ServerConnection]:
-    settings = load_settings(cli={"tls": {"state_dir": str(tmp_path)}})
+    settings = load_settings(cli={"tls": {"state_dir": str(tmp_path)}, "limits": {
+        "h3_stream_window": WINDOW, "h3_connection_window": CONNECTION_WINDOW,
+        "h3_idle_timeout": IDLE}})
     client_config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
     client_config.verify_mode = ssl.CERT_NONE
     client = QuicConnection(configuration=client_config)
@@ -31,7 +37,7 @@ def _pair(tmp_path, slot: int = 3, generation: int = 5) -> tuple[QuicConnection,
     first = client.datagrams_to_send(now=0.0)
     server = ServerConnection(configuration=configuration(settings),
                               new_cid=cid.factory(slot, generation), reset_key=KEY,
-                              stream_window=WINDOW, max_streams=STREAMS,
+                              max_streams=STREAMS,
                               original_destination_connection_id=_dcid(first[0][0]))
     for data, _ in first:
         server.receive_datagram(data, CLIENT, now=0.0)
@@ -73,9 +79,77 @@ def test_every_server_cid_names_the_slot_and_generation(tmp_path):
     assert len({p.cid for p in seen}) == len(seen)
 
 
+def test_the_client_gets_the_h3_windows_and_idle_timeout(tmp_path):
+    client, _server = _pair(tmp_path)
+    # The server's transport parameters, as the client read them.
+    assert client._remote_max_stream_data_bidi_remote == WINDOW
+    assert client._remote_max_data == CONNECTION_WINDOW
+    assert client._remote_max_idle_timeout == IDLE
+
+
+def test_a_silent_connection_is_gone_after_the_idle_timeout(tmp_path):
+    client, server = _pair(tmp_path)
+    client.send_ping(2)
+    _exchange(client, server, 100.0)  # the last packets, within 100.1 s
+    server.handle_timer(100.1 + IDLE - 1.0)
+    assert server._close_event is None, "closed before limits.h3_idle_timeout"
+    server.handle_timer(100.1 + IDLE + 1.0)
+    closed = [e for e in iter(server.next_event, None) if isinstance(e, ConnectionTerminated)]
+    assert closed, "still open past limits.h3_idle_timeout"
+
+
+def test_the_connection_window_slides_and_holds(tmp_path):
+    client, server = _pair(tmp_path)
+    limit = server._local_max_data
+    assert limit.value == CONNECTION_WINDOW
+    # Three streams of a stream window each, nothing held: twice the first
+    # connection window (STREAMS = 7 caps the streams this test may open).
+    for _ in range(3):
+        sid = client.get_next_available_stream_id()
+        client.send_stream_data(sid, b"x" * WINDOW, end_stream=True)
+    now = _until(client, server, 1.0, lambda: limit.used == 3 * WINDOW)
+    assert limit.used == 3 * WINDOW
+    # Slid to what arrived plus our window (in steps of half a window);
+    # aioquic alone doubles it, to 4x the first here.
+    assert limit.used < limit.value <= limit.used + CONNECTION_WINDOW
+    # A stream held (its app has not read): the connection window stays.
+    held = client.get_next_available_stream_id()
+    client.send_stream_data(held, b"x" * 1000, end_stream=False)
+    now = _until(client, server, now, lambda: limit.used == 3 * WINDOW + 1000)
+    assert limit.used == 3 * WINDOW + 1000
+    server.held_streams.add(held)
+    frozen = limit.value
+    for _ in range(2):  # more than the rest of the window
+        sid = client.get_next_available_stream_id()
+        client.send_stream_data(sid, b"x" * WINDOW, end_stream=True)
+    now = _until(client, server, now, lambda: limit.used == frozen)  # the client stops at it
+    now = _until(client, server, now, lambda: False, rounds=20)
+    assert limit.used == limit.value == frozen
+    server.held_streams.discard(held)
+    _until(client, server, now, lambda: limit.used == 5 * WINDOW + 1000)
+    assert limit.used == 5 * WINDOW + 1000  # the rest, once it moved
+
+
+def _until(client: QuicConnection, server: QuicConnection, now: float,
+           done: Callable[[], bool], rounds: int = 300) -> float:
+    """Datagrams both ways, the clock moving on (pacing, timers), until
+    `done()` or for `rounds`; returns the clock. The caller asserts."""
+    for _ in range(rounds):
+        if done():
+            return now
+        _exchange(client, server, now)
+        now += 0.02
+        for peer in (client, server):
+            timer = peer.get_timer()
+            if timer is not None and timer <= now:
+                peer.handle_timer(now)
+    return now
+
+
 def test_a_stream_window_does_not_move_while_held(tmp_path):
     client, server = _pair(tmp_path)
-    window = server._local_max_stream_data_bidi_remote  # limits.h2_stream_window
+    window = server._local_max_stream_data_bidi_remote  # limits.h3_stream_window
+    assert window == WINDOW
     sid = client.get_next_available_stream_id()
     client.send_stream_data(sid, b"x" * 1000, end_stream=False)
     _exchange(client, server, 1.0)

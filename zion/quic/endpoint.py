@@ -168,7 +168,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
     """The DatagramProtocol on a worker's UDP socket."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, configuration: QuicConfiguration,
-                 new_cid: Callable[[int], bytes], reset_key: bytes, stream_window: int,
+                 new_cid: Callable[[int], bytes], reset_key: bytes,
                  accept: Callable[[Link], Session], *, max_streams: int,
                  retry_above: int) -> None:
         self.loop = loop
@@ -176,7 +176,6 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self.cid_length = configuration.connection_id_length
         self.new_cid = new_cid
         self.reset_key = reset_key
-        self.stream_window = stream_window
         self.max_streams = max_streams
         self.accept = accept
         self.links: dict[bytes, Link] = {}
@@ -270,8 +269,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
     def _new_connection(self, dcid: bytes, data: bytes, addr: Address, original_dcid: bytes,
                         retry_scid: bytes | None) -> None:
         quic = ServerConnection(configuration=self.configuration, new_cid=self.new_cid,
-                                reset_key=self.reset_key, stream_window=self.stream_window,
-                                max_streams=self.max_streams,
+                                reset_key=self.reset_key, max_streams=self.max_streams,
                                 original_destination_connection_id=original_dcid,
                                 retry_source_connection_id=retry_scid)
         link = Link(self, quic)
