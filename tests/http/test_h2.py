@@ -972,3 +972,80 @@ async def test_an_http2_body_over_the_limit_ends_the_apps_task_with_a_disconnect
     await peer.push(open_ended, b"x" * 3000)
     await peer.until(lambda: peer.client.responses[open_ended].status == 413)
     await until(lambda: seen == ["disconnect"] and state.slot.inflight == 0)
+
+
+async def answered(peer: FakePeer, path: str = "/") -> tuple[int, list[Any]]:
+    """One request; the frames of its answer as zion wrote them (until the
+    one with END_STREAM), then given to the client."""
+    sid = peer.client.request(path=path)
+    peer.tr.feed(peer.client.h2.data_to_send())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not any(f.stream_id == sid and "END_STREAM" in f.flags
+                  for f in frames(bytes(peer.tr.buffer))):
+        assert loop.time() < deadline, "no END_STREAM"
+        await settle(1)
+    data = peer.tr.take()
+    peer.client.receive(data)
+    return sid, [f for f in frames(data) if f.stream_id == sid]
+
+
+async def test_a_response_ends_on_its_last_data_frame_and_repeated_fields_are_indexed():
+    """Frames as sent: HEADERS, then DATA carrying END_STREAM (no empty DATA
+    frame after it); a head repeated on the connection is a few one-byte
+    indices (RFC 7541 6.1) that the client decodes to the same fields."""
+    async def app(scope, receive, send):
+        path = scope["path"]
+        status = 204 if path == "/empty" else 200
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain")]})
+        if path == "/stream":
+            await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        await send({"type": "http.response.body", "body": b"" if status == 204 else b"hello"})
+
+    peer = FakePeer(make_state(), app)
+    peer.exchange()
+    sent = {}
+    for path in ("/", "/", "/", "/stream", "/empty"):
+        sid, answer = await answered(peer, path)
+        sent[sid] = [(type(f).__name__, sorted(f.flags), getattr(f, "data", None))
+                     for f in answer]
+    rs = peer.client.responses
+    assert all(r.ended and r.header(b"content-type") == b"text/plain" and r.header(b"server")
+               for r in rs.values())
+    assert [bytes(rs[s].body) for s in sent] == [b"hello"] * 3 + [b"parthello", b""]
+    first, second, third, stream, empty = sent.values()
+    for one in (first, second, third):
+        assert [(kind, flags) for kind, flags, _ in one] == [
+            ("HeadersFrame", ["END_HEADERS"]), ("DataFrame", ["END_STREAM"])]
+    assert len(third[0][2]) == 5  # :status 200 and four indexed fields
+    assert [(kind, flags) for kind, flags, _ in stream] == [
+        ("HeadersFrame", ["END_HEADERS"]), ("DataFrame", []), ("DataFrame", ["END_STREAM"])]
+    assert stream[2][2] == b"hello"
+    assert [(kind, flags) for kind, flags, _ in empty] == [
+        ("HeadersFrame", ["END_HEADERS", "END_STREAM"])]
+
+
+async def test_a_smaller_header_table_from_the_client_is_honoured_at_once():
+    """RFC 7541 4.2: after the client's SETTINGS_HEADER_TABLE_SIZE 0 the next
+    head opens with a size update to 0 and refers to no dynamic entry."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    peer = FakePeer(make_state(), app)
+    peer.exchange()
+    for _ in range(3):
+        await answered(peer)
+    peer.client.h2.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    peer.exchange()
+    await settle(3)
+    peer.exchange()  # our ACK: the client's decoder may now shrink
+    sid, answer = await answered(peer)
+    head = answer[0]
+    assert type(head).__name__ == "HeadersFrame"
+    assert head.data[:1] == b"\x20" and not any(b >= 0x80 + 62 for b in head.data[1:])
+    r = peer.client.responses[sid]
+    assert r.ended and r.status == 200 and r.header(b"content-type") == b"text/plain"
+    assert peer.proto.encoder.max_size == 0 and not peer.proto.encoder.table

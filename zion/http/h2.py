@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import zttp
 from zttp import H2ErrorCode
 
-from zion.http import forwarded, rules, zttp_shim
+from zion.http import forwarded, hpack, rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
 from zion.http.files import PATHSEND
@@ -117,7 +117,7 @@ class H2Protocol(asyncio.Protocol):
         "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
         "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade",
-        "preface_due", "settings_sent", "table_wait",
+        "preface_due", "settings_sent", "table_wait", "encoder", "out",
     )
 
     def __init__(self, state: ServerState, upgrade: H2cRequest | None = None) -> None:
@@ -190,6 +190,10 @@ class H2Protocol(asyncio.Protocol):
         # at which our HEADER_TABLE_SIZE 0 is in force, 0 = none asked for.
         self.settings_sent = 1
         self.table_wait = 0
+        # Response header blocks (hpack.py), and the frames they went into:
+        # sent before what zttp queued after them (_take).
+        self.encoder = hpack.Encoder()
+        self.out: list[bytes] = []
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -296,7 +300,7 @@ class H2Protocol(asyncio.Protocol):
                 self.self_dependent.discard(sid)
                 self.reset(self.streams[sid], H2ErrorCode.PROTOCOL_ERROR)  # RFC 9113 5.3.1
         # What zttp queued (SETTINGS and PING ACKs, resets); most reads queue nothing.
-        data = conn.data_to_send()
+        data = self._take() if self.out else conn.data_to_send()
         if data or self.strip_updates or self.credit_due:
             self._send(data)
         if self.recycle_due:
@@ -345,7 +349,11 @@ class H2Protocol(asyncio.Protocol):
                 if self.resets_total >= _RESETS_RECYCLE:
                     self._recycle(self.resets_total >= _RESETS_PER_CONNECTION)
             elif kind is zttp.Settings:
-                self.peer_settings.update(event.params)  # type: ignore[union-attr]
+                params = event.params  # type: ignore[union-attr]
+                self.peer_settings.update(params)
+                for key, value in params:
+                    if key == zttp_shim.HEADER_TABLE_SIZE:
+                        self.encoder.resize(value)  # the client's decoder table
                 for stream in streams.values():
                     stream.window_opened()  # INITIAL_WINDOW_SIZE may have grown
                 if self._flood("settings"):
@@ -597,7 +605,13 @@ class H2Protocol(asyncio.Protocol):
             # At once: no other stream's answer to wait for (_flush, inline).
             self.flush_pending = False
             self.unflushed = 0
-            self._send(self.conn.data_to_send())
+            out = self.out
+            if len(out) == 1:  # one response of ours: zttp has queued nothing since
+                data = self.conn.data_to_send()
+                self._send(out[0] + data if data else out[0])
+                out.clear()
+            else:
+                self._send(self._take())
             if self.goaway or self.retiring or self.state.draining:
                 self.shutdown()
             else:
@@ -642,13 +656,25 @@ class H2Protocol(asyncio.Protocol):
         which nothing may follow."""
         self.flush_pending = False
         self.unflushed = 0
-        self._send(self.conn.data_to_send(), final)
+        self._send(self._take(), final)
 
     def flush_now(self) -> None:
         """A writer's drain(): what zttp holds goes to the transport now (the
         flush already scheduled, if any, then finds little or nothing)."""
         self.unflushed = 0
-        self._send(self.conn.data_to_send())
+        self._send(self._take())
+
+    def _take(self) -> bytes:
+        """Our own frames (h2_stream: response heads), then what zttp queued
+        since: every time one is added, zttp's queue goes before it."""
+        data = self.conn.data_to_send()
+        out = self.out
+        if out:
+            if data:
+                out.append(data)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+        return data
 
     def _send(self, data: bytes, final: bool = False) -> None:
         if self.preface_due and data:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from typing import TYPE_CHECKING
 
 import zttp
 from zttp import H2ErrorCode
 
+from zion.http import zttp_shim
 from zion.http.exchange import ProtocolError
 from zion.http.wakeup import Wakeup
 
@@ -33,6 +35,15 @@ _STREAM_HIGH = 65536
 # bytes the transport took, so one fast reader (nghttp -w30 -W30) cannot hold
 # the loop, and every other client of the worker, for a whole download.
 _FLUSH_HIGH = 65536
+# A frame header (RFC 9113 4.1): length (24 bits), type, flags, stream id.
+_FRAME = struct.Struct("!BHBBI").pack
+_END_STREAM, _END_HEADERS = zttp_shim.END_STREAM, zttp_shim.END_HEADERS
+# zttp's HEADERS frame of a head without fields: its 9 bytes and ":status"
+# as a literal on the static name (0x08, 3 digits).
+_HEAD_ONLY = 9 + 5
+# HEADERS (END_HEADERS) and DATA (END_STREAM) frames of one stream, each of
+# under 65536 bytes: lengths as two bytes after a zero, the stream id as 4.
+_HEAD_AND_BODY = b"\x00%c%c\x01\x04%b%b\x00%c%c\x00\x01%b%b"
 
 class H2Stream:
     """One stream as the Connection an Exchange talks to."""
@@ -77,30 +88,102 @@ class H2Stream:
             headers += proto.date_pairs_own if own_server else proto.date_pairs
         else:
             headers += proto.default_headers(own_server)
+        # Our own header block (hpack.py: indexed fields) in the HEADERS
+        # frame zttp makes for a head without fields; zttp's own (literal
+        # fields) when it is to refuse a field, or to write the head later (an
+        # h2c upgrade's, before the client's preface).
+        encoder = proto.encoder
+        if status == encoder.last_status and headers == encoder.last_fields:
+            block: bytes | None = encoder.last_block
+        else:
+            block = encoder.head(status, headers)
+        if proto.preface_due:
+            block = None
         handle = self.handle
-        try:
-            if not body and end:
-                # END_STREAM rides on the HEADERS frame: no empty DATA frame.
-                handle.send_response(status, headers, True)
-                self.ended = True
-            else:
-                handle.send_response(status, headers)
-                if body:
-                    handle.send_data(body)
-                    proto.unflushed += len(body)
-                if end:
-                    handle.end_message()
-                    self.ended = True
-        except zttp.LocalProtocolError:
-            raise ProtocolError(f"invalid response header for status {status}") from None
-        if not end:
+        size = len(body)
+        if block is None:
+            try:
+                if end and not size:
+                    # END_STREAM rides on the HEADERS frame: no empty DATA frame.
+                    handle.send_response(status, headers, True)
+                else:
+                    handle.send_response(status, headers)
+                    if size:
+                        handle.send_data(body)
+                        proto.unflushed += size
+                    if end:
+                        handle.end_message()
+            except zttp.LocalProtocolError:
+                raise ProtocolError(f"invalid response header for status {status}") from None
+        else:
+            conn = proto.conn
+            out = proto.out
+            queued = conn.data_to_send()  # others' frames first, in the order zttp made them
+            if queued:
+                out.append(queued)
+            try:
+                if end and not size:
+                    handle.send_response(status, None, True)
+                else:
+                    handle.send_response(status)
+                    if size:
+                        handle.send_data(body)
+                        proto.unflushed += size
+                    if end:
+                        handle.end_message()
+                made = conn.data_to_send()
+                sid = self.stream_id
+                frames: bytes | None
+                if not end:
+                    frames = zttp_shim.own_head(made, sid, block)
+                elif not size:
+                    if len(made) == _HEAD_ONLY:  # that HEADERS frame, END_STREAM set
+                        frames = _FRAME(0, len(block), 1, _END_HEADERS | _END_STREAM,
+                                        sid) + block
+                    else:
+                        frames = zttp_shim.own_head(made, sid, block)
+                elif len(made) == _HEAD_ONLY + 18 + size:
+                    # HEADERS, all of the body in one DATA frame (so under
+                    # 16384 bytes, RFC 9113 4.2), and zttp's empty END_STREAM
+                    # one: END_STREAM on the body's instead. A format, not two
+                    # struct packs and four concatenations.
+                    sid4 = made[5:9]
+                    length = len(block)
+                    frames = _HEAD_AND_BODY % (length >> 8, length & 255, sid4, block,
+                                               size >> 8, size & 255, sid4, body)
+                else:
+                    frames = zttp_shim.own_head(made, sid, block)
+            except zttp.LocalProtocolError:
+                frames = None  # not for a valid status on an open stream
+            if frames is None:
+                # The client's table now differs from the encoder's: no block
+                # can be trusted on this connection any more.
+                proto.fail_connection(H2ErrorCode.INTERNAL_ERROR, "response head not written")
+                return
+            out.append(frames)
+        if end:
+            self.ended = True
+            # The stream is done: H2Protocol._stream_gone sends it, at once
+            # when no other stream is open (no extra loop iteration per request).
+        else:
             proto.wrote()
-        # else the stream is done: H2Protocol._stream_gone sends it, at once
-        # when no other stream is open (no extra loop iteration per request).
 
     def send_body(self, data: bytes, end: bool) -> None:
         if self.closed or self.ended:
             return
+        if data and end:
+            # END_STREAM on this DATA frame, not on an empty one of zttp's.
+            self.ended = True
+            proto = self.proto
+            conn = proto.conn
+            queued = conn.data_to_send()  # others' frames first
+            if queued:
+                proto.out.append(queued)
+            self.handle.send_data(data)
+            proto.unflushed += len(data)
+            self.handle.end_message()
+            proto.out.append(zttp_shim.end_on_last_data(conn.data_to_send()))
+            return  # sent by H2Protocol._stream_gone, which follows
         if data:
             self.handle.send_data(data)
             self.proto.unflushed += len(data)

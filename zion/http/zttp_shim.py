@@ -14,6 +14,14 @@ Why byte surgery at all, and the upstream API that would remove each piece
 - `ping`, `goaway`: zttp has no call that sends a PING, and its `close()`
   sends one final GOAWAY; the graceful two-step GOAWAY of RFC 9113 6.8
   needs two. Removed by `send_ping(data)` and a non-final `goaway(last_id)`.
+- `own_head`: zttp writes every response field as a literal without
+  indexing; zion sends its own header block (zion/http/hpack.py) in the
+  HEADERS frame zttp made for a head without fields. Removed by an
+  indexing HPACK encoder in zttp.
+- `end_on_last_data`: zttp ends a message with an empty DATA frame of its
+  own; zion moves END_STREAM onto the last DATA frame (RFC 9113 8.1 allows
+  either): one frame less per response for the client. Removed by an
+  `end_stream` argument to `send_data`.
 - `seeded_connection` + `FrameRouter`: zttp ends a connection at its 4096th
   stream or 257th reset (ENHANCE_YOUR_CALM, a lifetime count, whatever the
   rate). zion hands the connection to a fresh codec before that, keeping
@@ -96,6 +104,42 @@ def take_window_updates(data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
         return data, taken
     kept.append(data[start:])
     return b"".join(kept), taken
+
+
+def own_head(data: bytes, stream_id: int, block: bytes) -> bytes | None:
+    """zttp's frames for one response head (queued since its last
+    data_to_send, so this stream's only), whose first frame is the HEADERS
+    frame of a head sent without fields: that frame with `block` as its
+    header block instead, its flags kept (END_STREAM for a bodyless answer;
+    END_HEADERS: zttp's block of one field fits one frame), and what
+    follows with end_on_last_data. None if the first frame is not that."""
+    if len(data) < 9 or data[3] != HEADERS_FRAME or data[5:9] != stream_id.to_bytes(4, "big"):
+        return None
+    rest = 9 + (data[0] << 16 | data[1] << 8 | data[2])
+    head = frame_header(len(block), HEADERS_FRAME, data[4], stream_id) + block
+    if rest == len(data):
+        return head
+    return head + end_on_last_data(data[rest:])
+
+
+def end_on_last_data(data: bytes) -> bytes:
+    """Frames of one stream that zttp ended with an empty END_STREAM DATA
+    frame: END_STREAM on the DATA frame before it instead, and the empty
+    one gone (RFC 9113 6.1: END_STREAM on the last DATA frame). Anything
+    else (the body waits for the client's window, no DATA before it) is
+    returned as it is."""
+    end = len(data) - 9  # where zttp's empty frame would start
+    if end < 9 or data[end:end + 5] != b"\x00\x00\x00\x00\x01":
+        return data
+    pos = last = 0
+    while pos < end:
+        last = pos
+        pos += 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2])
+    # A DATA frame without flags (zttp never pads), of the same stream.
+    if pos != end or data[last + 3:last + 5] != b"\x00\x00" or (
+            data[last + 5:last + 9] != data[end + 5:end + 9]):
+        return data
+    return data[:last + 4] + b"\x01" + data[last + 5:end]
 
 
 def new_connection() -> zttp.H2Connection:
