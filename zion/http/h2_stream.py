@@ -93,12 +93,13 @@ class H2Stream:
         # fields) when it is to refuse a field, or to write the head later (an
         # h2c upgrade's, before the client's preface).
         encoder = proto.encoder
+        block: bytes | None
         if status == encoder.last_status and headers == encoder.last_fields:
-            block: bytes | None = encoder.last_block
+            block = encoder.last_block
+        elif proto.preface_due:
+            block = None  # not even looked at: head() may add to the table
         else:
             block = encoder.head(status, headers)
-        if proto.preface_due:
-            block = None
         handle = self.handle
         size = len(body)
         if block is None:
