@@ -72,6 +72,10 @@ def test_precedence_file_then_env_then_flags(tmp_path):
     ({"ZION_SERVER_NOPE": "1"}, "ZION_SERVER_NOPE: unknown key server.nope"),
     ({"ZION_WEBSOCKET_PER_MESSAGE_DEFLATE": "maybe"},
      "websocket.per_message_deflate (from ZION_WEBSOCKET_PER_MESSAGE_DEFLATE): expected bool"),
+    # Over HTTP/3 a client without a certificate would be served.
+    ({"ZION_TLS_HTTP3": "true", "ZION_TLS_CERT_REQS": "optional", "ZION_TLS_CA_CERTS": "ca.pem"},
+     "tls.http3 (from ZION_TLS_HTTP3): HTTP/3 cannot go with tls.cert_reqs optional (from "
+     "ZION_TLS_CERT_REQS): its QUIC stack never asks for a client certificate"),
 ])
 def test_a_bad_value_is_one_line_naming_key_and_origin(env, message):
     with pytest.raises(ConfigError) as info:

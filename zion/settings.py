@@ -711,6 +711,12 @@ def _check_cross_field(sections: dict[str, Any], origins: dict[str, str]) -> Non
     if tls.http3 and not tls.enabled:
         raise ConfigError(f"tls.http3 (from {origins.get('tls.http3')}): HTTP/3 runs over QUIC, "
                           "which is always TLS 1.3; it cannot go with --no-tls")
+    if tls.http3 and tls.cert_reqs != CertReqs.NONE:
+        # aioquic 1.7's server never sends a CertificateRequest: HTTP/3 would
+        # serve every client, certificate or not, past the TCP listener's check.
+        raise ConfigError(f"tls.http3 (from {origins.get('tls.http3')}): HTTP/3 cannot go with "
+                          f"tls.cert_reqs {tls.cert_reqs} (from {origins.get('tls.cert_reqs')}):"
+                          " its QUIC stack never asks for a client certificate")
     server: ServerSettings = sections["server"]
     if server.proxy_protocol != ProxyProtocol.OFF and not server.proxy_allow_ips.strip(" ,"):
         raise ConfigError(f"server.proxy_allow_ips (from {origins.get('server.proxy_allow_ips')})"

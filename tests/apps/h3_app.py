@@ -2,7 +2,8 @@
 size and digest of the body it read, and the worker's pid (x-pid), so a
 test sees which worker served each request (/pid also in its body, for a
 browser's page to show). /hold?FILE answers (200 KB) once
-FILE exists; /big?N sends N bytes."""
+FILE exists; /big?N sends N bytes; /extensions names the scope's
+extensions; /pathsend answers with this file by http.response.pathsend."""
 
 import asyncio
 import hashlib
@@ -41,7 +42,14 @@ async def app(scope, receive, send):
             sent += len(part)
             await send({"type": "http.response.body", "body": part, "more_body": sent < total})
         return
+    if scope["path"] == "/pathsend":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"x-pid", pid)]})
+        await send({"type": "http.response.pathsend", "path": os.path.abspath(__file__)})
+        return
     text = f"{scope['http_version']} {scope['method']} {size} {digest.hexdigest()}"
+    if scope["path"] == "/extensions":
+        text = " ".join(sorted(scope.get("extensions") or {}))
     if scope["path"] == "/pid":
         text = f"{scope['http_version']} {os.getpid()}"
     if scope["path"] == "/hold":

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import get, wait_for
+from tests.conftest import APPS, get, wait_for
 from tests.http.test_browser import CHROMIUM, _devtools_port
 from tests.support.bpf import cannot_load_bpf
 from tests.support.h3client import H3Client, NotProcessed, StreamWasReset, h3_connect
@@ -155,11 +155,19 @@ async def test_http1_and_http2_answers_advertise_http3(start_zion):
     assert (await get(srv.port, "/")).headers["alt-svc"] == alt_svc
     async with httpx.AsyncClient(http2=True, verify=False) as client:
         h2 = await client.get(f"https://127.0.0.1:{srv.port}/")
+        h2_extensions = (await client.get(f"https://127.0.0.1:{srv.port}/extensions")).text
     assert h2.http_version == "HTTP/2" and h2.headers["alt-svc"] == alt_svc
-    # The port it names answers HTTP/3.
+    h1_extensions = (await get(srv.port, "/extensions")).body.decode()
+    # The port it names answers HTTP/3, with the scope extensions the others have.
     async with h3_connect(srv.port) as h3:
         answer = await asyncio.wait_for(h3.request("/"), 20)
+        extensions = await asyncio.wait_for(h3.request("/extensions"), 20)
+        pathsend = await asyncio.wait_for(h3.request("/pathsend"), 20)
     assert answer.status == 200 and answer.body.startswith(b"3 GET 0 ")
+    assert "http.response.pathsend" in h1_extensions.split()
+    assert extensions.body.decode() == h2_extensions
+    with open(APPS / "h3_app.py", "rb") as fh:
+        assert pathsend.status == 200 and pathsend.body == fh.read()
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),

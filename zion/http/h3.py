@@ -50,6 +50,7 @@ from aioquic.quic import events
 
 from zion.http import rules
 from zion.http.exchange import Exchange, ProtocolError
+from zion.http.files import PATHSEND
 from zion.http.wakeup import Wakeup
 from zion.log import get_logger
 
@@ -329,9 +330,11 @@ class H3Session:
             path = ""
         if "%" in path:
             path = urllib.parse.unquote(path)
+        # As HTTP/2's (less "tls": with client certificates asked for, which
+        # aioquic cannot, HTTP/3 is refused at start-up, zion/settings.py).
         scope = rules.http_scope(self.state, "3", method.decode("ascii", "replace"), path,
                                  path_bytes, query, headers, self.client, self.server,
-                                 {"http.response.trailers": {}}, self.proxied)
+                                 {"http.response.trailers": {}, PATHSEND: {}}, self.proxied)
         # time.monotonic(), not loop.time(), for started_at (see h1.py).
         ex = stream.exchange = Exchange(stream, scope, True, expect_100, time.monotonic())
         if event.stream_ended:
