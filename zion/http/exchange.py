@@ -349,9 +349,9 @@ class Exchange:
 
     async def _guarded(self, app: ASGIApp) -> None:
         state = self.conn.state
-        slot = state.slot
-        inflight = slot.inflight + 1
-        slot.inflight = inflight
+        inflight = state.inflight + 1
+        state.inflight = inflight
+        state.slot.inflight = inflight  # a store into shared memory, no read back
         if inflight == 1 and state.heartbeat_slow:  # work again: the busy pace
             state.became_busy()
         try:
@@ -369,7 +369,9 @@ class Exchange:
                     log.error("app_incomplete_response", path=self.scope["path"])
                     self.conn.close()
         finally:
-            slot.inflight -= 1
+            inflight = state.inflight - 1
+            state.inflight = inflight
+            state.slot.inflight = inflight
             if self.background is not None:
                 self.background.discard(self.task)  # type: ignore[arg-type]
 

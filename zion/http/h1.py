@@ -169,8 +169,9 @@ class H1Protocol(asyncio.Protocol):
         self.deadline_kind = _FIRST
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.state.connection_closed(self)
+        if not self.closing:  # the client's close: close() has not counted it
+            self.closing = True
+            self.state.connection_closed(self)
         if self.current is not None:
             self.current.lost()
         for ex in self.pipeline:

@@ -83,6 +83,11 @@ class ServerState:
         self.lifespan_state: dict[str, Any] = {}
         self.draining = False
         self.requests_total = 0
+        # Requests whose app task is running, kept here and stored into
+        # slot.inflight (the status board the demux reads) on each change: a
+        # ctypes field costs a few hundred instructions to read, and this
+        # worker is the only writer of its slot's count while it runs.
+        self.inflight = 0
         self.access_log = settings.log.access_log
         tls = settings.tls.enabled
         self.scheme = "https" if tls else "http"  # --no-tls: plain HTTP/1.1
