@@ -13,7 +13,7 @@ scenario's B runs: a TLS 1.3 handshake offering the last session ticket
 `--shape keepalive` sends N requests over one connection instead.
 
     .venv/bin/python bench/conn_instructions.py [--servers zion,floor]
-        [--shape new|keepalive] [--n1 100] [--n2 400] [--keep DIR]
+        [--shape new|keepalive] [--n1 100] [--n2 400] [--keep DIR] [--zion-tree DIR]
 
 No lock: callgrind counts are the same however busy the machine is.
 """
@@ -117,6 +117,7 @@ def _argv(server: str, port: int, cert: Path, key: Path) -> list[str]:
 
 
 KEEP: Path | None = None  # --keep: leave the serving process's callgrind file here
+ZION_TREE = REPO  # --zion-tree: another checkout's zion package (a before/after)
 
 
 def _life(server: str, shape: str, n: int) -> int:
@@ -126,7 +127,7 @@ def _life(server: str, shape: str, n: int) -> int:
     port = _free_port()
     outdir = Path(tempfile.mkdtemp(prefix="zion-conn-cg-"))
     state = tempfile.mkdtemp(prefix="zion-conn-state-")
-    env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{REPO}",
+    env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{ZION_TREE}",
            "ZION_TLS_STATE_DIR": state, "ZION_SUPERVISOR_BOOT_TIMEOUT": "600"}
     proc = subprocess.Popen(["valgrind", "--tool=callgrind",
                              f"--callgrind-out-file={outdir}/cg.%p",
@@ -170,9 +171,11 @@ def main() -> None:
     parser.add_argument("--n2", type=int, default=400)
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each life's callgrind file there (callgrind_annotate)")
+    parser.add_argument("--zion-tree", type=Path, default=REPO,
+                        help="run this checkout's zion package (e.g. a worktree of main)")
     args = parser.parse_args()
-    global KEEP
-    KEEP = args.keep
+    global KEEP, ZION_TREE
+    KEEP, ZION_TREE = args.keep, args.zion_tree.resolve()
     unit = "connection" if args.shape == "new" else "keep-alive request"
     rows = {}
     for server in args.servers.split(","):
