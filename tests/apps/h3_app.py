@@ -3,7 +3,8 @@ size and digest of the body it read, and the worker's pid (x-pid), so a
 test sees which worker served each request (/pid also in its body, for a
 browser's page to show). /hold?FILE answers (200 KB) once
 FILE exists; /big?N sends N bytes; /extensions names the scope's
-extensions; /pathsend answers with this file by http.response.pathsend."""
+extensions; /pathsend answers with this file by http.response.pathsend;
+/early answers before it reads the body."""
 
 import asyncio
 import hashlib
@@ -16,6 +17,10 @@ async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         await accept_lifespan(receive, send)
         return
+    pid = str(os.getpid()).encode()
+    if scope["path"] == "/early":  # answers before it reads the body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"early ", "more_body": True})
     digest = hashlib.sha256()
     size = 0
     while True:
@@ -25,7 +30,9 @@ async def app(scope, receive, send):
         size += len(body)
         if not message.get("more_body"):
             break
-    pid = str(os.getpid()).encode()
+    if scope["path"] == "/early":
+        await send({"type": "http.response.body", "body": b"read %d" % size})
+        return
     if scope["path"] == "/hold":
         # Answers once the file named by the query string exists.
         release = scope["query_string"].decode()

@@ -119,6 +119,13 @@ async def test_body_over_the_limit_is_413(start_zion):
         within = await asyncio.wait_for(client.request("/", "POST", body=b"x" * 1000), 20)
         # The app waits for a body the client holds back until the 100.
         expecting = await asyncio.wait_for(client.request_expecting_100("/", b"x" * 10), 20)
+        # Too large once the app has begun answering: no 413 can follow its
+        # 200, the stream is reset (H3_REQUEST_CANCELLED), the connection goes on.
+        with pytest.raises(StreamWasReset) as reset:
+            await asyncio.wait_for(client.request_after_answer("/early", b"x" * 5000), 20)
+        early = await asyncio.wait_for(client.request_after_answer("/early", b"x" * 10), 20)
+    assert reset.value.args == (0x10C,)
+    assert early.status == 200 and early.body == b"early read 10"
     assert expecting.interim == [100] and expecting.status == 200
     assert not within.interim
     assert declared.status == 413 and b"larger than 1000" in declared.body

@@ -132,6 +132,21 @@ class H3Client(QuicConnectionProtocol):
         self.transmit()
         return await response.done
 
+    async def request_after_answer(self, path: str, body: bytes) -> Response:
+        """A POST whose body is sent only once the answer's head came (an app
+        that answers before it reads)."""
+        sid = self._quic.get_next_available_stream_id()
+        response = Response(done=self._loop.create_future())
+        self.pending[sid] = response
+        self.h3.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"https"),
+                                   (b":authority", b"localhost"), (b":path", path.encode())])
+        self.transmit()
+        while not response.status and not response.done.done():
+            await asyncio.sleep(0.01)
+        self.h3.send_data(sid, body, end_stream=True)
+        self.transmit()
+        return await response.done
+
     def _server_uni(self, sid: int, data: bytes) -> None:
         """Frames on the server's control stream (RFC 9114 6.2.1: stream type
         0x00, then frames of type, length, payload): GOAWAYs are noted."""

@@ -552,14 +552,7 @@ class H2Protocol(asyncio.Protocol):
         return False
 
     def refuse(self, stream: H2Stream, ex: Exchange, refusal: rules.Refusal) -> None:
-        """Answer `refusal` instead of the app (a real response the client
-        sees), or reset the stream if the app has begun answering; either way
-        the app's receive() returns http.disconnect, so its task ends."""
-        if ex.response_started:
-            self.reset(stream, H2ErrorCode.CANCEL)
-        else:
-            ex.fail(refusal.status, refusal.detail, refusal.headers)
-        ex.lost()
+        rules.refuse(ex, refusal, lambda: self.reset(stream, H2ErrorCode.CANCEL))
 
     def stream_done(self, stream: H2Stream, ex: Exchange) -> None:
         rules.request_done(self.state, ex)

@@ -384,13 +384,7 @@ class H3Session:
             stream.exchange.message_complete()
 
     def refuse(self, stream: H3Stream, ex: Exchange, refusal: rules.Refusal) -> None:
-        """Answer `refusal` instead of the app, or reset the stream if the
-        app has begun answering; either way the app sees http.disconnect."""
-        if ex.response_started:
-            self.reset(stream, ErrorCode.H3_REQUEST_CANCELLED)
-        else:
-            ex.fail(refusal.status, refusal.detail, refusal.headers)
-        ex.lost()
+        rules.refuse(ex, refusal, lambda: self.reset(stream, ErrorCode.H3_REQUEST_CANCELLED))
 
     def stream_done(self, stream: H3Stream, ex: Exchange) -> None:
         rules.request_done(self.state, ex)

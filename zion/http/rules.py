@@ -10,6 +10,7 @@ answered 413, max_connections and body_timeout did not exist on HTTP/2).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zion.http import access_log, forwarded
@@ -59,6 +60,18 @@ class Refusal(NamedTuple):
     status: int
     detail: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def refuse(ex: Exchange, refusal: Refusal, cancel: Callable[[], None]) -> None:
+    """A stream of HTTP/2 or HTTP/3 answered with `refusal` instead of by its
+    app (a real response the client sees), or `cancel()`led (the protocol's
+    stream reset) if the app has begun answering; either way the app's
+    receive() returns http.disconnect, so its task ends."""
+    if ex.response_started:
+        cancel()
+    else:
+        ex.fail(refusal.status, refusal.detail, refusal.headers)
+    ex.lost()
 
 
 def over_connections(state: ServerState) -> bool:
