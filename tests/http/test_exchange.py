@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import anyio
+import pytest
 
 from tests.support.fake_transport import connect, make_state, settle, until
 
@@ -100,10 +101,19 @@ async def test_send_after_disconnect_raises_oserror_and_receive_says_disconnect(
     assert state.slot.inflight == 0
 
 
-async def test_crlf_in_a_response_header_is_refused():
+@pytest.mark.parametrize("evil", [
+    (b"x-evil", b"a\r\nset-cookie: stolen=1"),
+    (b"x-evil", b"a\nset-cookie: stolen=1"),  # a lone LF ends a field line for many clients
+    (b"x-evil", b"a\rset-cookie: stolen=1"),
+    (b"x-evil", b"stolen\r"),  # right before zion's own CRLF
+    (b"x-evil", b"stolen\n"),
+    (b"x-evil", b"\r\nstolen"),
+    (b"x-ev\r\nil", b"stolen"),  # in the name
+])
+async def test_crlf_in_a_response_header_is_refused(evil):
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"x-evil", b"a\r\nset-cookie: stolen=1")]})
+                    "headers": [(b"content-type", b"text/plain"), evil, (b"x-after", b"1")]})
         await send({"type": "http.response.body", "body": b"x"})
 
     tr = connect(make_state(), app)
