@@ -128,7 +128,13 @@ def _life(server: str, shape: str, n: int) -> int:
     outdir = Path(tempfile.mkdtemp(prefix="zion-conn-cg-"))
     state = tempfile.mkdtemp(prefix="zion-conn-state-")
     env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{ZION_TREE}",
-           "ZION_TLS_STATE_DIR": state, "ZION_SUPERVISOR_BOOT_TIMEOUT": "600"}
+           "ZION_TLS_STATE_DIR": state, "ZION_SUPERVISOR_BOOT_TIMEOUT": "600",
+           # A worker with work in hand beats every 5 ms: under callgrind a
+           # request takes ~50x its wall time, so those beats (and the
+           # timers behind them) would add several thousand instructions to
+           # every request and move with the machine's load; at full speed
+           # they are ~0.05 % of a worker's CPU. Slow them down here.
+           "ZION_DEMUX_HEARTBEAT_INTERVAL_MS": "2000", "ZION_DEMUX_STALL_THRESHOLD_MS": "10000"}
     proc = subprocess.Popen(["valgrind", "--tool=callgrind",
                              f"--callgrind-out-file={outdir}/cg.%p",
                              *_argv(server, port, cert, key)],
