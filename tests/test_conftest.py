@@ -1,0 +1,37 @@
+"""The suite's own machinery (tests/conftest.py): each test collects its own
+garbage, so a leaked socket fails the test that leaked it, not a later one."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO
+
+pytest_plugins = ["pytester"]
+
+
+def test_a_socket_left_in_a_cycle_fails_the_test_that_left_it(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nfilterwarnings = ["error"]\n'
+                                'asyncio_default_fixture_loop_scope = "function"\n')
+    pytester.makeconftest("from tests.conftest import (_collect_garbage, _collect_module_garbage,"
+                          " _collect_session_garbage)\n")
+    pytester.makepyfile(test_leak="""
+        import gc
+        import socket
+
+
+        def test_leaks() -> None:
+            gc.disable()  # no collection before the fixture's, wherever thresholds stand
+            holder = {"sock": socket.socket()}
+            holder["self"] = holder  # a cycle: only the collector frees it
+
+
+        def test_later() -> None:
+            gc.enable()
+        """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks*",
+                                 "*ResourceWarning: unclosed <socket.socket*"])
+    result.assert_outcomes(passed=2, errors=1)
