@@ -503,3 +503,31 @@ async def test_a_request_target_split_over_reads_is_one_target():
         await settle()
     assert tr.take().count(b"HTTP/1.1 204") == 2
     assert seen == [("/a/b", b"x=1"), ("/c", b"")]
+
+
+@pytest.mark.parametrize(("head", "version"), [
+    (b"GET / HTTP/1.1\r\nhost: x\r\n", "1.1"),
+    (b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n", "1.1"),
+    (b"GET / HTTP/1.1\r\nhost: x\r\nconnection: keep-alive\r\n", "1.1"),
+    (b"GET / HTTP/1.0\r\n", "1.0"),
+    # llhttp keeps these alive: the version is not 1.1 for that
+    (b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n", "1.0"),
+    (b"GET / HTTP/1.0\r\nProxy-Connection: keep-alive\r\n", "1.0"),
+    (b"GET / HTTP/1.0\r\nkeep-alive: 5\r\n", "1.0"),
+])
+async def test_the_scope_names_the_request_http_version(head, version):
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["http_version"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    tr = fake_connect(make_state(), app)
+    tr.feed(head + b"\r\n")
+    await until(lambda: bool(seen) and tr.buffer.endswith(b"ok"))
+    # The second request on the connection (if it stays open) is read alike.
+    if not tr.closed:
+        tr.feed(head + b"\r\n")
+        await until(lambda: len(seen) == 2)
+    assert set(seen) == {version}

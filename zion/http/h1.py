@@ -62,8 +62,11 @@ class _NoCallbacks:
 
 
 _IDLE_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+# Fields llhttp reads connection options from (keep-alive, close, upgrade).
+_CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection"})
 # Request fields on_header acts on; any other field is only kept.
-_LOOKED_AT = frozenset({b"expect", b"upgrade", b"content-length", *forwarded.FIELDS})
+_LOOKED_AT = frozenset({b"expect", b"upgrade", b"content-length", *_CONNECTION_FIELDS,
+                        *forwarded.FIELDS})
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING_TO_H2C = (b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -99,6 +102,7 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "upgrade", "forwarding", "ws_pending",
+        "connection_options",
         "to_h2",
         "h2c_pending", "upgrade_body",
         "last_request", "held_for_drain", "write_blocked_at", "proxied",
@@ -140,6 +144,7 @@ class H1Protocol(asyncio.Protocol):
         self.content_length = 0
         self.upgrade = _NO_UPGRADE  # what this request's `upgrade` asks for
         self.forwarding = False  # it has a field forwarded.apply reads
+        self.connection_options = False  # it has a connection (or proxy-connection) field
         self.to_h2 = to_h2
         self.h2c_pending: H2cRequest | None = None  # an Upgrade: h2c request, until the switch
         self.upgrade_body = 0  # body bytes of an unswitched upgrade request still to come
@@ -277,6 +282,7 @@ class H1Protocol(asyncio.Protocol):
             self.content_length = 0
             self.upgrade = _NO_UPGRADE
             self.forwarding = False
+            self.connection_options = False
             self.deadline = self.loop.time() + self.limits.header_timeout
             self.deadline_kind = _HEADERS
         self.url = url
@@ -312,6 +318,8 @@ class H1Protocol(asyncio.Protocol):
                 self.content_length = int(value)
             except ValueError:
                 raise _Reject(400, "bad content-length") from None
+        elif name in _CONNECTION_FIELDS:
+            self.connection_options = True
         else:  # forwarded.FIELDS: worth reading only from a peer we trust
             self.forwarding = True
 
@@ -350,7 +358,14 @@ class H1Protocol(asyncio.Protocol):
         extensions: dict[str, Any] = {} if ws else {PATHSEND: {}}
         if state.client_certs:
             extensions["tls"] = self._tls_extension()
-        scope = rules.http_scope(state, parser.get_http_version(),
+        keep_alive = parser.should_keep_alive()
+        # llhttp keeps a connection alive without a connection option only
+        # for HTTP/1.1 (RFC 9112 9.3; 1.0 and 0.9 close, and it refuses any
+        # other 1.x): then the version is known without get_http_version,
+        # which formats it with str.format (~2.5k instructions a request).
+        version = ("1.1" if keep_alive and not self.connection_options
+                   else parser.get_http_version())
+        scope = rules.http_scope(state, version,
                                  parser.get_method().decode("ascii"), path, raw_path, query,
                                  self.headers, self.client, self.server, extensions,
                                  self.proxied and self.forwarding)
@@ -369,7 +384,7 @@ class H1Protocol(asyncio.Protocol):
                     return
         # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
         # uvloop's is libuv's cached millisecond, and a request takes microseconds.
-        ex = Exchange(self, scope, parser.should_keep_alive(), self.expect_100, time.monotonic())
+        ex = Exchange(self, scope, keep_alive, self.expect_100, time.monotonic())
         self.parsing = ex
         self.pipeline.append(ex)
         if upgrade and self.content_length and parser.should_upgrade():
