@@ -11,6 +11,12 @@ requests answered. Rounds are interleaved (every case once, then again) and
 the median round is reported, with the load average before and after.
 
     .venv/bin/python bench/h2_load.py [--clients 16] [--rounds 3] [--out bench/results]
+    bench/run.sh --h2 [same flags]   # from a fresh clone: installs the servers first
+
+It ends with the two ratios issue 19 asks for: zion's HTTP/2 one stream at a
+time against its own HTTP/1.1 (goal >= 0.9), and zion at 16 streams against
+granian --http 2 (goal >= 1.0), by median req/s and round by round (the
+rounds are interleaved, so each round's cases ran under the same load).
 """
 
 from __future__ import annotations
@@ -79,6 +85,30 @@ def run_case(sdef: ServerDef, ctx: Ctx, clients: int, streams: int,
     return result, (cpu / result["ok"] * 1e6 if result["ok"] else 0.0)
 
 
+def verdict(runs: dict[str, list[tuple[dict, float]]]) -> list[str]:
+    """The issue's two ratios, where both of their cases ran."""
+    out = []
+    for name, top, base, goal in (
+            ("one stream: zion HTTP/2 -m 1 / zion HTTP/1.1", "zion HTTP/2 -m 1",
+             "zion HTTP/1.1", 0.9),
+            ("16 streams: zion HTTP/2 -m 16 / granian HTTP/2 -m 16", "zion HTTP/2 -m 16",
+             "granian HTTP/2 -m 16", 1.0)):
+        if not runs.get(top) or not runs.get(base):
+            continue
+        each = [a["rps"] / b["rps"] if b["rps"] else 0.0
+                for (a, _), (b, _) in zip(runs[top], runs[base], strict=True)]
+        median = (statistics.median(a["rps"] for a, _ in runs[top])
+                  / (statistics.median(b["rps"] for b, _ in runs[base]) or 1.0))
+        cpu = (statistics.median(u for _, u in runs[top])
+               / (statistics.median(u for _, u in runs[base]) or 1.0))
+        failed = max(r["failed"] for r, _ in runs[top] + runs[base])
+        out.append(f"- {name}: {median:.2f} by median req/s (goal >= {goal}); rounds "
+                   f"{', '.join(f'{x:.2f}' for x in each)} ({sum(x >= goal for x in each)} of "
+                   f"{len(each)} at the goal); server CPU per request {cpu:.2f}x; "
+                   f"failed {failed}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=16)
@@ -124,6 +154,7 @@ def main() -> None:
         ratio_cpu = f"{us / base[3]:.2f}" if base and base[3] else "-"
         lines.append(f"| {label} | {proto} | {rps:.0f} | {ratio_rps} | {us:.1f} | {ratio_cpu} "
                      f"| {failed} | {', '.join(map(str, each))} |")
+    lines += ["", *verdict(runs)]
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:

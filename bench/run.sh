@@ -2,6 +2,7 @@
 # One command for the bench: installs what it needs, then runs it.
 #   bench/run.sh --quick    (zion, uvicorn, the floor: under 3 minutes)
 #   bench/run.sh            (every server and scenario, ~25 minutes)
+#   bench/run.sh --h2       (bench/h2_load.py: HTTP/2 against HTTP/1.1 and granian, ~3 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -23,5 +24,9 @@ if [ ! -x "$work/venv/bin/granian" ] || ! "$work/venv/bin/python" -c 'import wsp
     'uvicorn[standard]' uvloop httptools gunicorn uvicorn-worker granian 'hypercorn[h3]' matplotlib \
     wsproto websockets zttp  # zttp: uvicorn's HTTP/2 (--http zttp --http2), bench/h2_load.py;
   # hypercorn[h3]: aioquic, for hypercorn's HTTP/3 and the http3 scenario's client
+fi
+if [ "${1:-}" = "--h2" ]; then  # HTTP/2 against HTTP/1.1 and granian: bench/h2_load.py
+  shift
+  exec .venv/bin/python bench/h2_load.py "$@"
 fi
 exec "$work/venv/bin/python" bench/run.py "$@"
