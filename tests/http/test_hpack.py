@@ -114,3 +114,21 @@ def test_connection_specific_fields_are_refused_as_zttp_does():
                         (b"proxy-connection", b"x"), (b"transfer-encoding", b"chunked"),
                         (b"te", b"trailers"), (b"te", b"gzip"), (b"", b"v"), (b"x", b"")]:
         assert valid(name, value) == _zttp_sends(name, value), (name, value)
+
+
+def test_what_a_connection_keeps_is_bounded_whatever_the_answers():
+    """An app that echoes what clients send (request ids, say) makes every
+    head new: the table, the first sightings and the kept blocks stay bounded."""
+    enc = Encoder()
+    for i in range(2000):
+        for _ in range(2):  # each seen twice: indexed, then a block kept
+            enc.head(200, [(b"x-id", b"%d" % i), (b"server", b"zion")])
+    for i in range(2000):  # each seen once
+        enc.head(200, [(b"x-once", b"%d" % i)])
+    for status in range(200, 600):  # heads that index nothing new: all kept until the bound
+        enc.head(status, [(b"server", b"zion")])
+    assert enc.size <= 4096 and len(enc.seen) <= 256 and len(enc.blocks) <= 16
+    big = [(b"x-big", b"v" * 1000), (b"x-big2", b"w" * 100)]
+    for _ in range(3):
+        enc.head(200, big)
+    assert (200, *big) not in enc.blocks  # over 1 KiB of fields: never kept

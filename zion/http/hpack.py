@@ -35,8 +35,13 @@ DEFAULT_TABLE = 4096
 _MAX_BLOCK = 16000
 # Not indexed: per-client secrets (RFC 7541 7.1.3).
 _SENSITIVE = frozenset({b"set-cookie", b"authorization", b"proxy-authorization", b"cookie"})
-# Fields seen once, waiting for a second sighting to be indexed; reset past this.
+# Fields seen once (their hashes: a collision only indexes a field one head
+# early), waiting for a second sighting to be indexed; forgotten past this.
 _SEEN_MAX = 256
+# Heads whose blocks are kept for reuse (h2_stream: repeated answers): at most
+# this many, each of at most _CACHED_HEAD bytes of fields, so a connection
+# holds at most ~16 KiB here whatever its answers are.
+_CACHED_HEADS, _CACHED_HEAD = 16, 1024
 
 # RFC 7541 Appendix A: the static table's names (first index of each).
 _STATIC_NAMES = {name: i for i, name in reversed(list(enumerate((
@@ -99,7 +104,8 @@ class Encoder:
     evicted oldest first)."""
 
     __slots__ = ("table", "entries", "inserted", "size", "max_size", "updates", "seen",
-                 "blocks", "sightings", "last_status", "last_fields", "last_block")
+                 "blocks", "sightings", "last_status", "last_fields", "last_block",
+                 "head_size")
 
     def __init__(self) -> None:
         self.table: dict[tuple[bytes, bytes], int] = {}  # field -> its insertion number
@@ -109,7 +115,7 @@ class Encoder:
         self.max_size = DEFAULT_TABLE
         # Dynamic table size updates the next block must open with (4.2).
         self.updates: list[int] = []
-        self.seen: set[tuple[bytes, bytes]] = set()
+        self.seen: set[int] = set()
         # The blocks of heads made while the table has not changed: a repeated
         # head (the same status and fields) is one dict lookup. Emptied by every
         # change of the table, as their indices would be wrong after it.
@@ -120,6 +126,7 @@ class Encoder:
         self.last_status = 0
         self.last_fields: list[tuple[bytes, bytes]] | None = None
         self.last_block = b""
+        self.head_size = 0  # the last head's field bytes (_head)
 
     def resize(self, limit: int) -> None:
         """The client's SETTINGS_HEADER_TABLE_SIZE (its decoder's limit,
@@ -153,9 +160,10 @@ class Encoder:
                 # Only a block that changed nothing may be sent again: one that
                 # indexes a field must not be, one with a field seen for the
                 # first time is followed by one that indexes it.
-                if block is None or changes != self.sightings + self.inserted:
+                if (block is None or changes != self.sightings + self.inserted
+                        or self.head_size > _CACHED_HEAD):
                     return block
-                if len(self.blocks) >= _SEEN_MAX:
+                if len(self.blocks) >= _CACHED_HEADS:
                     self.blocks.clear()
                 self.blocks[key] = block
         except TypeError:  # a field that is not a pair of bytes: zttp's to refuse
@@ -180,6 +188,7 @@ class Encoder:
                 return None
         if total + 8 * len(headers) > _MAX_BLOCK or not 200 <= status <= 999:
             return None
+        self.head_size = total
         parts = [integer(size, 5, 0x20) for size in self.updates]
         self.updates = []
         parts.append(_STATUS.get(status) or self._status(status))
@@ -195,14 +204,15 @@ class Encoder:
             first = 0x00  # literal without indexing (6.2.2), 4-bit name index
             prefix = 4
             if size <= most and name not in _SENSITIVE:
-                if field in seen:
-                    seen.discard(field)
+                sighting = hash(field)
+                if sighting in seen:
+                    seen.discard(sighting)
                     first = 0x40  # with incremental indexing (6.2.1)
                     prefix = 6
                 else:
                     if len(seen) >= _SEEN_MAX:
                         seen.clear()
-                    seen.add(field)
+                    seen.add(sighting)
                     self.sightings += 1
             static = _STATIC_NAMES.get(name)
             if static is not None:
