@@ -951,6 +951,28 @@ async def test_a_stream_that_depends_on_itself_is_reset_protocol_error():
     assert any(type(f).__name__ == "HeadersFrame" and f.stream_id == 3 for f in sent)
 
 
+async def test_a_self_dependent_stream_alone_in_its_read_is_reset_too():
+    """The read of one whole frame skips the scan unless it is a PRIORITY
+    frame or HEADERS with the PRIORITY flag: each alone in a read."""
+    from hyperframe.frame import PriorityFrame
+
+    peer = FakePeer(make_state(), echo)
+    peer.exchange()
+    block = b"\x82\x87\x84\x01\x09localhost"  # GET https / localhost
+    selfish = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM", "PRIORITY"], depends_on=1)
+    selfish.data = block
+    peer.tr.feed(selfish.serialize())
+    await settle(3)
+    opened = HeadersFrame(3, flags=["END_HEADERS"])
+    opened.data = block
+    peer.tr.feed(opened.serialize())
+    peer.tr.feed(PriorityFrame(3, depends_on=3).serialize())
+    await settle(3)
+    sent = frames(peer.tr.take())
+    resets = {f.stream_id: f.error_code for f in sent if type(f).__name__ == "RstStreamFrame"}
+    assert resets == {1: 1, 3: 1}  # PROTOCOL_ERROR
+
+
 async def test_an_http2_body_over_the_limit_ends_the_apps_task_with_a_disconnect():
     seen = []
 

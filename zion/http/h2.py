@@ -267,13 +267,19 @@ class H2Protocol(asyncio.Protocol):
             return
         self.heard = True
         frames = self.frames
-        found = frames.scan(data)
-        if found:
-            self.self_dependent.update(found)
-        if self.table_wait and frames.acks >= self.table_wait:
-            # The client's HPACK table is empty now: hand over after this read.
-            self.table_wait = 0
-            self.recycle_due = True
+        # The common read, one whole frame that is neither PRIORITY (2) nor
+        # SETTINGS (4) nor HEADERS (1) with the PRIORITY flag, has nothing for
+        # the scan to find: tested here, without its call (~2.8k instructions).
+        if (frames.skip or frames.partial or len(data) < 9
+                or len(data) != 9 + (data[0] << 16 | data[1] << 8 | data[2])
+                or data[3] == 2 or data[3] == 4 or (data[3] == 1 and data[4] & 0x20)):
+            found = frames.scan(data)
+            if found:
+                self.self_dependent.update(found)
+            if self.table_wait and frames.acks >= self.table_wait:
+                # The client's HPACK table is empty now: hand over after this read.
+                self.table_wait = 0
+                self.recycle_due = True
         router = self.router
         if router is not None:
             data = router.split(data)  # newer streams' frames wait for the fresh codec
@@ -478,7 +484,7 @@ class H2Protocol(asyncio.Protocol):
             declared = rules.declared_length(self.limits, length)
             if type(declared) is rules.Refusal:
                 refusal = declared  # 413 before the body is read
-        if refusal is None:
+        if refusal is None and raw_path[:1] != b"/":  # origin-form needs no call
             refusal = rules.bad_target(raw_path, method)
         if too_large:
             ex.fail(431, "header section too large")

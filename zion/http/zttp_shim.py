@@ -265,18 +265,11 @@ class FrameScan:
 
     def scan(self, data: bytes) -> Sequence[int]:
         """The stream ids in `data` that name themselves as their parent.
-        Runs for every read: literals and index arithmetic instead of module
-        names and slices keep it about a third cheaper (bench: 2 frames,
-        ~1.1 against ~1.6 µs)."""
+        Runs for every read but the commonest (h2.py tests for that one
+        first): literals and index arithmetic instead of module names and
+        slices keep it about a third cheaper (bench: 2 frames, ~1.1 against
+        ~1.6 µs)."""
         pos = self.skip
-        if not pos and len(data) >= 9 and not self.partial:
-            # The common read: one whole frame that is neither PRIORITY nor
-            # SETTINGS, nor HEADERS with the PRIORITY flag (a request's HEADERS,
-            # a body's DATA): nothing to look at.
-            kind = data[3]
-            if (kind != 2 and kind != 4 and (kind != 1 or not data[4] & 0x20)
-                    and len(data) == 9 + (data[0] << 16 | data[1] << 8 | data[2])):
-                return ()
         found: Sequence[int] = ()
         if self.partial:
             data = self.partial + data
