@@ -272,6 +272,14 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     left = len(state.connections)
     for conn in list(state.connections):
         conn.close()
+    # close() over TLS sends close_notify and waits (up to _TLS_SHUTDOWN_TIMEOUT,
+    # then uvloop aborts) for the peer's before the socket closes and the
+    # connection leaves state.connections; a loop closed before then leaves the
+    # socket open (an unclosed TCPTransport, a ResourceWarning) and the peer's
+    # close unanswered. Seen with a WebSocket closed with 1001 at the drain's end.
+    closing_deadline = loop.time() + _TLS_SHUTDOWN_TIMEOUT + 0.5
+    while state.connections and loop.time() < closing_deadline:
+        await asyncio.sleep(0.02)
     await _finish_tasks(state.tasks)
     if quic_endpoint is not None:
         quic_endpoint.close()
