@@ -996,6 +996,33 @@ async def test_an_http2_body_over_the_limit_ends_the_apps_task_with_a_disconnect
     await until(lambda: seen == ["disconnect"] and state.slot.inflight == 0)
 
 
+async def test_a_body_over_the_limit_after_the_app_began_answering_resets_the_stream():
+    """Too late for a 413 (the head is out): the stream is reset with CANCEL,
+    the app's next receive() is http.disconnect, and nothing stays in flight."""
+    seen = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"started", "more_body": True})
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                seen.append("disconnect")
+                return
+            if not msg.get("more_body"):
+                break
+
+    state = make_state(limits={"max_body_size": 1000})
+    peer = FakePeer(state, app)
+    sid = peer.client.request("POST", "/", end=False)
+    await peer.run(3)
+    assert peer.client.responses[sid].status == 200
+    await peer.push(sid, b"x" * 3000)
+    await peer.until(lambda: peer.client.responses[sid].reset is not None)
+    assert peer.client.responses[sid].reset == h2.errors.ErrorCodes.CANCEL
+    await until(lambda: seen == ["disconnect"] and state.slot.inflight == 0)
+
+
 async def answered(peer: FakePeer, path: str = "/") -> tuple[int, list[Any]]:
     """One request; the frames of its answer as zion wrote them (until the
     one with END_STREAM), then given to the client."""
