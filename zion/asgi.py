@@ -11,7 +11,15 @@ import traceback
 from typing import Any
 
 from zion.errors import WorkerBootError
-from zion.http.state import ASGIApp
+from zion.http.asgi_types import (
+    ASGIApp,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    LifespanReceiveEvent,
+    LifespanScope,
+    LifespanSendEvent,
+    Scope,
+)
 from zion.log import get_logger
 
 log = get_logger("zion.asgi")
@@ -96,7 +104,8 @@ class _Asgi2:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
         instance = self.app(scope)
         await instance(receive, send)
 
@@ -122,7 +131,7 @@ class Lifespan:
     def __init__(self, app: ASGIApp, state: dict[str, Any]) -> None:
         self.app = app
         self.state = state
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[LifespanReceiveEvent] = asyncio.Queue()
         self.events: dict[str, asyncio.Event] = {
             "startup": asyncio.Event(), "shutdown": asyncio.Event()}
         self.failed: str | None = None
@@ -164,20 +173,21 @@ class Lifespan:
             raise WorkerBootError(f"lifespan {phase} did not finish in {timeout:.0f}s")
 
     async def _main(self) -> None:
-        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
-                 "state": self.state}
+        scope: LifespanScope = {"type": "lifespan",
+                                "asgi": {"version": "3.0", "spec_version": "2.0"},
+                                "state": self.state}
         started = False
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> LifespanReceiveEvent:
             nonlocal started
             started = True
             return await self.queue.get()
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: LifespanSendEvent) -> None:
             kind = message["type"]
             phase = kind.split(".")[1]
             if kind.endswith(".failed"):
-                self.failed = message.get("message", "") or "(no message)"
+                self.failed = str(message.get("message") or "(no message)")
             self.events[phase].set()
 
         try:

@@ -32,10 +32,11 @@ from zion.handlers import default_page
 from zion.handlers.builtins import PREFIX, Builtins
 from zion.handlers.static import StaticFiles
 from zion.http import accept_errors, access_log, admission
+from zion.http.asgi_types import HTTPScope
 from zion.http.connection_start import ConnectionStart
 from zion.http.exchange import Exchange
 from zion.http.proxy_listener import ProxyListener
-from zion.http.state import ASGIApp, Dispatch, ServerState
+from zion.http.state import ASGIApp, Dispatch, ServerState, WebSocketFactory
 from zion.http.websocket import WebSocketProtocol, request_bytes
 from zion.quic.sockets import WorkerQuic
 from zion.settings import ProxyProtocol, Settings
@@ -406,8 +407,8 @@ def handler_chain(state: ServerState, inflight: admission.InFlight, app: ASGIApp
     return dispatch
 
 
-def websocket_factory(state: ServerState, app: ASGIApp) -> Any:
-    def build(scope: dict[str, Any], target: bytes, headers: list[tuple[bytes, bytes]],
+def websocket_factory(state: ServerState, app: ASGIApp) -> WebSocketFactory:
+    def build(scope: HTTPScope, target: bytes, headers: list[tuple[bytes, bytes]],
               trailing: bytes | None) -> asyncio.Protocol:
         # None: an HTTP/2 extended CONNECT (RFC 8441), no HTTP/1.1 request to replay.
         raw = None if trailing is None else request_bytes(target, headers) + trailing

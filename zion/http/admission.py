@@ -11,21 +11,25 @@ pass there (h1.py and h2.py hand each exchange to `state.dispatch`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from enum import Enum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from zion.log import get_logger
 
 if TYPE_CHECKING:
-    from zion.http.asgi_types import HTTPSendEvent
+    from zion.http.asgi_types import (
+        ASGIApp,
+        ASGIReceiveCallable,
+        ASGISendCallable,
+        HTTPSendEvent,
+        Scope,
+    )
     from zion.http.exchange import Exchange
     from zion.settings import LimitsSettings
 
 log = get_logger("zion.http")
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
-                    Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 # -- load shedding -------------------------------------------------------------
@@ -99,8 +103,8 @@ class InFlight:
         """The app, for this one exchange, leaving the count when its task
         ends (an app that returns without a complete response)."""
 
-        async def run(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
-                      send: Callable[[Any], Awaitable[None]]) -> None:
+        async def run(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+                      ) -> None:
             try:
                 await app(scope, receive, send)
             finally:
@@ -150,16 +154,16 @@ def streaming(message: HTTPSendEvent) -> bool:
 def with_deadline(app: ASGIApp, ex: Exchange, seconds: float) -> ASGIApp:
     """The app, for this one exchange, under --timeout-request."""
 
-    def timed(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
-              send: Callable[[Any], Awaitable[None]]) -> Awaitable[None]:
+    def timed(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+              ) -> Awaitable[None]:
         return run_with_deadline(app, ex, seconds, scope, receive, send)
 
     return timed
 
 
 async def run_with_deadline(app: ASGIApp, ex: Exchange, seconds: float,
-                            scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
-                            send: Callable[[Any], Awaitable[None]]) -> None:
+                            scope: Scope, receive: ASGIReceiveCallable,
+                            send: ASGISendCallable) -> None:
     """Run the app under --timeout-request. At the deadline its task is
     cancelled (the app sees CancelledError where it awaits) and the client
     gets 504, or, once a head is out, its connection (HTTP/2: its stream) is

@@ -1,16 +1,20 @@
-"""The ASGI messages and scope of an HTTP exchange, as types (ASGI 3.0,
-HTTP spec 2.4 and its trailers / pathsend extensions). TypedDicts are plain
-dicts at run time: this costs the request path nothing and lets mypy check
-every scope and message zion builds. What an app sends is checked by the
-exchange at run time, whatever its type says.
+"""The ASGI scopes and messages, as types (ASGI 3.0: HTTP spec 2.4 and its
+trailers / pathsend extensions, WebSocket 2.4, lifespan 2.0), and the
+application that takes them. TypedDicts are plain dicts at run time: this
+costs the request path nothing and lets mypy check every scope and message
+zion builds. What an app sends is checked by the exchange at run time,
+whatever its type says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, NotRequired, TypedDict
 
 Header = tuple[bytes, bytes]
+# scope["extensions"]: each extension the server supports, by name, with its
+# parameters ({} for most; "tls" has the connection's).
+Extensions = dict[str, dict[str, Any]]
 
 
 class ASGIVersions(TypedDict):
@@ -32,7 +36,7 @@ class HTTPScope(TypedDict):
     query_string: bytes
     headers: list[Header]
     state: dict[str, Any]
-    extensions: dict[str, dict[str, Any]]
+    extensions: Extensions
 
 
 # -- receive -------------------------------------------------------------------
@@ -96,7 +100,7 @@ class WebSocketScope(TypedDict):
     headers: list[Header]
     subprotocols: list[str]
     state: dict[str, Any]
-    extensions: dict[str, dict[str, Any]]
+    extensions: Extensions
 
 
 class WebSocketConnectEvent(TypedDict):
@@ -169,3 +173,58 @@ WebSocketSendEvent = WebSocketSendBytesEvent | WebSocketSendTextEvent
 # What a WebSocket app may send().
 WebSocketSendMessage = (WebSocketAcceptEvent | WebSocketSendEvent | WebSocketCloseEvent
                         | WebSocketResponseStartEvent | WebSocketResponseBodyEvent)
+
+
+# -- lifespan (ASGI lifespan spec 2.0) ---------------------------------------------
+
+class LifespanScope(TypedDict):
+    type: Literal["lifespan"]
+    asgi: ASGIVersions
+    state: dict[str, Any]
+
+
+class LifespanStartupEvent(TypedDict):
+    type: Literal["lifespan.startup"]
+
+
+class LifespanShutdownEvent(TypedDict):
+    type: Literal["lifespan.shutdown"]
+
+
+LifespanReceiveEvent = LifespanStartupEvent | LifespanShutdownEvent
+
+
+class LifespanStartupCompleteEvent(TypedDict):
+    type: Literal["lifespan.startup.complete"]
+
+
+class LifespanStartupFailedEvent(TypedDict):
+    type: Literal["lifespan.startup.failed"]
+    message: NotRequired[str]
+
+
+class LifespanShutdownCompleteEvent(TypedDict):
+    type: Literal["lifespan.shutdown.complete"]
+
+
+class LifespanShutdownFailedEvent(TypedDict):
+    type: Literal["lifespan.shutdown.failed"]
+    message: NotRequired[str]
+
+
+LifespanSendEvent = (LifespanStartupCompleteEvent | LifespanStartupFailedEvent
+                     | LifespanShutdownCompleteEvent | LifespanShutdownFailedEvent)
+
+
+# -- the application -----------------------------------------------------------------
+
+Scope = HTTPScope | WebSocketScope | LifespanScope
+ReceiveEvent = HTTPReceiveEvent | WebSocketEvent | LifespanReceiveEvent
+SendEvent = HTTPSendEvent | WebSocketSendMessage | LifespanSendEvent
+ASGIReceiveCallable = Callable[[], Awaitable[ReceiveEvent]]
+# Each protocol's send() takes its own messages (Exchange.send an HTTPSendEvent,
+# WebSocketProtocol.send a WebSocketSendMessage) and checks what an app gives it
+# at run time. A callable typed to take every SendEvent would be none of them
+# (a parameter type is contravariant), so the message is Any here.
+ASGISendCallable = Callable[[Any], Awaitable[None]]
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]

@@ -35,7 +35,7 @@ from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
 if TYPE_CHECKING:
-    from zion.http.asgi_types import HTTPScope
+    from zion.http.asgi_types import Extensions, HTTPScope
     from zion.http.state import ServerState
 
 log = get_logger("zion.http")
@@ -355,9 +355,9 @@ class H1Protocol(asyncio.Protocol):
         upgrade = self.upgrade
         ws = upgrade == _WEBSOCKET and state.websocket_enabled and parser.should_upgrade()
         # A WebSocket has no HTTP response to send a file as.
-        extensions: dict[str, Any] = {} if ws else {PATHSEND: {}}
-        if state.client_certs:
-            extensions["tls"] = self._tls_extension()
+        extensions: Extensions = {} if ws else {PATHSEND: {}}
+        if state.client_certs and (tls := self._tls_extension()) is not None:
+            extensions["tls"] = tls
         keep_alive = parser.should_keep_alive()
         # llhttp keeps a connection alive without a connection option only
         # for HTTP/1.1 (RFC 9112 9.3; 1.0 and 0.9 close, and it refuses any

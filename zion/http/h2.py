@@ -74,7 +74,7 @@ from zion.http.tls_scope import tls_extension
 from zion.log import get_logger
 
 if TYPE_CHECKING:
-    from zion.http.asgi_types import HTTPScope
+    from zion.http.asgi_types import Extensions, HTTPScope
     from zion.http.h1 import H2cRequest
     from zion.http.state import ServerState
 
@@ -457,7 +457,7 @@ class H2Protocol(asyncio.Protocol):
             path = ""
         if "%" in path:
             path = urllib.parse.unquote(path)
-        extensions: dict[str, Any] = {"http.response.trailers": {}}
+        extensions: Extensions = {"http.response.trailers": {}}
         if self.tls is not None:
             extensions["tls"] = self.tls
         scope = rules.http_scope(self.state, "2", method.decode("ascii", "replace"), path,

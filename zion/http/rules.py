@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from zion.http import access_log, forwarded
 
 if TYPE_CHECKING:
-    from zion.http.asgi_types import ASGIVersions, HTTPScope
+    from zion.http.asgi_types import ASGIVersions, Extensions, HTTPScope
     from zion.http.exchange import Exchange
     from zion.http.state import ServerState
     from zion.settings import LimitsSettings as Limits
@@ -28,7 +28,7 @@ ASGI_VERSION: ASGIVersions = {"version": "3.0", "spec_version": "2.4"}
 def http_scope(state: ServerState, http_version: str, method: str, path: str, raw_path: bytes,
                query: bytes, headers: list[tuple[bytes, bytes]],
                client: tuple[str, int] | None, server: tuple[str, int] | None,
-               extensions: dict[str, Any], proxied: bool) -> HTTPScope:
+               extensions: Extensions, proxied: bool) -> HTTPScope:
     """The ASGI http scope: the same keys on every protocol; client, scheme
     and server rewritten from the forwarding headers when the peer is a
     proxy we trust (`proxied`)."""

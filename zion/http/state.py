@@ -4,10 +4,11 @@ counters, and the set of open connections."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zion.counters import WorkerCounters
+from zion.http.asgi_types import ASGIApp as ASGIApp  # re-exported: http/ imports it here
 from zion.http.asgi_types import HTTPScope
 from zion.http.forwarded import TrustedProxies
 from zion.http.response import DateCache
@@ -16,10 +17,6 @@ if TYPE_CHECKING:
     from zion.http.exchange import Exchange
     from zion.settings import Settings
 
-# The scope: one of asgi_types' TypedDicts (http), or a WebSocket's / the
-# lifespan's dict; an app may type it as it likes.
-ASGIApp = Callable[[Any, Callable[[], Awaitable[Any]],
-                    Callable[[Any], Awaitable[None]]], Awaitable[None]]
 # Answers one exchange: zion's built-ins, static files, the app - composed by
 # the worker, so http/ knows none of them.
 Dispatch = Callable[["Exchange"], None]

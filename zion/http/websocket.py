@@ -54,6 +54,7 @@ from zion.log import get_logger
 
 if TYPE_CHECKING:
     from zion.http.asgi_types import (
+        HTTPScope,
         WebSocketAcceptEvent,
         WebSocketCloseEvent,
         WebSocketConnectEvent,
@@ -125,7 +126,7 @@ class _ServerProtocol(ServerProtocol):
         return Subprotocol(self.chosen)
 
 
-def websocket_scope(http_scope: dict[str, Any]) -> WebSocketScope:
+def websocket_scope(http_scope: HTTPScope) -> WebSocketScope:
     """The ASGI websocket scope for an upgrade request parsed as HTTP."""
     subprotocols: list[str] = []
     for name, value in http_scope["headers"]:
@@ -173,7 +174,7 @@ class WebSocketProtocol(asyncio.Protocol):
         "request", "http2", "extensions_header", "denial", "denial_body",
     )
 
-    def __init__(self, state: ServerState, app: ASGIApp, http_scope: dict[str, Any],
+    def __init__(self, state: ServerState, app: ASGIApp, http_scope: HTTPScope,
                  raw_request: bytes | None) -> None:
         """raw_request: the HTTP/1.1 upgrade request (and any bytes after it),
         which the library checks and answers with its 101; None for an
