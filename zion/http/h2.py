@@ -596,21 +596,9 @@ class H2Protocol(asyncio.Protocol):
         if stream.received:
             self.credit_due = True  # what the app left unread is given back, below
         if self.streams:
-            # With the other streams' answers, at the end of this iteration (wrote()).
-            if not self.flush_pending:
-                self.flush_pending = True
-                self.loop.call_soon(self._flush)
+            self.wrote()  # with the other streams' answers, at the end of this iteration
         else:
-            # At once: no other stream's answer to wait for (_flush, inline).
-            self.flush_pending = False
-            self.unflushed = 0
-            out = self.out
-            if len(out) == 1:  # one response of ours: zttp has queued nothing since
-                data = self.conn.data_to_send()
-                self._send(out[0] + data if data else out[0])
-                out.clear()
-            else:
-                self._send(self._take())
+            self._flush()  # at once: no other stream's answer to wait for
             if self.goaway or self.retiring or self.state.draining:
                 self.shutdown()
             else:
@@ -669,9 +657,12 @@ class H2Protocol(asyncio.Protocol):
         data = self.conn.data_to_send()
         out = self.out
         if out:
-            if data:
-                out.append(data)
-            data = out[0] if len(out) == 1 else b"".join(out)
+            if len(out) == 1:  # the common case: one response of ours
+                data = out[0] + data if data else out[0]
+            else:
+                if data:
+                    out.append(data)
+                data = b"".join(out)
             out.clear()
         return data
 

@@ -135,15 +135,10 @@ class H2Stream:
                 made = conn.data_to_send()
                 sid = self.stream_id
                 frames: bytes | None
-                if not end:
-                    frames = zttp_shim.own_head(made, sid, block)
-                elif not size:
-                    if len(made) == _HEAD_ONLY:  # that HEADERS frame, END_STREAM set
-                        frames = _FRAME(0, len(block), 1, _END_HEADERS | _END_STREAM,
-                                        sid) + block
-                    else:
-                        frames = zttp_shim.own_head(made, sid, block)
-                elif len(made) == _HEAD_ONLY + 18 + size:
+                if end and not size and len(made) == _HEAD_ONLY:
+                    # That HEADERS frame alone, END_STREAM set.
+                    frames = _FRAME(0, len(block), 1, _END_HEADERS | _END_STREAM, sid) + block
+                elif end and size and len(made) == _HEAD_ONLY + 18 + size:
                     # HEADERS, all of the body in one DATA frame (so under
                     # 16384 bytes, RFC 9113 4.2), and zttp's empty END_STREAM
                     # one: END_STREAM on the body's instead. A format, not two
