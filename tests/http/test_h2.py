@@ -973,17 +973,23 @@ async def test_a_self_dependent_stream_alone_in_its_read_is_reset_too():
     assert resets == {1: 1, 3: 1}  # PROTOCOL_ERROR
 
 
+async def read_body_noting_a_disconnect(receive: Any, seen: list[str]) -> None:
+    """The app side of the over-the-limit tests: read the body to its end,
+    or note the http.disconnect that cuts it short."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            seen.append("disconnect")
+            return
+        if not msg.get("more_body"):
+            return
+
+
 async def test_an_http2_body_over_the_limit_ends_the_apps_task_with_a_disconnect():
-    seen = []
+    seen: list[str] = []
 
     async def app(scope, receive, send):
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                seen.append("disconnect")
-                return
-            if not msg.get("more_body"):
-                break
+        await read_body_noting_a_disconnect(receive, seen)
 
     state = make_state(limits={"max_body_size": 1000})
     peer = FakePeer(state, app)
@@ -999,18 +1005,12 @@ async def test_an_http2_body_over_the_limit_ends_the_apps_task_with_a_disconnect
 async def test_a_body_over_the_limit_after_the_app_began_answering_resets_the_stream():
     """Too late for a 413 (the head is out): the stream is reset with CANCEL,
     the app's next receive() is http.disconnect, and nothing stays in flight."""
-    seen = []
+    seen: list[str] = []
 
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"started", "more_body": True})
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                seen.append("disconnect")
-                return
-            if not msg.get("more_body"):
-                break
+        await read_body_noting_a_disconnect(receive, seen)
 
     state = make_state(limits={"max_body_size": 1000})
     peer = FakePeer(state, app)
