@@ -63,6 +63,7 @@ class StreamTransport(asyncio.Transport):
         if self.protocol is not None and not self.closed:
             self.closed = True
             self.protocol.connection_lost(None)
+            self._release()
 
     def window_opened(self) -> None:
         if self.write_paused and not self.closed and not self._busy():
@@ -113,6 +114,18 @@ class StreamTransport(asyncio.Transport):
             self.stream.start_response(500, [], None, b"", True, False)
         self.proto.tunnel_done(self.stream)
         self.proto.loop.call_soon(self.protocol.connection_lost, None)
+        self._release()
+
+    def _release(self) -> None:
+        """Closed: drop the references back, as asyncio's transports drop
+        their protocol after connection_lost. The WebSocket refers to us
+        (its transport) and we to it, the stream to us and we to it; left
+        in place, these cycles kept the WebSocket's queued messages, the
+        stream and the whole HTTP/2 connection until a full cyclic
+        collection. Nothing reads them once `closed` is set."""
+        self.protocol = None
+        if self.stream.tunnel is self:
+            self.stream.tunnel = None
 
     def is_closing(self) -> bool:
         return self.closed or self.stream.closed
