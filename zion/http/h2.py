@@ -305,6 +305,16 @@ class H2Protocol(asyncio.Protocol):
             for sid in [s for s in self.self_dependent if s in self.streams]:
                 self.self_dependent.discard(sid)
                 self.reset(self.streams[sid], H2ErrorCode.PROTOCOL_ERROR)  # RFC 9113 5.3.1
+            if self.self_dependent:
+                # Streams not open: closed ones need nothing; an idle one would
+                # have to be remembered until it opens, and a client can name
+                # any number of them (+34 MiB for 500k PRIORITY frames). A
+                # stream error may be a connection error (RFC 9113 5.4.1).
+                idle = max(self.self_dependent) > self.last_stream
+                self.self_dependent.clear()
+                if idle:
+                    self.fail_connection(H2ErrorCode.PROTOCOL_ERROR, "a stream depends on itself")
+                    return
         # What zttp queued (SETTINGS and PING ACKs, resets); most reads queue nothing.
         data = self._take() if self.out else conn.data_to_send()
         if data or self.strip_updates or self.credit_due:

@@ -1,0 +1,74 @@
+"""What a hostile HTTP/2 client can make a connection hold (zion/http/h2.py),
+found by the issue-19 acceptance run. The h2 client and raw frames drive
+zion's H2Protocol over a fake transport (tests/support/h2peer.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PriorityFrame, RstStreamFrame
+
+from tests.support.fake_transport import make_state, settle
+from tests.support.h2peer import FakePeer
+
+PROTOCOL_ERROR = 1
+_BLOCK = b"\x82\x87\x84\x01\x09localhost"  # GET https / localhost
+
+
+def _frames(data: bytes) -> list[Any]:
+    out = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9:9 + length]))
+        out.append(frame)
+        data = data[9 + length:]
+    return out
+
+
+async def _echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_self_dependent_priority_frames_on_idle_streams_are_not_remembered() -> None:
+    """RFC 9113 5.3.1 / h2spec 5.3.1 #2: a PRIORITY frame naming its own,
+    idle, stream as its parent. zion kept each such id until the stream
+    opened (to reset it then): 500,000 of these 14-byte frames on one
+    connection held +34 MiB in the worker for the connection's life. A
+    stream error may be treated as a connection error (RFC 9113 5.4.1):
+    GOAWAY PROTOCOL_ERROR, and nothing is kept."""
+    peer = FakePeer(make_state(), _echo)
+    peer.exchange()
+    await settle(2)
+    peer.tr.take()
+    peer.tr.feed(b"".join(PriorityFrame(sid, depends_on=sid).serialize()
+                          for sid in range(1001, 1201, 2)))
+    await settle(3)
+    goaways = [f for f in _frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
+    assert [g.error_code for g in goaways] == [PROTOCOL_ERROR]
+    assert peer.tr.closed and not peer.proto.self_dependent
+
+
+async def test_a_self_dependent_priority_frame_on_a_closed_stream_is_dropped() -> None:
+    """Its stream was answered already: nothing to reset and nothing kept;
+    the connection serves on. A self-dependent stream that is open is
+    still reset alone (tests/http/test_h2.py)."""
+    peer = FakePeer(make_state(), _echo)
+    peer.exchange()
+    done = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM"])
+    done.data = _BLOCK
+    peer.tr.feed(done.serialize())
+    await settle(3)
+    assert any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in _frames(peer.tr.take()))
+    peer.tr.feed(PriorityFrame(1, depends_on=1).serialize())
+    opened = HeadersFrame(3, flags=["END_HEADERS"])  # open, its body to come
+    opened.data = _BLOCK
+    peer.tr.feed(opened.serialize() + PriorityFrame(3, depends_on=3).serialize())
+    await settle(3)
+    sent = _frames(peer.tr.take())
+    assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
+        (3, PROTOCOL_ERROR)]
+    assert not any(isinstance(f, GoAwayFrame) for f in sent)
+    assert not peer.tr.closed and not peer.proto.self_dependent
