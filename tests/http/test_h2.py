@@ -286,6 +286,29 @@ async def test_streams_past_the_limit_are_refused():
     assert all(peer.client.responses[s].reset is None for s in sids[:3])
 
 
+async def test_a_stream_past_the_limit_alone_in_its_read_is_refused_at_once():
+    # One HEADERS frame that ends its request, alone in a read, takes
+    # H2Protocol._one_request, which skips the end-of-read flush: the
+    # refusal must go out by itself.
+    async def hang(scope, receive, send):
+        await receive()
+        await receive()  # until the client leaves
+
+    peer = FakePeer(make_state(limits={"h2_max_streams": 3}), hang)
+    await peer.run(2)
+    peer.client.h2.remote_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+    held = [peer.client.request() for _ in range(3)]
+    await peer.run(2)
+    extra = peer.client.request()
+    frame = peer.client.h2.data_to_send()
+    assert frame[3] == 0x1 and frame[4] == 0x5  # HEADERS, END_STREAM | END_HEADERS
+    peer.tr.feed(frame)
+    await peer.until(lambda: peer.client.responses[extra].reset is not None)
+    assert peer.client.responses[extra].reset == h2.errors.ErrorCodes.REFUSED_STREAM
+    assert all(peer.client.responses[s].reset is None for s in held)
+
+
 async def test_a_header_list_over_the_limit_gets_431():
     peer = FakePeer(make_state(), echo)
     big = peer.client.request(headers=[(f"x-h{i}", "v" * 1000) for i in range(20)])
