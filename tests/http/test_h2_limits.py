@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PriorityFrame, RstStreamFrame
+from hyperframe.frame import (
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+)
 
 from tests.support.fake_transport import make_state, settle
 from tests.support.h2peer import FakePeer
@@ -72,3 +79,53 @@ async def test_a_self_dependent_priority_frame_on_a_closed_stream_is_dropped() -
         (3, PROTOCOL_ERROR)]
     assert not any(isinstance(f, GoAwayFrame) for f in sent)
     assert not peer.tr.closed and not peer.proto.self_dependent
+
+
+async def test_an_answered_upload_the_client_stalls_does_not_hold_the_drain() -> None:
+    """Issue 19.4: drain is not held up. A body over max_body_size gets its
+    413, then zion reads and drops the rest (so curl shows the 413) for up to
+    body_timeout. A client that stops sending kept a draining worker up for
+    that long (8 s by default; seen from a real `zion serve`). At the final
+    GOAWAY such a stream is reset NO_ERROR (RFC 9113 8.1) and the
+    connection closes."""
+    state = make_state(limits={"max_body_size": 1000, "body_timeout": 600})
+    peer = FakePeer(state, _echo)
+    sid = peer.client.request("POST", "/up", body=b"x" * 3000, end=False)  # and no more
+    await peer.until(lambda: peer.client.responses[sid].ended)
+    assert peer.client.responses[sid].status == 413
+    assert sid in peer.proto.streams  # its body is being dropped
+    peer.tr.take()
+    state.draining = True
+    peer.proto.shutdown()
+    step1 = _frames(peer.tr.take())
+    ping = next(f for f in step1 if type(f).__name__ == "PingFrame")
+    peer.tr.feed(PingFrame(0, flags=["ACK"], opaque_data=ping.opaque_data).serialize())
+    await settle(3)
+    sent = _frames(peer.tr.take())
+    assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
+        (sid, 0)]
+    assert peer.tr.closed and state.connections == set()
+
+
+async def test_an_upload_answered_after_the_final_goaway_does_not_hold_the_drain() -> None:
+    """The same when the 413 comes after the final GOAWAY: the stream was in
+    flight (the client still sending) when the drain began."""
+    state = make_state(limits={"max_body_size": 1000, "body_timeout": 600})
+    peer = FakePeer(state, _echo)
+    sid = peer.client.request("POST", "/up", body=b"x" * 500, end=False)
+    await peer.run(3)
+    state.draining = True
+    peer.proto.shutdown()
+    ping = next(f for f in _frames(peer.tr.take()) if type(f).__name__ == "PingFrame")
+    peer.tr.feed(PingFrame(0, flags=["ACK"], opaque_data=ping.opaque_data).serialize())
+    await settle(3)
+    assert [type(f).__name__ for f in _frames(peer.tr.take())] == ["GoAwayFrame"]
+    assert not peer.tr.closed  # the upload is in flight
+    peer.client.h2.send_data(sid, b"y" * 1000)  # past max_body_size, and no more
+    peer.tr.feed(peer.client.h2.data_to_send())
+    await settle(3)
+    sent = _frames(peer.tr.take())
+    assert any(isinstance(f, HeadersFrame) and f.stream_id == sid for f in sent)  # the 413
+    assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
+        (sid, 0)]
+    assert peer.tr.closed and state.connections == set()

@@ -621,6 +621,9 @@ class H2Protocol(asyncio.Protocol):
             # a RST_STREAM during its upload as a failure and never shows the
             # answer it has (a 413 included).
             stream.exchange = None
+            if self.goaway:  # leaving: not waited for (_final_goaway)
+                self._discarded(stream, reset=True)
+                return
             stream.discard_until = stream.received + _DISCARD
             stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
             self.credit_later()  # what the app left unread is the client's again
@@ -938,6 +941,11 @@ class H2Protocol(asyncio.Protocol):
         with contextlib.suppress(zttp.ProtocolError):
             self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
         self._flush()
+        for stream in [s for s in self.streams.values() if s.exchange is None and s.tunnel is None]:
+            # Answered; only the unwanted rest of its body is awaited (stream_done).
+            # Leaving, we wait no longer: RST_STREAM NO_ERROR (RFC 9113 8.1), or
+            # a client that stops sending holds the drain for body_timeout.
+            self._discarded(stream, reset=True)
         if not self.streams:
             # A TLS close: close_notify, then uvloop reads (and drops) what the
             # client still sends until its own close_notify - no reset for
