@@ -5,10 +5,11 @@ interleaved, one worker each: a quick A/B for per-connection work.
         [--servers zion,uvloop-floor] [--conns 16]
 
 Prints, per server, the median over rounds of server CPU (whole process tree,
-/proc) per connection while `wrk -H 'Connection: close'` runs, and the ratio
-of every server to the floor. CPU time, not wall time: it moves less than
-throughput when other work shares the cores, but cache and frequency effects
-remain, so compare servers within one run only.
+/proc) per connection while `wrk -H 'Connection: close'` runs, and its ratio
+to the floor's in the same round (median [min-max] over rounds). CPU time,
+not wall time: it moves less than throughput when other work shares the
+cores, but cache and frequency effects remain, so compare servers within one
+run only.
 """
 
 from __future__ import annotations
@@ -54,10 +55,17 @@ def main() -> int:
             rps[sdef.name].append(res["rps"])
             print(f"round {r + 1}: {sdef.name} {per_conn[sdef.name][-1]:.0f} us/conn "
                   f"{res['rps']:.0f} conn/s", file=sys.stderr, flush=True)
-    floor = statistics.median(per_conn["uvloop-floor"]) if "uvloop-floor" in per_conn else None
+    floor = per_conn.get("uvloop-floor")
     for name, values in per_conn.items():
         med = statistics.median(values)
-        ratio = f" {med / floor:.2f}x floor" if floor else ""
+        ratio = ""
+        if floor:
+            # Within each round (the servers ran back to back), then the
+            # median [min-max]: other work on the machine moves the absolute
+            # figures from round to round more than it moves these.
+            rounds = [v / f for v, f in zip(values, floor, strict=True)]
+            ratio = (f" {statistics.median(rounds):.2f}x floor "
+                     f"[{min(rounds):.2f}-{max(rounds):.2f}]")
         print(f"{name:14} {med:6.0f} us/conn [{min(values):.0f}-{max(values):.0f}]"
               f" {statistics.median(rps[name]):7.0f} conn/s{ratio}")
     return 0
