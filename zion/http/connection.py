@@ -43,6 +43,9 @@ class Carrier(Protocol):
     loop: asyncio.AbstractEventLoop
     client: tuple[str, int] | None
     server: tuple[str, int] | None
+    # The exchange's Task runs its first step inside dispatch (task_start):
+    # the carrier takes the app's writes, its end and a close from there.
+    start_now: bool
 
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]],
                        length: int | None, body: bytes, end: bool, own_server: bool) -> None:

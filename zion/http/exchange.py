@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import http
-import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from zion.http import files
+from zion.http import files, task_start
 from zion.http.connection import ClientDisconnected
 from zion.log import get_logger
 
@@ -53,11 +52,6 @@ _BODY_HIGH_WATER = 65536
 
 class ProtocolError(Exception):
     """The app broke the ASGI contract (bad message, bad header)."""
-
-
-# A Task for one request (Exchange.run): Python 3.12 can run its first step
-# eagerly, saving a trip through the ready queue; 3.11 has no correct way to.
-_EAGER = sys.version_info >= (3, 12)
 
 
 def _phrase(status: int) -> str:
@@ -337,11 +331,15 @@ class Exchange:
         # until its own last step leaves it (_guarded's finally): no done
         # callback, which costs every request a Handle and a trip through
         # the loop's ready queue once the Task has finished.
-        if _EAGER:
-            task = asyncio.Task(self._guarded(app), loop=self.conn.loop,  # type: ignore[call-arg]
-                                eager_start=True)
-        else:
-            task = self.conn.loop.create_task(self._guarded(app))
+        # HTTP/1.1: its first step runs now (task_start), so an app that
+        # answers at once writes before the connection's read ends, and a
+        # new TLS connection's session tickets and the response leave in one
+        # write. HTTP/2 and /3 dispatch amid their codec's events, which an
+        # app's writes and closes may not re-enter: the next loop turn.
+        conn = self.conn
+        coro = self._guarded(app)
+        task = (task_start.start(conn.loop, coro) if conn.start_now
+                else conn.loop.create_task(coro))
         if not task.done():
             self.task = task
             self.background = background

@@ -94,6 +94,7 @@ class _Reject(Exception):
 
 
 class H1Protocol(asyncio.Protocol):
+    start_now = True  # connection.Carrier: dispatch ends data_received, re-entry is safe
     __slots__ = (
         # connection
         "state", "loop", "limits", "transport", "flow", "parser", "client", "server",

@@ -51,6 +51,7 @@ class H2Stream:
     __slots__ = ("proto", "state", "loop", "client", "server", "stream_id", "handle",
                  "exchange", "tunnel", "ended", "closed", "window", "received", "earned",
                  "credited", "client_ended", "body_deadline", "discard_until")
+    start_now = False  # connection.Carrier: dispatched amid zttp's events
 
     def __init__(self, proto: H2Protocol, stream_id: int) -> None:
         self.proto = proto

@@ -77,6 +77,7 @@ class H3Stream:
 
     __slots__ = ("session", "state", "loop", "client", "server", "stream_id", "exchange",
                  "ended", "closed", "body_deadline", "writable")
+    start_now = False  # connection.Carrier: dispatched amid aioquic's events
 
     def __init__(self, session: H3Session, stream_id: int) -> None:
         self.session = session
