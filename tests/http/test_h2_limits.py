@@ -1,5 +1,6 @@
-"""What a hostile HTTP/2 client can make a connection hold (zion/http/h2.py),
-found by the issue-19 acceptance run. The h2 client and raw frames drive
+"""What a hostile HTTP/2 client can make a connection hold or skip
+(zion/http/h2.py), found by the issue-19 acceptance run (h2spec 2.6.0 among
+its clients). The h2 client and raw frames drive
 zion's H2Protocol over a fake transport (tests/support/h2peer.py)."""
 
 from __future__ import annotations
@@ -129,3 +130,19 @@ async def test_an_upload_answered_after_the_final_goaway_does_not_hold_the_drain
     assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
         (sid, 0)]
     assert peer.tr.closed and state.connections == set()
+
+
+async def test_a_priority_frame_on_stream_0_is_a_connection_error() -> None:
+    """RFC 9113 6.3: PRIORITY on stream 0 is a connection error
+    PROTOCOL_ERROR (h2spec 6.3 #1); zttp ignored it, whatever its parent."""
+    for parent in (0, 1):
+        peer = FakePeer(make_state(), _echo)
+        peer.exchange()
+        await settle(2)
+        peer.tr.take()
+        # (hyperframe will not build it.) Length 5, type PRIORITY, stream 0.
+        peer.tr.feed(b"\x00\x00\x05\x02\x00\x00\x00\x00\x00" + parent.to_bytes(4, "big") + b"\x0f")
+        await settle(3)
+        goaways = [f for f in _frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
+        assert [g.error_code for g in goaways] == [PROTOCOL_ERROR], parent
+        assert peer.tr.closed

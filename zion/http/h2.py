@@ -348,10 +348,12 @@ class H2Protocol(asyncio.Protocol):
                 # have to be remembered until it opens, and a client can name
                 # any number of them (+34 MiB for 500k PRIORITY frames). A
                 # stream error may be a connection error (RFC 9113 5.4.1).
-                idle = max(self.self_dependent) > self.last_stream
+                # Stream 0: PRIORITY on the connection (RFC 9113 6.3).
+                fatal = 0 in self.self_dependent or max(self.self_dependent) > self.last_stream
                 self.self_dependent.clear()
-                if idle:
-                    self.fail_connection(H2ErrorCode.PROTOCOL_ERROR, "a stream depends on itself")
+                if fatal:
+                    self.fail_connection(H2ErrorCode.PROTOCOL_ERROR,
+                                         "PRIORITY on stream 0 or a stream that depends on itself")
                     return
         # What zttp queued (SETTINGS and PING ACKs, resets); most reads queue nothing.
         data = self._take() if self.out else self.conn.data_to_send()

@@ -250,7 +250,9 @@ class FrameScan:
 
     - RFC 9113 5.3.1: a stream cannot depend on itself (PROTOCOL_ERROR);
       zttp reads the priority fields of HEADERS and PRIORITY frames without
-      checking this. Removed by zttp rejecting such frames itself.
+      checking this, and ignores a PRIORITY frame on stream 0 (6.3: a
+      connection error), reported here as stream 0. Removed by zttp
+      rejecting such frames itself.
     - SETTINGS ACKs (`acks`, counted since the preface): zttp surfaces no
       ACK, and ignores one it did not ask for, so a SETTINGS frame zion
       writes itself (settings()) is known to be in force once the count
@@ -283,7 +285,8 @@ class FrameScan:
                 if at + 4 > end:
                     break  # its dependency is in the next read
                 sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-                if int.from_bytes(data[at:at + 4], "big") & 0x7FFFFFFF == sid:
+                # Stream 0 whatever its parent: RFC 9113 6.3, zttp ignores it.
+                if not sid or int.from_bytes(data[at:at + 4], "big") & 0x7FFFFFFF == sid:
                     found = [*found, sid]
             elif kind == 4 and data[pos + 4] & 1:  # SETTINGS with the ACK flag
                 self.acks += 1
