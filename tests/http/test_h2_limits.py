@@ -146,3 +146,65 @@ async def test_a_priority_frame_on_stream_0_is_a_connection_error() -> None:
         goaways = [f for f in _frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
         assert [g.error_code for g in goaways] == [PROTOCOL_ERROR], parent
         assert peer.tr.closed
+
+
+async def test_new_streams_held_during_a_hand_over_pause_reading() -> None:
+    """Past 3,000 streams zion hands the connection to a fresh zttp codec;
+    until the old codec's streams finish, new streams' frames are held
+    (zttp_shim.FrameRouter). Past 64 KiB held, the socket is not read
+    (PauseReason.HANDOVER), so a client cannot pile up request bodies in
+    the worker while an old stream keeps the hand-over waiting; reading
+    resumes when the held frames go to the fresh codec."""
+    release: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while scope["path"] == "/held" and not release:
+            await settle(1)
+        await _echo(scope, receive, send)
+
+    peer = FakePeer(make_state(), app)
+    held = peer.client.request(path="/held")
+    for _ in range(3200):
+        r = peer.client.responses[peer.client.request()]
+        await peer.until(lambda r=r: r.ended or peer.proto.router is not None)
+        if peer.proto.router is not None:
+            break
+    router = peer.proto.router
+    assert router is not None  # the hand-over waits for /held
+    late = [peer.client.request("POST", "/up", body=b"b" * 16384) for _ in range(8)]
+    await peer.run(3)
+    assert len(router.held) > 65536 and peer.tr.read_paused
+    assert not any(peer.client.responses[s].ended for s in late)
+    release.append(1)
+    await peer.until(lambda: all(peer.client.responses[s].ended for s in [held, *late]))
+    assert not peer.tr.read_paused and peer.proto.recycled == 1
+
+
+async def test_a_hand_over_given_up_reads_again() -> None:
+    """A hand-over an old stream keeps waiting past keepalive_timeout ends
+    with the graceful GOAWAY; the held streams are dropped (above its last
+    stream id) and so is their pause: the socket is read again (the PING's
+    ACK, the client's resets and close)."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while scope["path"] == "/held":
+            await settle(1)
+        await _echo(scope, receive, send)
+
+    peer = FakePeer(make_state(), app)
+    peer.client.request(path="/held")
+    for _ in range(3200):
+        r = peer.client.responses[peer.client.request()]
+        await peer.until(lambda r=r: r.ended or peer.proto.router is not None)
+        if peer.proto.router is not None:
+            break
+    assert peer.proto.router is not None
+    for _ in range(8):
+        peer.client.request("POST", "/up", body=b"b" * 16384)
+    await peer.run(3)
+    assert peer.tr.read_paused
+    peer.tr.take()
+    peer.proto.check_deadline(peer.proto.handover_at + peer.proto.limits.keepalive_timeout)
+    ping = next(f for f in _frames(peer.tr.take()) if type(f).__name__ == "PingFrame")
+    peer.tr.feed(PingFrame(0, flags=["ACK"], opaque_data=ping.opaque_data).serialize())
+    assert [type(f).__name__ for f in _frames(peer.tr.take())] == ["GoAwayFrame"]
+    assert peer.proto.router is None and not peer.tr.read_paused
