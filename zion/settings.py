@@ -498,7 +498,8 @@ class DemuxSettings:
                             "worker whose loop is blocked (a long synchronous call, a stop "
                             "signal) to a free worker, as one shared queue would. It looks "
                             "every two heartbeat intervals while connections arrive or any "
-                            "worker has work, every 100 ms otherwise.")
+                            "worker has work (spaced out to eight while every worker beats "
+                            "on time), every 100 ms otherwise.")
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,3 +198,39 @@ def test_traffic_keeps_the_looks_fast_even_between_connections(board):
         assert mover.next_at == pytest.approx(100.1 + 2 * INTERVAL)
     finally:
         q.close()
+
+
+def test_looks_space_out_while_every_beat_is_on_time_and_close_in_at_a_late_one(board):
+    # Each look is a wake-up of the master: while connections arrive and
+    # every worker beats on time they come 10, 20, then every 40 ms; a late
+    # beat (not yet a blocked worker) brings the 10 ms pace back at once.
+    on_time = {0: {"age_ms": 1, "inflight": 1},
+               1: {"age_ms": 3},  # no work in hand: beats at the idle pace
+               2: {"age_ms": 2, "handshakes": 1}}
+    # Late, and not (yet) blocked: one with work that took a connection since
+    # the last look but has not beaten for over two intervals; one without
+    # work past its idle pace (20 ms) and an interval.
+    late = [(0, {"age_ms": 12, "inflight": 1}), (1, {"age_ms": 27})]
+    q = _Queues([0, 0, 0])
+    try:
+        mover = QueueMover(INTERVAL, queue_len=q)
+        now = 100.0
+
+        def look() -> float:
+            nonlocal now
+            board.slots[2].accepted += 1  # connections keep arriving
+            assert mover.poll(now, NOW_NS, board, q.socks).move == []
+            gap, now = round(mover.next_at - now, 3), mover.next_at
+            return gap
+
+        for index, worker in on_time.items():
+            _worker(board, index, **worker)
+        assert [look() for _ in range(5)] == [0.01, 0.02, 0.04, 0.04, 0.04]
+        for index, worker in late:
+            _worker(board, index, **worker)
+            mover.accepted[index] = -1  # it took connections since the last look
+            assert look() == 0.01
+            _worker(board, index, **on_time[index])
+            assert [look() for _ in range(3)] == [0.01, 0.02, 0.04]
+    finally:
+        q.close()

@@ -23,8 +23,15 @@ and says when to look again: every BUSY_BEATS heartbeat intervals (10 ms)
 while any worker has work in hand or took a connection since the last look,
 at IDLE_POLL otherwise (an idle master must sleep). Each look is a wake-up
 of the master, which costs tens of microseconds of CPU on a VM whatever the
-loop does: 100 a second cost the master about 1 % of a core under load, and
-a connection waits at most one more period before it moves.
+loop does, and more in its loop (measured on the 2-CPU bench VM under a
+new-connection load: about 140 us a wake-up, 100 a second, 1.4 % of a
+core). So while every worker beats on time (its last beat at most two intervals
+old, IDLE_BEATS + 1 for one without work in hand), the looks space out,
+twice as far each time, up to CALM_PERIODS periods (40 ms); the first look
+that finds a late beat or a blocked worker brings the 10 ms pace back. A
+connection sent to a worker just before it blocked waits up to CALM_PERIODS
+periods more before it moves, one period once the looks have found a late
+beat. Under CPU contention beats come late and the looks stay fast.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from zion.listeners import accept_queue_len
 # With no connection anywhere nothing can wait behind a blocked worker; the
 # first dispatch makes the board show work and the next poll is fast again.
 IDLE_POLL = 0.1  # seconds
+# Periods (BUSY_BEATS heartbeat intervals) between looks at most while every
+# worker with work turns.
+CALM_PERIODS = 4
 
 
 @dataclass
@@ -64,6 +74,14 @@ class QueueMover:
                  queue_len: Callable[[socket.socket], int] = accept_queue_len) -> None:
         self.period = BUSY_BEATS * interval
         interval_ns = int(interval * 1e9)
+        # A beat is late past its pace and one more interval (timers run late
+        # in a loop that shares its CPU: under the bench's new-connection
+        # load half the looks found a beat older than 1.5 intervals).
+        self.late_ns = 2 * interval_ns
+        self.idle_late_ns = (IDLE_BEATS + 1) * interval_ns
+        # Periods until the next look while the workers turn: doubled after
+        # each such look, up to CALM_PERIODS; 1 after any other.
+        self.spacing = 1
         self.busy_ns = BUSY_BEATS * interval_ns
         self.idle_ns = IDLE_BEATS * interval_ns
         self.queue_len = queue_len
@@ -82,6 +100,7 @@ class QueueMover:
         self.next_at = now + IDLE_POLL
         slots = board.slots
         look, turning = Look(), False
+        busy, calm = False, True
         accepted_then, queued_then = self.accepted, self.queued
         self.accepted, self.queued = {}, set()
         for index in range(min(board.count, len(sockets))):
@@ -94,12 +113,16 @@ class QueueMover:
             if took or slot.active:
                 # Connections are arriving: a look that happened to find
                 # every worker between two of them must not wait IDLE_POLL.
-                self.next_at = now + self.period
+                busy = True
             age: int = now_ns - slot.heartbeat_ns
             queued: int | None = None  # read once per look, and only if needed
+            working = slot.inflight or slot.handshakes
+            # Its beat is late (for its pace), even if it took connections
+            # since the last look: it may be blocking now, look closely.
+            calm = calm and age <= (self.late_ns if working else self.idle_late_ns)
             if took:
                 blocked = False
-            elif slot.inflight or slot.handshakes:
+            elif working:
                 blocked = age > self.busy_ns
             else:
                 blocked = age > self.idle_ns + self.busy_ns
@@ -108,12 +131,20 @@ class QueueMover:
                     if queued:
                         blocked = index in queued_then
                         self.queued.add(index)
+                        calm = False
             if not blocked:
                 turning = True
                 continue
+            calm = False
             look.blocked.append(index)
             if queued is None:
                 queued = self.queue_len(sockets[index])
             if queued > 0:
                 look.move.append(index)
+        if not (busy and calm):
+            self.spacing = 1
+        if busy:
+            self.next_at = now + self.period * self.spacing
+            if calm:
+                self.spacing = min(2 * self.spacing, CALM_PERIODS)
         return look if turning else Look()
