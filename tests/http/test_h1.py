@@ -531,3 +531,28 @@ async def test_the_scope_names_the_request_http_version(head, version):
         tr.feed(head + b"\r\n")
         await until(lambda: len(seen) == 2)
     assert set(seen) == {version}
+
+
+# -- a body read past the parser, timed ------------------------------------------
+
+async def test_an_unswitched_upgrades_body_that_stops_arriving_gets_408():
+    # An h2c upgrade this connection does not take: its body is read past the
+    # parser (h1._upgrade_body), and timed there.
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"late"})
+
+    state = make_state(limits={"body_timeout": 8.0, "header_timeout": 60.0,
+                               "keepalive_timeout": 60.0})
+    tr = fake_connect(state, app)
+    tr.feed(b"POST / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\n"
+            b"content-length: 10\r\n\r\nabc")
+    await settle()
+    now = state.loop.time()
+    tr.protocol.check_deadline(now + 7)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 9)
+    out = tr.take()
+    assert out.startswith(b"HTTP/1.1 408") and b"body not received in time" in out and tr.closed

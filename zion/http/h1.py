@@ -45,8 +45,10 @@ _WRITE_FULL = int(PauseReason.WRITE_BUFFER_FULL)
 _BODY_UNREAD = int(PauseReason.BODY_UNREAD)
 _PIPELINED = int(PauseReason.PIPELINED)
 _LAST = int(PauseReason.LAST_REQUEST)
-# Deadline kinds.
-_NONE, _FIRST, _HEADERS, _IDLE, _BODY = 0, 1, 2, 3, 4
+# Deadline kinds. The last two are set by the parser's callbacks and armed
+# (given a time) at the end of the read (data_received): a request whose head
+# and body come in one read, as most do, never needs a clock for them.
+_NONE, _FIRST, _IDLE, _HEADERS, _BODY, _HEAD_BEGUN = 0, 1, 2, 3, 4, 5
 # How long a draining worker keeps a connection whose last response promised
 # keep-alive. A client that reuses it sends its next request at once, and that
 # request may already be on the wire when the drain starts: closing then loses
@@ -257,8 +259,20 @@ class H1Protocol(asyncio.Protocol):
             if self.header_raw > self.limits.max_header_size + self.limits.max_request_line:
                 self.reject(431, "header section too large")
                 return
+        if self.deadline_kind >= _BODY:  # a body still to come, or a head begun
+            self._arm_deadline()
         if self.current is None and self.pipeline:
             self.start_next()
+
+    def _arm_deadline(self) -> None:
+        """At the end of a read that left a body to come (each such read sets
+        it again) or began a head (timed from that read, not its last: a
+        slow head must not keep extending it)."""
+        if self.deadline_kind == _BODY:
+            self.deadline = rules.body_deadline(self.limits, self.loop.time())
+        else:
+            self.deadline = self.loop.time() + self.limits.header_timeout
+            self.deadline_kind = _HEADERS
 
     # -- httptools callbacks ---------------------------------------------------
 
@@ -284,8 +298,7 @@ class H1Protocol(asyncio.Protocol):
             self.upgrade = _NO_UPGRADE
             self.forwarding = False
             self.connection_options = False
-            self.deadline = self.loop.time() + self.limits.header_timeout
-            self.deadline_kind = _HEADERS
+            self.deadline_kind = _HEAD_BEGUN  # timed at the end of this read
         self.url = url
         if len(url) > self.limits.max_request_line:
             raise _Reject(414, "request target too long")
@@ -392,8 +405,8 @@ class H1Protocol(asyncio.Protocol):
             # httptools skips the body of an upgrade request (it expects the
             # new protocol's bytes): an upgrade we do not take gets it here.
             self.upgrade_body = self.content_length
-        # Until on_message_complete (at once, for a request without a body).
-        self.deadline = rules.body_deadline(self.limits, self.loop.time())
+        # Until on_message_complete (at once, for a request without a body);
+        # timed at the end of the read if the body is still to come.
         self.deadline_kind = _BODY
         if self.current is not None or len(self.pipeline) > 1:
             # Pipelined: hold further input until earlier answers are out.
@@ -408,8 +421,6 @@ class H1Protocol(asyncio.Protocol):
             raise _Reject(refusal.status, refusal.detail)
         if not ex.response_complete:
             ex.feed_body(body)
-        if self.deadline_kind == _BODY:
-            self.deadline = rules.body_deadline(self.limits, self.loop.time())
 
     def on_message_complete(self) -> None:
         if self.upgrade_body:
@@ -480,6 +491,8 @@ class H1Protocol(asyncio.Protocol):
             self.upgrade_body = 0
             self.reject(exc.status, exc.detail)
             return
+        if self.deadline_kind == _BODY:
+            self._arm_deadline()
         if self.current is None and self.pipeline:
             self.start_next()
 
