@@ -533,6 +533,44 @@ async def test_the_scope_names_the_request_http_version(head, version):
     assert set(seen) == {version}
 
 
+# -- the response head's cached lines, and the scope from the connection's copy ------
+
+def _answer_with(headers):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": headers(scope)})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+async def test_a_bytearray_field_value_is_sent_as_it_is():
+    # Not hashable: it cannot be a key of the cache of field lines.
+    tr = fake_connect(make_state(), _answer_with(lambda s: [(b"x-a", bytearray(b"1"))]))
+    for _ in range(2):
+        tr.feed(GET_X)
+        await settle()
+        assert b"\r\nx-a: 1\r\n" in tr.take()
+
+
+async def test_field_lines_are_each_responses_own_and_their_cache_stays_bounded():
+    from zion.http import h1
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-n", scope["query_string"]), (b"x-same", b"1")]})
+        await send({"type": "http.response.body", "body": b"x" * int(scope["query_string"])})
+
+    tr = fake_connect(make_state(), app)
+    for i in [*range(h1._LINES_MAX + 50), 7]:
+        tr.feed(b"GET /?%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+        await settle()
+        out = tr.take()
+        assert b"\r\nx-n: %d\r\nx-same: 1\r\n" % i in out
+        assert b"\r\ncontent-length: %d\r\n" % i in out and out.endswith(b"\r\n" + b"x" * i)
+        assert len(h1._LINES) <= h1._LINES_MAX and len(h1._LENGTH_LINES) <= h1._LINES_MAX
+
+
+
 # -- a body read past the parser, timed ------------------------------------------
 
 async def test_an_unswitched_upgrades_body_that_stops_arriving_gets_408():
