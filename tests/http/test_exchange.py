@@ -337,3 +337,21 @@ async def test_trailers_end_a_chunked_http11_response_and_head_sends_no_body():
     await settle()
     head, body = tr.take().split(b"\r\n\r\n", 1)
     assert b"transfer-encoding: chunked" in head and body == b""
+
+
+async def test_the_apps_field_names_go_out_lowercase_and_their_cache_stays_bounded():
+    from zion.http import exchange
+
+    async def app(scope, receive, send):
+        name = b"X-Name-" + scope["query_string"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(name, b"1"), (b"Content-Type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    tr = connect(make_state(), app)
+    for i in range(exchange._NAMES_MAX + 50):
+        tr.feed(b"GET /?%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+        await settle()
+        out = tr.take()
+        assert b"\r\nx-name-%d: 1\r\ncontent-type: text/plain\r\n" % i in out
+        assert len(exchange._NAMES) <= exchange._NAMES_MAX

@@ -570,6 +570,39 @@ async def test_field_lines_are_each_responses_own_and_their_cache_stays_bounded(
         assert len(h1._LINES) <= h1._LINES_MAX and len(h1._LENGTH_LINES) <= h1._LINES_MAX
 
 
+@pytest.mark.parametrize(("head", "version", "method", "path", "raw_path", "query"), [
+    (b"GET /a%20b?q=1 HTTP/1.1\r\nhost: x\r\nx-one: 1\r\n", "1.1", "GET", "/a b", b"/a%20b",
+     b"q=1"),
+    (b"POST /p HTTP/1.0\r\nconnection: keep-alive\r\ncontent-length: 0\r\n", "1.0", "POST",
+     "/p", b"/p", b""),
+    # a method not in h1._METHODS
+    (b"PROPFIND /d HTTP/1.1\r\nhost: x\r\n", "1.1", "PROPFIND", "/d", b"/d", b""),
+])
+async def test_the_scope_is_the_one_rules_http_scope_makes(head, version, method, path, raw_path,
+                                                           query):
+    # h1.py copies the connection's scope and sets each request's keys.
+    from zion.http import rules
+    from zion.http.files import PATHSEND
+
+    seen = []
+    state = make_state()
+    state.lifespan_state["db"] = "x"
+    tr = fake_connect(state, _answer_with(lambda s: seen.append(s) or []))
+    for _ in range(2):
+        tr.feed(head + b"\r\n")
+        await settle()
+    assert len(seen) == 2 and seen[0] is not seen[1]
+    scope = seen[1]
+    headers = [tuple(line.split(b": ")) for line in head.split(b"\r\n")[1:-1]]
+    expected = rules.http_scope(state, version, method, path, raw_path, query,
+                                [(n.lower(), v) for n, v in headers],
+                                ("127.0.0.1", 40000), ("127.0.0.1", 8443), {PATHSEND: {}},
+                                False)
+    assert scope == expected and list(scope) == list(expected)
+    assert scope["state"] is not seen[0]["state"] and scope["state"] is not state.lifespan_state
+    assert scope["extensions"] is not seen[0]["extensions"]
+
+
 
 # -- a body read past the parser, timed ------------------------------------------
 

@@ -43,6 +43,12 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
 # they are: the framing ones, and `date`, which the carrier adds as the
 # worker's tick keeps it.
 _FRAMED = _CONNECTION_SPECIFIC | {b"content-length", b"date", b"server"}
+# The app's field names in lowercase, by the name as it sent them: an app
+# sends the same few names over and over, and a lookup of the same bytes
+# object (its hash kept) costs less than lowering a copy and hashing that.
+# Bounded; when full it starts over.
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX, _NAME_MAX = 512, 64
 # Header pairs, as zion's own handlers give them (lowercase names).
 Headers = Sequence[tuple[bytes, bytes]]
 # Body bytes buffered for an app that has not read them; past this the
@@ -52,6 +58,15 @@ _BODY_HIGH_WATER = 65536
 
 class ProtocolError(Exception):
     """The app broke the ASGI contract (bad message, bad header)."""
+
+
+def _lower(name: bytes) -> bytes:
+    lname = name.lower()
+    if type(name) is bytes and len(name) <= _NAME_MAX:
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+        _NAMES[name] = lname
+    return lname
 
 
 def _phrase(status: int) -> str:
@@ -246,8 +261,11 @@ class Exchange:
         headers = []
         length = None
         own_server = False
+        names = _NAMES
         for name, value in self.headers:
-            lname = name.lower()
+            lname = names.get(name)
+            if lname is None:
+                lname = _lower(name)
             if lname in _FRAMED:
                 if lname == b"content-length":
                     try:

@@ -85,6 +85,8 @@ H2cRequest = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]
 H2cUpgrade = Callable[["ServerState", H2cRequest, Any, bytes, "tuple[str, int] | None", bool],
                       None]
 _STATUS_LINES = response.STATUS_LINES
+# The scope's method for the common ones, without decoding the parser's bytes.
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 # One (name, value) pair as a field line, without a Python frame per field.
 _FIELD_LINE = b"%s: %s\r\n".__mod__
 # Field lines already made and checked, by their (name, value) pair: an app
@@ -109,6 +111,7 @@ class H1Protocol(asyncio.Protocol):
     __slots__ = (
         # connection
         "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
+        "scope_base",
         "pauses", "closing", "deadline", "deadline_kind", "current", "pipeline",
         "overloaded", "upgrade_seen", "served",
         # request being parsed
@@ -158,6 +161,9 @@ class H1Protocol(asyncio.Protocol):
         self.forwarding = False  # it has a field forwarded.apply reads
         self.connection_options = False  # it has a connection (or proxy-connection) field
         self.to_h2 = to_h2
+        # rules.http_scope_base for this connection's requests, made at the
+        # first: connection_start.py may set `client` after connection_made.
+        self.scope_base: HTTPScope | None = None
         self.h2c_pending: H2cRequest | None = None  # an Upgrade: h2c request, until the switch
         self.upgrade_body = 0  # body bytes of an unswitched upgrade request still to come
         self.ws_pending: HTTPScope | None = None  # its scope, until the switch
@@ -388,10 +394,25 @@ class H1Protocol(asyncio.Protocol):
         # which formats it with str.format (~2.5k instructions a request).
         version = ("1.1" if keep_alive and not self.connection_options
                    else parser.get_http_version())
-        scope = rules.http_scope(state, version,
-                                 parser.get_method().decode("ascii"), path, raw_path, query,
-                                 self.headers, self.client, self.server, extensions,
-                                 self.proxied and self.forwarding)
+        # rules.http_scope, from this connection's copy of it: the keys a
+        # request sets, set (test_h1 holds the two equal).
+        base = self.scope_base
+        if base is None:
+            base = self.scope_base = rules.http_scope_base(state, self.client, self.server)
+        scope = base.copy()
+        if version != "1.1":
+            scope["http_version"] = version
+        method = parser.get_method()
+        scope["method"] = _METHODS.get(method) or method.decode("ascii")
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = query
+        scope["headers"] = self.headers
+        scope["state"] = state.lifespan_state.copy()
+        scope["extensions"] = extensions
+        if self.proxied and self.forwarding:
+            assert state.proxies is not None
+            forwarded.apply(scope, state.proxies)
         if upgrade:
             if ws:
                 # The switch happens when the parser stops at the upgrade point
@@ -407,7 +428,8 @@ class H1Protocol(asyncio.Protocol):
                     return
         # time.monotonic(), not loop.time(): the same clock (CLOCK_MONOTONIC), but
         # uvloop's is libuv's cached millisecond, and a request takes microseconds.
-        ex = Exchange(self, scope, keep_alive, self.expect_100, time.monotonic())
+        ex = Exchange(self, scope, keep_alive, self.expect_100,
+                      time.monotonic() if state.access_log else 0.0)  # only logged
         self.parsing = ex
         self.pipeline.append(ex)
         if upgrade and self.content_length and parser.should_upgrade():
