@@ -570,6 +570,19 @@ async def test_field_lines_are_each_responses_own_and_their_cache_stays_bounded(
         assert len(h1._LINES) <= h1._LINES_MAX and len(h1._LENGTH_LINES) <= h1._LINES_MAX
 
 
+async def test_request_targets_are_each_requests_own_and_their_cache_stays_bounded():
+    from zion.http import h1
+
+    seen = []
+    tr = fake_connect(make_state(), _answer_with(
+        lambda s: seen.append((s["path"], s["raw_path"], s["query_string"])) or []))
+    for i in [*range(h1._TARGETS_MAX + 50), 3]:
+        tr.feed(b"GET /p%%20%d?q=%d HTTP/1.1\r\nhost: x\r\n\r\n" % (i, i))
+        await settle()
+        assert tr.take().startswith(b"HTTP/1.1 200")
+        assert seen[-1] == (f"/p {i}", b"/p%%20%d" % i, b"q=%d" % i)
+        assert len(h1._TARGETS) <= h1._TARGETS_MAX
+
 @pytest.mark.parametrize(("head", "version", "method", "path", "raw_path", "query"), [
     (b"GET /a%20b?q=1 HTTP/1.1\r\nhost: x\r\nx-one: 1\r\n", "1.1", "GET", "/a b", b"/a%20b",
      b"q=1"),

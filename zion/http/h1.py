@@ -98,6 +98,12 @@ _LINES: dict[tuple[bytes, bytes], bytes] = {}
 _LINES_MAX, _LINE_MAX = 512, 256
 # "content-length: N\r\n" by N, the same way (formatting one is ~1k).
 _LENGTH_LINES: dict[int, bytes] = {}
+# A request target's (path, raw_path, query_string) by its bytes, the same
+# way: clients ask for the same few targets again and again, and splitting,
+# decoding and unquoting one costs ~1.5k instructions. A hostile client's
+# distinct targets only make it start over more often.
+_TARGETS: dict[bytes, tuple[str, bytes, bytes]] = {}
+_TARGETS_MAX, _TARGET_MAX = 512, 256
 
 
 class _Reject(Exception):
@@ -113,7 +119,7 @@ class H1Protocol(asyncio.Protocol):
         "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
         "scope_base",
         "pauses", "closing", "deadline", "deadline_kind", "current", "pipeline",
-        "overloaded", "upgrade_seen", "served",
+        "overloaded", "upgrade_seen",
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "upgrade", "forwarding", "ws_pending",
@@ -146,7 +152,6 @@ class H1Protocol(asyncio.Protocol):
         self.pipeline: deque[Exchange] = deque()  # parsed, waiting their turn
         self.overloaded = False
         self.upgrade_seen = False
-        self.served = 0
         # request being parsed
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -360,26 +365,8 @@ class H1Protocol(asyncio.Protocol):
             if refusal is not None:
                 raise _Reject(refusal.status, refusal.detail)
         parser = self.parser
-        url = self.url
-        # find, not `in`: bytes.__contains__ tries the needle as an int first
-        # and clears the TypeError (about 2k instructions).
-        if url[:1] == b"/" and url.find(b"#") < 0:
-            # Origin-form: llhttp has already refused every byte parse_url
-            # would (controls, DEL, non-ASCII), so it would split it the same.
-            raw_path, _, query = url.partition(b"?")
-        else:
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                raise _Reject(400, "invalid request target") from None
-            raw_path = parsed.path or b"/"
-            query = parsed.query or b""
-        try:
-            path = raw_path.decode("ascii")
-        except UnicodeDecodeError:
-            raise _Reject(400, "non-ASCII request target") from None
-        if "%" in path:
-            path = urllib.parse.unquote(path)
+        target = _TARGETS.get(self.url)
+        path, raw_path, query = _split_target(self.url) if target is None else target
         state = self.state
         upgrade = self.upgrade
         ws = upgrade == _WEBSOCKET and state.websocket_enabled and parser.should_upgrade()
@@ -480,7 +467,6 @@ class H1Protocol(asyncio.Protocol):
     def exchange_done(self, exchange: Exchange) -> None:
         state = self.state
         rules.request_done(state, exchange)
-        self.served += 1
         if self.current is exchange:
             self.current = None
         if not exchange.keep_alive or self.upgrade_seen or not exchange.body_complete:
@@ -765,6 +751,36 @@ def _field_line(pair: tuple[bytes, bytes]) -> bytes:
             _LINES.clear()
         _LINES[pair] = line
     return line
+
+
+def _split_target(url: bytes) -> tuple[str, bytes, bytes]:
+    """A request target as the scope's path, raw_path and query_string
+    (cached if short), or _Reject."""
+    # find, not `in`: bytes.__contains__ tries the needle as an int first
+    # and clears the TypeError (about 2k instructions).
+    if url[:1] == b"/" and url.find(b"#") < 0:
+        # Origin-form: llhttp has already refused every byte parse_url
+        # would (controls, DEL, non-ASCII), so it would split it the same.
+        raw_path, _, query = url.partition(b"?")
+    else:
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Reject(400, "invalid request target") from None
+        raw_path = parsed.path or b"/"
+        query = parsed.query or b""
+    try:
+        path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        raise _Reject(400, "non-ASCII request target") from None
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    target = path, raw_path, query
+    if len(url) <= _TARGET_MAX:
+        if len(_TARGETS) >= _TARGETS_MAX:
+            _TARGETS.clear()
+        _TARGETS[url] = target
+    return target
 
 
 def _parser_detail(exc: Exception) -> str:
