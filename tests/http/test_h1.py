@@ -616,6 +616,46 @@ async def test_the_scope_is_the_one_rules_http_scope_makes(head, version, method
     assert scope["extensions"] is not seen[0]["extensions"]
 
 
+# -- the field count, and the idle deadline from the sweep after a response ---------
+
+@pytest.mark.parametrize(("fields", "status"), [(5, b"200"), (6, b"431")])
+async def test_more_fields_than_max_headers_get_431(fields, status):
+    tr = fake_connect(make_state(limits={"max_headers": 5}), _answer_with(lambda s: []))
+    tr.feed(b"GET / HTTP/1.1\r\n" + b"".join(b"x-%d: 1\r\n" % i for i in range(fields)) + b"\r\n")
+    await settle()
+    out = tr.take()
+    assert out.startswith(b"HTTP/1.1 " + status)
+    assert (b"too many header fields" in out) == (status == b"431")
+
+
+async def test_an_idle_connection_closes_keepalive_timeout_after_the_sweep_past_its_response():
+    # The response's end reads no clock: the next sweep starts the idle deadline.
+    state = make_state(limits={"keepalive_timeout": 5.0})
+    tr = fake_connect(state, _answer_with(lambda s: []))
+    tr.feed(GET_X)
+    await until(lambda: tr.buffer.endswith(b"ok"))
+    now = state.loop.time()
+    tr.protocol.check_deadline(now + 0.5)  # the sweep after the response
+    tr.protocol.check_deadline(now + 5.4)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 5.6)
+    assert tr.closed
+
+
+async def test_a_drain_right_after_a_response_closes_its_connection_after_the_grace():
+    # No sweep between the response and the drain: the grace still holds.
+    state = make_state(limits={"keepalive_timeout": 60.0})
+    tr = fake_connect(state, _answer_with(lambda s: []))
+    tr.feed(GET_X)
+    await until(lambda: tr.buffer.endswith(b"ok"))
+    now = state.loop.time()
+    state.draining = True
+    tr.protocol.shutdown()
+    tr.protocol.check_deadline(now + 0.5)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 2)
+    assert tr.closed
+
 
 # -- a body read past the parser, timed ------------------------------------------
 

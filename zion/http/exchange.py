@@ -294,7 +294,7 @@ class Exchange:
         # the app's failure is then answered with a 500.
         self.conn.start_response(status, headers, length, body, end, own_server)
         self.content_length = -1 if length is None else length
-        self.written += len(body)
+        self.written = len(body)  # the first body bytes
 
     # -- for zion's own handlers ---------------------------------------------
 

@@ -48,7 +48,10 @@ _LAST = int(PauseReason.LAST_REQUEST)
 # Deadline kinds. The last two are set by the parser's callbacks and armed
 # (given a time) at the end of the read (data_received): a request whose head
 # and body come in one read, as most do, never needs a clock for them.
-_NONE, _FIRST, _IDLE, _HEADERS, _BODY, _HEAD_BEGUN = 0, 1, 2, 3, 4, 5
+# _DONE likewise: a response ended, and the next sweep (check_deadline)
+# starts the idle (keep-alive) deadline; the sweep runs on a fixed beat, so
+# a connection still closes between keepalive_timeout and one beat past it.
+_NONE, _FIRST, _IDLE, _DONE, _HEADERS, _BODY, _HEAD_BEGUN = 0, 1, 2, 3, 4, 5, 6
 # How long a draining worker keeps a connection whose last response promised
 # keep-alive. A client that reuses it sends its next request at once, and that
 # request may already be on the wire when the drain starts: closing then loses
@@ -324,18 +327,16 @@ class H1Protocol(asyncio.Protocol):
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
         size = self.header_bytes + len(name) + len(value) + 4
         self.header_bytes = size
-        limits = self.limits
-        if size > limits.max_header_size:
+        # The size bounds the fields kept (each counts at least 4 bytes); their
+        # number is checked once, when the section is complete.
+        if size > self.limits.max_header_size:
             raise _Reject(431, "header section too large")
-        if len(headers) >= limits.max_headers:
-            raise _Reject(431, "too many header fields")
         name = name.lower()
         if name in _LOOKED_AT:  # one set lookup for the common field that is none of them
             self._look_at(name, value)
-        headers.append((name, value))
+        self.headers.append((name, value))
 
     def _look_at(self, name: bytes, value: bytes) -> None:
         if name == b"expect":
@@ -360,6 +361,8 @@ class H1Protocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self.deadline_kind = _NONE
+        if len(self.headers) > self.limits.max_headers:
+            raise _Reject(431, "too many header fields")
         if self.content_length:  # 413 before the body is read
             refusal = rules.body_chunk(self.limits, 0, self.content_length)
             if refusal is not None:
@@ -480,8 +483,7 @@ class H1Protocol(asyncio.Protocol):
             else:
                 self.loop.call_soon(self.start_next)
             return
-        self.deadline = self.loop.time() + self.limits.keepalive_timeout
-        self.deadline_kind = _IDLE
+        self.deadline_kind = _DONE  # idle from the next sweep, without a clock now
         if state.draining:
             # The drain began after this response's head promised keep-alive.
             self._drain_grace()
@@ -666,11 +668,16 @@ class H1Protocol(asyncio.Protocol):
         if self.write_blocked_at and now - self.write_blocked_at > self.limits.send_timeout:
             self.abort()  # it never reads: close() would wait to flush forever
             return
-        if self.deadline_kind == _NONE or now < self.deadline:
+        kind = self.deadline_kind
+        if kind == _DONE:  # a response ended since the last sweep
+            self.deadline = now + self.limits.keepalive_timeout
+            self.deadline_kind = _IDLE
             return
-        if self.deadline_kind == _HEADERS:
+        if kind == _NONE or now < self.deadline:
+            return
+        if kind == _HEADERS:
             self.reject(408, "header section not received in time")
-        elif self.deadline_kind == _BODY:
+        elif kind == _BODY:
             if self.pauses.reasons:
                 # We stopped reading (the app is slow to take the body, or
                 # requests are pipelined): not the client's delay.
@@ -688,11 +695,15 @@ class H1Protocol(asyncio.Protocol):
         client may be sending on it this instant. A new one that has not sent
         its first request yet keeps its header deadline: its request is on
         the way, and it is answered."""
-        if self.deadline_kind == _IDLE:
+        if self.deadline_kind in (_IDLE, _DONE):
             self._drain_grace()
 
     def _drain_grace(self) -> None:
-        self.deadline = min(self.deadline, self.loop.time() + _DRAIN_GRACE)
+        now = self.loop.time()
+        if self.deadline_kind == _DONE:
+            self.deadline = now + self.limits.keepalive_timeout
+            self.deadline_kind = _IDLE
+        self.deadline = min(self.deadline, now + _DRAIN_GRACE)
 
     def write(self, data: bytes) -> None:
         if not self.closing and self.transport is not None:
