@@ -42,7 +42,9 @@ def main() -> int:
     per_conn: dict[str, list[float]] = {s.name: [] for s in chosen}
     rps: dict[str, list[float]] = {s.name: [] for s in chosen}
     for r in range(a.rounds):
-        for sdef in chosen:
+        # Each round starts with the next server: the first of a round is
+        # not always the same one.
+        for sdef in chosen[r % len(chosen):] + chosen[:r % len(chosen)]:
             run = Running(sdef, ctx, WORK / "logs")
             try:
                 load.wrk(run.port, a.conns, 1, close=True)  # warm-up
