@@ -101,6 +101,9 @@ _PING_ALIVE, _PING_GOAWAY = b"zionping", b"zionbye!"
 # The request fields _request looks at (one set lookup for the common field
 # that is none of them); forwarding fields only matter from a trusted proxy.
 _LOOKED_AT = frozenset({b"cookie", b"content-length", b"expect"}) | forwarded.FIELDS
+# The scope's method for the common ones without a decode call.
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                    "OPTIONS", "CONNECT")}
 # zttp's event types as module names: one lookup each in _events' dispatch.
 _NeedData, _Data, _Request, _EndOfMessage = (zttp.NeedData, zttp.Data, zttp.Request,
                                              zttp.EndOfMessage)
@@ -512,7 +515,8 @@ class H2Protocol(asyncio.Protocol):
         extensions: Extensions = {"http.response.trailers": {}}
         if self.tls is not None:
             extensions["tls"] = self.tls
-        scope = rules.http_scope(self.state, "2", method.decode("ascii", "replace"), path,
+        scope = rules.http_scope(self.state, "2",
+                                 _METHODS.get(method) or method.decode("ascii", "replace"), path,
                                  raw_path, event.query, headers, self.client, self.server,
                                  extensions, self.proxied and forwarding)
         self.streams[sid] = stream
