@@ -41,9 +41,6 @@ _END_STREAM, _END_HEADERS = zttp_shim.END_STREAM, zttp_shim.END_HEADERS
 # zttp's HEADERS frame of a head without fields: its 9 bytes and ":status"
 # as a literal on the static name (0x08, 3 digits).
 _HEAD_ONLY = 9 + 5
-# HEADERS (END_HEADERS) and DATA (END_STREAM) frames of one stream, each of
-# under 65536 bytes: lengths as two bytes after a zero, the stream id as 4.
-_HEAD_AND_BODY = b"\x00%c%c\x01\x04%b%b\x00%c%c\x00\x01%b%b"
 
 class H2Stream:
     """One stream as the Connection an Exchange talks to."""
@@ -142,12 +139,10 @@ class H2Stream:
                 elif end and size and len(made) == _HEAD_ONLY + 18 + size:
                     # HEADERS, all of the body in one DATA frame (so under
                     # 16384 bytes, RFC 9113 4.2), and zttp's empty END_STREAM
-                    # one: END_STREAM on the body's instead. A format, not two
-                    # struct packs and four concatenations.
-                    sid4 = made[5:9]
-                    length = len(block)
-                    frames = _HEAD_AND_BODY % (length >> 8, length & 255, sid4, block,
-                                               size >> 8, size & 255, sid4, body)
+                    # one: END_STREAM on the body's instead. Two packs and a
+                    # join (~0.35 µs), not a bytes format (~0.65 µs).
+                    frames = b"".join((_FRAME(0, len(block), 1, _END_HEADERS, sid), block,
+                                       _FRAME(0, size, 0, _END_STREAM, sid), body))
                 else:
                     frames = zttp_shim.own_head(made, sid, block)
             except zttp.LocalProtocolError:
