@@ -4,7 +4,9 @@ trivial app in-process, no sockets, no TLS. Instruction counts do not move
 with the machine's load the way timings do (two CPUs shared by five people).
 
 Each shape runs twice, with N1 and N2 requests; (Ir(N2) - Ir(N1)) / (N2 - N1)
-is the cost of one request without start-up. The HTTP/2 client that makes
+is the cost of one request without start-up. PYTHONHASHSEED is fixed: with
+random string hashes two runs of the same code differed by up to ~1k
+instructions per request, as much as many a cut this tool is to prove. The HTTP/2 client that makes
 the frames is pure-Python `h2`, far dearer than the server: its own cost is
 measured the same way (the "client only" rows) and taken off.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-N1, N2 = 300, 1300
+N1, N2 = 300, 2300
 
 
 def _frames(n: int, batch: int) -> None:
@@ -74,7 +77,7 @@ def _instructions(shape: str, n: int) -> int:
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
          __file__, "--child", shape, str(n), LOOP], capture_output=True, text=True,
-        check=True).stderr
+        check=True, env={**os.environ, "PYTHONHASHSEED": "0"}).stderr
     found = re.search(r"Collected : (\d+)", out)
     if not found:
         raise RuntimeError(f"no instruction count from callgrind:\n{out[-2000:]}")
