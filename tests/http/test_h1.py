@@ -657,6 +657,32 @@ async def test_a_drain_right_after_a_response_closes_its_connection_after_the_gr
     assert tr.closed
 
 
+async def test_only_a_connections_first_request_runs_its_first_step_inside_the_read():
+    # task_start for the first (a new TLS connection's tickets and response in
+    # one write), create_task for the rest: fed from a loop callback, as a
+    # transport's read is, outside any Task.
+    seen: list[str] = []
+    ran: list[int] = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    tr = fake_connect(make_state(), app)
+    loop = asyncio.get_running_loop()
+
+    def read(path: bytes) -> None:
+        tr.feed(b"GET " + path + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+        ran.append(len(seen))  # apps run by the time the read returns
+
+    for i, path in enumerate((b"/1", b"/2", b"/3")):
+        loop.call_soon(read, path)
+        await until(lambda n=i + 1: len(seen) == n and tr.buffer.endswith(b"ok"))
+        tr.take()
+    assert ran == [1, 1, 2] and seen == ["/1", "/2", "/3"]
+
+
 # -- a body read past the parser, timed ------------------------------------------
 
 async def test_an_unswitched_upgrades_body_that_stops_arriving_gets_408():

@@ -116,13 +116,12 @@ class _Reject(Exception):
 
 
 class H1Protocol(asyncio.Protocol):
-    start_now = True  # connection.Carrier: dispatch ends data_received, re-entry is safe
     __slots__ = (
         # connection
         "state", "loop", "limits", "transport", "flow", "parser", "client", "server",
         "scope_base",
         "pauses", "closing", "deadline", "deadline_kind", "current", "pipeline",
-        "overloaded", "upgrade_seen",
+        "overloaded", "upgrade_seen", "start_now",
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "upgrade", "forwarding", "ws_pending",
@@ -155,6 +154,15 @@ class H1Protocol(asyncio.Protocol):
         self.pipeline: deque[Exchange] = deque()  # parsed, waiting their turn
         self.overloaded = False
         self.upgrade_seen = False
+        # connection.Carrier: the first request's Task runs its first step
+        # inside dispatch (task_start: dispatch ends data_received, re-entry
+        # is safe), so a new TLS connection's session tickets and its first
+        # response leave in one write. Later ones start with create_task:
+        # there are no tickets to join, and task_start's own work (a context
+        # copy, a call_soon shim) costs a keep-alive request more than the
+        # loop turn it saves (one real TLS worker: 104.4k -> 99.0k
+        # instructions per keep-alive request, bench/conn_instructions.py).
+        self.start_now = True
         # request being parsed
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -466,6 +474,7 @@ class H1Protocol(asyncio.Protocol):
             ex.fail(refusal.status, refusal.detail, refusal.headers)
         else:
             self.state.dispatch(ex)
+        self.start_now = False
 
     def exchange_done(self, exchange: Exchange) -> None:
         state = self.state
