@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import _thread
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -35,3 +38,41 @@ def test_a_stopped_watchdog_reports_nothing():
     dog = LoopWatchdog(slot, threshold=0.1)
     dog.stop()
     assert not dog.check(slot.heartbeat_ns + 10**9)
+
+
+def _check_from_another_thread(dog: LoopWatchdog, now_ns: int) -> bool:
+    """dog.check(now_ns) run by another thread while the main thread waits
+    in C (a lock's acquire: no Python frame above the caller's)."""
+    found: list[bool] = []
+    main, here = threading.get_ident(), _check_from_another_thread.__code__
+    waiting = _thread.allocate_lock()
+    waiting.acquire()
+
+    def look() -> None:
+        # Thread.start() waits in Python until this thread runs: look once
+        # the main thread is back in this function.
+        deadline = time.monotonic() + 10
+        while sys._current_frames()[main].f_code is not here:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        found.append(dog.check(now_ns))
+        waiting.release()
+
+    threading.Thread(target=look).start()
+    waiting.acquire()
+    return found[0]
+
+
+def test_a_late_beat_with_the_loop_in_its_own_code_is_not_a_block():
+    """The main thread inside the loop runner alone (here the helper that
+    waits in C stands for zion.worker.main) is a loop waiting in C; its beat is
+    late because the host did not schedule it. No report, and a real block
+    afterwards is still reported."""
+    slot = Slot(time.monotonic_ns())
+    dog = LoopWatchdog(slot, threshold=0.1, idle_code=_check_from_another_thread.__code__)
+    with structlog.testing.capture_logs() as logs:
+        assert not _check_from_another_thread(dog, slot.heartbeat_ns + 10**9)
+        dog.idle_code = None  # now the same stack stands for code that blocks
+        assert _check_from_another_thread(dog, slot.heartbeat_ns + 10**9)
+    assert [e["event"] for e in logs] == ["worker_blocked"]
+    assert logs[0]["where"].startswith("_check_from_another_thread ")

@@ -221,7 +221,7 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     beat = _Heartbeat(loop, state, settings.demux.heartbeat_interval_ms / 1000)
     watchdog = None
     if settings.supervisor.stuck_timeout:
-        watchdog = LoopWatchdog(slot, settings.demux.stall_threshold_ms / 1000)
+        watchdog = LoopWatchdog(slot, settings.demux.stall_threshold_ms / 1000, main.__code__)
         watchdog.start()
     limits = settings.limits
     # --limit-max-requests: retire after this many (0 = never), jittered per worker.
