@@ -57,6 +57,37 @@ async def test_a_request_is_an_exchange_with_an_http2_scope():
     assert bytes(r.body) == hashlib.sha256(b"").hexdigest().encode()
 
 
+async def test_the_scope_is_the_one_rules_http_scope_makes():
+    # h2.py copies the connection's scope and sets each request's keys.
+    from zion.http import rules
+    from zion.http.files import PATHSEND
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    state = make_state()
+    state.lifespan_state["db"] = "x"
+    peer = FakePeer(state, app)
+    for method, path, fields in (("GET", "/a%20b?q=1", [("x-one", "1")]),
+                                 ("POST", "/p", []), ("PROPFIND", "/d?", [("x-two", "2")])):
+        sid = peer.client.request(method, path, headers=fields)
+        await peer.until(lambda sid=sid: peer.client.responses[sid].ended)
+        scope = seen[-1]
+        raw, _, query = path.encode().partition(b"?")
+        expected = rules.http_scope(
+            state, "2", method, raw.decode().replace("%20", " "), raw, query,
+            [*((n.encode(), v.encode()) for n, v in fields), (b"host", b"localhost")],
+            ("127.0.0.1", 40000), ("127.0.0.1", 8443),
+            {"http.response.trailers": {}, PATHSEND: {}}, False)
+        assert scope == expected and list(scope) == list(expected)
+    assert len(seen) == 3 and seen[0]["state"] is not seen[1]["state"]
+    assert seen[0]["extensions"] is not seen[1]["extensions"]
+
+
 async def test_an_apps_own_server_header_wins_and_operator_headers_are_added():
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200,

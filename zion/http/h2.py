@@ -119,7 +119,7 @@ class H2Protocol(asyncio.Protocol):
         "conn_earned", "conn_credited", "strip_updates", "credit_due", "heard", "heard_at",
         "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
-        "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade",
+        "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade", "scope_base",
         "preface_due", "settings_sent", "table_wait", "encoder", "out",
     )
 
@@ -197,6 +197,7 @@ class H2Protocol(asyncio.Protocol):
         # sent before what zttp queued after them (_take).
         self.encoder = hpack.Encoder()
         self.out: list[bytes] = []
+        self.scope_base: HTTPScope | None = None  # rules.http_scope_base, at the first request
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -515,10 +516,25 @@ class H2Protocol(asyncio.Protocol):
         extensions: Extensions = {"http.response.trailers": {}}
         if self.tls is not None:
             extensions["tls"] = self.tls
-        scope = rules.http_scope(self.state, "2",
-                                 _METHODS.get(method) or method.decode("ascii", "replace"), path,
-                                 raw_path, event.query, headers, self.client, self.server,
-                                 extensions, self.proxied and forwarding)
+        # rules.http_scope, from this connection's copy of it (made at the
+        # first request: connection_start may set the client after
+        # connection_made) with the keys of a request set: a dict copy, not a
+        # 14-key display and an 11-argument call (test_h2 holds them equal).
+        base = self.scope_base
+        if base is None:
+            base = self.scope_base = rules.http_scope_base(self.state, self.client, self.server)
+            base["http_version"] = "2"
+        scope = base.copy()
+        scope["method"] = _METHODS.get(method) or method.decode("ascii", "replace")
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = event.query
+        scope["headers"] = headers
+        scope["state"] = self.state.lifespan_state.copy()
+        scope["extensions"] = extensions
+        if self.proxied and forwarding:
+            assert self.state.proxies is not None
+            forwarded.apply(scope, self.state.proxies)
         self.streams[sid] = stream
         too_large = size > self.max_header_list or len(headers) > self.limits.max_headers
         if (protocol is not None and protocol == b"websocket" and method == b"CONNECT" and path
