@@ -686,8 +686,12 @@ async def test_an_idle_connection_gets_goaway_then_closes():
     peer = FakePeer(state, echo)
     sid = peer.client.request()
     await peer.until(lambda: peer.client.responses[sid].ended)
-    deadline = peer.proto.deadline  # keepalive_timeout after the last stream ended
-    assert deadline > 0
+    # keepalive_timeout from the first sweep after the last stream ended
+    swept = 1000.0
+    peer.proto.check_deadline(swept)
+    assert not peer.tr.take() and not peer.tr.closed
+    deadline = peer.proto.deadline
+    assert deadline == swept + state.limits.keepalive_timeout
     peer.proto.check_deadline(deadline - 0.001)
     assert not peer.tr.closed
     peer.proto.check_deadline(deadline)

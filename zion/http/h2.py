@@ -93,6 +93,10 @@ _RESETS_RECYCLE, _RESETS_PER_CONNECTION = 64, 256 - 128 - 16
 # Request body bytes read and dropped after a complete answer (a 413) before
 # the stream is reset instead (see stream_done).
 _DISCARD = 1 << 20
+# The idle deadline once the last stream ended: set at the next sweep
+# (check_deadline), as h1.py's _DONE; the sweep runs on a fixed beat, so an
+# idle connection still ends between keepalive_timeout and one beat past it.
+_IDLE_FROM_SWEEP = -1.0
 # New streams' frames held during a hand-over before reading pauses.
 _HELD_HIGH = 65536
 _WRITE_FULL, _HANDOVER = int(PauseReason.WRITE_BUFFER_FULL), int(PauseReason.HANDOVER)
@@ -141,7 +145,7 @@ class H2Protocol(asyncio.Protocol):
         self.last_stream = 0
         self.accepted = 0  # streams answered on this connection
         self.flush_pending = False
-        self.deadline = 0.0  # idle deadline while no stream is open; 0 = none
+        self.deadline = 0.0  # idle deadline while no stream is open; 0 = none (_IDLE_FROM_SWEEP)
         self.window_start = 0.0
         self.resets = self.settings = self.pings = 0
         self.resets_total = 0
@@ -677,7 +681,7 @@ class H2Protocol(asyncio.Protocol):
             if self.goaway or self.retiring or self.state.draining:
                 self.shutdown()
             else:
-                self.deadline = self.loop.time() + self.limits.keepalive_timeout
+                self.deadline = _IDLE_FROM_SWEEP  # no clock read per request
                 if self.router is not None:
                     # Not from inside _events(), which holds the old codec.
                     self.loop.call_soon(self._maybe_hand_over)
@@ -845,7 +849,10 @@ class H2Protocol(asyncio.Protocol):
             self.abort()
             return
         if not self.streams:
-            if self.deadline and now >= self.deadline:
+            deadline = self.deadline
+            if deadline == _IDLE_FROM_SWEEP:  # a stream ended since the last sweep
+                self.deadline = now + self.limits.keepalive_timeout
+            elif deadline and now >= deadline:
                 self.shutdown()
             return
         self._body_timeouts(now)
