@@ -519,7 +519,9 @@ class WebSocketSettings:
     max_queue_bytes: int = setting(1048576, "Decoded bytes of messages buffered for an app "
                                    "that is not receiving; past this the socket is not read "
                                    "(nor more input inflated) until the app takes half. One "
-                                   "connection holds at most this plus max_size decoded.",
+                                   "connection holds at most this plus max_size decoded; the "
+                                   "WebSockets of one HTTP/2 connection share it (at most "
+                                   "this plus 2 x max_size together).",
                                    check=positive)
 
 

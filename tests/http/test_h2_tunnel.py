@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import zlib
 from typing import Any
 
 from tests.support.fake_transport import make_state, settle
@@ -95,3 +96,96 @@ async def test_a_websocket_whose_client_left_is_freed_without_the_cyclic_gc() ->
 
 async def test_a_websocket_closed_by_the_app_is_freed_while_the_connection_serves_on() -> None:
     assert await _left_for_the_collector("app-closed") == []
+
+
+def _deflated(payload: bytes) -> bytes:
+    """One permessage-deflate message (RFC 7692 7.2.1: raw DEFLATE, the
+    final empty block's 00 00 ff ff taken off), masked as a client's."""
+    from websockets.frames import Frame, Opcode
+
+    z = zlib.compressobj(wbits=-15)
+    data = z.compress(payload) + z.flush(zlib.Z_SYNC_FLUSH)
+    frame = Frame(Opcode.BINARY, data[:-4]).serialize(mask=True, extensions=None)
+    return bytes([frame[0] | 0x40]) + frame[1:]  # RSV1: compressed (RFC 7692 6)
+
+
+def _decoded(peer: FakePeer) -> int:
+    """Decoded bytes the connection's WebSockets hold for their apps."""
+    return sum(s.tunnel.protocol.queued_bytes + s.tunnel.protocol.partial_bytes
+               for s in peer.proto.streams.values()
+               if s.tunnel is not None and s.tunnel.protocol is not None)
+
+
+async def test_websockets_on_one_connection_share_one_decoded_budget() -> None:
+    """Issue 19.2, per connection: each stream's WebSocket is bounded at
+    max_queue_bytes + max_size, but one client may open many on a
+    connection; 8 deflate bombs to apps not receiving took +142 MiB. The
+    decoded total of all of them is bounded at max_queue_bytes + 2 x
+    max_size; the others resume, intact, once the apps receive."""
+    size, budget, n = 1 << 20, 1 << 16, 8
+    go = asyncio.Event()
+    got: dict[str, bytes] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await go.wait()  # not receiving (the connect event is taken)
+        message = await receive()
+        got[scope["path"]] = message["bytes"]
+
+    peer = FakePeer(make_state(websocket={"max_size": size, "max_queue_bytes": budget}), app)
+    await peer.run(2)
+    sids = [peer.client.request("CONNECT", f"/ws{i}", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13"),
+        ("sec-websocket-extensions", "permessage-deflate")]) for i in range(n)]
+    await peer.until(lambda: all(peer.client.responses[s].status == 200 for s in sids))
+    frames = {sid: _deflated(bytes([65 + i]) * size) for i, sid in enumerate(sids)}
+    for sid, frame in frames.items():
+        assert len(frame) < 4096  # the bomb: ~1 MiB from a few hundred bytes
+        peer.client.h2.send_data(sid, frame)
+    most = 0
+
+    def all_in() -> bool:
+        nonlocal most
+        most = max(most, _decoded(peer))
+        return all(peer.proto.streams[s].received == len(f) for s, f in frames.items())
+
+    await peer.until(all_in)
+    for _ in range(20):  # decoding goes on in later loop turns (its per-turn budget)
+        await peer.run(1)
+        most = max(most, _decoded(peer))
+    assert size <= most <= budget + 2 * size, most  # without the budget: n x size
+    held = [s for s in sids if peer.proto.streams[s].tunnel.read_paused]
+    assert len(held) >= n - 2  # their windows stay shut (h2.py _credit)
+    go.set()
+    await peer.until(lambda: len(got) == n)
+    assert got == {f"/ws{i}": bytes([65 + i]) * size for i in range(n)}
+    assert peer.proto.ws_budget is not None
+    await peer.until(lambda: peer.proto.ws_budget.total == 0)  # type: ignore[union-attr]
+
+
+async def test_a_fragmented_message_larger_than_the_budget_still_arrives() -> None:
+    """The app waits in receive() for a message in pieces bigger than the
+    connection's budget: it may decode on (the budget's owner), or it would
+    wait for ever."""
+    from websockets.frames import Frame, Opcode
+
+    got: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        got.append((await receive())["bytes"])
+
+    peer = FakePeer(make_state(websocket={"per_message_deflate": False,
+                                          "max_queue_bytes": 4096}), app)
+    await peer.run(2)
+    sid = peer.client.request("CONNECT", "/ws", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13")])
+    await peer.until(lambda: peer.client.responses[sid].status == 200)
+    pieces = [Frame(Opcode.BINARY if i == 0 else Opcode.CONT, bytes([i]) * 5000, fin=i == 3)
+              for i in range(4)]
+    data = b"".join(f.serialize(mask=True, extensions=None) for f in pieces)
+    await peer.upload(sid, data, end=False)
+    await peer.until(lambda: bool(got))
+    assert got == [b"".join(f.data for f in pieces)]

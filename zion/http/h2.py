@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from zion.http.asgi_types import Extensions, HTTPScope
     from zion.http.h1 import H2cRequest
     from zion.http.state import ServerState
+    from zion.http.websocket import Budget
 
 log = get_logger("zion.http")
 
@@ -124,7 +125,7 @@ class H2Protocol(asyncio.Protocol):
         "ping_deadline", "retiring", "unflushed", "since_yield", "write_blocked_at",
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
         "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade", "scope_base",
-        "preface_due", "settings_sent", "table_wait", "encoder", "out",
+        "preface_due", "settings_sent", "table_wait", "encoder", "out", "ws_budget",
     )
 
     def __init__(self, state: ServerState, upgrade: H2cRequest | None = None) -> None:
@@ -164,6 +165,7 @@ class H2Protocol(asyncio.Protocol):
         self.received = 0
         self.conn_earned = 0
         self.conn_credited = 0
+        self.ws_budget: Budget | None = None  # its WebSockets' (h2_tunnel.py)
         self.strip_updates = False  # zttp may have queued WINDOW_UPDATEs
         self.credit_due = False  # an app read: work out the credit at the next flush
         # Liveness: a byte came since the last tick; the tick that saw the

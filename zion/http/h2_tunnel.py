@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from zion.http.websocket import Budget
+
 if TYPE_CHECKING:
     from zion.http.h2 import H2Protocol
     from zion.http.h2_stream import H2Stream
@@ -147,6 +149,12 @@ class StreamTransport(asyncio.Transport):
         return not self.read_paused
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "websocket_budget":
+            # One for all the connection's WebSockets: each stream's own
+            # bounds would let one client hold h2_max_streams of them.
+            if self.proto.ws_budget is None:
+                self.proto.ws_budget = Budget()
+            return self.proto.ws_budget
         transport = self.proto.transport
         return default if transport is None else transport.get_extra_info(name, default)
 

@@ -24,6 +24,16 @@ Back-pressure both ways, bounded by the server, never by the client:
 
 Per connection that bounds decoded input at max_queue_bytes + max_size (the
 frame that crossed the line), plus one read of raw bytes.
+
+Over HTTP/2 (RFC 8441) one connection carries many WebSockets, so their
+decoded bytes share one `Budget` of max_queue_bytes (the carrier hands it
+out as the transport's extra info "websocket_budget"): past it every
+WebSocket of the connection stops decoding (a fourth reason) until the apps
+have taken the total down to half. One WebSocket at a time whose app waits
+in receive() with nothing queued may still decode its next message (the budget's
+`owner`): its app would otherwise wait for ever on a partial message that
+the budget holds back. That bounds the connection at max_queue_bytes + 2 x
+max_size (the frame that crossed the line, and the owner's message).
 """
 
 from __future__ import annotations
@@ -106,7 +116,32 @@ _FRAME_COST = 4096
 _QUEUE_FULL = 1     # the app has not taken what was decoded
 _WRITE_BLOCKED = 2  # the transport paused our writing
 _BACKLOG = 4        # undecoded input waits for the next loop turn
-_HOLD = _QUEUE_FULL | _WRITE_BLOCKED  # reasons that stop decoding, not only reading
+_BUDGET_FULL = 8    # the connection's WebSockets together hold their Budget (HTTP/2)
+_HOLD = _QUEUE_FULL | _WRITE_BLOCKED | _BUDGET_FULL  # reasons that stop decoding
+
+
+class Budget:
+    """Decoded bytes not yet received by the apps of all the WebSockets one
+    HTTP/2 connection carries (RFC 8441), and those it holds: one client's
+    streams share one bound, as a single WebSocket's messages do."""
+
+    __slots__ = ("total", "held", "owner")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.held: set[WebSocketProtocol] = set()
+        # The WebSocket whose app waits with nothing queued that may decode
+        # while the connection is over budget (see the module's docstring).
+        self.owner: WebSocketProtocol | None = None
+
+    def release(self, everyone: bool) -> None:
+        """Let the held WebSockets decode again: all of them (the total fell
+        to half), or those whose apps wait with nothing queued (the owner's
+        turn is over: one of them takes it)."""
+        for ws in list(self.held):
+            if everyone or (ws.app_waiting and not ws.queue):
+                self.held.discard(ws)
+                ws._unhold(_BUDGET_FULL)
 
 
 class _ServerProtocol(ServerProtocol):
@@ -169,7 +204,7 @@ class WebSocketProtocol(asyncio.Protocol):
         "feed_handle",
         # messages to the app
         "queue", "queued_bytes", "partial_bytes", "wakeup", "fragments", "fragment_opcode",
-        "disconnect_code", "disconnect_reason", "lost",
+        "budget", "app_waiting", "disconnect_code", "disconnect_reason", "lost",
         # handshake
         "request", "http2", "extensions_header", "denial", "denial_body",
     )
@@ -214,6 +249,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.queue: deque[WebSocketConnectEvent | WebSocketReceiveEvent] = deque()
         self.queued_bytes = 0
         self.partial_bytes = 0
+        self.budget: Budget | None = None
+        self.app_waiting = False  # in receive() with nothing queued
         self.wakeup = Wakeup(self.loop)
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
@@ -229,6 +266,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.state.connection_opened(self)
+        self.budget = transport.get_extra_info("websocket_budget")
         if self.http2:
             self._start_h2()
             return
@@ -281,6 +319,10 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         self.lost = True
         self.phase = _DONE
+        budget = self.budget
+        if budget is not None and budget.owner is self:
+            budget.owner = None  # no more of its message will come
+            budget.release(everyone=False)
         self.state.connection_closed(self)
         self._cancel_timers()
         self.flow.connection_lost()
@@ -317,6 +359,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.paused &= ~_BACKLOG
         budget = _TURN_BUDGET
         while self.pending_at < len(self.pending) and not self.paused & _HOLD and not self.lost:
+            if self.budget is not None and self._over_budget(self.budget):
+                break
             start = self.pending_at
             end = self._frame_end()
             if end == start:
@@ -360,6 +404,41 @@ class WebSocketProtocol(asyncio.Protocol):
         end = min(len(buf), at + head + length)
         self.frame_left = head + length - (end - at)
         return end
+
+    def _over_budget(self, budget: Budget) -> bool:
+        """Before a frame is decoded: hold it (and reading) while the
+        connection's WebSockets hold their budget, unless this one's app
+        waits with nothing queued and no other has that turn."""
+        if budget.total < self.state.settings.websocket.max_queue_bytes:
+            return False
+        if self.app_waiting and not self.queue and budget.owner in (None, self):
+            budget.owner = self
+            return False
+        self.paused |= _BUDGET_FULL
+        budget.held.add(self)
+        return True
+
+    def _charge(self, size: int) -> None:
+        """Decoded bytes queued (size > 0) or taken by the app (< 0)."""
+        budget = self.budget
+        if budget is None:
+            return
+        budget.total += size
+        if budget.owner is self and self.queue:
+            budget.owner = None  # its message is queued: the turn is over
+            budget.release(everyone=False)
+
+    def _leave_budget(self) -> None:
+        """The app is done: what it left queued no longer counts."""
+        budget, self.budget = self.budget, None
+        if budget is None:
+            return
+        budget.total -= self.queued_bytes + self.partial_bytes
+        budget.held.discard(self)
+        if budget.owner is self:
+            budget.owner = None
+        budget.release(everyone=budget.total <= (
+            self.state.settings.websocket.max_queue_bytes // 2))
 
     def _backlog(self) -> None:
         self.paused |= _BACKLOG
@@ -438,11 +517,14 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.fragment_opcode = opcode
                 self.fragments = [data]
                 self.partial_bytes = len(data)
+                self._charge(len(data))
                 self._check_queue()
         elif opcode is Opcode.CONT:
             self.fragments.append(data)
             self.partial_bytes += len(data)
+            self._charge(len(data))
             if frame.fin and self.fragment_opcode is not None:
+                self._charge(-self.partial_bytes)
                 data, self.fragments, self.partial_bytes = b"".join(self.fragments), [], 0
                 self._message(self.fragment_opcode, data)
                 self.fragment_opcode = None
@@ -471,7 +553,9 @@ class WebSocketProtocol(asyncio.Protocol):
         else:
             message = {"type": "websocket.receive", "bytes": data}
         self.queue.append(message)
-        self.queued_bytes += _size(message)
+        size = _size(message)
+        self.queued_bytes += size
+        self._charge(size)
         self._check_queue()
         self._wake()
 
@@ -500,9 +584,23 @@ class WebSocketProtocol(asyncio.Protocol):
             if self.disconnect_code is not None:
                 return {"type": "websocket.disconnect", "code": self.disconnect_code,
                         "reason": self.disconnect_reason}
-            await self.wakeup.wait()
+            self.app_waiting = True
+            budget = self.budget
+            if self.paused & _BUDGET_FULL and budget is not None and budget.owner is None:
+                budget.held.discard(self)  # its turn to decode a message (_over_budget)
+                self._unhold(_BUDGET_FULL)
+            try:
+                await self.wakeup.wait()
+            finally:
+                self.app_waiting = False
         message = self.queue.popleft()
-        self.queued_bytes -= _size(message)
+        size = _size(message)
+        self.queued_bytes -= size
+        budget = self.budget
+        if budget is not None:
+            budget.total -= size
+            if budget.held and budget.total <= self.state.settings.websocket.max_queue_bytes // 2:
+                budget.release(everyone=True)  # half-way down, as for one WebSocket
         if self.paused & _QUEUE_FULL:
             settings = self.state.settings.websocket
             # Half-way down before reading again, not one message at a time.
@@ -629,6 +727,12 @@ class WebSocketProtocol(asyncio.Protocol):
         self._disconnected(_ABNORMAL)
 
     async def _run_app(self) -> None:
+        try:
+            await self._call_app()
+        finally:
+            self._leave_budget()
+
+    async def _call_app(self) -> None:
         try:
             await self.app(self.scope, self.receive, self.send)
         except ClientDisconnected as exc:
