@@ -27,9 +27,12 @@ async def test_a_blocked_worker_logs_its_stack_once_and_is_replaced_after_the_ti
                 "--admin", "127.0.0.1:0", workers=2)
     before = set(srv.worker_pids())
     blocker = asyncio.create_task(get(srv.port, "/block?s=600"))
-    blocked = await asyncio.to_thread(srv.wait_event, "worker_blocked", 10)
-    # The stack names the app's function that made the blocking call.
-    assert blocked["where"].startswith("sleep_in_async_def ")
+    # The stack names the app's function that made the blocking call. (On a
+    # loaded host the other worker may be reported too, for a late beat while
+    # it ran its own code: the report about the app's block is the one here.)
+    blocked = await asyncio.to_thread(wait_for, lambda: next(
+        (e for e in srv.events("worker_blocked")
+         if e["where"].startswith("sleep_in_async_def ")), None), 10, "the app's block reported")
     assert any("in sleep_in_async_def: time.sleep(seconds)" in f for f in blocked["stack"])
     assert any(" in app:" in f for f in blocked["stack"])
     # A light client on new connections loses nothing meanwhile.
@@ -48,7 +51,8 @@ async def test_a_blocked_worker_logs_its_stack_once_and_is_replaced_after_the_ti
     for _ in range(20):
         statuses.append((await get(srv.port, "/")).status)
     assert len(statuses) > 20 and set(statuses) == {200}
-    assert len(srv.events("worker_blocked")) == 1  # once, not once per look
+    # Once, not once per look.
+    assert [e["pid"] for e in srv.events("worker_blocked")].count(blocked["pid"]) == 1
     assert [w["stuck_kills"] for w in status(srv)["workers"]] in ([1, 0], [0, 1])
     assert total(metrics(srv), "zion_stuck_kills_total") == 1
     await asyncio.gather(blocker, return_exceptions=True)
