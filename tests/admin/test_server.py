@@ -19,8 +19,8 @@ from tests.conftest import APPS, wait_for
 ADMIN = ("--admin", "127.0.0.1:0", "--agent", "127.0.0.1:0")
 
 
-def serve(start_zion, workers: int = 2, *extra: str):
-    return start_zion("admin_app:app", *ADMIN, *extra, workers=workers)
+def serve(start_zion, workers: int = 2, *extra: str, env: dict[str, str] | None = None):
+    return start_zion("admin_app:app", *ADMIN, *extra, workers=workers, env=env)
 
 
 def serve_hash(start_zion, workers: int = 2):
@@ -84,7 +84,10 @@ def test_metrics_are_real_counts_of_real_requests(start_zion):
 
 
 def test_master_counts_respawns_stalls_and_reloads(start_zion):
-    srv = serve(start_zion)
+    # A 2 s stall threshold: the SIGSTOP below is a stall however long the
+    # test waits, while a worker merely not scheduled for 100 ms (the default)
+    # on a loaded host is not counted as a second one.
+    srv = serve(start_zion, env={"ZION_DEMUX_STALL_THRESHOLD_MS": "2000"})
     doc = status(srv)
     first, second = (w["pid"] for w in doc["workers"])
     os.kill(first, signal.SIGKILL)
