@@ -706,3 +706,36 @@ async def test_an_unswitched_upgrades_body_that_stops_arriving_gets_408():
     tr.protocol.check_deadline(now + 9)
     out = tr.take()
     assert out.startswith(b"HTTP/1.1 408") and b"body not received in time" in out and tr.closed
+
+
+async def _headers_after_the_body(scope, receive, send) -> None:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    names = b",".join(name for name, _ in scope["headers"])
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": names + b"|" + body})
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_chunked_bodys_trailer_fields_do_not_join_the_scopes_headers(split):
+    """Trailer fields come after the body: the app reading scope["headers"]
+    then must not find them there. In one read and split; the connection
+    then serves the next request. (llhttp itself acts on two trailer names:
+    content-length is a 400, connection: close makes the next request one.)"""
+    state = make_state()
+    tr = fake_connect(state, _headers_after_the_body)
+    request = (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n0\r\nx-forwarded-for: 6.6.6.6\r\nauthorization: x\r\n"
+               b"\r\n")
+    for piece in ([request] if not split else [request[:60], request[60:90], request[90:]]):
+        tr.feed(piece)
+    await until(lambda: tr.buffer.endswith(b"|hello"))
+    answer = tr.take()
+    assert answer.endswith(b"host,transfer-encoding|hello")
+    tr.feed(GET_X)  # still kept alive
+    await until(lambda: tr.buffer.endswith(b"host|"))
+    assert not tr.closed

@@ -341,6 +341,15 @@ class H1Protocol(asyncio.Protocol):
         # number is checked once, when the section is complete.
         if size > self.limits.max_header_size:
             raise _Reject(431, "header section too large")
+        if not self.in_headers:
+            # A chunked body's trailer section (RFC 9112 7.1.2), which llhttp
+            # reports as fields: ASGI has no request trailers, and they must
+            # not join the header section (RFC 9110 6.5.1) — the app's
+            # scope["headers"] would grow fields the client sent after the
+            # body (x-forwarded-for, authorization), and a trailer named
+            # content-length or connection would change this request's state.
+            # Counted against max_header_size above, then dropped.
+            return
         name = name.lower()
         if name in _LOOKED_AT:  # one set lookup for the common field that is none of them
             self._look_at(name, value)
