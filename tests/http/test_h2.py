@@ -637,11 +637,7 @@ async def test_a_hand_over_waits_for_the_old_codecs_streams_then_serves_the_held
 
     peer = FakePeer(make_state(), app)
     held = peer.client.request(path="/held")
-    for _ in range(3200):
-        r = peer.client.responses[peer.client.request()]
-        await peer.until(lambda r=r: r.ended or peer.proto.router is not None)
-        if peer.proto.router is not None:
-            break
+    await peer.until_hand_over()
     # Past 3000 streams the old codec finishes its own; a new stream waits.
     assert peer.proto.router is not None
     late = peer.client.responses[peer.client.request()]

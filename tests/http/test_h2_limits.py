@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from hyperframe.frame import (
-    Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
@@ -17,20 +16,10 @@ from hyperframe.frame import (
 )
 
 from tests.support.fake_transport import make_state, settle
-from tests.support.h2peer import FakePeer
+from tests.support.h2peer import FakePeer, parse_frames
 
 PROTOCOL_ERROR = 1
 _BLOCK = b"\x82\x87\x84\x01\x09localhost"  # GET https / localhost
-
-
-def _frames(data: bytes) -> list[Any]:
-    out = []
-    while len(data) >= 9:
-        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
-        frame.parse_body(memoryview(data[9:9 + length]))
-        out.append(frame)
-        data = data[9 + length:]
-    return out
 
 
 async def _echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -54,7 +43,7 @@ async def test_self_dependent_priority_frames_on_idle_streams_are_not_remembered
     peer.tr.feed(b"".join(PriorityFrame(sid, depends_on=sid).serialize()
                           for sid in range(1001, 1201, 2)))
     await settle(3)
-    goaways = [f for f in _frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
+    goaways = [f for f in parse_frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
     assert [g.error_code for g in goaways] == [PROTOCOL_ERROR]
     assert peer.tr.closed and not peer.proto.self_dependent
 
@@ -69,13 +58,14 @@ async def test_a_self_dependent_priority_frame_on_a_closed_stream_is_dropped() -
     done.data = _BLOCK
     peer.tr.feed(done.serialize())
     await settle(3)
-    assert any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in _frames(peer.tr.take()))
+    assert any(isinstance(f, HeadersFrame) and f.stream_id == 1
+               for f in parse_frames(peer.tr.take()))
     peer.tr.feed(PriorityFrame(1, depends_on=1).serialize())
     opened = HeadersFrame(3, flags=["END_HEADERS"])  # open, its body to come
     opened.data = _BLOCK
     peer.tr.feed(opened.serialize() + PriorityFrame(3, depends_on=3).serialize())
     await settle(3)
-    sent = _frames(peer.tr.take())
+    sent = parse_frames(peer.tr.take())
     assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
         (3, PROTOCOL_ERROR)]
     assert not any(isinstance(f, GoAwayFrame) for f in sent)
@@ -98,11 +88,11 @@ async def test_an_answered_upload_the_client_stalls_does_not_hold_the_drain() ->
     peer.tr.take()
     state.draining = True
     peer.proto.shutdown()
-    step1 = _frames(peer.tr.take())
+    step1 = parse_frames(peer.tr.take())
     ping = next(f for f in step1 if type(f).__name__ == "PingFrame")
     peer.tr.feed(PingFrame(0, flags=["ACK"], opaque_data=ping.opaque_data).serialize())
     await settle(3)
-    sent = _frames(peer.tr.take())
+    sent = parse_frames(peer.tr.take())
     assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
         (sid, 0)]
     assert peer.tr.closed and state.connections == set()
@@ -117,15 +107,15 @@ async def test_an_upload_answered_after_the_final_goaway_does_not_hold_the_drain
     await peer.run(3)
     state.draining = True
     peer.proto.shutdown()
-    ping = next(f for f in _frames(peer.tr.take()) if type(f).__name__ == "PingFrame")
+    ping = next(f for f in parse_frames(peer.tr.take()) if type(f).__name__ == "PingFrame")
     peer.tr.feed(PingFrame(0, flags=["ACK"], opaque_data=ping.opaque_data).serialize())
     await settle(3)
-    assert [type(f).__name__ for f in _frames(peer.tr.take())] == ["GoAwayFrame"]
+    assert [type(f).__name__ for f in parse_frames(peer.tr.take())] == ["GoAwayFrame"]
     assert not peer.tr.closed  # the upload is in flight
     peer.client.h2.send_data(sid, b"y" * 1000)  # past max_body_size, and no more
     peer.tr.feed(peer.client.h2.data_to_send())
     await settle(3)
-    sent = _frames(peer.tr.take())
+    sent = parse_frames(peer.tr.take())
     assert any(isinstance(f, HeadersFrame) and f.stream_id == sid for f in sent)  # the 413
     assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, RstStreamFrame)] == [
         (sid, 0)]
@@ -143,7 +133,7 @@ async def test_a_priority_frame_on_stream_0_is_a_connection_error() -> None:
         # (hyperframe will not build it.) Length 5, type PRIORITY, stream 0.
         peer.tr.feed(b"\x00\x00\x05\x02\x00\x00\x00\x00\x00" + parent.to_bytes(4, "big") + b"\x0f")
         await settle(3)
-        goaways = [f for f in _frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
+        goaways = [f for f in parse_frames(peer.tr.take()) if isinstance(f, GoAwayFrame)]
         assert [g.error_code for g in goaways] == [PROTOCOL_ERROR], parent
         assert peer.tr.closed
 
@@ -164,11 +154,7 @@ async def test_new_streams_held_during_a_hand_over_pause_reading() -> None:
 
     peer = FakePeer(make_state(), app)
     held = peer.client.request(path="/held")
-    for _ in range(3200):
-        r = peer.client.responses[peer.client.request()]
-        await peer.until(lambda r=r: r.ended or peer.proto.router is not None)
-        if peer.proto.router is not None:
-            break
+    await peer.until_hand_over()
     router = peer.proto.router
     assert router is not None  # the hand-over waits for /held
     late = [peer.client.request("POST", "/up", body=b"b" * 16384) for _ in range(8)]
@@ -192,11 +178,7 @@ async def test_a_hand_over_given_up_reads_again() -> None:
 
     peer = FakePeer(make_state(), app)
     peer.client.request(path="/held")
-    for _ in range(3200):
-        r = peer.client.responses[peer.client.request()]
-        await peer.until(lambda r=r: r.ended or peer.proto.router is not None)
-        if peer.proto.router is not None:
-            break
+    await peer.until_hand_over()
     assert peer.proto.router is not None
     for _ in range(8):
         peer.client.request("POST", "/up", body=b"b" * 16384)
@@ -204,7 +186,7 @@ async def test_a_hand_over_given_up_reads_again() -> None:
     assert peer.tr.read_paused
     peer.tr.take()
     peer.proto.check_deadline(peer.proto.handover_at + peer.proto.limits.keepalive_timeout)
-    ping = next(f for f in _frames(peer.tr.take()) if type(f).__name__ == "PingFrame")
+    ping = next(f for f in parse_frames(peer.tr.take()) if type(f).__name__ == "PingFrame")
     peer.tr.feed(PingFrame(0, flags=["ACK"], opaque_data=ping.opaque_data).serialize())
-    assert [type(f).__name__ for f in _frames(peer.tr.take())] == ["GoAwayFrame"]
+    assert [type(f).__name__ for f in parse_frames(peer.tr.take())] == ["GoAwayFrame"]
     assert peer.proto.router is None and not peer.tr.read_paused

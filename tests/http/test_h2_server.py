@@ -26,7 +26,7 @@ from hyperframe.frame import (
 )
 
 from tests.conftest import ZionProcess, client_context, close, connect, get, wait_for
-from tests.support.h2peer import open_tls, pump
+from tests.support.h2peer import open_tls, parse_frames, pump
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
@@ -152,7 +152,7 @@ async def _attack_then_serve(srv: ZionProcess, attack: bytes) -> GoAwayFrame:
     writer.write(attack)
     data = await asyncio.wait_for(_read_to_eof(reader), 20)
     await close(writer)
-    goaways = [f for f in _frames(data) if isinstance(f, GoAwayFrame)]
+    goaways = [f for f in parse_frames(data) if isinstance(f, GoAwayFrame)]
     assert goaways, "no GOAWAY before the close"
     async with _client(srv) as c:
         resp = await c.get("/after")
@@ -201,7 +201,7 @@ async def test_drain_sends_goaway_and_finishes_the_stream_in_flight(start_zion: 
     srv.signal(signal.SIGTERM)
     data = await asyncio.wait_for(_read_to_eof(reader, writer), 20)
     await close(writer)
-    frames = _frames(data)
+    frames = parse_frames(data)
     goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
     assert goaway.error_code == 0 and goaway.last_stream_id >= sid
     after = frames[frames.index(goaway):]
@@ -239,7 +239,7 @@ async def test_reload_sends_goaway_and_the_stream_in_flight_finishes(start_zion:
     srv.signal(signal.SIGHUP)  # new workers start, the old one drains
     data = await asyncio.wait_for(_read_to_eof(reader, writer), 20)
     await close(writer)
-    frames = _frames(data)
+    frames = parse_frames(data)
     goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
     assert goaway.error_code == 0 and goaway.last_stream_id >= sid
     body = b"".join(f.data for f in frames[frames.index(goaway):]
@@ -281,16 +281,6 @@ async def _read_to_eof(reader: asyncio.StreamReader,
             if isinstance(frame, PingFrame) and "ACK" not in frame.flags:
                 writer.write(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
     return bytes(data)
-
-
-def _frames(data: bytes) -> list[Any]:
-    out = []
-    while len(data) >= 9:
-        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
-        frame.parse_body(memoryview(data[9:9 + length]))
-        out.append(frame)
-        data = data[9 + length:]
-    return out
 
 
 async def test_fastapi_answers_the_same_over_http2_and_http1(start_zion: Any,

@@ -13,6 +13,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import Frame
 
 from tests.support.fake_transport import FakeTransport, settle
 from zion.http.state import ServerState
@@ -171,6 +172,28 @@ class FakePeer:
             rounds += 1
             if rounds % 100 == 0:
                 await asyncio.sleep(0.001)
+
+    async def until_hand_over(self) -> None:
+        """Send requests one after another until zion hands the connection
+        to a fresh zttp codec (past 3,000 streams): a stream the app holds
+        open keeps that hand-over waiting, with the router in place."""
+        for _ in range(3200):
+            r = self.client.responses[self.client.request()]
+            await self.until(lambda r=r: r.ended or self.proto.router is not None)
+            if self.proto.router is not None:
+                return
+        raise AssertionError("no hand-over after 3,200 streams")
+
+
+def parse_frames(data: bytes) -> list[Any]:
+    """The HTTP/2 frames in `data` (hyperframe objects), in order."""
+    out = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9:9 + length]))
+        out.append(frame)
+        data = data[9 + length:]
+    return out
 
 
 async def open_tls(port: int, window: int = 65535) -> tuple[Client, asyncio.StreamReader,
