@@ -724,18 +724,9 @@ class H2Protocol(asyncio.Protocol):
         which nothing may follow."""
         self.flush_pending = False
         self.unflushed = 0
-        # _take() and _send() in one, for the common flush (a request's
-        # answer): two Python calls less per request.
-        data = self.conn.data_to_send()
-        out = self.out
-        if out:
-            if len(out) == 1:  # the common case: one response of ours
-                data = out[0] + data if data else out[0]
-            else:
-                if data:
-                    out.append(data)
-                data = b"".join(out)
-            out.clear()
+        data = self._take()
+        # _send()'s common case inline (a request's answer): one Python call
+        # less per request.
         if self.preface_due or self.strip_updates or self.credit_due:
             self._send(data, final)
         elif data:
