@@ -724,8 +724,8 @@ async def _headers_after_the_body(scope, receive, send) -> None:
 async def test_a_chunked_bodys_trailer_fields_do_not_join_the_scopes_headers(split):
     """Trailer fields come after the body: the app reading scope["headers"]
     then must not find them there. In one read and split; the connection
-    then serves the next request. (llhttp itself acts on two trailer names:
-    content-length is a 400, connection: close makes the next request one.)"""
+    then serves the next request. (llhttp itself acts on trailer names: a
+    content-length or transfer-encoding is a 400, connection: close is below.)"""
     state = make_state()
     tr = fake_connect(state, _headers_after_the_body)
     request = (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -739,3 +739,22 @@ async def test_a_chunked_bodys_trailer_fields_do_not_join_the_scopes_headers(spl
     tr.feed(GET_X)  # still kept alive
     await until(lambda: tr.buffer.endswith(b"host|"))
     assert not tr.closed
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_trailer_connection_close_closes_after_the_answer_instead_of_a_400(split):
+    """llhttp takes a trailer `connection: close` as the client's and then
+    refuses the next bytes: the answer must say close and the connection end
+    there, not promise keep-alive and answer the next request with a 400."""
+    state = make_state()
+    tr = fake_connect(state, _headers_after_the_body)
+    request = (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n0\r\nconnection: close\r\n\r\n")
+    pieces = [request + GET_X] if not split else [request[:70], request[70:], GET_X]
+    for piece in pieces:
+        tr.feed(piece)
+    await until(lambda: tr.closed)
+    answer = tr.take()
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close\r\n" in answer.lower()
+    assert answer.endswith(b"host,transfer-encoding|hello")
+    assert b"400" not in answer

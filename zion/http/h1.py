@@ -125,7 +125,7 @@ class H1Protocol(asyncio.Protocol):
         # request being parsed
         "url", "headers", "header_bytes", "header_raw", "in_headers", "began_in_chunk",
         "parsing", "expect_100", "content_length", "upgrade", "forwarding", "ws_pending",
-        "connection_options",
+        "connection_options", "trailer",
         "to_h2",
         "h2c_pending", "upgrade_body",
         "last_request", "held_for_drain", "write_blocked_at", "proxied",
@@ -176,6 +176,7 @@ class H1Protocol(asyncio.Protocol):
         self.upgrade = _NO_UPGRADE  # what this request's `upgrade` asks for
         self.forwarding = False  # it has a field forwarded.apply reads
         self.connection_options = False  # it has a connection (or proxy-connection) field
+        self.trailer = False  # its chunked body ended with trailer fields
         self.to_h2 = to_h2
         # rules.http_scope_base for this connection's requests, made at the
         # first: connection_start.py may set `client` after connection_made.
@@ -349,6 +350,7 @@ class H1Protocol(asyncio.Protocol):
             # body (x-forwarded-for, authorization), and a trailer named
             # content-length or connection would change this request's state.
             # Counted against max_header_size above, then dropped.
+            self.trailer = True
             return
         name = name.lower()
         if name in _LOOKED_AT:  # one set lookup for the common field that is none of them
@@ -467,6 +469,14 @@ class H1Protocol(asyncio.Protocol):
         self.parsing = None
         if self.deadline_kind == _BODY:
             self.deadline_kind = _NONE
+        if self.trailer:
+            self.trailer = False
+            # llhttp acts on a trailer `connection: close` as on a header's: it
+            # refuses every byte after this message ("Data after Connection:
+            # close"), so the next request on a connection our answer kept
+            # alive would get a 400. Honour it: the answer closes instead.
+            if ex is not None and not self.parser.should_keep_alive():
+                ex.keep_alive = False
         if ex is not None:
             if not ex.keep_alive:
                 self.last_request = True
