@@ -488,6 +488,25 @@ async def test_a_second_request_that_stops_mid_header_gets_408_at_the_header_tim
     assert tr.closed and tr.take().startswith(b"HTTP/1.1 408 ")
 
 
+async def test_a_head_begun_before_the_previous_answer_ended_keeps_its_header_timeout():
+    # The next request's first bytes arrive with the first request, in the
+    # same read, before its answer: when that answer ends the connection is
+    # not idle, and the head begun keeps its header timeout (and gets a 408),
+    # not the keep-alive timeout of a connection with nothing begun.
+    state = make_state(limits={"keepalive_timeout": 60.0, "header_timeout": 5.0})
+    gate = asyncio.Event()
+    tr = fake_connect(state, lambda s, r, se: _answer_after(gate, s, r, se))
+    tr.feed(GET_X + b"GET /next HTTP/1.1\r\nhost: x\r\n")  # never finishes
+    now = asyncio.get_running_loop().time()
+    gate.set()
+    await until(lambda: tr.buffer.endswith(b"0\r\n\r\n"))
+    tr.take()
+    tr.protocol.check_deadline(now + 4)
+    assert not tr.closed
+    tr.protocol.check_deadline(now + 6)
+    assert tr.closed and tr.take().startswith(b"HTTP/1.1 408 ")
+
+
 async def test_a_request_target_split_over_reads_is_one_target():
     seen = []
 

@@ -511,7 +511,10 @@ class H1Protocol(asyncio.Protocol):
             else:
                 self.loop.call_soon(self.start_next)
             return
-        self.deadline_kind = _DONE  # idle from the next sweep, without a clock now
+        if not self.in_headers:
+            # Idle from the next sweep, without a clock now. A next head that
+            # arrived before this answer ended keeps its header deadline.
+            self.deadline_kind = _DONE
         if state.draining:
             # The drain began after this response's head promised keep-alive.
             self._drain_grace()
