@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
@@ -295,6 +296,39 @@ def _deaf(started: asyncio.Event, go: asyncio.Event, got: list[Any]) -> Any:
 
 def _ws(client: Client) -> Any:
     return client.tr.protocol
+
+
+@pytest.mark.parametrize("bound", ["count", "bytes"])
+async def test_a_full_queue_reads_again_only_once_the_app_took_it_down_to_half(bound):
+    # Hysteresis: resuming at the first message taken would pause and resume
+    # the socket once per message for an app a little slower than its client.
+    permits: asyncio.Queue[None] = asyncio.Queue()
+    got: list[Any] = []
+    started = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        started.set()
+        while True:
+            await permits.get()
+            got.append(await receive())
+
+    limits = {"max_queue": 4} if bound == "count" else {"max_queue_bytes": 4000}
+    client = Client(slow, **limits)
+    await client.open()
+    await started.wait()
+    for i in range(10):
+        client.proto.send_binary(bytes([i]) * 1000)
+    await client.pump()
+    ws = _ws(client)
+    assert client.tr.read_paused and len(ws.queue) == 4
+    permits.put_nowait(None)  # 3 left of 4: not yet
+    await client.until(lambda: len(got) == 1)
+    await settle(10)
+    assert client.tr.read_paused and len(got) + len(ws.queue) == 4  # nothing more decoded
+    permits.put_nowait(None)  # 2 left: half-way down, read again
+    await client.until(lambda: len(got) + len(ws.queue) > 4)
 
 
 async def test_the_queue_is_bounded_in_decoded_bytes_and_nothing_decoded_is_dropped():
