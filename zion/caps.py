@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 CAP_KILL = 5
 CAP_SETGID = 6
@@ -53,6 +54,19 @@ def effective() -> set[int]:
     _, data = _get()
     mask = data[0].effective | (data[1].effective << 32)
     return {bit for bit in range(64) if mask >> bit & 1}
+
+
+def user_namespace() -> str | None:
+    """This process's uid map when it is not the initial user namespace's
+    (a rootless container, `unshare -U`), else None. Capabilities held there
+    do not count for bpf(2): the kernel asks for CAP_BPF in the initial
+    namespace (bpf_capable), so /proc/self/status may say effective while
+    every bpf() call answers EPERM."""
+    try:
+        fields = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return None
+    return None if fields == ["0", "0", "4294967295"] else " ".join(fields)
 
 
 def name(cap: int) -> str:

@@ -11,11 +11,12 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import pytest
 
 from tests.admin.support import admin_get
-from tests.conftest import get, wait_for
+from tests.conftest import REPO, get, wait_for
 from tests.support.bpf import UNCHECKED_PACKET_READ, cannot_load_bpf, prog_fds, zion_prog_ids
 
 pytestmark = pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))
@@ -97,6 +98,23 @@ async def test_fallback_without_capabilities(start_zion):
     wrapper = [CAPSH, "--drop=cap_bpf,cap_sys_admin", "--", "-c", 'exec "$0" "$@"']
     srv = start_zion(wrapper=wrapper)
     await assert_fallback(srv, "no_capability")
+
+
+async def test_fallback_when_a_seccomp_filter_refuses_bpf_says_so(start_zion):
+    # Podman's default profile with --cap-add BPF: the capability is there, the
+    # call is not (tests/deploy/test_podman.py runs that container itself)
+    srv = start_zion(wrapper=[sys.executable, "-m", "tests.support.deny_bpf"],
+                     env={"PYTHONPATH": str(REPO)})
+    await assert_fallback(srv, "bpf_syscall_refused")
+    assert "BPF_MAP_CREATE" in srv.wait_event("demux_fallback")["error"]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+async def test_fallback_in_a_user_namespace_is_no_capability_and_names_it(start_zion):
+    # a rootless container: every capability effective, none in the initial namespace
+    srv = start_zion(wrapper=["unshare", "--user", "--map-root-user"])
+    await assert_fallback(srv, "no_capability")
+    assert "only in a user namespace" in srv.wait_event("demux_fallback")["error"]
 
 
 async def test_fallback_when_bcc_does_not_import(start_zion, tmp_path, zion_env):

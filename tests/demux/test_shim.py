@@ -187,6 +187,9 @@ def test_compiler_output_is_classified_in_one_place():
                            ) is FallbackReason.VERIFIER_REJECTED
     assert policy.classify(ShimError(ShimOp.CREATE_SOCKARRAY, 22, "")
                            ) is FallbackReason.KERNEL_UNSUPPORTED
+    # the first bpf() call, CAP_BPF effective (preflight): a filter refused it
+    assert policy.classify(ShimError(ShimOp.CREATE_SOCKARRAY, 1, "")
+                           ) is FallbackReason.BPF_SYSCALL_REFUSED
 
 
 def test_a_closing_listeners_queue_goes_where_the_program_says(state_dir):

@@ -34,7 +34,9 @@ def classify(err: ShimError) -> FallbackReason:
     """The reason a shim failure is reported under."""
     if err.op is ShimOp.CREATE_SOCKARRAY:
         if err.errno == errno_mod.EPERM:
-            return FallbackReason.NO_CAPABILITY
+            # the first bpf() call, made once preflight.check found CAP_BPF
+            # effective in the initial user namespace: the call itself is refused
+            return FallbackReason.BPF_SYSCALL_REFUSED
         return (FallbackReason.KERNEL_UNSUPPORTED if err.errno == errno_mod.EINVAL
                 else FallbackReason.PROBE_FAILED)
     if err.op is ShimOp.COMPILE:

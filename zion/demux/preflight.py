@@ -35,6 +35,11 @@ def check(settings: Settings) -> None:
     if caps.CAP_BPF not in have and caps.CAP_SYS_ADMIN not in have:
         raise Unavailable(FallbackReason.NO_CAPABILITY,
                           "neither cap_bpf nor cap_sys_admin is effective", errno_mod.EPERM)
+    namespace = caps.user_namespace()
+    if namespace is not None:
+        raise Unavailable(FallbackReason.NO_CAPABILITY,
+                          f"cap_bpf is effective only in a user namespace (uid_map {namespace}): "
+                          "bpf() asks for it in the initial one", errno_mod.EPERM)
 
 
 def cache_dir(settings: Settings) -> Path:

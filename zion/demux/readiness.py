@@ -34,8 +34,11 @@ class DemuxReadiness(StrEnum):
     # process runs can ever have it (nspawn's default, a unit's
     # CapabilityBoundingSet, a container runtime's default set)
     NOT_IN_BOUNDING_SET = "cap_bpf_not_in_bounding_set"
-    # CAP_BPF effective, and bpf() still refused: a seccomp filter (nspawn,
-    # Docker, Podman and Kubernetes' default profiles) or an LSM
+    # CAP_BPF effective only in a user namespace (rootless Podman, userns-remap):
+    # bpf() asks for it in the initial namespace, so nothing inside can load
+    USER_NAMESPACE = "cap_bpf_in_user_namespace"
+    # CAP_BPF effective, and bpf() still refused: a seccomp filter (nspawn's,
+    # Podman's and Kubernetes' RuntimeDefault profiles) or an LSM
     BPF_REFUSED = "bpf_syscall_refused"
     NO_BCC = "no_bcc"
     NO_KERNEL_HEADERS = "no_kernel_headers"
@@ -47,9 +50,11 @@ _ENVIRONMENTS = (
     "  systemd:        AmbientCapabilities=CAP_BPF CAP_NET_BIND_SERVICE, the same in "
     "CapabilityBoundingSet=, SystemCallFilter=@system-service bpf (config/zion.service)\n"
     "  systemd-nspawn: --capability=CAP_BPF,CAP_PERFMON --system-call-filter=bpf\n"
-    "  Docker/Podman:  --cap-add BPF --cap-add PERFMON --security-opt "
-    "seccomp=<a profile that allows bpf> (docs/deployment.md)\n"
-    "  Kubernetes:     securityContext: {capabilities: {add: [BPF, PERFMON]}, "
+    "  Podman:         --cap-add BPF --security-opt seccomp=<its profile with bpf allowed: "
+    "scripts/seccomp_allow_bpf.py> (rootful; docs/deployment.md)\n"
+    "  Docker:         --cap-add BPF (its default profile allows bpf with CAP_BPF; older "
+    "ones need the profile as for Podman)\n"
+    "  Kubernetes:     securityContext: {capabilities: {add: [BPF]}, "
     "seccompProfile: {type: Localhost, localhostProfile: <profile allowing bpf>}}")
 
 FIXES = {
@@ -61,6 +66,11 @@ FIXES = {
     DemuxReadiness.NOT_IN_BOUNDING_SET: (
         "CAP_BPF is missing from the bounding set, so no process here can get it; whoever "
         "starts zion must grant it:\n" + _ENVIRONMENTS),
+    DemuxReadiness.USER_NAMESPACE: (
+        "zion runs in a user namespace, and bpf() counts only CAP_BPF held in the host's "
+        "initial one: no capability or seccomp profile given to this container can help. "
+        "Run it without a user namespace (rootful podman or Docker, no --userns / "
+        "userns-remap), with CAP_BPF and bpf allowed:\n" + _ENVIRONMENTS),
     DemuxReadiness.BPF_REFUSED: (
         "CAP_BPF is effective but bpf() is refused: allow the bpf system call in the "
         "seccomp filter (or the LSM policy):\n" + _ENVIRONMENTS),
@@ -125,14 +135,21 @@ def seccomp_mode() -> str:
 
 def diagnose_bpf() -> Report | None:
     """Can this process use bpf() at all? None when it can; else which of:
-    CAP_BPF outside the bounding set, not effective, or refused (seccomp or
-    an LSM) while effective. A tiny array map is the cheapest real call."""
+    CAP_BPF outside the bounding set, held only in a user namespace, not
+    effective, or refused (seccomp or an LSM) while effective. A tiny array
+    map is the cheapest real call."""
     sets = capability_sets()
     wanted = {caps.CAP_BPF, caps.CAP_SYS_ADMIN}
     if not wanted & sets.get("CapBnd", set()):
         return Report(DemuxReadiness.NOT_IN_BOUNDING_SET,
                       "neither cap_bpf nor cap_sys_admin is in the bounding set (CapBnd)",
                       errno_mod.EPERM, FallbackReason.NO_CAPABILITY)
+    namespace = caps.user_namespace()
+    if namespace is not None:
+        return Report(DemuxReadiness.USER_NAMESPACE,
+                      f"this process is in a user namespace (uid_map {namespace}): its "
+                      f"capabilities do not count for bpf()", errno_mod.EPERM,
+                      FallbackReason.NO_CAPABILITY)
     if not wanted & sets.get("CapEff", set()):
         return Report(DemuxReadiness.NO_CAPABILITY,
                       "cap_bpf is in the bounding set but neither it nor cap_sys_admin is "
@@ -144,7 +161,7 @@ def diagnose_bpf() -> Report | None:
             return Report(DemuxReadiness.BPF_REFUSED,
                           f"bpf(BPF_MAP_CREATE) of a 1-entry array: EPERM with cap_bpf "
                           f"effective (seccomp: {seccomp_mode()}; else an LSM)",
-                          exc.errno, FallbackReason.NO_CAPABILITY)
+                          exc.errno, FallbackReason.BPF_SYSCALL_REFUSED)
         if exc.errno == errno_mod.ENOSYS:
             return Report(DemuxReadiness.KERNEL_UNSUPPORTED, "bpf(): ENOSYS (a kernel without "
                           "CONFIG_BPF_SYSCALL, or a seccomp filter answering ENOSYS)",

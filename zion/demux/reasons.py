@@ -18,6 +18,9 @@ class FallbackReason(StrEnum):
     FLAG = "flag"  # disabled on purpose
     KERNEL_UNSUPPORTED = "kernel_unsupported"
     NO_CAPABILITY = "no_capability"
+    # CAP_BPF effective, and the first bpf() call answered EPERM all the same:
+    # a seccomp filter (Podman's default profile) or an LSM refuses the call
+    BPF_SYSCALL_REFUSED = "bpf_syscall_refused"
     NO_BCC = "no_bcc"
     NO_KERNEL_HEADERS = "no_kernel_headers"
     COMPILE_FAILED = "compile_failed"
