@@ -80,27 +80,36 @@ async def _h1() -> float:
     return (time.perf_counter() - t0) / N * 1e6
 
 
-async def _h2(batch: int) -> float:
+def client_frames(n: int, batch: int) -> tuple[bytes, list[bytes]]:
+    """What an HTTP/2 client sends for `n` GETs, `batch` per read: its
+    preface, then one read's bytes per batch (pure-Python `h2`, far dearer
+    than the server: bench/h2_instructions.py makes them outside callgrind)."""
     import h2.config
     import h2.connection
 
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.increment_flow_control_window(2**30)
+    preface = client.data_to_send()
+    headers = [(":method", "GET"), (":path", "/api/items?page=2"), (":scheme", "https"),
+               (":authority", "localhost"), ("user-agent", "bench")]
+    frames = []
+    for i in range(n // batch):
+        for j in range(batch):
+            client.send_headers(1 + 2 * (i * batch + j), headers, end_stream=True)
+        frames.append(client.data_to_send())
+    return preface, frames
+
+
+async def _h2(batch: int, made: tuple[bytes, list[bytes]] | None = None) -> float:
     from zion.http.h2 import H2Protocol
 
     state = _state()
     proto = H2Protocol(state)
     tr = _Transport(proto)
     proto.connection_made(tr)  # type: ignore[arg-type]
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.increment_flow_control_window(2**30)
-    proto.data_received(client.data_to_send())
-    headers = [(":method", "GET"), (":path", "/api/items?page=2"), (":scheme", "https"),
-               (":authority", "localhost"), ("user-agent", "bench")]
-    frames = []
-    for i in range(N // batch):
-        for j in range(batch):
-            client.send_headers(1 + 2 * (i * batch + j), headers, end_stream=True)
-        frames.append(client.data_to_send())
+    preface, frames = made or client_frames(N, batch)
+    proto.data_received(preface)
     t0 = time.perf_counter()
     for data in frames:
         proto.data_received(data)
