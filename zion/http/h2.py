@@ -60,9 +60,6 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-import zttp
-from zttp import H2ErrorCode
-
 from zion.http import forwarded, hpack, rules, zttp_shim
 from zion.http.connection import endpoints
 from zion.http.exchange import Exchange
@@ -71,6 +68,7 @@ from zion.http.flow_control import FlowControl, PauseReason, ReadPauses
 from zion.http.h2_stream import H2Stream
 from zion.http.h2_tunnel import StreamTransport
 from zion.http.tls_scope import tls_extension
+from zion.http.zttp_shim import H2ErrorCode
 from zion.log import get_logger
 
 if TYPE_CHECKING:
@@ -110,8 +108,8 @@ _LOOKED_AT = frozenset({b"cookie", b"content-length", b"expect"}) | forwarded.FI
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
                                     "OPTIONS", "CONNECT")}
 # zttp's event types as module names: one lookup each in _events' dispatch.
-_NeedData, _Data, _Request, _EndOfMessage = (zttp.NeedData, zttp.Data, zttp.Request,
-                                             zttp.EndOfMessage)
+_NeedData, _Data, _Request, _EndOfMessage = (zttp_shim.NeedData, zttp_shim.Data,
+                                             zttp_shim.Request, zttp_shim.EndOfMessage)
 
 
 class H2Protocol(asyncio.Protocol):
@@ -324,7 +322,7 @@ class H2Protocol(asyncio.Protocol):
                 self._request(event)  # type: ignore[arg-type]
                 return
             self._events(event)  # trailers, a refusal: the ordinary way
-        except zttp.RemoteProtocolError as exc:
+        except zttp_shim.RemoteProtocolError as exc:
             self._protocol_error(exc)
             return
         self._after_read()
@@ -335,12 +333,12 @@ class H2Protocol(asyncio.Protocol):
         try:
             conn.receive_data(data)
             self._events(conn.next_event())
-        except zttp.RemoteProtocolError as exc:
+        except zttp_shim.RemoteProtocolError as exc:
             self._protocol_error(exc)
             return
         self._after_read()
 
-    def _protocol_error(self, exc: zttp.RemoteProtocolError) -> None:
+    def _protocol_error(self, exc: zttp_shim.RemoteProtocolError) -> None:
         # zttp has queued the GOAWAY that says why (ENHANCE_YOUR_CALM
         # for its floods and oversized header blocks).
         log.info("h2_protocol_error", client=self.client[0] if self.client else None,
@@ -399,12 +397,12 @@ class H2Protocol(asyncio.Protocol):
                         stream.tunnel.feed_eof()
                     elif stream.ended:  # answered; the unwanted body is over
                         self._discarded(stream)
-            elif kind is zttp.WindowUpdate:
+            elif kind is zttp_shim.WindowUpdate:
                 sid = event.stream_id  # type: ignore[union-attr]
                 for stream in (list(streams.values()) if sid == 0 else
                                filter(None, (streams.get(sid),))):
                     stream.window_opened()
-            elif kind is zttp.RstStream:
+            elif kind is zttp_shim.RstStream:
                 stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
                 if stream is not None:
                     stream.lost()
@@ -414,7 +412,7 @@ class H2Protocol(asyncio.Protocol):
                 self.resets_total += 1
                 if self.resets_total >= _RESETS_RECYCLE:
                     self._recycle(self.resets_total >= _RESETS_PER_CONNECTION)
-            elif kind is zttp.Settings:
+            elif kind is zttp_shim.Settings:
                 params = event.params  # type: ignore[union-attr]
                 self.peer_settings.update(params)
                 for key, value in params:
@@ -424,7 +422,7 @@ class H2Protocol(asyncio.Protocol):
                     stream.window_opened()  # INITIAL_WINDOW_SIZE may have grown
                 if self._flood("settings"):
                     return
-            elif kind is zttp.Ping:
+            elif kind is zttp_shim.Ping:
                 if not event.ack:  # type: ignore[union-attr]
                     if self._flood("pings"):
                         return
@@ -432,12 +430,12 @@ class H2Protocol(asyncio.Protocol):
                     self._final_goaway()
                     if self.closing:
                         return
-            elif kind is zttp.GoAway:
+            elif kind is zttp_shim.GoAway:
                 self.goaway = True
                 if not streams:
                     self.close()
                     return
-            elif kind is zttp.ConnectionClosed:
+            elif kind is zttp_shim.ConnectionClosed:
                 self.close()
                 return
             event = conn.next_event()
@@ -457,14 +455,14 @@ class H2Protocol(asyncio.Protocol):
     def calm(self, why: str) -> None:
         """GOAWAY ENHANCE_YOUR_CALM, then close: the peer is attacking."""
         log.warning("h2_flood", client=self.client[0] if self.client else None, reason=why)
-        with contextlib.suppress(zttp.ProtocolError):
+        with contextlib.suppress(zttp_shim.ProtocolError):
             self.conn.close(H2ErrorCode.ENHANCE_YOUR_CALM, self.last_stream)
         self._flush(final=True)
         self.close()
 
     # -- requests ---------------------------------------------------------------
 
-    def _request(self, event: zttp.Request) -> None:
+    def _request(self, event: zttp_shim.Request) -> None:
         sid = event.stream_id
         if self.goaway or self.closing:
             # Above the last stream id of our GOAWAY: the client knows it was
@@ -596,12 +594,12 @@ class H2Protocol(asyncio.Protocol):
         """The WebSocket on this stream is over: end our side, drop the stream."""
         stream.end()
         if self.streams.pop(stream.stream_id, None) is not None and not stream.client_ended:
-            with contextlib.suppress(zttp.LocalProtocolError):
+            with contextlib.suppress(zttp_shim.LocalProtocolError):
                 stream.handle.reset(H2ErrorCode.NO_ERROR)
         stream.closed = True
         self._stream_gone(stream)
 
-    def _data(self, event: zttp.Data) -> bool:
+    def _data(self, event: zttp_shim.Data) -> bool:
         """Request body bytes: check them against the windows we gave, then
         hand them to the stream's exchange. True: the connection is done."""
         data = event.data
@@ -668,7 +666,7 @@ class H2Protocol(asyncio.Protocol):
     def _discarded(self, stream: H2Stream, reset: bool = False) -> None:
         """The request body after a complete answer is over (or too long)."""
         if self.streams.pop(stream.stream_id, None) is not None and reset:
-            with contextlib.suppress(zttp.LocalProtocolError):
+            with contextlib.suppress(zttp_shim.LocalProtocolError):
                 stream.handle.reset(H2ErrorCode.NO_ERROR)
         stream.closed = True
         self._stream_gone(stream)
@@ -692,7 +690,7 @@ class H2Protocol(asyncio.Protocol):
         if stream.closed:
             return
         if self.streams.pop(stream.stream_id, None) is not None:
-            with contextlib.suppress(zttp.LocalProtocolError):
+            with contextlib.suppress(zttp_shim.LocalProtocolError):
                 stream.handle.reset(code)
             self.wrote()
         stream.lost()
@@ -978,7 +976,7 @@ class H2Protocol(asyncio.Protocol):
             # processed, and the client knows it (RFC 9113 6.8).
             self.router = None
             self.pauses.resume(_HANDOVER)
-        with contextlib.suppress(zttp.ProtocolError):
+        with contextlib.suppress(zttp_shim.ProtocolError):
             self.conn.close(H2ErrorCode.NO_ERROR, self.last_stream)
         self._flush()
         for stream in [s for s in self.streams.values() if s.exchange is None and s.tunnel is None]:
@@ -997,7 +995,7 @@ class H2Protocol(asyncio.Protocol):
         """A connection error (RFC 9113 5.4.1): GOAWAY with its code, then close."""
         log.info("h2_connection_error", client=self.client[0] if self.client else None,
                  code=code.name, reason=why)
-        with contextlib.suppress(zttp.ProtocolError):
+        with contextlib.suppress(zttp_shim.ProtocolError):
             self.conn.close(code, self.last_stream)
         self._flush(final=True)
         self.close()

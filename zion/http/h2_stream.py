@@ -11,12 +11,10 @@ import contextlib
 import struct
 from typing import TYPE_CHECKING
 
-import zttp
-from zttp import H2ErrorCode
-
 from zion.http import zttp_shim
 from zion.http.exchange import ProtocolError
 from zion.http.wakeup import Wakeup
+from zion.http.zttp_shim import H2ErrorCode
 
 if TYPE_CHECKING:
     from zion.http.exchange import Exchange
@@ -116,7 +114,7 @@ class H2Stream:
                         proto.unflushed += size
                     if end:
                         handle.end_message()
-            except zttp.LocalProtocolError:
+            except zttp_shim.LocalProtocolError:
                 raise ProtocolError(f"invalid response header for status {status}") from None
         else:
             conn = proto.conn
@@ -149,7 +147,7 @@ class H2Stream:
                                        _FRAME(0, size, 0, _END_STREAM, sid), body))
                 else:
                     frames = zttp_shim.own_head(made, sid, block)
-            except zttp.LocalProtocolError:
+            except zttp_shim.LocalProtocolError:
                 frames = None  # not for a valid status on an open stream
             if frames is None:
                 # The client's table now differs from the encoder's: no block
@@ -263,7 +261,7 @@ class H2Stream:
             self.ended = True
             try:
                 self.handle.end_message(trailers) if trailers else self.handle.end_message()
-            except zttp.LocalProtocolError:
+            except zttp_shim.LocalProtocolError:
                 raise ProtocolError("invalid response trailers") from None
             # Sent by H2Protocol._stream_gone, which follows.
 

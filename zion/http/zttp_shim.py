@@ -1,6 +1,41 @@
-"""zttp (sans-I/O HTTP/2, Zig core) behind a small typed surface: frame bytes
-zion must write or rewrite itself, and a fresh codec seeded to carry on a
-connection. No policy here - h2.py decides when any of it is used.
+"""zttp (sans-I/O HTTP/2, Zig core) behind a small typed surface, the only
+module of zion that imports it: the codec, its events, errors and error
+codes by name; frame bytes zion must write or rewrite itself; and a fresh
+codec seeded to carry on a connection. No policy here - h2.py decides when
+any of it is used.
+
+What zion uses of the frame layer (a replacement must offer this much):
+
+- `new_connection()` / `seeded_connection()`: a server codec (`H2Connection`).
+  zion calls `initiate_connection()`, `initiate_upgrade_connection(method,
+  target, headers, settings)`, `receive_data(bytes)`, `next_event()`,
+  `data_to_send() -> bytes`, `has_pending_send()`, `send_window`, `close(code,
+  last_stream_id)` and `stream(id)`, whose handle has `send_response(status,
+  headers=None, end_stream=False)`, `send_informational(status)`,
+  `send_data(bytes)`, `end_message(trailers=None)`, `reset(code)` and
+  `pending_bytes` (bytes waiting for the peer's window).
+- Events, told apart by `type(event) is ...` (exact classes, no subclasses),
+  and the attributes zion reads of each:
+  `NeedData` (none), `ConnectionClosed` (none);
+  `Request`: stream_id, method, target, path, query, headers (an iterable
+  of (bytes, bytes) pairs, usually a list), protocol (RFC 8441, or None),
+  end_stream;
+  `Data`: stream_id, data; `EndOfMessage`: stream_id;
+  `WindowUpdate`: stream_id; `RstStream`: stream_id;
+  `Settings`: params ((id, value) pairs); `Ping`: ack, data;
+  `GoAway`: nothing (that it came).
+- Errors: `ProtocolError`, and its two kinds, `RemoteProtocolError` (the
+  peer broke the protocol; the codec has queued the GOAWAY that says why)
+  and `LocalProtocolError` (zion asked for something the stream's state or
+  the protocol does not allow); `H2ErrorCode`, the RFC 9113 7 codes.
+
+They are zttp's own objects, re-exported, not translated into zion types:
+a name looked up here costs what `zttp.X` did, where a translated event
+costs every request an object and a copy of its fields. Measured with
+bench/h2_instructions.py --uvloop (instructions per request, one stream /
+16 streams per read): zttp imported in h2.py 94.3k / 84.8k; re-exported
+here 94.1k / 84.8k; Request and Data events translated into zion's own
+slotted classes by a shim next_event() 97.3k / 88.0k (+3.2%, +3.8%).
 
 Why byte surgery at all, and the upstream API that would remove each piece
 (zttp 0.0.35, Kludex/zttp#49 asks for settable limits):
@@ -34,6 +69,21 @@ import struct
 from collections.abc import Sequence
 
 import zttp
+from zttp import ConnectionClosed as ConnectionClosed
+from zttp import Data as Data
+from zttp import EndOfMessage as EndOfMessage
+from zttp import GoAway as GoAway
+from zttp import H2Connection as H2Connection
+from zttp import H2ErrorCode as H2ErrorCode
+from zttp import LocalProtocolError as LocalProtocolError
+from zttp import NeedData as NeedData
+from zttp import Ping as Ping
+from zttp import ProtocolError as ProtocolError
+from zttp import RemoteProtocolError as RemoteProtocolError
+from zttp import Request as Request
+from zttp import RstStream as RstStream
+from zttp import Settings as Settings
+from zttp import WindowUpdate as WindowUpdate
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types and SETTINGS ids (RFC 9113 6, 6.5.2; RFC 8441 3).
@@ -142,12 +192,12 @@ def end_on_last_data(data: bytes) -> bytes:
     return data[:last + 4] + b"\x01" + data[last + 5:end]
 
 
-def new_connection() -> zttp.H2Connection:
+def new_connection() -> H2Connection:
     return zttp.Connection(zttp.SERVER, zttp.HTTP2)
 
 
 def seeded_connection(peer_settings: dict[int, int], send_window: int,
-                      spare_stream_id: int) -> zttp.H2Connection:
+                      spare_stream_id: int) -> H2Connection:
     """A fresh server codec that takes over a live connection.
 
     It is told what the old one knew: the client's SETTINGS (stream windows,
@@ -187,7 +237,7 @@ def seeded_connection(peer_settings: dict[int, int], send_window: int,
         seed += frame_header(len(block), HEADERS_FRAME, END_STREAM | END_HEADERS,
                              spare_stream_id) + block
     conn.receive_data(seed)
-    while type(conn.next_event()) is not zttp.NeedData:
+    while type(conn.next_event()) is not NeedData:
         pass
     if send_window < DEFAULT_WINDOW:
         stream = conn.stream(spare_stream_id)
@@ -196,7 +246,7 @@ def seeded_connection(peer_settings: dict[int, int], send_window: int,
         stream.end_message()
     if streams_window != DEFAULT_WINDOW:
         conn.receive_data(settings({INITIAL_WINDOW_SIZE: streams_window}))
-        while type(conn.next_event()) is not zttp.NeedData:
+        while type(conn.next_event()) is not NeedData:
             pass
     conn.data_to_send()  # ACKs and the made-up answer: the client had ours
     return conn
