@@ -38,6 +38,21 @@ def built(tmp_path_factory: pytest.TempPathFactory, state_dir: Path) -> Path:
     return dest
 
 
+def test_a_compile_where_bpf_is_refused_says_so_and_how_to_fix_it(tmp_path, state_dir):
+    # a container build under its runtime's default seccomp profile: bcc only
+    # said "Failed to compile BPF module <text>"
+    out = subprocess.run([sys.executable, "-m", "tests.support.deny_bpf", sys.executable, "-m",
+                          "zion.demux.objects", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO),
+                              "ZION_TLS_STATE_DIR": str(state_dir)})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "the demux object was not compiled" in out.stderr
+    assert "compiling needs bpf(), and here: bpf_syscall_refused" in out.stderr, out.stderr
+    assert "--cap-add BPF --security-opt seccomp=" in out.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
 def _no_bcc(tmp_path: Path, zion_env: dict[str, str]) -> str:
     shim = tmp_path / "shim" / "bcc"
     shim.mkdir(parents=True)

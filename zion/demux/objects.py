@@ -290,6 +290,15 @@ def main(argv: list[str]) -> int:
             print(f"zion: compiled {path} (headers: {how})")
     except (Unavailable, ShimError, OSError) as exc:
         print(f"zion: the demux object was not compiled: {exc}", file=sys.stderr)
+        # bcc creates the program's maps while compiling, so a build where bpf()
+        # is refused (a container build under its default seccomp profile) fails
+        # with bcc's bare "Failed to compile BPF module": say why, and the fix
+        from zion.demux.readiness import diagnose_bpf
+
+        refused = diagnose_bpf()
+        if refused is not None:
+            print(f"zion: compiling needs bpf(), and here: {refused.state}: {refused.detail}\n"
+                  f"zion: fix: {refused.fix}", file=sys.stderr)
         return 1
     return 0
 
