@@ -24,13 +24,19 @@ want=(python3-bpfcc)
 # nghttp2-client: h2load against zion's HTTP/2.
 # systemd-container, debootstrap: the test that boots config/zion.service under a
 # real systemd (systemd-nspawn -b) in a cached Debian root.
+# podman, runc: the test that runs zion in an OCI container under Podman's default
+# seccomp profile (tests/deploy/); runc, as Debian 12's crun refuses hybrid cgroups.
 if [[ ",$extras," == *",test,"* ]]; then
   want+=(bpftool libcap2-bin curl chromium haproxy iproute2 nghttp2-client
-         systemd-container debootstrap)
+         systemd-container debootstrap podman runc)
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  # installed, not merely known: `dpkg -s` also succeeds for a package removed with
+  # its configuration files left ("rc"), which apt would then never reinstall
+  for p in "${want[@]}"; do
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")
+  done
   release=$(uname -r)
   if [ ! -d "/lib/modules/$release/build/include" ] && ! ls -d /usr/src/linux-headers-*-common >/dev/null 2>&1; then
     missing+=("__headers__")
