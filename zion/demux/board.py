@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 import time
 from enum import IntEnum
 from typing import Any
@@ -74,6 +75,9 @@ def signed64(value: int) -> int:
 
 SLOT_SIZE = ctypes.sizeof(Slot)
 assert SLOT_SIZE == 56
+# A whole slot, in Slot's field order, for StatusBoard.read.
+_SLOT_FIELDS = struct.Struct("=4Q6I")
+assert _SLOT_FIELDS.size == SLOT_SIZE
 
 
 def mapping_size(count: int) -> int:
@@ -100,6 +104,16 @@ class StatusBoard:
         mem = mmap.mmap(fd, mapping_size(count + 1), mmap.MAP_SHARED,
                         mmap.PROT_READ | mmap.PROT_WRITE)
         return cls(mem, count, shared_with_bpf=True)
+
+    def read(self, index: int) -> tuple[int, ...]:
+        """One slot's fields, each read once, in Slot's order: (heartbeat_ns,
+        dispatches, accepted, dropped, state, conns, inflight, pid, backlog,
+        handshakes). For the master's looks, many times a second: one call
+        per slot, where each ctypes field read costs about half a thousand
+        instructions. Each field is one aligned load, as a ctypes read is;
+        the fields are not a snapshot taken at one instant, as they never
+        were read one by one."""
+        return _SLOT_FIELDS.unpack_from(self._mem, index * SLOT_SIZE)
 
     def set_state(self, index: int, state: SlotState, pid: int = 0) -> None:
         slot = self.slots[index]

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from zion.demux.board import BUSY_BEATS, IDLE_BEATS, SlotState, StatusBoard
 from zion.listeners import accept_queue_len
 
+_READY = int(SlotState.READY)
+_U64 = (1 << 64) - 1
 # With no connection anywhere nothing can wait behind a blocked worker; the
 # first dispatch makes the board show work and the next poll is fast again.
 IDLE_POLL = 0.1  # seconds
@@ -98,25 +100,28 @@ class QueueMover:
         worker's loop turns (when every worker is blocked, moving the queue
         only trades one wait for another)."""
         self.next_at = now + IDLE_POLL
-        slots = board.slots
         look, turning = Look(), False
         busy, calm = False, True
         accepted_then, queued_then = self.accepted, self.queued
         self.accepted, self.queued = {}, set()
+        read = board.read
         for index in range(min(board.count, len(sockets))):
-            slot = slots[index]
-            if slot.state != SlotState.READY:
+            (heartbeat_ns, dispatches, accepted, dropped, state, _conns, inflight, _pid,
+             _backlog, handshakes) = read(index)
+            if state != _READY:
                 continue
-            accepted = int(slot.accepted)
             self.accepted[index] = accepted
+            # Slot.pending: sent and not accepted, as the program counts it.
+            owed = (dispatches - accepted - dropped) & _U64
+            pending = 0 if owed >> 63 else owed
+            working = inflight or handshakes
             took = accepted_then.get(index, accepted) != accepted
-            if took or slot.active:
+            if took or working or pending:
                 # Connections are arriving: a look that happened to find
                 # every worker between two of them must not wait IDLE_POLL.
                 busy = True
-            age: int = now_ns - slot.heartbeat_ns
+            age = now_ns - heartbeat_ns
             queued: int | None = None  # read once per look, and only if needed
-            working = slot.inflight or slot.handshakes
             # Its beat is late (for its pace), even if it took connections
             # since the last look: it may be blocking now, look closely.
             calm = calm and age <= (self.late_ns if working else self.idle_late_ns)
@@ -126,7 +131,7 @@ class QueueMover:
                 blocked = age > self.busy_ns
             else:
                 blocked = age > self.idle_ns + self.busy_ns
-                if not blocked and slot.pending:
+                if not blocked and pending:
                     queued = self.queue_len(sockets[index])
                     if queued:
                         blocked = index in queued_then

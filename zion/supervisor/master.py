@@ -142,37 +142,47 @@ class Master:
             while (sig := self.signals.pop()) is not None:
                 getattr(self, f"handle_{sig.name.lower()}")()
             self._reaped()
+            # One clock read per wake: what is due is judged against it (a
+            # check that runs late by this wake's own work loses nothing).
+            now = time.monotonic()
             if self.stopping:
                 if not self.pool:
                     return
-                if time.monotonic() > self.stop_deadline:
+                if now > self.stop_deadline:
                     for handle in self.pool.handles():
                         logger.warning("worker_killed", child=handle.pid, reason="drain timeout")
                         kill(handle.pid, signal.SIGKILL)
                     self.stop_deadline = float("inf")
             else:
-                if self.leave_at is not None and time.monotonic() >= self.leave_at:
+                if self.leave_at is not None and now >= self.leave_at:
                     self._begin_drain(self.leave_why)
                     continue
                 if self.watcher is not None and self.reload is None and self.watcher.take():
                     self._begin_reload()
-                if self.reload is None and time.monotonic() >= self.rotate_at:
+                if self.reload is None and now >= self.rotate_at:
                     # Next attempt a lifetime from now even if this one fails.
                     self.rotate_at = self._next_rotation()
                     logger.info("ticket_keys_rotating", lifetime_s=self._key_lifetime())
                     self._begin_reload()
-                self._respawn_due()
+                assert self.respawn is not None
+                if self.respawn.due:
+                    self._respawn_due()
                 self._boot_deadlines()
                 if self.retiring:
                     self._check_retiring()
-                self._sample_queues()
-                self._move_blocked_queues()
+                self._demux_looks(now)
                 if self.reload is None:
-                    self._replace_stuck()
-                    self._check_memory()
-            self._watch_stalls()
+                    if self.settings.supervisor.stuck_timeout:
+                        self._replace_stuck()
+                    if self.settings.limits.worker_memory and now >= self.memory_check_at:
+                        self._check_memory()
+            if self.admin and now >= self.stall_check_at:
+                self._watch_stalls()
             ready = self.pool.ready_fds()
-            admin_r, admin_w = self.admin.read_fds(), self.admin.write_fds()
+            if self.admin:
+                admin_r, admin_w = self.admin.read_fds(), self.admin.write_fds()
+            else:
+                admin_r = admin_w = []
             try:
                 readable, writable, _ = select.select(
                     [self.signals.wake_r, *ready, *admin_r], admin_w, [], self._timeout())
@@ -197,28 +207,29 @@ class Master:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        due = [now + 0.5, self.rotate_at]
-        if self.respawn is not None and (at := self.respawn.next_due()) is not None:
-            due.append(at)
+        due = min(now + 0.5, self.rotate_at)
+        if self.respawn is not None and self.respawn.due:
+            due = min(due, *self.respawn.due.values())
         # Both run only while serving: counted while stopping, their past
         # due times would turn select into a busy loop until the workers exit.
-        if self.current is not None and self.current.demux.routing and not self.stopping:
-            due.append(self.sampler.next_at)
-        if self._moving_queues():
-            due.append(self.mover.next_at)
+        gen = self.current
+        if gen is not None and not self.stopping and gen.demux.routing:
+            due = min(due, self.sampler.next_at)
+            if self._moving_queues():
+                due = min(due, self.mover.next_at)
         if self.stopping:
-            due.append(self.stop_deadline)
+            due = min(due, self.stop_deadline)
         elif self.leave_at is not None:
-            due.append(self.leave_at)
+            due = min(due, self.leave_at)
         if not self.stopping and self.settings.limits.worker_memory:
-            due.append(self.memory_check_at)
+            due = min(due, self.memory_check_at)
         if self.retiring:
-            due.append(now + 0.02)  # poll the retiring listeners' queues
+            due = min(due, now + 0.02)  # poll the retiring listeners' queues
         if self.admin:
-            due.append(self.stall_check_at)
+            due = min(due, self.stall_check_at)
             if (at := self.admin.next_deadline()) is not None:
-                due.append(at)
-        return max(0.0, min(due) - now)
+                due = min(due, at)
+        return max(0.0, due - now)
 
     # -- signals ------------------------------------------------------------------
 
@@ -437,12 +448,18 @@ class Master:
             handle.killed = True
             kill(handle.pid, signal.SIGKILL)
 
-    def _sample_queues(self) -> None:
-        # Only the program routes on the sample, but /_zion/status shows it in
-        # every mode, and in hash mode a frozen worker's queue is worth seeing.
+    def _demux_looks(self, now: float) -> None:
+        """The sampler's look at the accept queues and the mover's at the
+        workers, each when due, while the program routes. Only the program
+        routes on the sample, but /_zion/status shows it in every mode, and
+        in hash mode a frozen worker's queue is worth seeing."""
         gen = self.current
-        if gen is not None and gen.demux.routing:
-            self.sampler.maybe_sample(time.monotonic(), gen.group.sockets, gen.board)
+        if gen is None or not gen.demux.routing:
+            return
+        if now >= self.sampler.next_at:
+            self.sampler.maybe_sample(now, gen.group.sockets, gen.board)
+        if now >= self.mover.next_at and self._moving_queues():
+            self._move_blocked_queues(gen, now)
 
     def _moving_queues(self) -> bool:
         # Needs SELECT_OR_MIGRATE (the program re-homes what the listener
@@ -451,13 +468,7 @@ class Master:
         return (gen is not None and gen.demux.migrates and gen.settings.demux.requeue
                 and self.reload is None and not self.stopping)
 
-    def _move_blocked_queues(self) -> None:
-        gen = self.current
-        if gen is None or not self._moving_queues():
-            return
-        now = time.monotonic()
-        if now < self.mover.next_at:
-            return
+    def _move_blocked_queues(self, gen: Generation, now: float) -> None:
         look = self.mover.poll(now, time.monotonic_ns(), gen.board, gen.group.sockets)
         if not look.move:
             return
