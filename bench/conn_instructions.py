@@ -128,6 +128,10 @@ def _life(server: str, shape: str, n: int) -> int:
     outdir = Path(tempfile.mkdtemp(prefix="zion-conn-cg-"))
     state = tempfile.mkdtemp(prefix="zion-conn-state-")
     env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{ZION_TREE}",
+           # Random string hashes move a life's count by up to ~1k instructions
+           # per connection between runs of the same code (dict and set
+           # layouts): fixed, two runs agree, and a cut of that size shows.
+           "PYTHONHASHSEED": "0",
            "ZION_TLS_STATE_DIR": state, "ZION_SUPERVISOR_BOOT_TIMEOUT": "600",
            # A worker with work in hand beats every 5 ms: under callgrind a
            # request takes ~50x its wall time, so those beats (and the
