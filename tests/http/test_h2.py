@@ -480,6 +480,33 @@ async def test_an_app_that_does_not_read_holds_its_own_window_and_nobody_elses()
     assert bytes(rs[slow].body) == hashlib.sha256(b"s" * 265535).hexdigest().encode()
 
 
+async def test_a_window_opened_right_after_the_writer_parks_wakes_it():
+    # The app's send() waits for the client's window (drain: wait_for on the
+    # stream's Wakeup). The client's WINDOW_UPDATE is read in the same loop
+    # iteration, after the app parked and before wait_for's inner Task first
+    # ran (as when an app starts inside the read that carries it): the wake
+    # came while Wakeup had no Future yet and was lost, and the app waited
+    # until send_timeout (httpx's GET of a large body over HTTP/2 hung).
+    async def big(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for more in (True, True, False):
+            await send({"type": "http.response.body", "body": b"b" * 65536,
+                        "more_body": more})
+
+    peer = FakePeer(make_state(limits={"send_timeout": 60.0}), big)
+    peer.client.h2.increment_flow_control_window(2**24)  # only the stream's window binds
+    await peer.run(2)
+    sid = peer.client.request(path="/big")
+    r = peer.client.responses[sid]
+    peer.exchange()  # the request: the app's Task runs on the next loop turn
+    peer.client.h2.increment_flow_control_window(2**24, stream_id=sid)
+    update = peer.client.h2.data_to_send()
+    # After the app's first step (it parks: 131,073 bytes over a 65,535 window).
+    asyncio.get_running_loop().call_soon(peer.tr.feed, update)
+    await peer.until(lambda: r.ended, timeout=10)
+    assert len(r.body) == 3 * 65536 and r.reset is None
+
+
 async def _overrun(peer: FakePeer, sizes: list[int]) -> list[int]:
     """Open a stream per size and send that much on it at once, whatever
     the windows say (raw DATA frames the h2 client would refuse to send)."""

@@ -14,11 +14,18 @@ class Wakeup:
         self._loop = loop
         self._future: asyncio.Future[None] | None = None
 
-    async def wait(self) -> None:
-        """Until the next wake(); callers re-check their condition after."""
-        if self._future is None:
-            self._future = self._loop.create_future()
-        await self._future
+    def wait(self) -> asyncio.Future[None]:
+        """What to await until the next wake(); callers re-check their
+        condition after. The Future is made now, not when the caller's Task
+        first awaits it: asyncio.wait_for() wraps a coroutine in a Task that
+        starts a loop turn later, and a wake() in between (an HTTP/2 app
+        started inside the read whose next frame opens its window) was lost,
+        leaving the writer parked until send_timeout. One a timeout
+        cancelled is replaced."""
+        future = self._future
+        if future is None or future.done():
+            future = self._future = self._loop.create_future()
+        return future
 
     def wake(self) -> None:
         future, self._future = self._future, None
