@@ -49,7 +49,13 @@ class H2Stream:
     __slots__ = ("proto", "state", "loop", "client", "server", "stream_id", "handle",
                  "exchange", "tunnel", "ended", "closed", "window", "received", "earned",
                  "credited", "client_ended", "body_deadline", "discard_until")
-    start_now = False  # connection.Carrier: dispatched amid zttp's events
+    # connection.Carrier: the Task's first step on the next loop turn. Run
+    # inside the read instead (task_start, as HTTP/1.1's first request), it
+    # cost more than the turn it saves on Python 3.11 (bench/h2_instructions.py
+    # --uvloop: +5.1k instructions a request one stream at a time, +3.3k at 16;
+    # bench/h2_load.py -m 1: 126 against 88 µs of server CPU a request): the
+    # response already leaves in one write, from the step that ends it.
+    start_now = False
 
     def __init__(self, proto: H2Protocol, stream_id: int) -> None:
         self.proto = proto
