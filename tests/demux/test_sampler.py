@@ -34,6 +34,13 @@ def test_sample_reads_each_listeners_real_queue():
         board.slots[0].backlog = 99
         sampler.maybe_sample(105.0, [listener], board)  # not due yet
         assert board.slots[0].backlog == 99
+        # Due within `ahead`: the master is awake for the mover's look, and
+        # the sample rides on that wake-up instead of taking one of its own.
+        sampler.maybe_sample(105.0, [listener], board, ahead=4.0)  # due at 110
+        assert board.slots[0].backlog == 99
+        sampler.maybe_sample(105.0, [listener], board, ahead=5.0)
+        assert board.slots[0].backlog == 3
+        assert sampler.next_at == 115.0
 
 
 @pytest.mark.skipif(cannot_load_bpf() is not None, reason=str(cannot_load_bpf()))

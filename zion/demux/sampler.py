@@ -42,8 +42,11 @@ class QueueSampler:
         self.least: dict[int, int] = {}
 
     def maybe_sample(self, now: float, sockets: Sequence[socket.socket],
-                     board: StatusBoard) -> None:
-        if now < self.next_at:
+                     board: StatusBoard, ahead: float = 0.0) -> None:
+        """Sample if due, or due within `ahead` seconds: the master is awake
+        for another look, and sampling a little early saves it a wake-up of
+        its own (the window only needs about WINDOW / INTERVAL samples)."""
+        if now + ahead < self.next_at:
             return
         self.next_at = now + self.interval
         for index, excess in enumerate(sample(sockets, board)):
