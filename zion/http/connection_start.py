@@ -57,7 +57,8 @@ class ConnectionStart(asyncio.Protocol):
         state = self.state
         if self.handshaking:
             self.handshaking = False
-            state.handshake_ended()
+            # Every way on from here opens the connection (connection_opened).
+            state.handshake_ended(opening=True)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             counters = state.counters

@@ -218,7 +218,7 @@ class H1Protocol(asyncio.Protocol):
             ex.lost()
         self.flow.connection_lost()
         self.deadline_kind = _NONE
-        self._release_parser()
+        self.parser = _IDLE_PARSER  # _release_parser, without its call
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
