@@ -1179,3 +1179,36 @@ async def test_a_smaller_header_table_from_the_client_is_honoured_at_once():
     r = peer.client.responses[sid]
     assert r.ended and r.status == 200 and r.header(b"content-type") == b"text/plain"
     assert peer.proto.encoder.max_size == 0 and not peer.proto.encoder.table
+
+
+async def test_one_streams_cancelled_writer_leaves_the_others_waiting_for_the_write_buffer():
+    # The connection's write buffer is full: every stream's send() waits in
+    # the connection's drain. One stream's Task is cancelled there (its
+    # --timeout-request, an anyio cancel scope of the framework's): the
+    # others must go on waiting, not be cancelled with it.
+    tasks: dict[str, asyncio.Task[Any]] = {}
+
+    async def app(scope, receive, send):
+        tasks[scope["path"]] = asyncio.current_task()  # type: ignore[assignment]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
+        await send({"type": "http.response.body", "body": b"y"})
+
+    peer = FakePeer(make_state(), app)
+    await peer.run(2)
+    peer.proto.pause_writing()  # as the transport does past its high-water mark
+    first = peer.client.request(path="/a")
+    second = peer.client.request(path="/b")
+    peer.exchange()
+    await until(lambda: len(tasks) == 2)
+    await settle(10)
+    assert not any(task.done() for task in tasks.values())  # both wait in drain
+    tasks["/a"].cancel()
+    await settle(10)
+    assert tasks["/a"].cancelled() and not tasks["/b"].done()
+    peer.proto.resume_writing()
+    r = peer.client.responses[second]
+    await peer.until(lambda: r.ended, timeout=5)
+    assert r.body == b"x" * 1000 + b"y" and r.reset is None
+    assert not tasks["/b"].cancelled()
+    assert first in peer.client.responses
