@@ -62,13 +62,8 @@ class WorkerSpec:
 def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
          board: StatusBoard, demux_info: dict[str, Any], counters: CounterBoard,
          uds: socket.socket | None = None, quic: WorkerQuic | None = None) -> int:
+    # The master's signal handlers are undone by the fork (supervisor/pool.py).
     master_pid = os.getppid()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    # The master's notes (below) must not end a worker that is still booting.
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.set_wakeup_fd(-1)
     log.configure(settings.log.format, settings.log.level, worker=spec.index,
                   log_config=settings.log.config)
     access_log.configure(settings.log.access_log_format)
