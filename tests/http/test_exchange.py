@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.support.asgi import read_body
 from tests.support.fake_transport import connect, make_state, settle, until
 
 GET = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -39,12 +40,7 @@ async def test_app_runs_inside_a_task_from_its_first_line():
 
 async def body_length(scope, receive, send):
     """Reads the whole body, then answers its length and whether it ran in a Task."""
-    body = b""
-    while True:
-        msg = await receive()
-        body += msg.get("body", b"")
-        if not msg.get("more_body"):
-            break
+    body = await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"len=%d task=%d" % (
         len(body), asyncio.current_task() is not None)})

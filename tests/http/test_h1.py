@@ -21,6 +21,7 @@ from tests.conftest import (
     read_until_closed,
     wait_for,
 )
+from tests.support.asgi import read_body
 from tests.support.fake_transport import connect as fake_connect
 from tests.support.fake_transport import make_state, settle, until
 
@@ -728,12 +729,7 @@ async def test_an_unswitched_upgrades_body_that_stops_arriving_gets_408():
 
 
 async def _headers_after_the_body(scope, receive, send) -> None:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     names = b",".join(name for name, _ in scope["headers"])
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": names + b"|" + body})

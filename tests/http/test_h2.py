@@ -13,21 +13,18 @@ from typing import Any
 import h2.errors
 import h2.exceptions
 import h2.settings
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
 
+from tests.support.asgi import read_body
 from tests.support.fake_transport import FakeTransport, make_state, settle, until
 from tests.support.h2peer import Client, FakePeer
+from tests.support.h2peer import parse_frames as frames
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
 async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    body = b""
-    while True:
-        msg = await receive()
-        body += msg.get("body", b"")
-        if not msg.get("more_body"):
-            break
+    body = await read_body(receive)
     headers = dict(scope["headers"])
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"x-version", scope["http_version"].encode()),
@@ -433,16 +430,6 @@ async def test_shutdown_sends_the_two_step_graceful_goaway_and_streams_finish():
         assert b"".join(f.data for f in answer[1:]) == b"done"
         assert "END_STREAM" in answer[-1].flags
     assert state.connections == set()
-
-
-def frames(data: bytes) -> list[Any]:
-    out = []
-    while len(data) >= 9:
-        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
-        frame.parse_body(memoryview(data[9:9 + length]))
-        out.append(frame)
-        data = data[9 + length:]
-    return out
 
 
 async def test_an_app_that_does_not_read_holds_its_own_window_and_nobody_elses():
