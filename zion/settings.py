@@ -326,11 +326,14 @@ class LimitsSettings:
                                        check=positive)
     h2_stream_window: int = setting(262144, "HTTP/2 receive window of each stream, bytes "
                                     "(SETTINGS_INITIAL_WINDOW_SIZE): request body bytes a client "
-                                    "may send ahead of what the app has read.",
+                                    "may send ahead of what the app has read. A connection holds "
+                                    "at most h2_max_streams times this, unread.",
                                     check=between(65535, 2**31 - 1))
     h2_connection_window: int = setting(1048576, "HTTP/2 receive window of a whole connection, "
-                                        "bytes: the most request body one connection may have "
-                                        "buffered, unread, across its streams.",
+                                        "bytes: how far a client may send ahead, across its "
+                                        "streams, of what zion has taken in. Given back as "
+                                        "bytes arrive: an app that does not read holds only "
+                                        "its own stream's window, never the connection's.",
                                         check=between(65535, 2**31 - 1))
     h2_ping_interval: float = setting(30.0, "Seconds an HTTP/2 connection with streams open "
                                       "may be silent before zion sends a PING (0 = never).",

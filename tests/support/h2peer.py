@@ -46,6 +46,7 @@ class Client:
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.remote_settings: dict[int, int] = {}
         self.auto_ack = True  # give the window back as body bytes arrive
+        self.pings_acked = 0
 
     def request(self, method: str = "GET", path: str = "/", headers: list[tuple[str, str]] = (),
                 body: bytes | None = None, end: bool = True) -> int:
@@ -84,6 +85,8 @@ class Client:
                 r.reset = ev.error_code
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = ev
+            elif isinstance(ev, h2.events.PingAckReceived):
+                self.pings_acked += 1
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 changed = ev.changed_settings.items()
                 self.remote_settings.update({k: v.new_value for k, v in changed})

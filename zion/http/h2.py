@@ -24,11 +24,15 @@ What zttp decides and what zion adds:
   could only be bounded by not reading the socket - which stalls every other
   stream. zion takes zttp's WINDOW_UPDATE frames out of what it sends, keeps
   their increments (they count the frames' full length, padding included) and
-  gives back only what the app has read: a stream's unread body is bounded by
-  limits.h2_stream_window, a connection's by limits.h2_connection_window, and
-  the other streams go on. A peer that sends past the window it was given is
-  reset (FLOW_CONTROL_ERROR, RFC 9113 6.9.1). zttp itself never notices: it
-  refills its own windows after every frame.
+  gives back to a stream only what its app has read: a stream's unread body
+  (a WebSocket's undecoded input) is bounded by limits.h2_stream_window, a
+  connection's by h2_max_streams of those. The connection's window is given
+  back as the bytes arrive: withheld for unread bytes too, four streams
+  whose apps do not read (4 x 256 KiB) shut the 1 MiB connection window and
+  stalled every other stream. A peer that sends past a window it was given
+  is reset (stream) or sent GOAWAY (connection): FLOW_CONTROL_ERROR, RFC 9113
+  6.9.1. zttp itself never notices: it refills its own windows after every
+  frame.
 - zion counts, per connection and second, peer RST_STREAMs (rapid reset,
   CVE-2023-44487), SETTINGS and PINGs (zttp answers each itself); past
   limits.h2_flood_per_second of any: GOAWAY ENHANCE_YOUR_CALM and close. It
@@ -790,12 +794,17 @@ class H2Protocol(asyncio.Protocol):
         return data
 
     def _credit(self) -> bytes:
-        """WINDOW_UPDATEs for what zttp earned less what the apps have not yet
-        read: an app that does not read holds its stream's window shut (and
-        that much of the connection's), nobody else's."""
+        """WINDOW_UPDATEs for what zttp earned: a stream's less what its app
+        has not yet read, so an app that does not read holds its own
+        stream's window shut and nobody else's; the connection's in full,
+        since the stream windows already bound what is held (see the module
+        docstring). Withheld from the connection too, the unread bytes of
+        h2_connection_window / h2_stream_window (4) such streams shut it,
+        and every other stream stalled with them."""
         frames = []
-        unread_total = 0
         for stream in self.streams.values():
+            if stream.client_ended:
+                continue
             ex = stream.exchange
             if ex is not None:
                 unread = ex.body_size
@@ -804,13 +813,11 @@ class H2Protocol(asyncio.Protocol):
                 unread = max(0, stream.received - stream.credited)
             else:
                 unread = 0
-            unread_total += unread
-            if not stream.client_ended:
-                due = stream.earned - unread - stream.credited
-                if due > 0:
-                    stream.credited += due
-                    frames.append(zttp_shim.window_update(stream.stream_id, due))
-        due = self.conn_earned - unread_total - self.conn_credited
+            due = stream.earned - unread - stream.credited
+            if due > 0:
+                stream.credited += due
+                frames.append(zttp_shim.window_update(stream.stream_id, due))
+        due = self.conn_earned - self.conn_credited
         if due > 0:
             self.conn_credited += due
             frames.append(zttp_shim.window_update(0, due))
