@@ -3,6 +3,8 @@
 
 WebSocket /deaf   accepts, then never receives until GET /release; then ends.
 WebSocket /echo   echoes every message.
+WebSocket /late   receives nothing until GET /release; then counts the
+                  messages until a text "done", and sends the count back.
 HTTP /hold        never reads its request body until GET /release; then 200.
 HTTP /release     releases the held apps of this worker.
 HTTP anything     reads the whole body, answers its length.
@@ -26,6 +28,12 @@ async def app(scope, receive, send):
         if scope["path"] == "/deaf":
             await released.wait()
             return
+        if scope["path"] == "/late":
+            await released.wait()
+            count = 0
+            while (await receive()).get("text") != "done":
+                count += 1
+            await send({"type": "websocket.send", "text": str(count)})
         while True:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":

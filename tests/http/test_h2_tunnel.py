@@ -189,3 +189,55 @@ async def test_a_fragmented_message_larger_than_the_budget_still_arrives() -> No
     await peer.upload(sid, data, end=False)
     await peer.until(lambda: bool(got))
     assert got == [b"".join(f.data for f in pieces)]
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the server's WebSocket frames (unmasked) in `data`."""
+    frames, at = [], 0
+    while len(data) - at >= 2:
+        length, head = data[at + 1] & 0x7F, 2
+        if length == 126:
+            length, head = int.from_bytes(data[at + 2:at + 4], "big"), 4
+        elif length == 127:
+            length, head = int.from_bytes(data[at + 2:at + 10], "big"), 10
+        if len(data) - at < head + length:
+            break
+        frames.append((data[at] & 0x0F, data[at + head:at + head + length]))
+        at += head + length
+    return frames
+
+
+async def test_a_pong_read_once_reading_resumes_ends_the_deferred_wait() -> None:
+    """Its app took nothing, reading stopped and the pong's deadline passed
+    (websocket.py _pong_overdue: deferred, not a 1011). Once reading
+    resumes, the client's pong, read behind those messages, answers the
+    ping: the next ping follows, no 1011."""
+    go = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await go.wait()
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    state = make_state(websocket={"per_message_deflate": False, "max_queue": 2,
+                                  "ping_interval": 0.05, "ping_timeout": 0.05})
+    peer = FakePeer(state, app)
+    await peer.run(2)
+    sid = peer.client.request("CONNECT", "/ws", end=False, headers=[
+        (":protocol", "websocket"), ("sec-websocket-version", "13")])
+    await peer.until(lambda: peer.client.responses[sid].status == 200)
+    ws = peer.proto.streams[sid].tunnel.protocol  # type: ignore[union-attr]
+    await peer.push(sid, _ws_frame(2, b"m" * 1000) * 20, rounds=5)
+    await peer.until(lambda: ws.pong_deferred)
+    body = peer.client.responses[sid].body
+    [ping] = [p for op, p in _server_frames(bytes(body)) if op == 9]
+    # The client answers at once: its pong waits behind the messages the app
+    # has not taken, undecoded.
+    peer.client.h2.send_data(sid, _ws_frame(10, ping))
+    await peer.run(2)
+    assert ws.pong_deferred and ws.paused
+    go.set()  # the app takes its messages: the pong is read with them
+    await peer.until(lambda: [op for op, _ in _server_frames(bytes(body))].count(9) == 2)
+    assert 8 not in [op for op, _ in _server_frames(bytes(body))]  # no close frame

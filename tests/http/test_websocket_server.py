@@ -231,3 +231,33 @@ async def test_a_client_breaking_the_protocol_after_a_good_message_is_a_disconne
     assert [(e["event"], e["level"], e.get("code")) for e in ended] == [
         ("websocket_app_ended_by_disconnect", "debug", 1002)]
     tls.close()
+
+
+async def test_a_pong_behind_messages_the_app_has_not_taken_is_not_a_timeout(start_zion):
+    """The app takes no message for a while; zion stops reading the socket
+    (back-pressure), so the client's pong waits there, unread, behind the
+    messages it sent before. zion closed the WebSocket with 1011 "keepalive
+    ping timeout" although the client was not late, zion was. The pong's
+    deadline now waits until zion reads again."""
+    srv = start_zion("h2_hold_app:app", "--no-bpf-demux", "--no-ws-per-message-deflate",
+                     "--ws-ping-interval", "0.2", "--ws-ping-timeout", "0.2", workers=1)
+    url = f"wss://127.0.0.1:{srv.port}/late"
+    async with websockets.connect(url, ssl=client_context(alpn=False), ping_interval=None,
+                                  server_hostname="localhost") as ws:
+        count = 200
+
+        async def flood() -> None:
+            for _ in range(count):
+                await ws.send(b"m" * 65536)
+
+        flooding = asyncio.create_task(flood())
+        deadline = asyncio.get_running_loop().time() + 10
+        while not srv.events("websocket_pong_wait_deferred"):
+            assert asyncio.get_running_loop().time() < deadline, "no pong deadline passed"
+            assert not srv.events("websocket_ping_timeout"), "closed with 1011"
+            await asyncio.sleep(0.02)
+        await get(srv.port, "/release")  # the app takes the messages: zion reads again
+        await flooding
+        await ws.send("done")
+        assert await ws.recv() == str(count)
+    assert not srv.events("websocket_ping_timeout")

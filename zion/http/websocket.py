@@ -118,6 +118,10 @@ _WRITE_BLOCKED = 2  # the transport paused our writing
 _BACKLOG = 4        # undecoded input waits for the next loop turn
 _BUDGET_FULL = 8    # the connection's WebSockets together hold their Budget (HTTP/2)
 _HOLD = _QUEUE_FULL | _WRITE_BLOCKED | _BUDGET_FULL  # reasons that stop decoding
+# Reasons that are ours, not the client's: the app (or this loop turn) is
+# behind. While one holds, a pong the client sent may wait unread behind the
+# messages before it, so its keepalive deadline waits too (_pong_overdue).
+_OURS = _QUEUE_FULL | _BACKLOG | _BUDGET_FULL
 
 
 class Budget:
@@ -198,7 +202,8 @@ class WebSocketProtocol(asyncio.Protocol):
     __slots__ = (
         # connection
         "state", "loop", "app", "scope", "ws", "transport", "flow", "raw", "phase",
-        "close_deadline", "ping_handle", "pong_handle", "ping_payload", "write_blocked_at",
+        "close_deadline", "ping_handle", "pong_handle", "ping_payload", "pong_deferred",
+        "write_blocked_at",
         # input not decoded yet, and why it is not read
         "pending", "pending_at", "frame_left", "eof", "paused", "reading_paused",
         "feed_handle",
@@ -238,6 +243,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ping_handle: asyncio.TimerHandle | None = None
         self.pong_handle: asyncio.TimerHandle | None = None
         self.ping_payload = b""
+        self.pong_deferred = False  # its deadline passed while we were not reading
         self.write_blocked_at = 0.0
         self.pending = b""
         self.pending_at = 0
@@ -462,6 +468,12 @@ class WebSocketProtocol(asyncio.Protocol):
         elif not self.paused and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
+        if self.pong_deferred and not self.paused & _OURS:
+            # All we held back is read: the client's pong, if it sent one,
+            # came with it. It has a whole ping_timeout from now.
+            self.pong_deferred = False
+            self.pong_handle = self.loop.call_later(
+                self.state.settings.websocket.ping_timeout, self._pong_overdue)
 
     def _events(self) -> int:
         """Handle what the library decoded; returns the decoded bytes."""
@@ -531,9 +543,12 @@ class WebSocketProtocol(asyncio.Protocol):
             else:
                 self._check_queue()
         elif opcode is Opcode.PONG:
-            if data == self.ping_payload and self.pong_handle is not None:
-                self.pong_handle.cancel()
+            if data == self.ping_payload and (self.pong_handle is not None or
+                                              self.pong_deferred):
+                if self.pong_handle is not None:
+                    self.pong_handle.cancel()
                 self.pong_handle = None
+                self.pong_deferred = False
                 self._schedule_ping()
         elif opcode is Opcode.CLOSE:
             rcvd = self.ws.close_rcvd
@@ -789,6 +804,16 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _pong_overdue(self) -> None:
         self.pong_handle = None
+        if self.paused & _OURS:
+            # We stopped reading (the app does not receive): the pong may be
+            # waiting, unread, behind the messages the app has not taken. The
+            # peer is not late, we are: its deadline starts again once we
+            # read (_apply_reading). A peer that is really gone is still
+            # found: by send_timeout if the app sends, by the deadline once
+            # the app receives again.
+            self.pong_deferred = True
+            log.info("websocket_pong_wait_deferred", path=self.scope["path"])
+            return
         log.info("websocket_ping_timeout", path=self.scope["path"])
         self.ws.fail(_INTERNAL_ERROR, "keepalive ping timeout")
         self._flush()
