@@ -559,13 +559,11 @@ class H2Protocol(asyncio.Protocol):
             ex.message_complete()
         else:
             stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
-        refusal = rules.admit_request(self.state, self.overloaded)
-        if refusal is None and length is not None:
-            declared = rules.declared_length(self.limits, length)
-            if type(declared) is rules.Refusal:
-                refusal = declared  # 413 before the body is read
-        if refusal is None and raw_path[:1] != b"/":  # origin-form needs no call
-            refusal = rules.bad_target(raw_path, method)
+        # rules.head_refusal is None for a head that is not overloaded, declares
+        # no length and has an origin-form target (nearly every request): not
+        # called then (~0.2k instructions a request; test_rules holds it).
+        refusal = (rules.head_refusal(self.state, self.overloaded, length, raw_path, method)
+                   if self.overloaded or length is not None or raw_path[:1] != b"/" else None)
         if too_large:
             ex.fail(431, "header section too large")
         elif not path:

@@ -342,13 +342,7 @@ class H3Session:
             ex.message_complete()
         else:
             stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
-        refusal = rules.admit_request(self.state, self.overloaded)
-        if refusal is None and length is not None:
-            declared = rules.declared_length(self.limits, length)
-            if type(declared) is rules.Refusal:
-                refusal = declared  # 413 before the body is read
-        if refusal is None and method != b"CONNECT":
-            refusal = rules.bad_target(path_bytes, method)
+        refusal = rules.head_refusal(self.state, self.overloaded, length, path_bytes, method)
         if size > self.limits.max_header_size or len(headers) > self.limits.max_headers:
             ex.fail(431, "header section too large")
         elif not path and method != b"CONNECT":

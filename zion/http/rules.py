@@ -1,4 +1,4 @@
-"""The decisions HTTP/1.1 and HTTP/2 must take alike, in one place.
+"""The decisions HTTP/1.1, HTTP/2 and HTTP/3 must take alike, in one place.
 
 No I/O here: plain functions over the worker's state, its limits and an
 exchange. h1.py and h2.py call the same ones, so a rule added here (a
@@ -91,7 +91,11 @@ def over_connections(state: ServerState) -> bool:
 
 def admit_request(state: ServerState, overloaded: bool) -> Refusal | None:
     """Whether a parsed request may reach the handlers. The place for any
-    rule that refuses by load (503 + Retry-After by requests in flight)."""
+    rule that refuses by load (503 + Retry-After by requests in flight).
+    HTTP/2 does not ask (head_refusal) for a request on a connection that is
+    not `overloaded` whose head declares no length and has an origin-form
+    target (h2.py, its hot path): a rule that refuses such a request too
+    widens that test."""
     if overloaded:
         return Refusal(503, "worker at max_connections")
     return None
@@ -136,6 +140,27 @@ def bad_target(raw_path: bytes, method: bytes) -> Refusal | None:
     if raw_path[:1] == b"/" or (raw_path == b"*" and method == b"OPTIONS"):
         return None
     return Refusal(400, "invalid request target")
+
+
+def head_refusal(state: ServerState, overloaded: bool, length: bytes | None, raw_path: bytes,
+                 method: bytes) -> Refusal | None:
+    """What a request head of HTTP/2 or HTTP/3 is answered instead of by its
+    app, in this order on both: the load (admit_request), a declared
+    content-length that is bad or over max_body_size (413 before a body byte
+    is read), a target that is not origin-form (400). A CONNECT's target is
+    not checked here: plain CONNECT has none (RFC 9113 8.5, RFC 9114 4.4), and
+    each protocol answers an extended CONNECT it does not serve with 501."""
+    refusal = admit_request(state, overloaded)
+    if refusal is not None:
+        return refusal
+    if length is not None:
+        declared = declared_length(state.limits, length)
+        if type(declared) is Refusal:
+            return declared
+    # An origin-form target, nearly every request's, needs no call.
+    if raw_path[:1] != b"/" and method != b"CONNECT":
+        return bad_target(raw_path, method)
+    return None
 
 
 def request_done(state: ServerState, ex: Exchange) -> None:
