@@ -137,15 +137,20 @@ async def test_large_response_and_extended_connect(start_zion):
     srv = serve(start_zion, APP, "--http3", workers=1)
     async with h3_connect(srv.port) as client:
         big = await asyncio.wait_for(client.request("/big?3000000"), 60)
-        # RFC 9220 WebSocket over HTTP/3 is not served: a clear 501.
+        # RFC 9220 WebSocket over HTTP/3 is not served: a client that
+        # tries anyway gets a clear 501.
         try:
             ws = await asyncio.wait_for(client.request(
                 "/ws", "CONNECT", headers=[(b":protocol", b"websocket")]), 20)
         except StreamWasReset as exc:  # pragma: no cover - a diagnosis
             raise AssertionError(f"extended CONNECT reset ({exc}), not answered") from None
+        settings = client.h3.received_settings
     assert big.status == 200 and len(big.body) == 3_000_000
     assert big.body[:512] == bytes(range(256)) * 2
     assert ws.status == 501
+    # Not served, so not advertised (RFC 9220 3: SETTINGS_ENABLE_CONNECT_PROTOCOL,
+    # 0x8): a client opens its WebSocket over HTTP/2 or HTTP/1.1 instead.
+    assert settings is not None and settings.get(0x8, 0) == 0, settings
 
 
 @pytest.fixture(autouse=True)

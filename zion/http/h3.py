@@ -20,9 +20,11 @@ Who bounds what:
   send_timeout gets its stream reset (H3_REQUEST_CANCELLED).
 - 100 Continue: sent when the app first reads a body the client holds
   back (`expect: 100-continue`), as on the other protocols.
-- Extended CONNECT (RFC 9220 WebSocket over HTTP/3) is not served: aioquic
-  advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, so a CONNECT with :protocol
-  is answered 501, as HTTP/2 answers a protocol it does not serve.
+- Extended CONNECT (RFC 9220 WebSocket over HTTP/3) is not served, so it is
+  not advertised: aioquic's SETTINGS say ENABLE_CONNECT_PROTOCOL = 1, which
+  zion takes out (_H3Connection); a client then opens its WebSocket over
+  HTTP/2 or HTTP/1.1 (RFC 9220 3). One that sends a CONNECT with :protocol
+  anyway is answered 501, as HTTP/2 answers a protocol it does not serve.
 
 Closing (a drain, a reload, keepalive_timeout): RFC 9114 5.2's graceful
 shutdown, which aioquic has no call for. A first GOAWAY with the largest
@@ -43,7 +45,14 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from aioquic.buffer import encode_uint_var
-from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, encode_frame
+from aioquic.h3.connection import (
+    H3_ALPN,
+    ErrorCode,
+    FrameType,
+    H3Connection,
+    Setting,
+    encode_frame,
+)
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.h3.exceptions import H3Error
 from aioquic.quic import events
@@ -70,6 +79,21 @@ _GOAWAY_ALL = (1 << 62) - 4
 # before going on without: a client that went away acknowledges nothing,
 # and it must not hold a draining worker until drain_timeout.
 _GOAWAY_WAIT = 2.0
+
+
+class _H3Connection(H3Connection):
+    """aioquic's, without SETTINGS_ENABLE_CONNECT_PROTOCOL, which it always
+    sends as 1 (for its WebSocket demo): the setting tells a client that
+    extended CONNECT, WebSocket over HTTP/3, is served (RFC 9220 3), and a
+    browser that believed it would open its WebSocket here and get 501
+    instead of using HTTP/2 or HTTP/1.1. (_get_local_settings is aioquic's
+    own method, pinned to 1.7 in pyproject.toml; tests/http/test_h3.py reads
+    the SETTINGS a real client receives.)"""
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings.pop(Setting.ENABLE_CONNECT_PROTOCOL, None)
+        return settings
 
 
 class H3Stream:
@@ -235,7 +259,7 @@ class H3Session:
     def quic_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ProtocolNegotiated):
             if event.alpn_protocol in H3_ALPN:
-                self.h3 = H3Connection(self.quic)
+                self.h3 = _H3Connection(self.quic)
                 addr = self.quic.get_peer_address()
                 self.client = (addr[0], addr[1]) if addr else None
                 self.proxied = self.state.speaks_for_clients(self.client)
