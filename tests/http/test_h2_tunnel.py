@@ -207,11 +207,11 @@ def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-async def test_a_pong_read_once_reading_resumes_ends_the_deferred_wait() -> None:
-    """Its app took nothing, reading stopped and the pong's deadline passed
-    (websocket.py _pong_overdue: deferred, not a 1011). Once reading
-    resumes, the client's pong, read behind those messages, answers the
-    ping: the next ping follows, no 1011."""
+async def _deferred_pong() -> tuple[FakePeer, int, Any, bytes, asyncio.Event]:
+    """A WebSocket over HTTP/2 whose app takes nothing until `go` is set:
+    reading stopped, and its ping's pong deadline passed (deferred, not a
+    1011: websocket.py _pong_overdue). Returns the peer, the stream, the
+    WebSocketProtocol, the ping's payload and `go`."""
     go = asyncio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -231,8 +231,15 @@ async def test_a_pong_read_once_reading_resumes_ends_the_deferred_wait() -> None
     ws = peer.proto.streams[sid].tunnel.protocol  # type: ignore[union-attr]
     await peer.push(sid, _ws_frame(2, b"m" * 1000) * 20, rounds=5)
     await peer.until(lambda: ws.pong_deferred)
+    [ping] = [p for op, p in _server_frames(bytes(peer.client.responses[sid].body)) if op == 9]
+    return peer, sid, ws, ping, go
+
+
+async def test_a_pong_read_once_reading_resumes_ends_the_deferred_wait() -> None:
+    """Once reading resumes, the client's pong, read behind the messages
+    the app had not taken, answers the ping: the next ping follows, no 1011."""
+    peer, sid, ws, ping, go = await _deferred_pong()
     body = peer.client.responses[sid].body
-    [ping] = [p for op, p in _server_frames(bytes(body)) if op == 9]
     # The client answers at once: its pong waits behind the messages the app
     # has not taken, undecoded.
     peer.client.h2.send_data(sid, _ws_frame(10, ping))
@@ -241,3 +248,14 @@ async def test_a_pong_read_once_reading_resumes_ends_the_deferred_wait() -> None
     go.set()  # the app takes its messages: the pong is read with them
     await peer.until(lambda: [op for op, _ in _server_frames(bytes(body))].count(9) == 2)
     assert 8 not in [op for op, _ in _server_frames(bytes(body))]  # no close frame
+
+
+async def test_a_client_that_never_pongs_is_still_closed_once_reading_resumes() -> None:
+    """The deferral is not a way out of keepalive: once zion reads again,
+    a client that sends no pong is closed 1011 after ping_timeout."""
+    peer, sid, _, _, go = await _deferred_pong()
+    body = peer.client.responses[sid].body
+    go.set()
+    await peer.until(lambda: 8 in [op for op, _ in _server_frames(bytes(body))])
+    [close] = [p for op, p in _server_frames(bytes(body)) if op == 8]
+    assert int.from_bytes(close[:2], "big") == 1011

@@ -468,12 +468,15 @@ class WebSocketProtocol(asyncio.Protocol):
         elif not self.paused and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-        if self.pong_deferred and not self.paused & _OURS:
-            # All we held back is read: the client's pong, if it sent one,
-            # came with it. It has a whole ping_timeout from now.
-            self.pong_deferred = False
-            self.pong_handle = self.loop.call_later(
-                self.state.settings.websocket.ping_timeout, self._pong_overdue)
+            if self.pong_deferred:
+                # All we held back is read: the client's pong, if it sent
+                # one, came with it. It has a whole ping_timeout from now.
+                # (Here, not on every call: a deferral needs reading paused,
+                # and this is where it ends; a write block that outlasts it
+                # defers the wait until that ends too, send_timeout at most.)
+                self.pong_deferred = False
+                self.pong_handle = self.loop.call_later(
+                    self.state.settings.websocket.ping_timeout, self._pong_overdue)
 
     def _events(self) -> int:
         """Handle what the library decoded; returns the decoded bytes."""
