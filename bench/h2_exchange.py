@@ -60,8 +60,11 @@ def _state() -> Any:
         conns = 0
         inflight = 0
 
-    state = ServerState(load_settings(None, {}, {}), 0, asyncio.get_running_loop(), Slot())
+    loop = asyncio.get_running_loop()
+    state = ServerState(load_settings(None, {}, {}), 0, loop, Slot())
     state.dispatch = lambda ex: ex.run(_app, state.tasks)
+    # As the worker's loop (zion.worker.WorkerLoop.attach) sets it.
+    state.plain_tasks = loop.get_task_factory() is None
     return state
 
 

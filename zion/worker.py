@@ -93,7 +93,7 @@ def main(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext | None,
     if demux_info.get("mode") == "cpu" and demux_info.get("state") == "attached":
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[spec.index % len(cpus)]})
-    loop = uvloop.new_event_loop()
+    loop = WorkerLoop()
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_serve(spec, settings, ssl_ctx, board, demux_info,
@@ -136,6 +136,8 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
 
     state = ServerState(settings, spec.index, loop, slot,
                         counters.for_worker(spec.index, spec.generation))
+    if isinstance(loop, WorkerLoop):
+        loop.attach(state)
     inflight = admission.InFlight()  # what --limit-concurrency counts
 
     def overloaded() -> bool:
@@ -357,6 +359,25 @@ async def _listen_unix(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSL
 def _accepted_not_served(server: asyncio.Server | ProxyListener) -> int:
     """Connections still reading their PROXY header or in their handshake."""
     return server.pending if isinstance(server, ProxyListener) else 0
+
+
+class WorkerLoop(uvloop.Loop):  # type: ignore[misc]
+    """uvloop's loop, keeping its ServerState's plain_tasks true while no
+    task factory is set: a request's Task is then made without asking the
+    loop each time (exchange.py). An app that sets a factory (at import, in
+    its lifespan startup, or later) has it make every request's Task from
+    the next one on, as loop.create_task would."""
+
+    serving: ServerState | None = None
+
+    def attach(self, state: ServerState) -> None:
+        self.serving = state
+        state.plain_tasks = self.get_task_factory() is None
+
+    def set_task_factory(self, factory: Any) -> None:
+        super().set_task_factory(factory)  # refuses what is not callable first
+        if self.serving is not None:
+            self.serving.plain_tasks = factory is None
 
 
 def _freeze_startup_objects() -> None:

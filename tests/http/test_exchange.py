@@ -351,3 +351,55 @@ async def test_the_apps_field_names_go_out_lowercase_and_their_cache_stays_bound
         out = tr.take()
         assert b"\r\nx-name-%d: 1\r\ncontent-type: text/plain\r\n" % i in out
         assert len(exchange._NAMES) <= exchange._NAMES_MAX
+
+
+
+def test_a_requests_task_is_what_create_task_makes_or_the_apps_factorys():
+    # On the worker's loop (WorkerLoop) a request's Task is made without
+    # loop.create_task while no task factory is set (exchange.py run). It
+    # must still be what create_task makes (a "Task-N" name, in all_tasks),
+    # and a factory the app sets must make the next request's Task.
+    # Requests after a connection's first (task_start runs that one's first
+    # step at once).
+    from zion.worker import WorkerLoop
+
+    seen: list[tuple[asyncio.Task[Any], str, bool]] = []
+    made: list[asyncio.Task[Any]] = []
+
+    async def app(scope, receive, send):
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append((task, task.get_name(), task in asyncio.all_tasks()))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def factory(loop, coro, context=None):
+        task = asyncio.Task(coro, loop=loop, context=context)
+        made.append(task)
+        return task
+
+    async def requests(loop: WorkerLoop) -> None:
+        state = make_state()
+        loop.attach(state)
+        tr = connect(state, app)
+        tr.feed(GET)
+        await until(lambda: len(seen) == 1)
+        tr.feed(GET)
+        await until(lambda: len(seen) == 2)
+        assert state.plain_tasks
+        _, name, registered = seen[1]
+        assert name.startswith("Task-") and registered and not made
+        loop.set_task_factory(factory)
+        tr.feed(GET)
+        await until(lambda: len(seen) == 3)
+        assert made == [seen[2][0]]
+        loop.set_task_factory(None)
+        tr.feed(GET)
+        await until(lambda: len(seen) == 4)
+        assert made == [seen[2][0]] and state.plain_tasks
+
+    loop = WorkerLoop()
+    try:
+        loop.run_until_complete(requests(loop))
+    finally:
+        loop.close()

@@ -107,6 +107,10 @@ class ServerState:
         # flag, not a call, on the per-request path.
         self.became_busy: Callable[[], None] = _nothing
         self.heartbeat_slow = False
+        # The loop has no task factory, and says so when one is set (the
+        # worker's loop, worker.WorkerLoop): a request's Task is then made
+        # without asking the loop (exchange.py). False: loop.create_task.
+        self.plain_tasks = False
 
     def speaks_for_clients(self, client: tuple[str, int] | None) -> bool:
         """Whether this peer's forwarding headers are believed (once per connection)."""
