@@ -363,9 +363,10 @@ class LimitsSettings:
                                     check=between(16384, 2**31 - 1))
     h3_connection_window: int = setting(1048576, "HTTP/3 receive window of a whole QUIC "
                                         "connection, bytes (initial_max_data): how far past "
-                                        "what arrived, across its streams, a client may send; "
-                                        "it does not move while any of its requests' apps has "
-                                        "64 KiB unread.", check=between(65536, 2**31 - 1))
+                                        "what arrived, across its streams, a client may send. "
+                                        "It slides on while an app does not read (that "
+                                        "stream's own window stays put), so the other "
+                                        "requests go on.", check=between(65536, 2**31 - 1))
     h3_idle_timeout: float = setting(60.0, "Seconds without a packet after which a QUIC "
                                      "connection is gone, silently (max_idle_timeout, RFC "
                                      "9000 10.1; the smaller of the client's and this counts). "

@@ -472,3 +472,21 @@ async def test_a_reload_during_requests_loses_none_and_says_goaway(start_zion, t
     assert held_client.goaways == [(1 << 62) - 4, 4]
     assert moved >= 1  # a requesting client saw its worker's GOAWAY and moved
     assert set(answered) & old_pids and set(answered) & new_pids
+
+
+async def test_an_app_that_does_not_read_its_body_leaves_the_others_flowing(start_zion):
+    """An upload to an app that does not read it yet held the QUIC
+    connection's window still (zion/quic/connection.py): every other request
+    on the connection with a body stalled once 1 MiB in all had arrived. The
+    held stream keeps only its own window; the others go on."""
+    srv = serve(start_zion, "h2_hold_app:app", "--http3", workers=1)
+    async with h3_connect(srv.port) as client:
+        held = asyncio.ensure_future(client.request("/hold", "POST", body=b"h" * 500_000))
+        answers = [await asyncio.wait_for(client.request("/", "POST", body=b"b" * 1_000_000), 20)
+                   for _ in range(3)]
+        assert not held.done(), held.result()  # its app has not read it yet
+        assert (await get(srv.port, "/release")).status == 200
+        held_answer = await asyncio.wait_for(held, 20)
+    assert [(a.status, a.body) for a in answers] == [(200, b"1000000")] * 3
+    assert (held_answer.status, held_answer.body) == (200, b"500000")
+

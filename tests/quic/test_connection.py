@@ -112,22 +112,27 @@ def test_the_connection_window_slides_and_holds(tmp_path):
     # Slid to what arrived plus our window (in steps of half a window);
     # aioquic alone doubles it, to 4x the first here.
     assert limit.used < limit.value <= limit.used + CONNECTION_WINDOW
-    # A stream held (its app has not read): the connection window stays.
+    # A stream held (its app has not read): its own window stays, the
+    # connection's slides on, so the other streams go on (it stayed too, and
+    # one app that did not read stalled the whole connection).
     held = client.get_next_available_stream_id()
     client.send_stream_data(held, b"x" * 1000, end_stream=False)
     now = _until(client, server, now, lambda: limit.used == 3 * WINDOW + 1000)
     assert limit.used == 3 * WINDOW + 1000
     server.held_streams.add(held)
-    frozen = limit.value
-    for _ in range(2):  # more than the rest of the window
+    frozen = server._streams[held].max_stream_data_local
+    for _ in range(3):  # more than the rest of the connection window
         sid = client.get_next_available_stream_id()
         client.send_stream_data(sid, b"x" * WINDOW, end_stream=True)
-    now = _until(client, server, now, lambda: limit.used == frozen)  # the client stops at it
+    client.send_stream_data(held, b"x" * 2 * WINDOW, end_stream=False)  # past its window
+    now = _until(client, server, now, lambda: limit.used == 6 * WINDOW + frozen)
     now = _until(client, server, now, lambda: False, rounds=20)
-    assert limit.used == limit.value == frozen
+    assert limit.used == 6 * WINDOW + frozen  # the others all, the held one to its window
+    assert limit.used < limit.value <= limit.used + CONNECTION_WINDOW
+    assert server._streams[held].max_stream_data_local == frozen
     server.held_streams.discard(held)
-    _until(client, server, now, lambda: limit.used == 5 * WINDOW + 1000)
-    assert limit.used == 5 * WINDOW + 1000  # the rest, once it moved
+    _until(client, server, now, lambda: limit.used == 8 * WINDOW + 1000)
+    assert limit.used == 8 * WINDOW + 1000  # the rest of it, once it moved
 
 
 def _until(client: QuicConnection, server: QuicConnection, now: float,

@@ -20,8 +20,9 @@ does not read a large upload would hold all of it. Here a stream's window
 only moves to what was received plus limits.h3_stream_window, and not at
 all while the HTTP layer holds the stream (its app has `_BODY_HIGH_WATER`
 unread); the connection's moves to what was received plus
-limits.h3_connection_window, and not at all while any stream is held. What
-a connection buffers is bounded by the server, not by the client. Both are
+limits.h3_connection_window, held streams or not, so the other requests go
+on. What a connection buffers is bounded by the server, not by the client
+(about h3_max_streams x h3_stream_window). Both are
 read from the configuration (zion/quic/tls.py), which also gives the client
 its initial windows, so the two cannot disagree.
 """
@@ -86,11 +87,12 @@ class ServerConnection(QuicConnection):
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
-        if not self.held_streams:
-            # Slide, never double: at most connection_window past what arrived.
-            target = max_data.used + self._zion_connection_window
-            if target - max_data.value >= self._zion_connection_window // 2:
-                max_data.value = target
+        # Slide, never double: at most connection_window past what arrived,
+        # held streams or not (each holds its own window only: frozen too,
+        # one app that did not read stalled every request of the connection).
+        target = max_data.used + self._zion_connection_window
+        if target - max_data.value >= self._zion_connection_window // 2:
+            max_data.value = target
         # aioquic doubles MAX_DATA once more than half of it is used; with
         # `used` hidden that test fails, and the rest of its method (MAX_DATA
         # and MAX_STREAMS frames) reads `used` of the stream limits only.
