@@ -490,3 +490,22 @@ async def test_an_app_that_does_not_read_its_body_leaves_the_others_flowing(star
     assert [(a.status, a.body) for a in answers] == [(200, b"1000000")] * 3
     assert (held_answer.status, held_answer.body) == (200, b"500000")
 
+
+async def test_an_app_slow_to_read_its_body_is_not_a_client_timeout(start_zion):
+    """body_timeout is for a client that stops sending. An upload whose app
+    had not read it for body_timeout got 408 over HTTP/3 (the client was
+    waiting for its window, shut because the app had not read), not over
+    HTTP/2: one rule now, rules.body_wait."""
+    srv = serve(start_zion, "h2_hold_app:app", "--http3", workers=1,
+                env={"ZION_LIMITS_BODY_TIMEOUT": "0.5"})
+    async with h3_connect(srv.port) as client:
+        held = asyncio.ensure_future(client.request("/hold", "POST", body=b"h" * 500_000))
+        # Four body_timeouts and the worker's ticks (twice a second) past it:
+        # a 408 would have come by then.
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline and not held.done():
+            await asyncio.sleep(0.05)
+        assert not held.done(), held.result()
+        assert (await get(srv.port, "/release")).status == 200
+        answer = await asyncio.wait_for(held, 20)
+    assert (answer.status, answer.body) == (200, b"500000")

@@ -935,10 +935,8 @@ class H2Protocol(asyncio.Protocol):
                 if stream.tunnel is None:
                     self._discarded(stream, reset=True)  # answered; the body stopped
                 continue
-            if ex.body_size:
-                stream.body_deadline = rules.body_deadline(self.limits, now)
-            else:
-                stream.body_deadline = 0.0
+            stream.body_deadline = rules.body_wait(self.limits, ex, now)
+            if not stream.body_deadline:
                 self.refuse(stream, ex, rules.BODY_TIMED_OUT)
 
     def retire(self, now: bool) -> None:

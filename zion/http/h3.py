@@ -455,7 +455,11 @@ class H3Session:
             if stream.body_deadline and now >= stream.body_deadline and ex is not None:
                 stream.body_deadline = 0.0
                 if not ex.body_complete:
-                    self.refuse(stream, ex, rules.BODY_TIMED_OUT)
+                    # Not while the app holds unread body: as HTTP/2 (its
+                    # window is shut, the client waits for the app).
+                    stream.body_deadline = rules.body_wait(self.limits, ex, now)
+                    if not stream.body_deadline:
+                        self.refuse(stream, ex, rules.BODY_TIMED_OUT)
         if self.state.draining or self.closing or (
                 not self.streams and now - self.idle_since >= self.limits.keepalive_timeout):
             # Draining (a GOAWAY is safe with requests in flight: they are

@@ -134,6 +134,14 @@ def body_deadline(limits: Limits, now: float) -> float:
 BODY_TIMED_OUT = Refusal(408, "request body not received in time")
 
 
+def body_wait(limits: Limits, ex: Exchange, now: float) -> float:
+    """A request body's deadline has passed (HTTP/2, HTTP/3): the next one
+    while its app holds body it has not read (the stream's window is shut
+    for it: the wait is the app's, not the client's), else 0.0: the client
+    stopped sending, BODY_TIMED_OUT."""
+    return body_deadline(limits, now) if ex.body_size else 0.0
+
+
 def bad_target(raw_path: bytes, method: bytes) -> Refusal | None:
     """RFC 9112 3.2 / RFC 9113 8.3.1: an origin-form target starts with '/'
     ('*' only for OPTIONS); anything else is 400 on both protocols."""
