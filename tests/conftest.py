@@ -26,6 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 
 
+# What a stop of a zion the test left running may take at the test's end: it
+# drains in ~0.2 s here (0.9 s at most over the suite); a client the test left
+# silent can hold a TLS close for up to 2 s (zion/worker.py), load adds more.
+STOP_SLOW = 5.0
+STOP_LIMIT = 15.0  # then it is killed
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
              interval: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
@@ -145,8 +152,11 @@ def zion_env(state_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def start_zion(zion_env: dict[str, str]) -> Iterator[Callable[..., ZionProcess]]:
+def start_zion(zion_env: dict[str, str], request: pytest.FixtureRequest
+               ) -> Iterator[Callable[..., ZionProcess]]:
     started: list[ZionProcess] = []
+    # A known slow stop, named with its defect: allowed up to STOP_LIMIT.
+    known_slow = request.node.get_closest_marker("slow_stop") is not None
 
     def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
               workers: int | None = 2, wrapper: list[str] | None = None,
@@ -161,14 +171,28 @@ def start_zion(zion_env: dict[str, str]) -> Iterator[Callable[..., ZionProcess]]
         return proc
 
     yield start
+    slow = []
     for proc in started:
         if proc.proc.poll() is None:
-            with contextlib.suppress(AssertionError):
-                proc.stop(timeout=15)
+            began = time.monotonic()
+            try:
+                proc.stop(timeout=STOP_LIMIT)
+            except AssertionError:
+                slow.append(f"zion (pid {proc.pid}) was still running {STOP_LIMIT:.0f} s after "
+                            f"SIGTERM (killed):\n{proc.log_text()}")
+            else:
+                took = time.monotonic() - began
+                if took > STOP_SLOW and not known_slow:
+                    slow.append(f"zion (pid {proc.pid}) took {took:.1f} s to stop after "
+                                f"SIGTERM:\n{proc.log_text()}")
         proc.close()
     leaks = [line for proc in started for line in proc.log_text().splitlines()
              if "ResourceWarning" in line]
     assert not leaks, "zion left a socket, pipe or transport unclosed:\n" + "\n".join(leaks)
+    # A slow stop is a defect of zion, not of the test: `systemctl stop` and
+    # `podman stop` wait for it (a SIGTERM lost at boot hid here once, when a
+    # stop that timed out was ignored).
+    assert not slow, "a slow stop at the test's end:\n" + "\n\n".join(slow)
 
 
 def client_context(alpn: bool = True) -> ssl.SSLContext:
