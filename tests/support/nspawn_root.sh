@@ -5,6 +5,12 @@
 # Usage: nspawn_root.sh <target dir>. Prints nothing on success but the path.
 set -euo pipefail
 target=$1
+# One build at a time: the Podman test and the systemd test may ask at once
+# (pytest-xdist runs their modules on different workers); the second waits and
+# then finds the root complete.
+mkdir -p "$(dirname "$target")"
+exec 9>"$target.lock"
+flock 9
 [ -x "$target/lib/systemd/systemd" ] && [ -e "$target/.zion-root-complete" ] && { echo "$target"; exit 0; }
 
 mirror=""
