@@ -15,8 +15,10 @@ import time
 
 import pytest
 from aioquic.h3.connection import H3_ALPN
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
 
 from tests.conftest import wait_for
 from tests.support.bpf import cannot_load_bpf
@@ -65,6 +67,45 @@ async def test_a_handshake_that_never_finishes_is_dropped(start_zion):
         await asyncio.to_thread(wait_for, lambda: connections() == 1, 20, "the QUIC connection")
         await asyncio.to_thread(wait_for, lambda: connections() == 0, 20,
                                 "the silent handshake to be dropped")
+
+
+async def test_a_drain_refuses_handshakes_at_once(start_zion):
+    """A client sent its Initial and went silent; SIGTERM: its handshake
+    has no request to finish, so the draining worker closes it at once
+    (CONNECTION_CLOSE, CONNECTION_REFUSED) and zion exits, instead of
+    holding the drain until handshake_timeout (30 s here)."""
+    srv = serve(start_zion, "h3_app:app", "--http3", workers=1,
+                env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "30"})
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    quic = QuicConnection(configuration=config)
+    quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+            sock.sendto(data, ("127.0.0.1", srv.port))
+        await asyncio.to_thread(wait_for, lambda: json.loads(_status(srv.port))["connections"]
+                                == 2, 20, "the QUIC connection (and the asking one)")
+        srv.signal(signal.SIGTERM)
+        # zion's own stop takes ~0.2 s; the handshake held it for 30 s.
+        await asyncio.to_thread(wait_for, lambda: srv.proc.poll() is not None, 5,
+                                "zion to exit")
+        assert srv.proc.returncode == 0
+        sock.setblocking(False)
+        while True:
+            try:
+                data, addr = sock.recvfrom(65536)
+            except BlockingIOError:
+                break
+            quic.receive_datagram(data, addr, now=time.monotonic())
+    # The client is told (it can retry elsewhere at once), not left to time
+    # out. (A server that saw only its 1,200-octet Initial may send 3,600
+    # octets in all; its flight and retransmissions use them up ~3 s after.)
+    quic.handle_timer(now=time.monotonic() + 120)  # its draining period, over
+    ends = []
+    while (event := quic.next_event()) is not None:
+        if isinstance(event, events.ConnectionTerminated):
+            ends.append(event.error_code)
+    assert ends == [QuicErrorCode.CONNECTION_REFUSED]
 
 
 def _status(port: int) -> bytes:

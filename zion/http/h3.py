@@ -472,6 +472,16 @@ class H3Session:
         for a GOAWAY: it closes once no request is in progress."""
         if self.gone or self.closed:
             return
+        if not self.handshake_done:
+            # No request can have come yet (they need the 1-RTT keys the
+            # client's Finished brings; zion takes no 0-RTT), so nothing to
+            # finish: refused at once. Left to handshake_timeout, a client
+            # that sent one Initial held the worker's drain (a stop, a
+            # reload) for 10 s. A real client told CONNECTION_REFUSED tries
+            # again, on the next worker or over TCP.
+            self.closed = True
+            self.link.refuse()
+            return
         if not self.closing:
             self.closing = True
             if self.h3 is not None:

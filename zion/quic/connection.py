@@ -40,7 +40,7 @@ from aioquic.quic.connection import (
     QuicConnection,
     QuicConnectionId,
 )
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 
 RESET_TOKEN_LENGTH = 16
 
@@ -75,6 +75,37 @@ class ServerConnection(QuicConnection):
         # yet, and aioquic grants one more each time a stream ends).
         bidi = self._local_max_streams_bidi
         bidi.value = bidi.sent = max_streams
+
+    def refuse(self, now: float) -> list[tuple[bytes, Any]]:
+        """Close a connection whose handshake is not over (the worker is
+        draining): the datagrams carrying its CONNECTION_CLOSE, to send at
+        once, or none.
+
+        A transport close, CONNECTION_REFUSED (RFC 9000 20.1: the server
+        refused the new connection): an application close may not be sent
+        in Initial or Handshake packets (10.2.3), and aioquic would turn
+        ours into a bare APPLICATION_ERROR there. Before the handshake is
+        confirmed aioquic writes it in every packet number space it has keys
+        for, Initial, Handshake and 1-RTT, as 10.2.3 asks: the server
+        cannot tell which keys the client has. A server always has Initial
+        keys here (they come from the client's first Initial), so a silent
+        drop is never for want of keys, only for the anti-amplification
+        limit: until the client's address is validated, the server sends at
+        most three times what it received (8.1, a MUST that aioquic does not
+        apply to its close), and an address that may be forged gets nothing
+        past it. The caller forgets the connection without the closing
+        period (10.2 allows it when late packets cannot draw an answer: this
+        worker is leaving; other workers answer a stray short-header packet
+        for a CID they do not know with a stateless reset, 10.3, which the
+        client, draining already, ignores)."""
+        path = self._network_paths[0]
+        budget = None if path.is_validated else 3 * path.bytes_received - path.bytes_sent
+        self.close(error_code=QuicErrorCode.CONNECTION_REFUSED,
+                   frame_type=QuicFrameType.PADDING)
+        datagrams = self.datagrams_to_send(now=now)
+        if budget is not None and sum(len(data) for data, _ in datagrams) > budget:
+            return []
+        return datagrams
 
     def _replenish_connection_ids(self) -> None:
         length = self._configuration.connection_id_length

@@ -146,6 +146,16 @@ class Link:
         finished: its peer may not even exist)."""
         self._end()
 
+    def refuse(self) -> None:
+        """Close a connection whose handshake is not over and forget it now
+        (ServerConnection.refuse says what is sent, and why not more)."""
+        if self.ended:
+            return
+        sendto = self.endpoint.sendto
+        for data, addr in self.quic.refuse(now=self.endpoint.loop.time()):
+            sendto(data, addr)
+        self._end()
+
     def _handshake_over(self) -> None:
         if self.handshaking:
             self.handshaking = False
