@@ -147,9 +147,6 @@ async def test_a_frozen_worker_gets_no_new_quic_connections(start_zion):
     assert pids == [alive] * 4
 
 
-@pytest.mark.slow_stop("H3Session.check_deadline leaves a handshake that is not over alone "
-                       "while draining: each silent Initial holds the worker's drain until "
-                       "handshake_timeout (10 s)")
 async def test_past_many_handshakes_a_new_client_is_retried(start_zion):
     """More Initials that never go on than --limit-h3-retry-above, then a
     real client: it gets a Retry (RFC 9000 8.1.2: prove your address first),
