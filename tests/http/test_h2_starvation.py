@@ -124,3 +124,89 @@ async def test_request_bodies_apps_do_not_read_leave_the_others_flowing(
         assert [bytes(rs[s].body) for s in held] == [b"%d" % sent_held[s] for s in held]
     finally:
         await close(writer)
+
+
+# A worker-wide budget of unread body small enough to reach with one client:
+# 8 streams x 64 KiB against 256 KiB, connection windows of 128 KiB.
+_BUDGET, _CONN_WINDOW, _STREAM_WINDOW = 262144, 131072, 65536
+_SMALL = {"ZION_LIMITS_UNREAD_BODY_PER_WORKER": str(_BUDGET),
+          "ZION_LIMITS_H2_CONNECTION_WINDOW": str(_CONN_WINDOW),
+          "ZION_LIMITS_H2_STREAM_WINDOW": str(_STREAM_WINDOW)}
+
+
+async def test_past_the_workers_unread_budget_the_flooding_client_waits(
+        start_zion: Any) -> None:
+    """Issue: every connection could make its worker hold h2_max_streams x
+    h2_stream_window of body its apps had not read (25 MiB by default), for
+    as many clients as came. Past unread_body_per_worker, a client that
+    floods streams whose app does not read has its connection window shut
+    and kept shut: zion took at most the budget plus one connection window
+    from it. Another client, whose app reads, is served meanwhile."""
+    srv: ZionProcess = start_zion("h2_hold_app:app", "--no-bpf-demux", workers=1, env=_SMALL)
+    client, reader, writer = await open_tls(srv.port)
+    try:
+        held = [client.request("POST", "/hold", end=False) for _ in range(8)]
+        sent = await _fill(client, reader, writer, held, b"u" * 100_000)
+        c = client.h2
+        assert c.outbound_flow_control_window == 0, "the flood was not stalled"
+        # The connection's window stopped it, not the streams' (8 x 64 KiB).
+        assert any(c.streams[s].outbound_flow_control_window > 0 for s in held)
+        # Credited in full below the budget; past it, one window more at most.
+        assert _BUDGET < sum(sent.values()) <= _BUDGET + _CONN_WINDOW
+        other, other_reader, other_writer = await open_tls(srv.port)
+        try:
+            sid = other.request("POST", "/", end=False)
+            await _upload(other, other_reader, other_writer, sid, b"b" * 300_000)
+            assert other.responses[sid].status == 200
+            assert bytes(other.responses[sid].body) == b"300000"
+        finally:
+            await close(other_writer)
+        again = await _fill(client, reader, writer, held, b"u" * 100_000)
+        assert sum(again.values()) == 0, "the flooding client was given window again"
+    finally:
+        await close(writer)
+        await get(srv.port, "/release")
+
+
+async def test_reset_streams_and_closed_connections_give_their_unread_back(
+        start_zion: Any) -> None:
+    """What a connection held unread leaves the worker's count when its
+    streams are reset or it closes: a second client, stalled only because
+    the first one had taken the worker past its budget, gets its window back
+    (at the worker's next tick) and fills its streams; then a third, stalled
+    behind the second's, once the second closes."""
+    srv: ZionProcess = start_zion("h2_hold_app:app", "--no-bpf-demux", workers=1, env=_SMALL)
+    first, first_reader, first_writer = await open_tls(srv.port)
+    second, second_reader, second_writer = await open_tls(srv.port)
+    third, third_reader, third_writer = await open_tls(srv.port)
+    try:
+        first_held = [first.request("POST", "/hold", end=False) for _ in range(8)]
+        await _fill(first, first_reader, first_writer, first_held, b"u" * 100_000)
+        assert first.h2.outbound_flow_control_window == 0
+        # Past the budget: the second client gets its first window only.
+        second_held = [second.request("POST", "/hold", end=False) for _ in range(4)]
+        sent = await _fill(second, second_reader, second_writer, second_held, b"v" * 100_000)
+        assert second.h2.outbound_flow_control_window == 0
+        assert sum(sent.values()) <= _CONN_WINDOW < 4 * _STREAM_WINDOW
+        for sid in first_held:
+            first.h2.reset_stream(sid)
+        first_writer.write(first.h2.data_to_send())
+        # Only the second's unread is left, under the budget.
+        await pump(second, second_reader, second_writer,
+                   lambda: second.h2.outbound_flow_control_window > 0)
+        more = await _fill(second, second_reader, second_writer, second_held, b"v" * 100_000)
+        assert sum(sent.values()) + sum(more.values()) == 4 * _STREAM_WINDOW
+        # The second holds the whole budget: the third waits behind it.
+        third_held = [third.request("POST", "/hold", end=False) for _ in range(4)]
+        sent = await _fill(third, third_reader, third_writer, third_held, b"w" * 100_000)
+        assert third.h2.outbound_flow_control_window == 0
+        assert sum(sent.values()) <= _CONN_WINDOW
+        await close(second_writer)
+        await pump(third, third_reader, third_writer,
+                   lambda: third.h2.outbound_flow_control_window > 0)
+        more = await _fill(third, third_reader, third_writer, third_held, b"w" * 100_000)
+        assert sum(sent.values()) + sum(more.values()) == 4 * _STREAM_WINDOW
+    finally:
+        for writer in (first_writer, second_writer, third_writer):
+            await close(writer)
+        await get(srv.port, "/release")

@@ -29,10 +29,15 @@ What zttp decides and what zion adds:
   connection's by h2_max_streams of those. The connection's window is given
   back as the bytes arrive: withheld for unread bytes too, four streams
   whose apps do not read (4 x 256 KiB) shut the 1 MiB connection window and
-  stalled every other stream. A peer that sends past a window it was given
-  is reset (stream) or sent GOAWAY (connection): FLOW_CONTROL_ERROR, RFC 9113
-  6.9.1. zttp itself never notices: it refills its own windows after every
-  frame.
+  stalled every other stream. The worker bounds the sum: each connection
+  adds its unread total to state.unread_body, and past
+  limits.unread_body_per_worker a connection withholds its connection
+  window for its own unread bytes again (its client, not the worker's
+  memory, waits; connections with nothing unread go on), so a worker holds
+  at most the budget plus h2_connection_window per connection. A peer that
+  sends past a window it was given is reset (stream) or sent GOAWAY
+  (connection): FLOW_CONTROL_ERROR, RFC 9113 6.9.1. zttp itself never
+  notices: it refills its own windows after every frame.
 - zion counts, per connection and second, peer RST_STREAMs (rapid reset,
   CVE-2023-44487), SETTINGS and PINGs (zttp answers each itself); past
   limits.h2_flood_per_second of any: GOAWAY ENHANCE_YOUR_CALM and close. It
@@ -128,6 +133,7 @@ class H2Protocol(asyncio.Protocol):
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
         "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade", "scope_base",
         "preface_due", "settings_sent", "table_wait", "encoder", "out", "ws_budget",
+        "unread",
     )
 
     def __init__(self, state: ServerState, upgrade: H2cRequest | None = None) -> None:
@@ -167,6 +173,9 @@ class H2Protocol(asyncio.Protocol):
         self.received = 0
         self.conn_earned = 0
         self.conn_credited = 0
+        # Body bytes its apps have not read, as of the last _credit: this
+        # connection's share of state.unread_body.
+        self.unread = 0
         self.ws_budget: Budget | None = None  # its WebSockets' (h2_tunnel.py)
         self.strip_updates = False  # zttp may have queued WINDOW_UPDATEs
         self.credit_due = False  # an app read: work out the credit at the next flush
@@ -250,6 +259,8 @@ class H2Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.state.connection_closed(self)
+        self.state.unread_body -= self.unread  # its buffers go with it
+        self.unread = 0
         for stream in list(self.streams.values()):
             stream.lost()
         self.streams.clear()
@@ -794,15 +805,22 @@ class H2Protocol(asyncio.Protocol):
     def _credit(self) -> bytes:
         """WINDOW_UPDATEs for what zttp earned: a stream's less what its app
         has not yet read, so an app that does not read holds its own
-        stream's window shut and nobody else's; the connection's in full,
-        since the stream windows already bound what is held (see the module
-        docstring). Withheld from the connection too, the unread bytes of
-        h2_connection_window / h2_stream_window (4) such streams shut it,
-        and every other stream stalled with them."""
+        stream's window shut and nobody else's. The connection's in full
+        while the worker's connections hold less than
+        limits.unread_body_per_worker unread, since the stream windows
+        already bound what each holds: withheld for unread bytes too, the
+        unread bytes of h2_connection_window / h2_stream_window (4) such
+        streams shut it, and every other stream stalled with them. Past
+        it, withheld for this connection's own unread bytes: the clients
+        that fill apps which do not read wait, not the worker's memory
+        (h2_max_streams x h2_stream_window a connection, 25 MiB, times
+        every client). Also where this connection's unread total is
+        brought up to date in state.unread_body: it changes only when body
+        arrives (zttp then earns credit, and this runs), an app reads
+        (resume_reading) or a stream goes (_stream_gone, reset)."""
         frames = []
+        unread_total = 0
         for stream in self.streams.values():
-            if stream.client_ended:
-                continue
             ex = stream.exchange
             if ex is not None:
                 unread = ex.body_size
@@ -811,11 +829,20 @@ class H2Protocol(asyncio.Protocol):
                 unread = max(0, stream.received - stream.credited)
             else:
                 unread = 0
+            unread_total += unread
+            if stream.client_ended:
+                continue
             due = stream.earned - unread - stream.credited
             if due > 0:
                 stream.credited += due
                 frames.append(zttp_shim.window_update(stream.stream_id, due))
+        state = self.state
+        if unread_total != self.unread:
+            state.unread_body += unread_total - self.unread
+            self.unread = unread_total
         due = self.conn_earned - self.conn_credited
+        if state.unread_body > self.limits.unread_body_per_worker:
+            due -= unread_total
         if due > 0:
             self.conn_credited += due
             frames.append(zttp_shim.window_update(0, due))
@@ -851,6 +878,11 @@ class H2Protocol(asyncio.Protocol):
             elif deadline and now >= deadline:
                 self.shutdown()
             return
+        if self.conn_earned > self.conn_credited and (
+                self.state.unread_body <= self.limits.unread_body_per_worker):
+            # Window withheld while the worker was past its budget, which
+            # other connections' reads, resets or closes brought it under.
+            self.credit_later()
         self._body_timeouts(now)
         if self.heard:
             self.heard = False

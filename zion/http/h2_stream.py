@@ -256,9 +256,10 @@ class H2Stream:
         an app that does not read may be sent."""
 
     def resume_reading(self) -> None:
-        # The app has read: it may be owed window.
+        # The app has read: it may be owed window, and state.unread_body
+        # is less (h2.H2Protocol._credit).
         proto = self.proto
-        if self.earned > self.credited or proto.conn_earned > proto.conn_credited:
+        if self.earned > self.credited or proto.conn_earned > proto.conn_credited or proto.unread:
             proto.credit_later()
 
     def exchange_done(self, exchange: Exchange) -> None:
