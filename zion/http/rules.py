@@ -95,7 +95,9 @@ def admit_request(state: ServerState, overloaded: bool) -> Refusal | None:
     HTTP/2 does not ask (head_refusal) for a request on a connection that is
     not `overloaded` whose head declares no length and has an origin-form
     target (h2.py, its hot path): a rule that refuses such a request too
-    widens that test."""
+    widens that test. HTTP/1.1 asks only for a request on an `overloaded`
+    connection (h1.py start_next): a rule that refuses others too makes it
+    ask for every request."""
     if overloaded:
         return Refusal(503, "worker at max_connections")
     return None
