@@ -21,6 +21,7 @@ from zion.demux import objects, preflight
 from zion.demux.objects import DemuxObject
 from zion.demux.reasons import FallbackReason, Unavailable
 from zion.demux.shim import ShimError, ShimOp
+from zion.forking import fork_child
 
 # Compiling takes about a second here; a helper silent for this long is stuck.
 _TIMEOUT = 120.0
@@ -30,7 +31,7 @@ def compile_in_helper(source: str, mode: str, migrate: bool,
                       kernel_source: str | None) -> DemuxObject:
     """Run the helper; raise what it raised (Unavailable or ShimError)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
+    pid = fork_child()  # the master's handlers undone in the helper
     if pid == 0:
         parent.close()
         _helper(child, source, mode, migrate, kernel_source)
@@ -66,11 +67,6 @@ def _reap(pid: int) -> None:
 
 def _helper(conn: socket.socket, source: str, mode: str, migrate: bool,
             kernel_source: str | None) -> NoReturn:
-    # Nothing of the master's may run here: its handlers would write into the
-    # master's wake-up pipe.
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
     reply: dict[str, Any] = {}
     try:
         bcc = preflight.import_bcc()

@@ -38,6 +38,7 @@ from zion.demux.shim import (
     prog_load,
     sockarray_set,
 )
+from zion.forking import fork_child
 from zion.quic import bpfmap, cid
 
 # Entries of the Initial DCID map: a handshake's Initials arrive within a
@@ -147,7 +148,7 @@ def load(source: str, sockets: Sequence[socket.socket], generation: int,
     shared = None if maps_of is None else (maps_of.sockarray_fd, maps_of.gen_fd,
                                            maps_of.stats_fd)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
+    pid = fork_child()  # the master's handlers undone in the helper
     if pid == 0:
         parent.close()
         _helper(child, source, [s.fileno() for s in sockets], generation, slots_fd, stall_ns,
@@ -193,11 +194,6 @@ def load(source: str, sockets: Sequence[socket.socket], generation: int,
 def _helper(conn: socket.socket, source: str, fds: list[int], generation: int,
             slots_fd: int | None, stall_ns: int, kernel_source: str | None,
             shared: tuple[int, int, int] | None) -> NoReturn:
-    # Nothing of the master's may run here: its handlers would write into
-    # the master's wake-up pipe.
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
     reply: dict[str, Any] = {}
     send: list[int] = []
     try:

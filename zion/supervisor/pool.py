@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from zion.errors import ExitCode
-from zion.supervisor.signals import HANDLED
+from zion.forking import fork_child
 from zion.worker import WorkerSpec
 
 # Notes from the master that must not end a worker still booting (its loop's
@@ -56,30 +56,16 @@ class WorkerPool:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         sys.stdout.flush()
         sys.stderr.flush()
-        # The master's signals are blocked across the fork, until the child
-        # has undone the master's handlers: a SIGTERM the master sends a
-        # worker that has just forked (a stop right after boot began) would
-        # otherwise run the master's handler copied into the child, which
-        # only queues it in the child's copy of the master's queue: lost, and
-        # the worker served on until the drain timeout killed it (seen: 5
-        # stops of 12 right after `listening` took the whole 15 s of the
-        # test's teardown). Now it arrives once the default action is back,
-        # and ends the booting worker at once.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        try:
-            pid = os.fork()
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            raise
+        # The master's handlers undone in the child before any signal can
+        # reach it (zion/forking.py): a SIGTERM the master sends a worker that
+        # has just forked (a stop right after boot began) ran the master's
+        # handler copied into the child and was lost, and the worker served on
+        # until the drain timeout killed it (seen: 5 stops of 12 right after
+        # `listening` took the whole 15 s of the test's teardown).
+        pid = fork_child(ignore=_IGNORED_WHILE_BOOTING)
         if pid == 0:  # child: never returns into the master's code
             code: int = ExitCode.FAILURE
             try:
-                for sig in HANDLED:
-                    signal.signal(sig, signal.SIG_DFL)
-                for sig in _IGNORED_WHILE_BOOTING:
-                    signal.signal(sig, signal.SIG_IGN)
-                signal.set_wakeup_fd(-1)
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 os.close(ready_r)
                 siblings = [h.ready_fd for h in self.workers.values() if h.ready_fd >= 0]
                 spec = WorkerSpec(index, generation, sock, ready_w,
@@ -90,7 +76,6 @@ class WorkerPool:
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(ready_w)
         os.set_blocking(ready_r, False)
         handle = WorkerHandle(index, pid, generation, ready_r, time.monotonic())

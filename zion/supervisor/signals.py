@@ -12,7 +12,9 @@ import os
 import signal
 from typing import Any
 
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+from zion.forking import MASTER_SIGNALS
+
+HANDLED = MASTER_SIGNALS  # zion/forking.py undoes them in every child the master forks
 
 
 class SignalQueue:
