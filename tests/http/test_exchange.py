@@ -4,6 +4,7 @@ disconnects, response framing and header checks, write back-pressure."""
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -403,3 +404,19 @@ def test_a_requests_task_is_what_create_task_makes_or_the_apps_factorys():
         loop.run_until_complete(requests(loop))
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("status", [HTTPStatus.NOT_FOUND, "404"])
+async def test_a_status_that_is_not_an_int_is_taken_as_one(status):
+    # send() calls int() only for what is not an int already: an IntEnum
+    # (HTTPStatus), or a number as text, still answers and counts as its int.
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    state = make_state()
+    tr = connect(state, app)
+    tr.feed(GET)
+    await until(lambda: tr.buffer.endswith(b"no"))
+    assert tr.take().startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert state.counters.responses_4xx == 1

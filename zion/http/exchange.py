@@ -218,7 +218,10 @@ class Exchange:
                 self._check_open(kind)
             start: HTTPResponseStartEvent = message  # type: ignore[assignment]
             self.response_started = True
-            self.status = int(start["status"])
+            status = start["status"]
+            # int() only for what is not an int already (an IntEnum such as
+            # HTTPStatus): calling it on one costs ~0.2k instructions.
+            self.status = status if type(status) is int else int(status)
             self.headers = start.get("headers", ())
             if start.get("trailers", False):
                 self.want_trailers = True
