@@ -336,14 +336,15 @@ class LimitsSettings:
                                         "its own stream's window, never the connection's.",
                                         check=between(65535, 2**31 - 1))
     unread_body_per_worker: int = setting(67108864, "Request body bytes, in all, that a "
-                                          "worker's HTTP/2 connections may hold unread by "
-                                          "their apps. Below it a connection's window is "
-                                          "given back as bytes arrive (an app that does not "
-                                          "read holds only its own stream); past it each "
+                                          "worker's HTTP/2 and HTTP/3 connections may hold "
+                                          "unread by their apps. Below it a connection's "
+                                          "window is given back as bytes arrive (an app that "
+                                          "does not read holds only its own stream); past it each "
                                           "connection holding unread bytes gets no more "
                                           "window for them, so the clients that sent them "
                                           "wait and a worker holds at most this plus "
-                                          "h2_connection_window per connection.",
+                                          "its connection window (h2_/h3_connection_window) "
+                                          "per connection.",
                                           check=positive)
     h2_ping_interval: float = setting(30.0, "Seconds an HTTP/2 connection with streams open "
                                       "may be silent before zion sends a PING (0 = never).",

@@ -509,3 +509,105 @@ async def test_an_app_slow_to_read_its_body_is_not_a_client_timeout(start_zion):
         assert (await get(srv.port, "/release")).status == 200
         answer = await asyncio.wait_for(held, 20)
     assert (answer.status, answer.body) == (200, b"500000")
+
+
+# A worker-wide budget of unread body small enough to reach with one client
+# (each held stream takes up to 64 KiB past the app's 64 KiB high water).
+_BUDGET, _WINDOW = 262144, 65536
+_SMALL = {"ZION_LIMITS_UNREAD_BODY_PER_WORKER": str(_BUDGET),
+          "ZION_LIMITS_H3_CONNECTION_WINDOW": str(_WINDOW),
+          "ZION_LIMITS_H3_STREAM_WINDOW": str(_WINDOW)}
+# What MAX_DATA counts that is not body: HEADERS and DATA frame headers, and
+# one datagram's body that arrives between two window decisions.
+_SLACK = 4096
+
+
+def _hold(client: H3Client, streams: int) -> list[asyncio.Future[Any]]:
+    return [asyncio.ensure_future(client.request("/hold", "POST", body=b"h" * 200_000))
+            for _ in range(streams)]
+
+
+async def _stalled(client: H3Client, by_connection: bool = True) -> tuple[int, int]:
+    """Wait until the client has sent all the server's connection window
+    (MAX_DATA) allows (or, not `by_connection`, all its streams' windows
+    allow), and it has stayed so for three PING round trips. Returns (bytes
+    sent, MAX_DATA)."""
+    quic = client._quic
+    quiet = 0
+    for _ in range(500):
+        before = quic._remote_max_data, quic._remote_max_data_used
+        await asyncio.wait_for(client.ping(), 10)
+        if (quic._remote_max_data, quic._remote_max_data_used) == before and (
+                not by_connection or before[1] == before[0]):
+            quiet += 1
+            if quiet == 3:
+                return before[1], before[0]
+        else:
+            quiet = 0
+    raise AssertionError("the server kept opening the window of apps that do not read")
+
+
+async def test_past_the_workers_unread_budget_the_flooding_client_waits(start_zion):
+    """Since 04f6b45 every QUIC connection could make its worker hold
+    h3_max_streams x h3_stream_window its apps had not read, for as many
+    clients as came. Past unread_body_per_worker, a client that floods
+    uploads its app does not read gets no more MAX_DATA: zion took at most
+    the budget plus one connection window from it; another client's upload
+    to an app that reads is answered meanwhile; once the apps read, the
+    window moves again and every upload is answered."""
+    srv = serve(start_zion, "h2_hold_app:app", "--http3", workers=1, env=_SMALL)
+    held: list[asyncio.Future[Any]] = []
+    try:
+        async with h3_connect(srv.port) as client, h3_connect(srv.port) as other:
+            held += _hold(client, 8)
+            sent, _ = await _stalled(client)
+            assert _BUDGET < sent <= _BUDGET + _WINDOW + _SLACK
+            # Its app reads as the body comes: its window moves on. (Counted
+            # as added up since the worker's last tick, it moved one window,
+            # 64 KiB, a tick: 2 MB in 16 s.)
+            began = time.monotonic()
+            answer = await asyncio.wait_for(other.request("/", "POST", body=b"b" * 2_000_000), 20)
+            assert (answer.status, answer.body) == (200, b"2000000")
+            assert time.monotonic() - began < 8
+            assert not any(h.done() for h in held)
+            assert (await get(srv.port, "/release")).status == 200
+            answers = await asyncio.wait_for(asyncio.gather(*held), 30)
+    finally:
+        for upload in held:
+            upload.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        await get(srv.port, "/release")
+    assert [(a.status, a.body) for a in answers] == [(200, b"200000")] * 8
+
+
+async def test_reset_streams_and_closed_connections_give_their_unread_back(start_zion):
+    """A second client, stalled only because the first took the worker past
+    its budget, gets window again (at the worker's next tick) once the first
+    resets its uploads; once the second closes its connection, a third is
+    credited in full up to the budget again, as on a fresh worker."""
+    srv = serve(start_zion, "h2_hold_app:app", "--http3", workers=1, env=_SMALL)
+    uploads: list[asyncio.Future[Any]] = []
+    try:
+        async with h3_connect(srv.port) as first, h3_connect(srv.port) as second:
+            uploads += _hold(first, 8)
+            await _stalled(first)
+            uploads += _hold(second, 2)
+            sent, window = await _stalled(second)
+            assert sent <= _WINDOW + _SLACK  # past the budget from its start
+            for sid in list(first.pending):
+                first._quic.reset_stream(sid, 0x10C)  # H3_REQUEST_CANCELLED
+            first.transmit()
+            await _until(lambda: second._quic._remote_max_data > window, 10,
+                         "the second client's window to move")
+            # Under the budget now: it sends what its streams allow.
+            sent, _ = await _stalled(second, by_connection=False)
+            assert sent > _WINDOW + _SLACK
+        async with h3_connect(srv.port) as third:
+            uploads += _hold(third, 8)
+            sent, _ = await _stalled(third)
+            assert _BUDGET < sent <= _BUDGET + _WINDOW + _SLACK
+    finally:
+        for upload in uploads:
+            upload.cancel()
+        await asyncio.gather(*uploads, return_exceptions=True)
+        await get(srv.port, "/release")

@@ -816,8 +816,10 @@ class H2Protocol(asyncio.Protocol):
         (h2_max_streams x h2_stream_window a connection, 25 MiB, times
         every client). Also where this connection's unread total is
         brought up to date in state.unread_body: it changes only when body
-        arrives (zttp then earns credit, and this runs), an app reads
-        (resume_reading) or a stream goes (_stream_gone, reset)."""
+        arrives (zttp then earns credit, and this runs), an app reads (if
+        it is owed window: resume_reading; else the count stays high, on
+        the safe side, until the next credit or the stream goes) or a
+        stream goes (_stream_gone, reset)."""
         frames = []
         unread_total = 0
         for stream in self.streams.values():

@@ -256,10 +256,9 @@ class H2Stream:
         an app that does not read may be sent."""
 
     def resume_reading(self) -> None:
-        # The app has read: it may be owed window, and state.unread_body
-        # is less (h2.H2Protocol._credit).
+        # The app has read: it may be owed window.
         proto = self.proto
-        if self.earned > self.credited or proto.conn_earned > proto.conn_credited or proto.unread:
+        if self.earned > self.credited or proto.conn_earned > proto.conn_credited:
             proto.credit_later()
 
     def exchange_done(self, exchange: Exchange) -> None:

@@ -12,7 +12,9 @@ Who bounds what:
   the other protocols. A stream's receive window slides only past what the
   app read (zion/quic/connection.py), so an app that does not read holds at
   most its window per stream, and a connection at most
-  limits.h3_max_streams requests at once (zion/quic/connection.py).
+  limits.h3_max_streams requests at once (zion/quic/connection.py). A
+  worker's connections together: limits.unread_body_per_worker, as HTTP/2's
+  (recount).
 - Responses: a writer waits (drain) while its stream has more than
   _STREAM_HIGH bytes not yet acknowledged in aioquic's send buffer, or the
   connection's streams together more than write_buffer_high, whatever
@@ -252,6 +254,9 @@ class H3Session:
         self.idle_since = self.loop.time()  # no request in progress since
         self.opened_at = self.idle_since
         self.handshake_done = False
+        # Body bytes its apps have not read: this connection's share of
+        # state.unread_body (added as they arrive, recounted as they go).
+        self.unread = 0
         state.connection_opened(self)
 
     # -- from the endpoint ------------------------------------------------------
@@ -301,6 +306,8 @@ class H3Session:
 
     def ended(self) -> None:
         self.gone = True
+        self.state.unread_body -= self.unread  # its buffers go with it
+        self.unread = 0
         for stream in list(self.streams.values()):
             stream.lost()
         self.streams.clear()
@@ -393,6 +400,15 @@ class H3Session:
                 return
             ex.feed_body(data)
             stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
+            size = len(data)
+            self.unread += size
+            state = self.state
+            state.unread_body += size
+            if state.unread_body > self.limits.unread_body_per_worker:
+                # Counted exactly, not as added up since the last count: an
+                # app that reads as fast as its body comes would be withheld
+                # all of it until the next tick (one window per tick).
+                self.recount()
         if event.stream_ended:
             self._body_end(event.stream_id)
 
@@ -427,6 +443,27 @@ class H3Session:
             self.idle_since = self.loop.time()
         return stream
 
+    def recount(self) -> None:
+        """This connection's unread body, into state.unread_body; and what
+        its connection window withholds for it (zion/quic/connection.py):
+        nothing while the worker's connections together hold at most
+        limits.unread_body_per_worker (so an app that does not read stalls
+        no other request), all of it past that: then the clients that fill
+        apps which do not read wait, not the worker's memory."""
+        unread = 0
+        for stream in self.streams.values():
+            ex = stream.exchange
+            if ex is not None:
+                unread += ex.body_size
+        state = self.state
+        state.unread_body += unread - self.unread
+        self.unread = unread
+        quic = self.quic
+        withheld = unread if state.unread_body > self.limits.unread_body_per_worker else 0
+        if withheld < quic.withheld:
+            self.link.transmit_soon()  # MAX_DATA may move on now
+        quic.withheld = withheld
+
     def reset(self, stream: H3Stream, code: int) -> None:
         if stream.closed:
             return
@@ -450,6 +487,11 @@ class H3Session:
                 log.debug("h3_handshake_timeout", client=self.client)
                 self.link.abandon()
             return
+        if self.unread or self.quic.withheld:
+            # Apps read, streams went (reset, answered), other connections
+            # closed: twice a second is soon enough to bring the worker's
+            # count down, and the window on if that took it under budget.
+            self.recount()
         for stream in list(self.streams.values()):
             ex = stream.exchange
             if stream.body_deadline and now >= stream.body_deadline and ex is not None:

@@ -111,10 +111,11 @@ class ServerState:
         # worker's loop, worker.WorkerLoop): a request's Task is then made
         # without asking the loop (exchange.py). False: loop.create_task.
         self.plain_tasks = False
-        # Request body bytes this worker's HTTP/2 connections hold that
-        # their apps have not read, each connection's total as of its last
-        # credit (h2.H2Protocol._credit): past limits.unread_body_per_worker
-        # they withhold their connection windows for them.
+        # Request body bytes this worker's HTTP/2 and HTTP/3 connections
+        # hold that their apps have not read, each connection's total as of
+        # its last count (h2.H2Protocol._credit, h3.H3Session.recount): past
+        # limits.unread_body_per_worker they withhold their connection
+        # windows for them.
         self.unread_body = 0
 
     def speaks_for_clients(self, client: tuple[str, int] | None) -> bool:

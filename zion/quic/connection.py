@@ -22,7 +22,10 @@ all while the HTTP layer holds the stream (its app has `_BODY_HIGH_WATER`
 unread); the connection's moves to what was received plus
 limits.h3_connection_window, held streams or not, so the other requests go
 on. What a connection buffers is bounded by the server, not by the client
-(about h3_max_streams x h3_stream_window). Both are
+(about h3_max_streams x h3_stream_window); what a worker's connections
+buffer together, by limits.unread_body_per_worker: past it, `withheld`
+(zion/http/h3.py sets it) keeps the connection's window from sliding past
+the body its apps have not read. Both windows are
 read from the configuration (zion/quic/tls.py), which also gives the client
 its initial windows, so the two cannot disagree.
 """
@@ -62,6 +65,10 @@ class ServerConnection(QuicConnection):
         self._zion_connection_window = configuration.max_data
         # Streams whose window must not move: their app has not read enough.
         self.held_streams: set[int] = set()
+        # Bytes of what arrived that MAX_DATA does not slide past: the body
+        # its apps have not read while the worker is past
+        # limits.unread_body_per_worker (zion/http/h3.py), else 0.
+        self.withheld = 0
         super().__init__(configuration=configuration, **kwargs)
         # Nothing has been sent yet: the first CID (the Initial's source CID,
         # initial_source_connection_id, sequence 0) can still be replaced.
@@ -120,8 +127,9 @@ class ServerConnection(QuicConnection):
         max_data = self._local_max_data
         # Slide, never double: at most connection_window past what arrived,
         # held streams or not (each holds its own window only: frozen too,
-        # one app that did not read stalled every request of the connection).
-        target = max_data.used + self._zion_connection_window
+        # one app that did not read stalled every request of the connection);
+        # past the worker's budget, past what arrived and was read.
+        target = max_data.used - self.withheld + self._zion_connection_window
         if target - max_data.value >= self._zion_connection_window // 2:
             max_data.value = target
         # aioquic doubles MAX_DATA once more than half of it is used; with
