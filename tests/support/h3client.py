@@ -54,6 +54,7 @@ class H3Client(QuicConnectionProtocol):
         self.goaways: list[int] = []
         self._uni: dict[int, bytearray] = {}
         self._uni_read: dict[int, int] = {}
+        self._ports: set[int] = set()  # every source port rebind() moved to
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert isinstance(data, bytes)
@@ -74,10 +75,19 @@ class H3Client(QuicConnectionProtocol):
         connection (and CIDs), datagrams from another 4-tuple. Returns the
         new port."""
         loop = asyncio.get_running_loop()
-        # As aioquic's connect() makes its own: dual-stack, peers as v4-mapped.
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", 0))
+        # A port not used before: the kernel may hand back one an earlier
+        # rebind() closed (seen: 7 distinct of 8).
+        if self._transport is not None:
+            self._ports.add(self._transport.get_extra_info("sockname")[1])
+        while True:
+            # As aioquic's connect() makes its own: dual-stack, peers as v4-mapped.
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+            if sock.getsockname()[1] not in self._ports:
+                break
+            sock.close()
+        self._ports.add(sock.getsockname()[1])
         transport, _ = await loop.create_datagram_endpoint(lambda: _Forward(self), sock=sock)
         old, self._transport = self._transport, transport  # type: ignore[assignment]
         if old is not None:
