@@ -572,6 +572,40 @@ async def test_a_bytearray_field_value_is_sent_as_it_is():
         assert b"\r\nx-a: 1\r\n" in tr.take()
 
 
+@pytest.mark.parametrize("value", [b"2", bytearray(b"2"), b"two"])
+async def test_an_apps_content_length_is_read_alike_each_time(value):
+    # Cached by the value (exchange._LENGTHS): a bytearray, not hashable, is
+    # read without the cache, and a value that is no number is refused again.
+    tr = fake_connect(make_state(), _answer_with(lambda s: [(b"content-length", value)]))
+    for _ in range(2):
+        tr.feed(GET_X)
+        await settle()
+        out = tr.take()
+        if value == b"two":
+            assert out.startswith(b"HTTP/1.1 500 ")
+            break
+        assert b"\r\ncontent-length: 2\r\n" in out and out.endswith(b"\r\n\r\nok")
+
+
+async def test_content_length_values_are_each_responses_own_and_their_cache_stays_bounded():
+    from zion.http import exchange
+
+    async def app(scope, receive, send):
+        n = scope["query_string"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", n)]})
+        await send({"type": "http.response.body", "body": b"x" * int(n)})
+
+    tr = fake_connect(make_state(), app)
+    for i in [*range(exchange._LENGTHS_MAX + 50), 7]:
+        tr.feed(b"GET /?%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+        await settle()
+        out = tr.take()
+        assert b"\r\ncontent-length: %d\r\n" % i in out
+        assert out.endswith(b"\r\n\r\n" + b"x" * i)
+        assert len(exchange._LENGTHS) <= exchange._LENGTHS_MAX
+
+
 async def test_field_lines_are_each_responses_own_and_their_cache_stays_bounded():
     from zion.http import h1
 
