@@ -210,3 +210,42 @@ async def test_reset_streams_and_closed_connections_give_their_unread_back(
         for writer in (first_writer, second_writer, third_writer):
             await close(writer)
         await get(srv.port, "/release")
+
+
+async def test_a_body_waiting_for_the_window_zion_withholds_is_not_timed_out(
+        start_zion: Any) -> None:
+    """Issue: past the worker's unread budget, a new upload on the flooding
+    client's connection, whose window zion withholds, got 408 after
+    body_timeout with no byte of its body sent: the client was not slow,
+    zion kept it from sending. Its deadline waits with the window; it is
+    answered once the window comes back. A client that has window and stops
+    sending, on the same worker at the same time, still gets 408."""
+    srv: ZionProcess = start_zion("h2_hold_app:app", "--no-bpf-demux", workers=1,
+                                  env={**_SMALL, "ZION_LIMITS_BODY_TIMEOUT": "1"})
+    client, reader, writer = await open_tls(srv.port)
+    other, other_reader, other_writer = await open_tls(srv.port)
+    try:
+        held = [client.request("POST", "/hold", end=False) for _ in range(8)]
+        await _fill(client, reader, writer, held, b"u" * 100_000)
+        c = client.h2
+        assert c.outbound_flow_control_window == 0, "the flood was not stalled"
+        rs = client.responses
+        stalled = client.request("POST", "/", end=False)
+        c.ping(b"stalled!")  # its HEADERS reached the worker before the other's
+        await pump(client, reader, writer, lambda n=client.pings_acked: client.pings_acked > n)
+        # The other connection has window and sends nothing: its deadline
+        # comes after the stalled stream's, at the same tick or a later one.
+        parked = other.request("POST", "/", body=b"half", end=False)
+        await pump(other, other_reader, other_writer,
+                   lambda: other.responses[parked].ended)
+        assert other.responses[parked].status == 408
+        c.ping(b"answers?")  # read what the worker sent the stalled stream by now
+        await pump(client, reader, writer, lambda n=client.pings_acked: client.pings_acked > n)
+        assert not rs[stalled].ended and rs[stalled].reset is None, rs[stalled].status
+        await get(srv.port, "/release")  # the apps read: under the budget, window back
+        await _upload(client, reader, writer, stalled, b"b" * 300_000)
+        assert rs[stalled].status == 200 and bytes(rs[stalled].body) == b"300000"
+    finally:
+        await close(other_writer)
+        await close(writer)
+        await get(srv.port, "/release")

@@ -26,7 +26,7 @@ import websockets
 from tests.conftest import APPS, get, wait_for
 from tests.http.test_browser import CHROMIUM, _devtools_port
 from tests.support.bpf import cannot_load_bpf
-from tests.support.h3client import H3Client, NotProcessed, StreamWasReset, h3_connect
+from tests.support.h3client import H3Client, NotProcessed, Response, StreamWasReset, h3_connect
 from tests.support.serve import serve
 
 APP = "h3_app:app"
@@ -578,6 +578,53 @@ async def test_past_the_workers_unread_budget_the_flooding_client_waits(start_zi
         await asyncio.gather(*held, return_exceptions=True)
         await get(srv.port, "/release")
     assert [(a.status, a.body) for a in answers] == [(200, b"200000")] * 8
+
+
+def _post_begun(client: H3Client, body: bytes = b"") -> asyncio.Future[Any]:
+    """A POST to the reading app whose body is `body` so far, not ended."""
+    sid = client._quic.get_next_available_stream_id()
+    response = Response(done=asyncio.get_running_loop().create_future())
+    client.pending[sid] = response
+    client.h3.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"https"),
+                                 (b":authority", b"localhost"), (b":path", b"/")])
+    client.h3.send_data(sid, body, end_stream=False)
+    client.transmit()
+    assert response.done is not None
+    return response.done
+
+
+async def test_a_body_waiting_for_the_window_zion_withholds_is_not_timed_out(start_zion):
+    """Issue: past the worker's unread budget, an upload to an app that reads
+    it, on the flooding client's connection, got 408 after body_timeout once
+    its app had read all that came: the client was not slow, zion withheld
+    MAX_DATA (HEADERS and DATA both wait for it, unlike HTTP/2's HEADERS).
+    Its deadline waits with the window; it is answered once the window
+    comes back. A client that has window and stops sending, on the same
+    worker at the same time, still gets 408."""
+    srv = serve(start_zion, "h2_hold_app:app", "--http3", workers=1,
+                env={**_SMALL, "ZION_LIMITS_BODY_TIMEOUT": "1"})
+    held: list[asyncio.Future[Any]] = []
+    try:
+        async with h3_connect(srv.port) as client, h3_connect(srv.port) as other:
+            # Sent along with the flood, whose window stops it too.
+            stalled = asyncio.ensure_future(client.request("/", "POST", body=b"b" * 1_000_000))
+            held += [stalled, *_hold(client, 8)]
+            await _stalled(client)
+            # The other connection has window and sends no more: its deadline
+            # comes after the stalled upload's last byte, at the same tick
+            # as that one's or a later one.
+            parked = _post_begun(other, b"half")
+            assert (await asyncio.wait_for(parked, 20)).status == 408
+            await asyncio.wait_for(client.ping(), 10)  # what the stalled one was sent
+            assert not stalled.done(), stalled.result().status
+            assert (await get(srv.port, "/release")).status == 200
+            answers = await asyncio.wait_for(asyncio.gather(*held), 30)
+    finally:
+        for upload in held:
+            upload.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        await get(srv.port, "/release")
+    assert [(a.status, a.body) for a in answers] == [(200, b"1000000")] + [(200, b"200000")] * 8
 
 
 async def test_reset_streams_and_closed_connections_give_their_unread_back(start_zion):

@@ -133,7 +133,7 @@ class H2Protocol(asyncio.Protocol):
         "pauses", "router", "recycle_due", "handover_at", "peer_settings", "recycled",
         "goaway_sent_at", "overloaded", "self_dependent", "frames", "upgrade", "scope_base",
         "preface_due", "settings_sent", "table_wait", "encoder", "out", "ws_budget",
-        "unread",
+        "unread", "withheld_at",
     )
 
     def __init__(self, state: ServerState, upgrade: H2cRequest | None = None) -> None:
@@ -176,6 +176,9 @@ class H2Protocol(asyncio.Protocol):
         # Body bytes its apps have not read, as of the last _credit: this
         # connection's share of state.unread_body.
         self.unread = 0
+        # The last tick that saw zion withhold the connection's window from
+        # the client (_body_timeouts): its bodies' deadlines wait with it.
+        self.withheld_at = 0.0
         self.ws_budget: Budget | None = None  # its WebSockets' (h2_tunnel.py)
         self.strip_updates = False  # zttp may have queued WINDOW_UPDATEs
         self.credit_due = False  # an app read: work out the credit at the next flush
@@ -959,8 +962,13 @@ class H2Protocol(asyncio.Protocol):
     def _body_timeouts(self, now: float) -> None:
         """body_timeout per stream, as HTTP/1.1 has it per connection: a
         request body that stops arriving is answered 408 (reset if the app
-        has begun answering). Not while the app holds unread body: then the
-        wait is the app's, not the client's."""
+        has begun answering). Not while the app holds unread body, nor while
+        zion withholds the connection's window (the worker past its unread
+        budget, _credit): then the wait is the app's or the worker's, not
+        the client's."""
+        if self.conn_earned > self.conn_credited and (
+                self.conn_window + self.conn_credited - self.received < rules.WINDOW_SHUT):
+            self.withheld_at = now
         for stream in list(self.streams.values()):
             ex = stream.exchange
             if stream.client_ended or not stream.body_deadline or now < stream.body_deadline:
@@ -969,7 +977,7 @@ class H2Protocol(asyncio.Protocol):
                 if stream.tunnel is None:
                     self._discarded(stream, reset=True)  # answered; the body stopped
                 continue
-            stream.body_deadline = rules.body_wait(self.limits, ex, now)
+            stream.body_deadline = rules.body_wait(self.limits, ex, now, self.withheld_at)
             if not stream.body_deadline:
                 self.refuse(stream, ex, rules.BODY_TIMED_OUT)
 

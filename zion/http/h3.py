@@ -257,6 +257,9 @@ class H3Session:
         # Body bytes its apps have not read: this connection's share of
         # state.unread_body (added as they arrive, recounted as they go).
         self.unread = 0
+        # The last tick that saw zion withhold the connection's window from
+        # the client (check_deadline): its bodies' deadlines wait with it.
+        self.withheld_at = 0.0
         state.connection_opened(self)
 
     # -- from the endpoint ------------------------------------------------------
@@ -492,14 +495,18 @@ class H3Session:
             # closed: twice a second is soon enough to bring the worker's
             # count down, and the window on if that took it under budget.
             self.recount()
+        if self.quic.withheld and self.quic.window_left < rules.WINDOW_SHUT:
+            self.withheld_at = now
         for stream in list(self.streams.values()):
             ex = stream.exchange
             if stream.body_deadline and now >= stream.body_deadline and ex is not None:
                 stream.body_deadline = 0.0
                 if not ex.body_complete:
-                    # Not while the app holds unread body: as HTTP/2 (its
-                    # window is shut, the client waits for the app).
-                    stream.body_deadline = rules.body_wait(self.limits, ex, now)
+                    # Not while the app holds unread body, nor while zion
+                    # withholds the connection's window: as HTTP/2 (the
+                    # client waits for the app or the worker).
+                    stream.body_deadline = rules.body_wait(self.limits, ex, now,
+                                                           self.withheld_at)
                     if not stream.body_deadline:
                         self.refuse(stream, ex, rules.BODY_TIMED_OUT)
         if self.state.draining or self.closing or (

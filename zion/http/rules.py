@@ -136,12 +136,26 @@ def body_deadline(limits: Limits, now: float) -> float:
 BODY_TIMED_OUT = Refusal(408, "request body not received in time")
 
 
-def body_wait(limits: Limits, ex: Exchange, now: float) -> float:
+# Less connection window than this left to the client is no window: a client
+# waits for room for a whole frame (HTTP/2's default SETTINGS_MAX_FRAME_SIZE)
+# rather than send a sliver.
+WINDOW_SHUT = 16384
+
+
+def body_wait(limits: Limits, ex: Exchange, now: float, withheld_at: float) -> float:
     """A request body's deadline has passed (HTTP/2, HTTP/3): the next one
     while its app holds body it has not read (the stream's window is shut
-    for it: the wait is the app's, not the client's), else 0.0: the client
-    stopped sending, BODY_TIMED_OUT."""
-    return body_deadline(limits, now) if ex.body_size else 0.0
+    for it: the wait is the app's, not the client's) or while zion withholds
+    the connection's window (past limits.unread_body_per_worker: the wait is
+    the worker's). `withheld_at`: the last of the worker's ticks that saw the
+    connection's window shut by zion (0.0: never); the client has
+    body_timeout from then, so a window given back between two ticks is not
+    a 408 at the next. Else 0.0: the client stopped sending while it had
+    window, BODY_TIMED_OUT."""
+    if ex.body_size:
+        return body_deadline(limits, now)
+    deadline = body_deadline(limits, withheld_at)
+    return deadline if deadline > now else 0.0
 
 
 def bad_target(raw_path: bytes, method: bytes) -> Refusal | None:

@@ -123,6 +123,12 @@ class ServerConnection(QuicConnection):
                 stateless_reset_token=reset_token(self._zion_reset_key, cid)))
             self._host_cid_seq += 1
 
+    @property
+    def window_left(self) -> int:
+        """Connection window (MAX_DATA) the client has not used yet."""
+        max_data = self._local_max_data
+        return int(max_data.value - max_data.used)
+
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
         # Slide, never double: at most connection_window past what arrived,
