@@ -128,6 +128,10 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
             "shedding": admission.at_limit(settings.limits.concurrency,
                                            len(state.connections), inflight.count()),
             "requests_total": state.requests_total,
+            # Request body its HTTP/2 and HTTP/3 apps have not read, against
+            # the budget past which connections holding some wait for window.
+            "unread_body_bytes": state.unread_body,
+            "unread_body_per_worker": settings.limits.unread_body_per_worker,
             "demux": {**demux_info,
                       # connections the program left to the kernel's hash
                       "fallbacks": board.fallbacks,

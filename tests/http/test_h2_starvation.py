@@ -11,6 +11,7 @@ import h2.connection
 from websockets.frames import Frame, Opcode
 
 from tests.conftest import ZionProcess, close, get
+from tests.http.unread_status import unread_body, unread_body_becomes
 from tests.support.h2peer import Client, open_tls, pump
 
 _WS = [(":protocol", "websocket"), ("sec-websocket-version", "13")]
@@ -153,6 +154,8 @@ async def test_past_the_workers_unread_budget_the_flooding_client_waits(
         assert any(c.streams[s].outbound_flow_control_window > 0 for s in held)
         # Credited in full below the budget; past it, one window more at most.
         assert _BUDGET < sum(sent.values()) <= _BUDGET + _CONN_WINDOW
+        # The worker counts all of it as held unread (its /_zion/status).
+        assert await unread_body(srv.port) == sum(sent.values())
         other, other_reader, other_writer = await open_tls(srv.port)
         try:
             sid = other.request("POST", "/", end=False)
@@ -166,6 +169,7 @@ async def test_past_the_workers_unread_budget_the_flooding_client_waits(
     finally:
         await close(writer)
         await get(srv.port, "/release")
+    await unread_body_becomes(srv.port, 0)  # read and gone: nothing counted any more
 
 
 async def test_reset_streams_and_closed_connections_give_their_unread_back(
@@ -196,6 +200,8 @@ async def test_reset_streams_and_closed_connections_give_their_unread_back(
                    lambda: second.h2.outbound_flow_control_window > 0)
         more = await _fill(second, second_reader, second_writer, second_held, b"v" * 100_000)
         assert sum(sent.values()) + sum(more.values()) == 4 * _STREAM_WINDOW
+        # The first's resets took its unread out of the worker's count.
+        await unread_body_becomes(srv.port, 4 * _STREAM_WINDOW)
         # The second holds the whole budget: the third waits behind it.
         third_held = [third.request("POST", "/hold", end=False) for _ in range(4)]
         sent = await _fill(third, third_reader, third_writer, third_held, b"w" * 100_000)
@@ -206,10 +212,13 @@ async def test_reset_streams_and_closed_connections_give_their_unread_back(
                    lambda: third.h2.outbound_flow_control_window > 0)
         more = await _fill(third, third_reader, third_writer, third_held, b"w" * 100_000)
         assert sum(sent.values()) + sum(more.values()) == 4 * _STREAM_WINDOW
+        assert await unread_body(srv.port) == 4 * _STREAM_WINDOW  # the third's only
     finally:
         for writer in (first_writer, second_writer, third_writer):
             await close(writer)
-        await get(srv.port, "/release")
+    # Closed with their apps still not reading: the connections gave it back.
+    await unread_body_becomes(srv.port, 0)
+    await get(srv.port, "/release")
 
 
 async def test_a_body_waiting_for_the_window_zion_withholds_is_not_timed_out(

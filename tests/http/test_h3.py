@@ -25,6 +25,7 @@ import websockets
 
 from tests.conftest import APPS, get, wait_for
 from tests.http.test_browser import CHROMIUM, _devtools_port
+from tests.http.unread_status import unread_body, unread_body_becomes
 from tests.support.bpf import cannot_load_bpf
 from tests.support.h3client import H3Client, NotProcessed, Response, StreamWasReset, h3_connect
 from tests.support.serve import serve
@@ -562,6 +563,8 @@ async def test_past_the_workers_unread_budget_the_flooding_client_waits(start_zi
             held += _hold(client, 8)
             sent, _ = await _stalled(client)
             assert _BUDGET < sent <= _BUDGET + _WINDOW + _SLACK
+            # The worker counts it held unread, past its budget (its status).
+            assert _BUDGET < await unread_body(srv.port) <= sent
             # Its app reads as the body comes: its window moves on. (Counted
             # as added up since the worker's last tick, it moved one window,
             # 64 KiB, a tick: 2 MB in 16 s.)
@@ -572,6 +575,7 @@ async def test_past_the_workers_unread_budget_the_flooding_client_waits(start_zi
             assert not any(h.done() for h in held)
             assert (await get(srv.port, "/release")).status == 200
             answers = await asyncio.wait_for(asyncio.gather(*held), 30)
+        await unread_body_becomes(srv.port, 0)  # read, answered, gone
     finally:
         for upload in held:
             upload.cancel()
@@ -653,6 +657,8 @@ async def test_reset_streams_and_closed_connections_give_their_unread_back(start
             uploads += _hold(third, 8)
             sent, _ = await _stalled(third)
             assert _BUDGET < sent <= _BUDGET + _WINDOW + _SLACK
+        # Closed with their apps still not reading: the connections gave it back.
+        await unread_body_becomes(srv.port, 0)
     finally:
         for upload in uploads:
             upload.cancel()
