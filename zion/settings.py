@@ -189,6 +189,11 @@ class ServerSettings:
                            "number of CPUs.", check=between(0, 1024), flag="--workers")
     backlog: int = setting(2048, "listen(2) backlog of each listener (capped by "
                            "net.core.somaxconn).", check=positive, flag="--backlog")
+    tcp_keepalive: int = setting(60, "Seconds a TCP connection may be silent before the "
+                                 "kernel probes its peer (SO_KEEPALIVE, TCP_KEEPIDLE; then "
+                                 "every quarter of it, 4 probes): a peer gone without a FIN "
+                                 "(power, NAT, cable) is closed within twice this, not held "
+                                 "for ever. 0 = off.", check=between(0, 32767))
     builtins: bool = setting(True, "Answer GET /_zion/healthz, /_zion/ready and /_zion/status "
                              "(loopback only) before the app. Nothing outside /_zion/ is ever "
                              "taken from the app.")

@@ -292,10 +292,25 @@ async def _serve(spec: WorkerSpec, settings: Settings, ssl_ctx: ssl.SSLContext |
     return ExitCode.RECYCLED if recycled else ExitCode.OK
 
 
+def _keepalive(sock: socket.socket, idle: int) -> None:
+    """TCP keepalive on the listener, which every connection accepted from it
+    inherits (Linux copies the socket, options and all, at accept): no system
+    call per connection. Without it a peer that vanished without a FIN holds
+    its connection for ever when zion has nothing to send it (a WebSocket
+    whose app neither sends nor receives)."""
+    if not idle:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 4))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
 async def _listen(state: ServerState, sock: socket.socket, ssl_ctx: ssl.SSLContext | None
                   ) -> asyncio.Server | ProxyListener:
     settings = state.settings
     limits = settings.limits
+    _keepalive(sock, settings.server.tcp_keepalive)
     mode = settings.server.proxy_protocol
     if mode is not ProxyProtocol.OFF:
         listener = ProxyListener(
