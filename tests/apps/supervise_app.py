@@ -71,8 +71,12 @@ async def app(scope, receive, send):
     if path == "/block":
         sleep_in_async_def(_arg(scope, "s", 60))
     elif path == "/leak":
-        # 4 MiB per request (or ?mib=N), touched so that it is resident.
+        # 4 MiB per request (or ?mib=N), touched so that it is resident;
+        # with ?then=M, M MiB more once $ZION_TEST_RELEASE exists.
         LEAKED.append(b"\x01" * (int(_arg(scope, "mib", 4)) << 20))
+        if then := int(_arg(scope, "then", 0)):
+            await _held()
+            LEAKED.append(b"\x01" * (then << 20))
     elif path == "/forever":
         try:
             await asyncio.Event().wait()

@@ -133,6 +133,28 @@ async def test_a_worker_past_its_memory_limit_takes_no_new_connection(start_zion
     assert not srv.events("worker_memory_killed")
 
 
+async def test_a_worker_draining_for_its_replacement_is_killed_past_the_ceiling(
+        start_zion, tmp_path):
+    # Once its replacement was ready, the old worker drained unwatched: a
+    # request it held went on leaking, 100 MiB past the ceiling (1.5 x 100
+    # MiB), and was answered.
+    release = tmp_path / "release"
+    srv = serve(start_zion, "supervise_app:app", "--limit-worker-memory", "100", workers=1,
+                env={"ZION_TEST_RELEASE": str(release)})
+    old = srv.worker_pids()[0]
+    held = asyncio.create_task(get(srv.port, "/leak?mib=80&then=100"))
+    replaced = await asyncio.to_thread(srv.wait_event, "worker_replaced", 20)
+    assert replaced["child"] == old
+    release.touch()
+    killed = await asyncio.to_thread(srv.wait_event, "worker_memory_killed", 10)
+    assert killed["child"] == old and killed["rss_mib"] > 100 * HARD_FACTOR
+    # The one request the ceiling is there to fail; the replacement answers.
+    assert isinstance((await asyncio.gather(held, return_exceptions=True))[0], Exception)
+    resp = await get(srv.port, "/")
+    assert resp.status == 200 and int(resp.headers["x-pid"]) != old
+    assert len(srv.events("worker_memory_killed")) == 1
+
+
 # -- the decisions, without processes ------------------------------------------
 
 def test_memory_verdicts_from_this_process_rss():

@@ -379,7 +379,7 @@ class Master:
         """--limit-worker-memory, every _MEMORY_CHECK: a worker past the limit
         gets a replacement on its own listener and takes no new connection;
         once the replacement is ready it drains (_on_ready_fd). Past the hard
-        ceiling it is killed."""
+        ceiling it is killed, draining or not."""
         limit = self.settings.limits.worker_memory
         gen = self.current
         now = time.monotonic()
@@ -388,13 +388,19 @@ class Master:
         self.memory_check_at = now + _MEMORY_CHECK
         self.rss.keep_only(self.pool.workers)
         for handle in self.pool.of_generation(gen.number):
-            if handle.stopping or not handle.ready:
+            if not handle.ready:
                 continue
             rss = self.rss.rss(handle.pid)
             if rss is None:
                 continue
             verdict = memory_verdict(rss, limit)
             if verdict is Memory.OK:
+                continue
+            # A worker that drains still answers what it holds, and the
+            # ceiling is there for a leak that would outgrow the host before
+            # the drain ends: once its replacement was ready, a worker past
+            # its limit was no longer looked at and grew unchecked.
+            if handle.stopping and verdict is not Memory.CEILING:
                 continue
             rss_mib = round(rss / MIB, 1)
             index = handle.index
