@@ -58,9 +58,20 @@ def test_a_slow_stop_fails_the_test_unless_it_is_a_known_one(
         @pytest.mark.slow_stop("known")
         def test_known(start_zion) -> None:
             start_zion("raw_app:app", "--no-bpf-demux", workers=1)
+
+
+        def test_stopped_by_the_test(start_zion) -> None:
+            assert start_zion("raw_app:app", "--no-bpf-demux", workers=1).stop() == 0
+
+
+        def test_stopped_by_the_test_known(start_zion) -> None:
+            srv = start_zion("raw_app:app", "--no-bpf-demux", workers=1)
+            assert srv.stop(slow="known") == 0
         """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_left_running*",
                                  "*a slow stop at the test's end:*",
                                  "*zion (pid *) took * s to stop after SIGTERM:*"])
-    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*_ test_stopped_by_the_test _*",
+                                 "*zion (pid *) took * s to stop after SIGTERM:*"])
+    result.assert_outcomes(passed=3, failed=1, errors=1)
