@@ -12,16 +12,15 @@ HTTP anything     reads the whole body, answers its length.
 
 import asyncio
 
+from lifespan_accept import accept_lifespan
+
 released = asyncio.Event()
 
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            await send({"type": msg["type"] + ".complete"})
-            if msg["type"] == "lifespan.shutdown":
-                return
+        await accept_lifespan(receive, send)
+        return
     if scope["type"] == "websocket":
         await receive()
         await send({"type": "websocket.accept"})

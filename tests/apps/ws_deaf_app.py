@@ -16,6 +16,8 @@ import asyncio
 import gc
 import sys
 
+from lifespan_accept import accept_lifespan
+
 
 def _alive(query: bytes = b"") -> str:
     names = tuple(query.decode().split(",")) if query else (
@@ -39,11 +41,8 @@ def _write_buffers() -> str:
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            await send({"type": msg["type"] + ".complete"})
-            if msg["type"] == "lifespan.shutdown":
-                return
+        await accept_lifespan(receive, send)
+        return
     if scope["type"] == "http":
         if scope["path"] == "/gc":
             if scope["query_string"] == b"off":

@@ -52,13 +52,9 @@ async def test_a_handshake_that_never_finishes_is_dropped(start_zion):
     after QUIC's 60 s idle timeout)."""
     srv = serve(start_zion, "h3_app:app", "--http3", workers=1,
                 env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "1"})
-    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
-    config.verify_mode = ssl.CERT_NONE
-    quic = QuicConnection(configuration=config)
-    quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
+    quic = QuicConnection(configuration=_client_config())
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
-            sock.sendto(data, ("127.0.0.1", srv.port))
+        _send_initial(quic, sock, srv.port)
 
         def connections() -> int:
             # The asking HTTP/1.1 connection counts too.
@@ -76,13 +72,9 @@ async def test_a_drain_refuses_handshakes_at_once(start_zion):
     holding the drain until handshake_timeout (30 s here)."""
     srv = serve(start_zion, "h3_app:app", "--http3", workers=1,
                 env={"ZION_LIMITS_HANDSHAKE_TIMEOUT": "30"})
-    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
-    config.verify_mode = ssl.CERT_NONE
-    quic = QuicConnection(configuration=config)
-    quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
+    quic = QuicConnection(configuration=_client_config())
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
-            sock.sendto(data, ("127.0.0.1", srv.port))
+        _send_initial(quic, sock, srv.port)
         await asyncio.to_thread(wait_for, lambda: json.loads(_status(srv.port))["connections"]
                                 == 2, 20, "the QUIC connection (and the asking one)")
         srv.signal(signal.SIGTERM)
@@ -106,6 +98,19 @@ async def test_a_drain_refuses_handshakes_at_once(start_zion):
         if isinstance(event, events.ConnectionTerminated):
             ends.append(event.error_code)
     assert ends == [QuicErrorCode.CONNECTION_REFUSED]
+
+
+def _client_config() -> QuicConfiguration:
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.verify_mode = ssl.CERT_NONE
+    return config
+
+
+def _send_initial(quic: QuicConnection, sock: socket.socket, port: int) -> None:
+    """A client's first flight (its Initial), and nothing after it."""
+    quic.connect(("127.0.0.1", port), now=time.monotonic())
+    for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+        sock.sendto(data, ("127.0.0.1", port))
 
 
 def _status(port: int) -> bytes:
@@ -155,14 +160,10 @@ async def test_past_many_handshakes_a_new_client_is_retried(start_zion):
     retry_above = 4
     srv = serve(start_zion, "h3_app:app", "--http3", "--limit-h3-retry-above",
                 str(retry_above), workers=1)
-    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
-    config.verify_mode = ssl.CERT_NONE
+    config = _client_config()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for _ in range(retry_above + 2):
-            quic = QuicConnection(configuration=config)
-            quic.connect(("127.0.0.1", srv.port), now=time.monotonic())
-            for data, _ in quic.datagrams_to_send(now=time.monotonic()):
-                sock.sendto(data, ("127.0.0.1", srv.port))
+            _send_initial(QuicConnection(configuration=config), sock, srv.port)
         await asyncio.to_thread(wait_for, lambda: json.loads(_status(srv.port))["connections"]
                                 > retry_above, 20, "the silent handshakes")
         async with h3_connect(srv.port) as client:
