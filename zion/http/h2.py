@@ -841,13 +841,9 @@ class H2Protocol(asyncio.Protocol):
             if due > 0:
                 stream.credited += due
                 frames.append(zttp_shim.window_update(stream.stream_id, due))
-        state = self.state
-        if unread_total != self.unread:
-            state.unread_body += unread_total - self.unread
-            self.unread = unread_total
-        due = self.conn_earned - self.conn_credited
-        if state.unread_body > self.limits.unread_body_per_worker:
-            due -= unread_total
+        due = (self.conn_earned - self.conn_credited
+               - rules.unread_withheld(self.state, self.unread, unread_total))
+        self.unread = unread_total
         if due > 0:
             self.conn_credited += due
             frames.append(zttp_shim.window_update(0, due))
@@ -883,8 +879,7 @@ class H2Protocol(asyncio.Protocol):
             elif deadline and now >= deadline:
                 self.shutdown()
             return
-        if self.conn_earned > self.conn_credited and (
-                self.state.unread_body <= self.limits.unread_body_per_worker):
+        if self.conn_earned > self.conn_credited and not rules.over_unread_budget(self.state):
             # Window withheld while the worker was past its budget, which
             # other connections' reads, resets or closes brought it under.
             self.credit_later()

@@ -405,9 +405,8 @@ class H3Session:
             stream.body_deadline = rules.body_deadline(self.limits, self.loop.time())
             size = len(data)
             self.unread += size
-            state = self.state
-            state.unread_body += size
-            if state.unread_body > self.limits.unread_body_per_worker:
+            self.state.unread_body += size
+            if rules.over_unread_budget(self.state):
                 # Counted exactly, not as added up since the last count: an
                 # app that reads as fast as its body comes would be withheld
                 # all of it until the next tick (one window per tick).
@@ -448,21 +447,16 @@ class H3Session:
 
     def recount(self) -> None:
         """This connection's unread body, into state.unread_body; and what
-        its connection window withholds for it (zion/quic/connection.py):
-        nothing while the worker's connections together hold at most
-        limits.unread_body_per_worker (so an app that does not read stalls
-        no other request), all of it past that: then the clients that fill
-        apps which do not read wait, not the worker's memory."""
+        its connection window withholds for it (zion/quic/connection.py),
+        by the rule HTTP/2 takes too (rules.unread_withheld)."""
         unread = 0
         for stream in self.streams.values():
             ex = stream.exchange
             if ex is not None:
                 unread += ex.body_size
-        state = self.state
-        state.unread_body += unread - self.unread
+        withheld = rules.unread_withheld(self.state, self.unread, unread)
         self.unread = unread
         quic = self.quic
-        withheld = unread if state.unread_body > self.limits.unread_body_per_worker else 0
         if withheld < quic.withheld:
             self.link.transmit_soon()  # MAX_DATA may move on now
         quic.withheld = withheld

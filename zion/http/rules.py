@@ -158,6 +158,24 @@ def body_wait(limits: Limits, ex: Exchange, now: float, withheld_at: float) -> f
     return deadline if deadline > now else 0.0
 
 
+def over_unread_budget(state: ServerState) -> bool:
+    """Whether the worker's HTTP/2 and HTTP/3 connections together hold more
+    request body their apps have not read than limits.unread_body_per_worker."""
+    return state.unread_body > state.limits.unread_body_per_worker
+
+
+def unread_withheld(state: ServerState, was: int, unread: int) -> int:
+    """A connection's request body its apps have not read is now `unread`
+    bytes (it was `was`): the worker's count (state.unread_body) brought up
+    to date, and what of it the connection's window withholds (HTTP/2,
+    HTTP/3): nothing while the worker is within its budget, since each
+    stream's own window already bounds what its app holds (an app that does
+    not read stalls no other request); all of it past the budget, so the
+    clients that fill apps which do not read wait, not the worker's memory."""
+    state.unread_body += unread - was
+    return unread if over_unread_budget(state) else 0
+
+
 def bad_target(raw_path: bytes, method: bytes) -> Refusal | None:
     """RFC 9112 3.2 / RFC 9113 8.3.1: an origin-form target starts with '/'
     ('*' only for OPTIONS); anything else is 400 on both protocols."""
